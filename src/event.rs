@@ -1,0 +1,360 @@
+//! The event: the one type every part of eps agrees on.
+//!
+//! "Parse, don't validate": an [`Event`] can only be built by [`Event::parse_request`] (the strict HTTP
+//! and client-file rules) or [`EventRef::parse_log_line`] (the lenient log rules, which accept extra
+//! fields written by other programs). After this boundary an event is always valid: a non-empty `userId`
+//! of at most 255 bytes, a known `name`, and a `value` that is an exact, non-negative decimal.
+//!
+//! Money never passes through floating point: the `value` is read from the JSON number's own text
+//! (serde_json's `RawValue`) straight into a [`Decimal`], and written back as decimal text.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// Longest accepted `userId`, in bytes (the seed's `VARCHAR(255)`).
+pub const MAX_USER_ID_BYTES: usize = 255;
+/// Longest accepted event `id`, in bytes.
+pub const MAX_EVENT_ID_BYTES: usize = 128;
+/// Most significant digits a `value` may carry (what an exact 96-bit decimal holds everywhere).
+pub const MAX_SIGNIFICANT_DIGITS: usize = 28;
+
+/// What an event does to the user's revenue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    #[serde(rename = "add_revenue")]
+    AddRevenue,
+    #[serde(rename = "subtract_revenue")]
+    SubtractRevenue,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::AddRevenue => "add_revenue",
+            EventKind::SubtractRevenue => "subtract_revenue",
+        }
+    }
+}
+
+/// A validated event, owned. `id` is the optional idempotency key (see ARCHITECTURE.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub user_id: String,
+    pub kind: EventKind,
+    pub value: Decimal,
+    pub id: Option<String>,
+}
+
+/// A validated event borrowed from a buffer: the processor's hot path, no allocation for plain ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRef<'a> {
+    pub user_id: Cow<'a, str>,
+    pub kind: EventKind,
+    pub value: Decimal,
+    pub id: Option<Cow<'a, str>>,
+}
+
+/// Why an input is not an event. The message is written for the person who sent it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("body is not valid JSON: {0}")]
+    Json(String),
+    #[error("invalid event: {0}")]
+    Invalid(String),
+}
+
+impl EventError {
+    fn invalid(msg: impl Into<String>) -> Self {
+        EventError::Invalid(msg.into())
+    }
+}
+
+impl Event {
+    /// The signed change this event makes to the user's revenue.
+    pub fn delta(&self) -> Decimal {
+        signed(self.kind, self.value)
+    }
+
+    /// Parses one event sent by a client (HTTP body or a line of the client's input file).
+    ///
+    /// Strict: fields other than `userId`, `name`, `value` and `id` are refused, so a typo such as
+    /// `userID` is an error and not a silently different event.
+    pub fn parse_request(bytes: &[u8]) -> Result<Event, EventError> {
+        let raw: RequestBody<'_> = serde_json::from_slice(bytes).map_err(json_error)?;
+        let user_id = check_user_id(raw.user_id)?;
+        let id = match raw.id {
+            None => None,
+            Some(id) => Some(check_event_id(id)?.into_owned()),
+        };
+        let value = parse_value(raw.value)?;
+        Ok(Event { user_id: user_id.into_owned(), kind: raw.name, value, id })
+    }
+
+    /// Writes the event as one log line (without the trailing newline): the seed's fields first, in the
+    /// seed's order, then the idempotency `id` and the receive time `ts` (Unix milliseconds).
+    pub fn write_log_line(&self, ts_millis: u64, out: &mut Vec<u8>) {
+        #[derive(Serialize)]
+        struct Line<'a> {
+            #[serde(rename = "userId")]
+            user_id: &'a str,
+            name: EventKind,
+            value: &'a RawValue,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            id: Option<&'a str>,
+            ts: u64,
+        }
+        let value_text = self.value.normalize().to_string();
+        // A Decimal's Display is always a valid JSON number (digits, optional '.', no exponent).
+        let value = RawValue::from_string(value_text).expect("decimal text is a JSON number");
+        let line = Line { user_id: &self.user_id, name: self.kind, value: &value, id: self.id.as_deref(), ts: ts_millis };
+        serde_json::to_writer(out, &line).expect("writing to a Vec cannot fail");
+    }
+}
+
+impl<'a> EventRef<'a> {
+    /// Parses one line of the log. Lenient about extra fields (the log may be written by other
+    /// programs); strict about the three the seed defines.
+    pub fn parse_log_line(line: &'a [u8]) -> Result<EventRef<'a>, EventError> {
+        let raw: LogLine<'a> = serde_json::from_slice(line).map_err(json_error)?;
+        let user_id = check_user_id(raw.user_id)?;
+        let value = parse_value(raw.value)?;
+        let id = match raw.id {
+            None => None,
+            Some(id) => Some(check_event_id(id)?),
+        };
+        Ok(EventRef { user_id, kind: raw.name, value, id })
+    }
+
+    pub fn delta(&self) -> Decimal {
+        signed(self.kind, self.value)
+    }
+
+    pub fn into_owned(self) -> Event {
+        Event {
+            user_id: self.user_id.into_owned(),
+            kind: self.kind,
+            value: self.value,
+            id: self.id.map(Cow::into_owned),
+        }
+    }
+}
+
+fn signed(kind: EventKind, value: Decimal) -> Decimal {
+    match kind {
+        EventKind::AddRevenue => value,
+        EventKind::SubtractRevenue => -value,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestBody<'a> {
+    #[serde(rename = "userId", borrow)]
+    user_id: Cow<'a, str>,
+    name: EventKind,
+    #[serde(borrow)]
+    value: &'a RawValue,
+    #[serde(default, borrow)]
+    id: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct LogLine<'a> {
+    #[serde(rename = "userId", borrow)]
+    user_id: Cow<'a, str>,
+    name: EventKind,
+    #[serde(borrow)]
+    value: &'a RawValue,
+    #[serde(default, borrow)]
+    id: Option<Cow<'a, str>>,
+}
+
+fn json_error(e: serde_json::Error) -> EventError {
+    use serde_json::error::Category;
+    match e.classify() {
+        // Data errors are about the shape of a well-formed document: say "invalid event".
+        Category::Data => EventError::Invalid(e.to_string()),
+        Category::Syntax | Category::Eof | Category::Io => EventError::Json(e.to_string()),
+    }
+}
+
+fn check_user_id(user_id: Cow<'_, str>) -> Result<Cow<'_, str>, EventError> {
+    if user_id.is_empty() {
+        return Err(EventError::invalid("userId must not be empty"));
+    }
+    if user_id.len() > MAX_USER_ID_BYTES {
+        return Err(EventError::invalid(format!(
+            "userId is {} bytes long, the limit is {MAX_USER_ID_BYTES}",
+            user_id.len()
+        )));
+    }
+    Ok(user_id)
+}
+
+fn check_event_id(id: Cow<'_, str>) -> Result<Cow<'_, str>, EventError> {
+    if id.is_empty() || id.len() > MAX_EVENT_ID_BYTES {
+        return Err(EventError::invalid(format!("id must be 1 to {MAX_EVENT_ID_BYTES} bytes long")));
+    }
+    Ok(id)
+}
+
+/// Reads a JSON value as an exact, non-negative decimal.
+fn parse_value(raw: &RawValue) -> Result<Decimal, EventError> {
+    let text = raw.get();
+    match text.as_bytes().first() {
+        Some(b'-' | b'0'..=b'9') => parse_decimal_number(text),
+        Some(b'"') => Err(EventError::invalid("value must be a JSON number, not a string")),
+        _ => Err(EventError::invalid(format!("value must be a number, got {text}"))),
+    }
+}
+
+/// Parses the text of a JSON number (already checked by serde_json's grammar) into an exact decimal.
+pub fn parse_decimal_number(text: &str) -> Result<Decimal, EventError> {
+    let err = |m: &str| EventError::invalid(format!("value {text}: {m}"));
+    if text.starts_with('-') {
+        return Err(err("must not be negative"));
+    }
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(i) => {
+            let exp: i64 = text[i + 1..].parse().map_err(|_| err("exponent out of range"))?;
+            (&text[..i], exp)
+        }
+        None => (text, 0),
+    };
+    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int_part.is_empty() || !int_part.bytes().chain(frac_part.bytes()).all(|b| b.is_ascii_digit()) {
+        return Err(err("not a decimal number"));
+    }
+    // value = digits * 10^(exponent - frac_len); strip zeros that carry no value.
+    let mut digits: String = int_part.chars().chain(frac_part.chars()).collect();
+    let mut exp = exponent - frac_part.len() as i64;
+    let leading = digits.bytes().take_while(|&b| b == b'0').count();
+    digits.drain(..leading);
+    while digits.ends_with('0') {
+        digits.pop();
+        exp += 1;
+    }
+    if digits.is_empty() {
+        return Ok(Decimal::ZERO);
+    }
+    if digits.len() > MAX_SIGNIFICANT_DIGITS {
+        return Err(err(&format!("more than {MAX_SIGNIFICANT_DIGITS} significant digits")));
+    }
+    let out_of_range = || err("out of the exact decimal range (at most 28 digits, magnitude below 7.9e28)");
+    let mantissa: i128 = digits.parse().map_err(|_| out_of_range())?;
+    if exp >= 0 {
+        let scaled = u32::try_from(exp)
+            .ok()
+            .and_then(|e| 10i128.checked_pow(e))
+            .and_then(|p| mantissa.checked_mul(p))
+            .ok_or_else(out_of_range)?;
+        Decimal::try_from_i128_with_scale(scaled, 0).map_err(|_| out_of_range())
+    } else {
+        let scale = u32::try_from(-exp).map_err(|_| out_of_range())?;
+        if scale > 28 {
+            return Err(err("more than 28 decimal places"));
+        }
+        Decimal::try_from_i128_with_scale(mantissa, scale).map_err(|_| out_of_range())
+    }
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", self.user_id, self.kind.as_str(), self.value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn dec(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn parses_the_seed_events() {
+        let e = Event::parse_request(br#"{"userId": "user1", "name": "add_revenue", "value": 100}"#).unwrap();
+        assert_eq!(e.user_id, "user1");
+        assert_eq!(e.delta(), dec("100"));
+        let e = Event::parse_request(br#"{"userId": "user1", "name": "subtract_revenue", "value": 50}"#).unwrap();
+        assert_eq!(e.delta(), dec("-50"));
+    }
+
+    #[test]
+    fn values_are_exact_decimals() {
+        assert_eq!(parse_decimal_number("0.1").unwrap(), dec("0.1"));
+        assert_eq!(parse_decimal_number("1e3").unwrap(), dec("1000"));
+        assert_eq!(parse_decimal_number("1.5E-2").unwrap(), dec("0.015"));
+        assert_eq!(parse_decimal_number("0.000").unwrap(), Decimal::ZERO);
+        let ten_tenths = (0..10).map(|_| parse_decimal_number("0.1").unwrap()).sum::<Decimal>();
+        assert_eq!(ten_tenths, dec("1"));
+        // 28 significant digits are fine, 29 are not.
+        assert!(parse_decimal_number("1234567890123456789012345678").is_ok());
+        assert!(parse_decimal_number("12345678901234567890123456789").is_err());
+    }
+
+    #[test]
+    fn rejects_values_that_are_not_exact_non_negative_decimals() {
+        for bad in ["-1", "-0", "1e400", "1e-400", "1e29", "0.00000000000000000000000000001"] {
+            assert!(parse_decimal_number(bad).is_err(), "{bad} should be rejected");
+        }
+        for body in [
+            r#"{"userId":"u","name":"add_revenue","value":"10"}"#,
+            r#"{"userId":"u","name":"add_revenue","value":null}"#,
+            r#"{"userId":"u","name":"add_revenue","value":[1]}"#,
+            r#"{"userId":"u","name":"add_revenue","value":true}"#,
+        ] {
+            assert!(matches!(Event::parse_request(body.as_bytes()), Err(EventError::Invalid(_))), "{body}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        let cases: &[(&str, bool)] = &[
+            (r#"{"userId":"u","name":"add_revenue","value":1"#, true),
+            (r#"not json"#, true),
+            (r#"{"userId":"","name":"add_revenue","value":1}"#, false),
+            (r#"{"userId":"u","name":"refund","value":1}"#, false),
+            (r#"{"userId":"u","value":1}"#, false),
+            (r#"{"userId":5,"name":"add_revenue","value":1}"#, false),
+            (r#"{"userId":"u","name":"add_revenue","value":1,"extra":1}"#, false),
+            (r#"{"userId":"u","userId":"v","name":"add_revenue","value":1}"#, false),
+        ];
+        for (body, is_json_error) in cases {
+            match Event::parse_request(body.as_bytes()) {
+                Err(EventError::Json(_)) => assert!(is_json_error, "{body} should be an invalid event"),
+                Err(EventError::Invalid(_)) => assert!(!is_json_error, "{body} should be a JSON error"),
+                Ok(e) => panic!("{body} was accepted as {e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn user_id_length_is_counted_in_bytes() {
+        let ok = format!(r#"{{"userId":"{}","name":"add_revenue","value":1}}"#, "a".repeat(255));
+        assert!(Event::parse_request(ok.as_bytes()).is_ok());
+        let too_long = format!(r#"{{"userId":"{}","name":"add_revenue","value":1}}"#, "é".repeat(128));
+        assert!(Event::parse_request(too_long.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn log_line_round_trips_and_tolerates_extra_fields() {
+        let e = Event::parse_request(br#"{"userId":"a\"b","name":"subtract_revenue","value":1.50,"id":"r-1"}"#).unwrap();
+        let mut line = Vec::new();
+        e.write_log_line(42, &mut line);
+        assert_eq!(
+            std::str::from_utf8(&line).unwrap(),
+            r#"{"userId":"a\"b","name":"subtract_revenue","value":1.5,"id":"r-1","ts":42}"#
+        );
+        let back = EventRef::parse_log_line(&line).unwrap().into_owned();
+        assert_eq!(back, Event { value: dec("1.5"), ..e });
+        let seed_line = br#"{"userId": "user2", "name": "add_revenue", "value": 200, "source": "other"}"#;
+        assert_eq!(EventRef::parse_log_line(seed_line).unwrap().delta(), dec("200"));
+    }
+}

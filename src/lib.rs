@@ -1,0 +1,14 @@
+//! eps: an event processing system.
+//!
+//! Data flow: `client` → HTTP → `server` → `log` (durable, group-committed JSON Lines) → `processor`
+//! → `store` (revenue totals + checkpoint, one transaction) → `server` answers `GET /userEvents/:id`.
+//! See ARCHITECTURE.md for the invariants.
+
+pub mod cli;
+pub mod client;
+pub mod demo;
+pub mod event;
+pub mod log;
+pub mod processor;
+pub mod server;
+pub mod store;

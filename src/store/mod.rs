@@ -1,0 +1,119 @@
+//! The store: where revenue totals and processing checkpoints live.
+//!
+//! [`Store`] is the whole interface the rest of eps sees; a backend is one module implementing it
+//! (`sqlite` embedded by default, `postgres` when a `postgres://` URL is given).
+//!
+//! Invariant (the exactly-once rule): revenue changes and the checkpoint that says which log positions
+//! they cover are only ever written together, in one transaction, by [`Store::commit`], and only if the
+//! checkpoint is still where the caller read it (compare-and-set). A processor that crashes before the
+//! commit leaves no trace; one that loses the race to another processor gets [`CommitOutcome::Conflict`]
+//! and reads again from the new checkpoint.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use rust_decimal::Decimal;
+
+pub mod postgres;
+pub mod sqlite;
+
+/// File name of the embedded database inside the data directory.
+pub const SQLITE_FILE: &str = "eps.sqlite3";
+
+/// One processor batch, ready to commit.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// Checkpoint the batch was read from; the commit only happens if the stored one still equals it.
+    pub from: u64,
+    /// Checkpoint after the batch: always the end of a whole line.
+    pub to: u64,
+    /// Summed change per user (each user at most once).
+    pub deltas: Vec<(String, Decimal)>,
+    /// Number of valid events the deltas sum.
+    pub events: u64,
+    /// Lines in `from..to` that were not valid events.
+    pub invalid: Vec<InvalidLine>,
+}
+
+/// A log line that is not a valid event, recorded so an operator can find and fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidLine {
+    /// Global log position (byte offset) where the line starts.
+    pub position: u64,
+    /// Segment file name holding the line.
+    pub segment: String,
+    /// Byte offset of the line inside the segment.
+    pub segment_offset: u64,
+    pub error: String,
+    /// The line itself (lossy UTF-8, truncated to a few KiB).
+    pub line: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Committed,
+    /// Another processor moved the checkpoint first; nothing was written.
+    Conflict { current: u64 },
+}
+
+/// Progress of one stream, for summaries and `eps status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamProgress {
+    pub position: u64,
+    pub events_applied: u64,
+    pub invalid_lines: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or is busy: retry later (HTTP 503).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A total would leave the exact decimal range; nothing was written.
+    #[error("revenue of user {user_id:?} would leave the exact decimal range; nothing was written")]
+    Overflow { user_id: String },
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Short name for logs: "sqlite" or "postgres".
+    fn backend(&self) -> &'static str;
+
+    /// Where `stream`'s checkpoint stands (all zero when it was never processed).
+    async fn progress(&self, stream: &str) -> Result<StreamProgress, StoreError>;
+
+    /// In ONE transaction, if `stream`'s checkpoint still equals `batch.from`: add every delta to its
+    /// user's revenue (creating the user at 0 first), record the invalid lines, add the counts, and move
+    /// the checkpoint to `batch.to`. Otherwise write nothing and return `Conflict`.
+    async fn commit(&self, stream: &str, batch: &Batch) -> Result<CommitOutcome, StoreError>;
+
+    /// A user's revenue, or `None` when no event of theirs was ever applied.
+    async fn revenue(&self, user_id: &str) -> Result<Option<Decimal>, StoreError>;
+
+    /// Users in `user_id` order, at most `limit` of them.
+    async fn users(&self, limit: usize) -> Result<Vec<(String, Decimal)>, StoreError>;
+
+    /// Cheap reachability check.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store a URL names, running its migrations: PostgreSQL for `postgres://` or
+/// `postgresql://`, otherwise the SQLite file in `data_dir` (a `sqlite://PATH` URL picks another file).
+pub async fn open(database_url: Option<&str>, data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
+    match database_url {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(Arc::new(postgres::PostgresStore::connect(url).await?))
+        }
+        Some(url) if url.starts_with("sqlite://") => {
+            Ok(Arc::new(sqlite::SqliteStore::open(Path::new(&url["sqlite://".len()..])).await?))
+        }
+        Some(url) => anyhow::bail!("unsupported database URL {url:?}: use postgres://... or sqlite://PATH"),
+        None => {
+            std::fs::create_dir_all(data_dir)?;
+            Ok(Arc::new(sqlite::SqliteStore::open(&data_dir.join(SQLITE_FILE)).await?))
+        }
+    }
+}
