@@ -1,1 +1,182 @@
-//! TODO
+//! The command line: every flag, its `EPS_*` environment variable, its default, and what it is for.
+//! `main.rs` turns these into the option structs of each part; nothing here does any work.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "eps",
+    version,
+    about = "Event processing system: durable HTTP ingest, exactly-once revenue processing",
+    long_about = "Event processing system.\n\n\
+        eps server   takes events over HTTP (POST /liveEvent) and makes each durable before answering 200.\n\
+        eps client   sends every event of a JSON Lines file to the server, retrying safely.\n\
+        eps process  applies the logged events to the database, each exactly once.\n\
+        eps demo     runs all three on a sample, in a temporary directory.\n\n\
+        Server and processor agree with no configuration: both use ./data and the SQLite file in it.\n\
+        Every flag can also be set by the environment variable shown in its help.",
+    after_help = "Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error."
+)]
+pub struct Cli {
+    /// Log format on stderr: human-readable text or one JSON object per line.
+    #[arg(long, global = true, env = "EPS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter, in tracing's EnvFilter syntax (e.g. "info", "eps=debug").
+    #[arg(long, global = true, env = "EPS_LOG", default_value = "info")]
+    pub log_level: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Take events over HTTP and append them durably to the log.
+    ///
+    /// POST /liveEvent with a JSON event and the token in the Authorization header; the answer 200
+    /// comes only once the event is synced to disk. GET /userEvents/{userId} answers the user's revenue
+    /// as the processor has applied it.
+    Server(ServerArgs),
+    /// Apply the logged events to the database, each exactly once.
+    ///
+    /// Reads the log from the checkpoint stored in the database and commits revenue changes together
+    /// with the new checkpoint. Safe to re-run, to kill at any moment, and to run several at once.
+    Process(ProcessArgs),
+    /// Send every event of a JSON Lines file to the server.
+    ///
+    /// Each event carries an id, so a retried request is stored once. Exits non-zero when any line was
+    /// invalid, rejected by the server, or could not be delivered.
+    Client(ClientArgs),
+    /// Run server, client and processor on sample events in a temporary directory, and print the result.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// Directory holding the log (log/) and the embedded SQLite database.
+    #[arg(long, env = "EPS_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// PostgreSQL URL (postgres://user@host:port/db); without it the SQLite file in the data directory.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    /// Address to listen on. A non-loopback address needs a token other than the default.
+    #[arg(long, env = "EPS_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// Token clients must send as `Authorization: <token>` or `Authorization: Bearer <token>`.
+    #[arg(long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true)]
+    pub token: String,
+
+    /// Largest accepted request body, in bytes (larger ones get 413).
+    #[arg(long, env = "EPS_BODY_LIMIT", default_value_t = 1024 * 1024)]
+    pub body_limit: usize,
+
+    /// Size at which the log starts a new segment file, in bytes.
+    #[arg(long, env = "EPS_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub segment_bytes: u64,
+
+    /// How long an event id is remembered to drop retried duplicates, in seconds.
+    #[arg(long, env = "EPS_DEDUP_WINDOW_SECS", default_value_t = 900)]
+    pub dedup_window_secs: u64,
+
+    /// Most event ids remembered for de-duplication (the oldest are forgotten first).
+    #[arg(long, env = "EPS_DEDUP_MAX_IDS", default_value_t = 1_000_000)]
+    pub dedup_max_ids: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProcessArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// Keep running and apply new events as they arrive, instead of exiting when caught up.
+    #[arg(long, env = "EPS_FOLLOW")]
+    pub follow: bool,
+
+    /// Bytes of log applied per database transaction (bounds memory).
+    #[arg(long, env = "EPS_BATCH_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub batch_bytes: usize,
+
+    /// With --follow: how often to look for new events, in milliseconds.
+    #[arg(long, env = "EPS_POLL_MS", default_value_t = 5)]
+    pub poll_ms: u64,
+
+    /// Without --follow: how long to keep retrying an unreachable database, in seconds.
+    #[arg(long, env = "EPS_RETRY_SECS", default_value_t = 60)]
+    pub retry_secs: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ClientArgs {
+    /// JSON Lines file of events to send.
+    #[arg(env = "EPS_FILE", default_value = "events.jsonl")]
+    pub file: PathBuf,
+
+    /// Base URL of the server.
+    #[arg(long, env = "EPS_URL", default_value = "http://127.0.0.1:8000")]
+    pub url: String,
+
+    /// Token sent in the Authorization header.
+    #[arg(long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true)]
+    pub token: String,
+
+    /// Requests in flight at once.
+    #[arg(long, env = "EPS_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: usize,
+
+    /// Attempts per event before it counts as failed (connection errors, 408, 429 and 5xx are retried).
+    #[arg(long, env = "EPS_MAX_ATTEMPTS", default_value_t = 10)]
+    pub max_attempts: u32,
+
+    /// Per-request timeout, in seconds.
+    #[arg(long, env = "EPS_TIMEOUT_SECS", default_value_t = 10)]
+    pub timeout_secs: u64,
+
+    /// Progress display: a bar on a terminal (auto), always a bar, plain lines, or nothing.
+    #[arg(long, env = "EPS_PROGRESS", value_enum, default_value_t = ProgressArg::Auto)]
+    pub progress: ProgressArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ProgressArg {
+    Auto,
+    Bar,
+    Plain,
+    Quiet,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Number of generated events sent after the seed's three.
+    #[arg(long, default_value_t = 10_000)]
+    pub events: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

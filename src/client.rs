@@ -1,1 +1,1251 @@
-//! TODO
+//! `eps client`: sends a JSON Lines file of events to a server's `POST /liveEvent`.
+//!
+//! This module owns the sending side of ingest: streaming the input file line by line (memory stays
+//! bounded whatever the file size), validating each line with the server's own rules
+//! ([`Event::parse_request`]), giving each event its idempotency id, sending with at most
+//! `concurrency` requests in flight over one keep-alive [`reqwest::Client`], retrying what may be
+//! retried, showing progress, and counting the outcome in a [`ClientSummary`]. Printing the summary
+//! and choosing the exit code is the caller's job.
+//!
+//! # Idempotency (the client's half of exactly-once)
+//!
+//! Every event is sent with an `id`. A line that carries its own `id` keeps it; otherwise the id is
+//! `<run-id>-<line number>`, where the run-id is 16 random hex characters drawn once per run and the
+//! line number is the 1-based physical line of the file (blank lines count). Every retry of an event
+//! carries the same id and the same body, so the server, which de-duplicates ids within a window and
+//! answers a repeat with `200 {"duplicate":true}`, stores the event once however often it is retried.
+//! A new run of the client draws a new run-id: running it again on the same file is a new send.
+//!
+//! The body is the validated event re-serialised as `{"userId":..,"name":..,"value":..,"id":..}`;
+//! the value is the decimal's own text written as a raw JSON number (`0.1` stays `0.1`, `1e3` becomes
+//! `1000`), never passed through floating point.
+//!
+//! # Responses and retries
+//!
+//! - 2xx: accepted (counted as a duplicate too when the JSON body says `"duplicate":true`).
+//! - 408, 429, 5xx, connection errors and timeouts (the per-request timeout covers connecting,
+//!   sending and reading the answer): retried, up to `max_attempts` attempts in all, then `failed`
+//!   with the last error. Between attempts the client sleeps a "full jitter" exponential backoff —
+//!   uniform in `[0, min(5 s, 50 ms * 2^(attempt-1))]` — unless the answer has a `Retry-After`
+//!   header in whole seconds, which is obeyed as is, capped at 30 s.
+//! - Any other status (other 4xx, and 3xx, as redirects are not followed): `rejected`, never retried,
+//!   reported as `line N: HTTP <status>: <the body's "error" field>`.
+//!
+//! Invalid lines are reported as `line N: <error>` and not sent. Rejections and failures that repeat
+//! the same message (a wrong token rejects every event alike) are reported a few times each, then
+//! summarised, so a bad run does not print ten million lines.
+
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::fmt;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::Rng as _;
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
+use tokio::task::{JoinError, JoinSet};
+
+use crate::event::{Event, EventKind};
+
+/// Longest input line the client buffers; a longer line is reported invalid without being read whole.
+pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+/// Longest `Retry-After` the client obeys.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// How many times each distinct rejection or failure message is printed before it is only counted.
+const REPORTS_PER_MESSAGE: u64 = 5;
+/// How many distinct messages are tracked for that purpose (beyond, everything is printed).
+const MAX_TRACKED_MESSAGES: usize = 1000;
+/// Most bytes of an answer's body the client reads.
+const MAX_REPLY_BYTES: usize = 64 * 1024;
+/// How often Plain progress prints a line.
+const PLAIN_EVERY: Duration = Duration::from_secs(2);
+/// How often the progress bar's counts are refreshed.
+const BAR_EVERY: Duration = Duration::from_millis(200);
+
+/// What `eps client` does. See the module documentation for the behaviour.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// JSON Lines input (default `events.jsonl`).
+    pub file: PathBuf,
+    /// Base URL of the server, e.g. `http://127.0.0.1:8000` (no trailing path).
+    pub url: String,
+    /// Sent as `Authorization: <token>` (bare, like the seed's client); no header when empty.
+    pub token: String,
+    /// Requests in flight at most (default 64; 0 counts as 1).
+    pub concurrency: usize,
+    /// Attempts per event, the first included (default 10; 0 counts as 1).
+    pub max_attempts: u32,
+    /// Per request: connecting, sending and reading the answer (default 10 s).
+    pub timeout: Duration,
+    /// How progress is shown on stderr.
+    pub progress: Progress,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            file: PathBuf::from("events.jsonl"),
+            url: "http://127.0.0.1:8000".to_owned(),
+            token: String::new(),
+            concurrency: 64,
+            max_attempts: 10,
+            timeout: Duration::from_secs(10),
+            progress: Progress::Auto,
+        }
+    }
+}
+
+/// How progress is shown on stderr. Errors are printed in every mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Progress {
+    /// A bar if stderr is a terminal, else Plain.
+    #[default]
+    Auto,
+    /// An indicatif bar (by bytes of the file read, with ETA; a spinner when the size is unknown).
+    Bar,
+    /// One line of counts every ~2 s.
+    Plain,
+    /// Nothing but errors.
+    Quiet,
+}
+
+/// What a run did. `sent = accepted + rejected + failed` and `lines = sent + invalid` once it ends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientSummary {
+    /// Non-blank lines read.
+    pub lines: u64,
+    /// Valid events handed to the network.
+    pub sent: u64,
+    /// Events the server answered with 2xx (duplicates included).
+    pub accepted: u64,
+    /// Of the accepted, those the server already had (`"duplicate":true`).
+    pub duplicates: u64,
+    /// Events the server refused (4xx other than 408/429); not retried.
+    pub rejected: u64,
+    /// Lines that are not valid events; not sent.
+    pub invalid: u64,
+    /// Events still not accepted after `max_attempts` attempts.
+    pub failed: u64,
+    pub elapsed: Duration,
+}
+
+impl ClientSummary {
+    /// Whether every line was a valid event the server accepted.
+    pub fn ok(&self) -> bool {
+        self.rejected == 0 && self.invalid == 0 && self.failed == 0
+    }
+
+    /// Events sent per second of the run.
+    pub fn events_per_sec(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.sent as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+impl fmt::Display for ClientSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "sent {}, accepted {} ({} duplicates), rejected {}, invalid {}, failed {} in {:.2}s ({:.0} events/s)",
+            self.sent,
+            self.accepted,
+            self.duplicates,
+            self.rejected,
+            self.invalid,
+            self.failed,
+            self.elapsed.as_secs_f64(),
+            self.events_per_sec()
+        )
+    }
+}
+
+/// Sends the events of `opts.file` to `opts.url`; see the module documentation.
+///
+/// Errors only for what stops the whole run: the file cannot be opened or read, the URL or token is
+/// unusable. Per-event problems are counted in the summary and reported on stderr.
+pub async fn run(opts: ClientOptions) -> anyhow::Result<ClientSummary> {
+    run_with(opts, Tuning::default()).await
+}
+
+/// Internal knobs: the backoff (tests shorten it) and where error reports go (tests capture them).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Tuning {
+    pub backoff: Backoff,
+    /// When set, reports are appended here instead of printed.
+    pub capture: Option<Arc<Mutex<Vec<String>>>>,
+}
+
+/// Full-jitter exponential backoff.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Backoff {
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { base: Duration::from_millis(50), cap: Duration::from_secs(5) }
+    }
+}
+
+impl Backoff {
+    /// The longest sleep after the `attempt`-th (1-based) failed attempt.
+    fn ceiling(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.cap)
+    }
+
+    /// A random sleep in `[0, ceiling(attempt)]`.
+    fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = u64::try_from(self.ceiling(attempt).as_micros()).unwrap_or(u64::MAX);
+        Duration::from_micros(rand::rng().random_range(0..=ceiling))
+    }
+}
+
+pub(crate) async fn run_with(opts: ClientOptions, tuning: Tuning) -> anyhow::Result<ClientSummary> {
+    let started = Instant::now();
+    let sender = Arc::new(Sender::new(&opts, tuning.backoff)?);
+    let file = tokio::fs::File::open(&opts.file)
+        .await
+        .with_context(|| format!("cannot open the input file {}", opts.file.display()))?;
+    let size = match file.metadata().await {
+        Ok(m) if m.is_file() => m.len(),
+        _ => 0,
+    };
+    let mut reader = BufReader::with_capacity(256 * 1024, file);
+
+    let run_id = format!("{:016x}", rand::random::<u64>());
+    tracing::info!(run_id, file = %opts.file.display(), url = %sender.endpoint, "client run starts");
+
+    let counters = Arc::new(Counters::default());
+    let console = Console::start(opts.progress, size, Arc::clone(&counters), started, tuning.capture);
+    let mut reports = Reports::default();
+    let concurrency = opts.concurrency.max(1);
+
+    let mut in_flight: JoinSet<(u64, Outcome)> = JoinSet::new();
+    let mut buf = Vec::with_capacity(4096);
+    let mut line_no: u64 = 0;
+    let read_result: anyhow::Result<()> = loop {
+        while let Some(done) = in_flight.try_join_next() {
+            tally(done, &counters, &mut reports, &console);
+        }
+        let read = match read_line(&mut reader, &mut buf, MAX_LINE_BYTES).await {
+            Ok(Some(read)) => read,
+            Ok(None) => break Ok(()),
+            Err(e) => {
+                break Err(
+                    anyhow::Error::new(e).context(format!("reading {} (after line {line_no})", opts.file.display()))
+                )
+            }
+        };
+        line_no += 1;
+        counters.bytes.fetch_add(read.bytes, Ordering::Relaxed);
+        let mut line = trim_line(&buf);
+        if line_no == 1 {
+            line = line.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(line);
+        }
+        if !read.too_long && line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        counters.lines.fetch_add(1, Ordering::Relaxed);
+        let prepared = if read.too_long {
+            Err(format!("line is longer than {MAX_LINE_BYTES} bytes"))
+        } else {
+            prepare(line, line_no, &run_id)
+        };
+        match prepared {
+            Err(message) => {
+                counters.invalid.fetch_add(1, Ordering::Relaxed);
+                console.report(&format!("line {line_no}: {message}"));
+            }
+            Ok(body) => {
+                while in_flight.len() >= concurrency {
+                    match in_flight.join_next().await {
+                        Some(done) => tally(done, &counters, &mut reports, &console),
+                        None => break,
+                    }
+                }
+                counters.sent.fetch_add(1, Ordering::Relaxed);
+                let sender = Arc::clone(&sender);
+                in_flight.spawn(async move { (line_no, sender.deliver(body).await) });
+            }
+        }
+    };
+    while let Some(done) = in_flight.join_next().await {
+        tally(done, &counters, &mut reports, &console);
+    }
+    reports.finish(&console);
+    console.finish();
+    read_result?;
+
+    let summary = counters.summary(started.elapsed());
+    tracing::info!(run_id, %summary, "client run ends");
+    Ok(summary)
+}
+
+/// Validates one line and builds the body to send, or says why the line is invalid.
+fn prepare(line: &[u8], line_no: u64, run_id: &str) -> Result<Vec<u8>, String> {
+    let event = Event::parse_request(line).map_err(|e| e.to_string())?;
+    let id = match &event.id {
+        Some(id) => id.clone(),
+        None => format!("{run_id}-{line_no}"),
+    };
+    body(&event, &id)
+}
+
+/// `{"userId":..,"name":..,"value":<decimal text>,"id":..}`.
+fn body(event: &Event, id: &str) -> Result<Vec<u8>, String> {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        #[serde(rename = "userId")]
+        user_id: &'a str,
+        name: EventKind,
+        value: &'a RawValue,
+        id: &'a str,
+    }
+    // A Decimal's Display is digits with an optional '.', which is a JSON number.
+    let value = RawValue::from_string(event.value.normalize().to_string())
+        .map_err(|e| format!("value {} cannot be written as JSON: {e}", event.value))?;
+    let body = Body { user_id: &event.user_id, name: event.kind, value: &value, id };
+    serde_json::to_vec(&body).map_err(|e| format!("cannot serialise the event: {e}"))
+}
+
+/// One line as read: how many bytes it took from the file, and whether it was cut short.
+struct LineRead {
+    bytes: u64,
+    too_long: bool,
+}
+
+/// Reads the next line (without its `\n`) into `buf`, keeping at most `max` bytes of it; the rest of
+/// a longer line is skipped. `None` at the end of the input.
+async fn read_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<LineRead>> {
+    buf.clear();
+    let mut read = LineRead { bytes: 0, too_long: false };
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok((read.bytes > 0).then_some(read));
+        }
+        let (chunk, used, end) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (&available[..i], i + 1, true),
+            None => (available, available.len(), false),
+        };
+        if !read.too_long {
+            if buf.len() + chunk.len() > max {
+                read.too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(chunk);
+            }
+        }
+        read.bytes += used as u64;
+        reader.consume(used);
+        if end {
+            return Ok(Some(read));
+        }
+    }
+}
+
+fn trim_line(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// What became of one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Accepted { duplicate: bool },
+    Rejected { status: StatusCode, error: String },
+    Failed { attempts: u32, error: String },
+}
+
+/// What the sending tasks share.
+struct Sender {
+    http: reqwest::Client,
+    endpoint: reqwest::Url,
+    headers: HeaderMap,
+    timeout: Duration,
+    max_attempts: u32,
+    backoff: Backoff,
+}
+
+impl Sender {
+    fn new(opts: &ClientOptions, backoff: Backoff) -> anyhow::Result<Sender> {
+        let base = opts.url.trim_end_matches('/');
+        let endpoint = reqwest::Url::parse(&format!("{base}/liveEvent"))
+            .with_context(|| format!("invalid server URL {:?}", opts.url))?;
+        if !matches!(endpoint.scheme(), "http" | "https") {
+            anyhow::bail!("invalid server URL {:?}: the scheme must be http or https", opts.url);
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if !opts.token.is_empty() {
+            let mut token = HeaderValue::from_str(&opts.token)
+                .context("the token contains characters not allowed in an HTTP header")?;
+            token.set_sensitive(true);
+            headers.insert(AUTHORIZATION, token);
+        }
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("eps-client/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(opts.concurrency.max(1))
+            .connect_timeout(opts.timeout)
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Sender { http, endpoint, headers, timeout: opts.timeout, max_attempts: opts.max_attempts.max(1), backoff })
+    }
+
+    /// Sends one event until it is accepted, rejected, or out of attempts.
+    async fn deliver(&self, body: Vec<u8>) -> Outcome {
+        let mut attempt: u32 = 1;
+        loop {
+            let (error, retry_after) = match self.attempt(body.clone()).await {
+                Attempt::Done(outcome) => return outcome,
+                Attempt::Retry { error, retry_after } => (error, retry_after),
+            };
+            if attempt >= self.max_attempts {
+                return Outcome::Failed { attempts: attempt, error };
+            }
+            let pause = match retry_after {
+                Some(after) => after.min(MAX_RETRY_AFTER),
+                None => self.backoff.delay(attempt),
+            };
+            tracing::debug!(attempt, ?pause, error, "retrying an event");
+            tokio::time::sleep(pause).await;
+            attempt += 1;
+        }
+    }
+
+    async fn attempt(&self, body: Vec<u8>) -> Attempt {
+        let request =
+            self.http.post(self.endpoint.clone()).headers(self.headers.clone()).timeout(self.timeout).body(body);
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => return Attempt::Retry { error: describe(&e, self.timeout), retry_after: None },
+        };
+        let status = response.status();
+        let retry_after = retry_after(response.headers());
+        let reply = read_capped(response, MAX_REPLY_BYTES).await;
+        if status.is_success() {
+            // The server has taken the event; a broken reply body does not change that.
+            let duplicate =
+                reply.ok().and_then(|b| serde_json::from_slice::<Reply>(&b).ok()).is_some_and(|r| r.duplicate);
+            return Attempt::Done(Outcome::Accepted { duplicate });
+        }
+        let error = match reply {
+            Ok(bytes) => reply_error(status, &bytes),
+            Err(e) => format!("{} (reading the answer failed: {})", reason(status), describe(&e, self.timeout)),
+        };
+        if retryable(status) {
+            Attempt::Retry { error: format!("HTTP {status}: {error}"), retry_after }
+        } else {
+            Attempt::Done(Outcome::Rejected { status, error })
+        }
+    }
+}
+
+enum Attempt {
+    Done(Outcome),
+    Retry { error: String, retry_after: Option<Duration> },
+}
+
+fn retryable(status: StatusCode) -> bool {
+    status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+/// `Retry-After` in whole seconds (the HTTP-date form is ignored: the backoff applies).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    value.parse::<u64>().ok().map(Duration::from_secs)
+}
+
+#[derive(Deserialize)]
+struct Reply {
+    #[serde(default)]
+    duplicate: bool,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+/// The server's explanation: the JSON `error` field, else the body's text, else the status reason.
+fn reply_error(status: StatusCode, body: &[u8]) -> String {
+    if let Ok(Reply { error: Some(error), .. }) = serde_json::from_slice::<Reply>(body) {
+        return match error {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        return reason(status).to_owned();
+    }
+    let mut short: String = text.chars().take(200).collect();
+    if short.len() < text.len() {
+        short.push('…');
+    }
+    short
+}
+
+fn reason(status: StatusCode) -> &'static str {
+    status.canonical_reason().unwrap_or("no reason given")
+}
+
+async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Vec<u8>, reqwest::Error> {
+    let mut out = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = cap.saturating_sub(out.len());
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() >= cap {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// A reqwest error with its causes ("error sending request" alone says nothing).
+fn describe(e: &reqwest::Error, timeout: Duration) -> String {
+    if e.is_timeout() {
+        return format!("no answer within {timeout:?}");
+    }
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Counts shared with the progress display.
+#[derive(Default)]
+struct Counters {
+    bytes: AtomicU64,
+    lines: AtomicU64,
+    sent: AtomicU64,
+    accepted: AtomicU64,
+    duplicates: AtomicU64,
+    rejected: AtomicU64,
+    invalid: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Counters {
+    fn summary(&self, elapsed: Duration) -> ClientSummary {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ClientSummary {
+            lines: get(&self.lines),
+            sent: get(&self.sent),
+            accepted: get(&self.accepted),
+            duplicates: get(&self.duplicates),
+            rejected: get(&self.rejected),
+            invalid: get(&self.invalid),
+            failed: get(&self.failed),
+            elapsed,
+        }
+    }
+
+    fn done(&self) -> u64 {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        get(&self.accepted) + get(&self.rejected) + get(&self.failed)
+    }
+}
+
+fn tally(done: Result<(u64, Outcome), JoinError>, counters: &Counters, reports: &mut Reports, console: &Console) {
+    match done {
+        Ok((_, Outcome::Accepted { duplicate })) => {
+            counters.accepted.fetch_add(1, Ordering::Relaxed);
+            if duplicate {
+                counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok((line, Outcome::Rejected { status, error })) => {
+            counters.rejected.fetch_add(1, Ordering::Relaxed);
+            reports.report(console, line, format!("HTTP {status}: {error}"));
+        }
+        Ok((line, Outcome::Failed { attempts, error })) => {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            reports.report(console, line, format!("failed after {attempts} attempts: {error}"));
+        }
+        Err(e) => {
+            // A sending task panicked or was cancelled: its event is not known to be delivered.
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            console.report(&format!("an event was lost by a failed sending task: {e}"));
+        }
+    }
+}
+
+/// Rate-limits repeated rejection and failure messages.
+#[derive(Default)]
+struct Reports {
+    seen: HashMap<String, u64>,
+    suppressed: u64,
+}
+
+impl Reports {
+    fn report(&mut self, console: &Console, line: u64, message: String) {
+        let count = if let Some(count) = self.seen.get_mut(&message) {
+            *count += 1;
+            *count
+        } else {
+            if self.seen.len() < MAX_TRACKED_MESSAGES {
+                self.seen.insert(message.clone(), 1);
+            }
+            1
+        };
+        if count <= REPORTS_PER_MESSAGE {
+            console.report(&format!("line {line}: {message}"));
+            if count == REPORTS_PER_MESSAGE {
+                console.report("(further errors with that message are counted, not shown)");
+            }
+        } else {
+            self.suppressed += 1;
+        }
+    }
+
+    fn finish(&self, console: &Console) {
+        if self.suppressed > 0 {
+            console
+                .report(&format!("({} more errors repeating a message shown above were not shown)", self.suppressed));
+        }
+    }
+}
+
+/// Progress on stderr, and the one way errors are printed (so they do not tear the bar).
+struct Console {
+    bar: Option<ProgressBar>,
+    ticker: Option<tokio::task::JoinHandle<()>>,
+    capture: Option<Arc<Mutex<Vec<String>>>>,
+}
+
+impl Console {
+    fn start(
+        mode: Progress,
+        size: u64,
+        counters: Arc<Counters>,
+        started: Instant,
+        capture: Option<Arc<Mutex<Vec<String>>>>,
+    ) -> Console {
+        let mode = match mode {
+            Progress::Auto if std::io::stderr().is_terminal() => Progress::Bar,
+            Progress::Auto => Progress::Plain,
+            other => other,
+        };
+        match mode {
+            Progress::Bar => {
+                let bar = if size > 0 {
+                    let bar = ProgressBar::new(size);
+                    let style = ProgressStyle::with_template(
+                        "{spinner:.green} [{elapsed_precise}] [{wide_bar:.cyan/blue}] {percent:>3}% ETA {eta}\n  {msg}",
+                    )
+                    .map(|s| s.progress_chars("=> "))
+                    .unwrap_or_else(|_| ProgressStyle::default_bar());
+                    bar.set_style(style);
+                    bar
+                } else {
+                    let bar = ProgressBar::new_spinner();
+                    let style = ProgressStyle::with_template("{spinner:.green} [{elapsed_precise}] {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+                    bar.set_style(style);
+                    bar
+                };
+                bar.enable_steady_tick(Duration::from_millis(100));
+                let ticking = bar.clone();
+                let ticker = tokio::spawn(async move {
+                    let mut every = tokio::time::interval(BAR_EVERY);
+                    loop {
+                        every.tick().await;
+                        ticking.set_position(counters.bytes.load(Ordering::Relaxed));
+                        ticking.set_message(progress_line(
+                            &counters,
+                            counters.done() as f64 / started.elapsed().as_secs_f64().max(1e-3),
+                        ));
+                    }
+                });
+                Console { bar: Some(bar), ticker: Some(ticker), capture }
+            }
+            Progress::Plain => {
+                let ticker = tokio::spawn(async move {
+                    let mut every = tokio::time::interval_at(tokio::time::Instant::now() + PLAIN_EVERY, PLAIN_EVERY);
+                    let (mut last_done, mut last_at) = (0u64, Instant::now());
+                    loop {
+                        every.tick().await;
+                        let (done, now) = (counters.done(), Instant::now());
+                        let rate = done.saturating_sub(last_done) as f64 / (now - last_at).as_secs_f64().max(1e-3);
+                        (last_done, last_at) = (done, now);
+                        eprintln!("eps client: {}", progress_line(&counters, rate));
+                    }
+                });
+                Console { bar: None, ticker: Some(ticker), capture }
+            }
+            Progress::Quiet | Progress::Auto => Console { bar: None, ticker: None, capture },
+        }
+    }
+
+    fn report(&self, message: &str) {
+        if let Some(capture) = &self.capture {
+            capture.lock().unwrap_or_else(|p| p.into_inner()).push(message.to_owned());
+            return;
+        }
+        match &self.bar {
+            Some(bar) => bar.suspend(|| eprintln!("{message}")),
+            None => eprintln!("{message}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(ticker) = &self.ticker {
+            ticker.abort();
+        }
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+fn progress_line(c: &Counters, rate: f64) -> String {
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    format!(
+        "sent {}, accepted {} ({} duplicates), rejected {}, invalid {}, failed {}, {:.0} events/s",
+        get(&c.sent),
+        get(&c.accepted),
+        get(&c.duplicates),
+        get(&c.rejected),
+        get(&c.invalid),
+        get(&c.failed),
+        rate
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::io::Write as _;
+    use std::sync::atomic::AtomicUsize;
+
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::http::HeaderMap as AxumHeaders;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::post;
+    use axum::{Json, Router};
+    use futures::future::BoxFuture;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One request as the test server saw it.
+    #[derive(Debug, Clone)]
+    struct Received {
+        body: String,
+        id: String,
+        auth: Option<String>,
+        content_type: Option<String>,
+    }
+
+    /// Decides the answer from how many times this id has been seen (1 for the first time).
+    type Answer = Arc<dyn Fn(usize) -> BoxFuture<'static, Response> + Send + Sync>;
+
+    #[derive(Clone)]
+    struct Recorder {
+        seen: Arc<Mutex<Vec<Received>>>,
+        answer: Answer,
+        in_flight: Arc<AtomicUsize>,
+        max_in_flight: Arc<AtomicUsize>,
+    }
+
+    impl Recorder {
+        fn new(answer: impl Fn(usize) -> BoxFuture<'static, Response> + Send + Sync + 'static) -> Recorder {
+            Recorder {
+                seen: Arc::default(),
+                answer: Arc::new(answer),
+                in_flight: Arc::default(),
+                max_in_flight: Arc::default(),
+            }
+        }
+
+        fn received(&self) -> Vec<Received> {
+            self.seen.lock().unwrap().clone()
+        }
+
+        /// How many requests arrived per id.
+        fn counts(&self) -> HashMap<String, usize> {
+            let mut counts = HashMap::new();
+            for r in self.received() {
+                *counts.entry(r.id).or_insert(0) += 1;
+            }
+            counts
+        }
+    }
+
+    fn accepted() -> BoxFuture<'static, Response> {
+        Box::pin(async { Json(serde_json::json!({"message": "Event received"})).into_response() })
+    }
+
+    async fn record(State(rec): State<Recorder>, headers: AxumHeaders, body: Bytes) -> Response {
+        let now = rec.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        rec.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let id = json["id"].as_str().unwrap().to_owned();
+        let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+        let nth = {
+            let mut seen = rec.seen.lock().unwrap();
+            seen.push(Received {
+                body,
+                id: id.clone(),
+                auth: header("authorization"),
+                content_type: header("content-type"),
+            });
+            seen.iter().filter(|r| r.id == id).count()
+        };
+        let response = (rec.answer)(nth).await;
+        rec.in_flight.fetch_sub(1, Ordering::SeqCst);
+        response
+    }
+
+    async fn serve(rec: &Recorder) -> String {
+        let app = Router::new().route("/liveEvent", post(record)).with_state(rec.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    fn input(lines: &[&str]) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        for line in lines {
+            writeln!(file, "{line}").unwrap();
+        }
+        file.flush().unwrap();
+        file
+    }
+
+    fn events(n: usize) -> tempfile::NamedTempFile {
+        let lines: Vec<String> =
+            (0..n).map(|i| format!(r#"{{"userId":"user{i}","name":"add_revenue","value":{i}}}"#)).collect();
+        input(&lines.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn options(file: &tempfile::NamedTempFile, url: &str) -> ClientOptions {
+        ClientOptions {
+            file: file.path().to_owned(),
+            url: url.to_owned(),
+            token: "secret-token".to_owned(),
+            concurrency: 8,
+            max_attempts: 5,
+            timeout: Duration::from_secs(5),
+            progress: Progress::Quiet,
+        }
+    }
+
+    /// Runs with a millisecond backoff, returning the summary and the error reports.
+    async fn run_fast(opts: ClientOptions) -> (ClientSummary, Vec<String>) {
+        let capture = Arc::new(Mutex::new(Vec::new()));
+        let tuning = Tuning {
+            backoff: Backoff { base: Duration::from_millis(1), cap: Duration::from_millis(10) },
+            capture: Some(Arc::clone(&capture)),
+        };
+        let summary = run_with(opts, tuning).await.unwrap();
+        let reports = capture.lock().unwrap().clone();
+        (summary, reports)
+    }
+
+    fn run_id_of(id: &str) -> &str {
+        let (run, _) = id.split_once('-').unwrap();
+        assert_eq!(run.len(), 16, "{id}");
+        assert!(run.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        run
+    }
+
+    #[tokio::test]
+    async fn sends_each_valid_line_once_with_run_and_line_ids() {
+        let rec = Recorder::new(|_| accepted());
+        let url = serve(&rec).await;
+        let file = input(&[
+            r#"{"userId":"u1","name":"add_revenue","value":100}"#,
+            "",
+            r#"{"userId":"u2","name":"refund","value":1}"#,
+            "   \t",
+            r#"{"userId":"u3","name":"subtract_revenue","value":50,"id":"mine-7"}"#,
+            r#"{"userId":"u4","name":"add_revenue","value":2}"#,
+        ]);
+        let (summary, reports) = run_fast(options(&file, &format!("{url}/"))).await;
+
+        let expected = ClientSummary {
+            lines: 4,
+            sent: 3,
+            accepted: 3,
+            invalid: 1,
+            elapsed: summary.elapsed,
+            ..Default::default()
+        };
+        assert_eq!(summary, expected);
+        assert!(!summary.ok(), "an invalid line makes the run not ok");
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert!(reports[0].starts_with("line 3: invalid event: "), "{reports:?}");
+
+        let received = rec.received();
+        assert_eq!(received.len(), 3);
+        let run = run_id_of(&received.iter().find(|r| r.id != "mine-7").unwrap().id).to_owned();
+        let ids: HashSet<String> = received.iter().map(|r| r.id.clone()).collect();
+        let want: HashSet<String> = [format!("{run}-1"), "mine-7".to_owned(), format!("{run}-6")].into();
+        assert_eq!(ids, want);
+        for r in &received {
+            assert_eq!(r.auth.as_deref(), Some("secret-token"));
+            assert_eq!(r.content_type.as_deref(), Some("application/json"));
+        }
+        let first = received.iter().find(|r| r.id == format!("{run}-1")).unwrap();
+        assert_eq!(first.body, format!(r#"{{"userId":"u1","name":"add_revenue","value":100,"id":"{run}-1"}}"#));
+
+        // A second run is a new send: a new run id.
+        let (again, _) = run_fast(options(&file, &url)).await;
+        assert_eq!(again.accepted, 3);
+        let received = rec.received();
+        let second_run = run_id_of(&received[3..].iter().find(|r| r.id != "mine-7").unwrap().id).to_owned();
+        assert_ne!(second_run, run);
+    }
+
+    #[tokio::test]
+    async fn retries_503_with_the_same_id_and_body() {
+        let rec = Recorder::new(|nth| {
+            if nth <= 2 {
+                Box::pin(async {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [("retry-after", "0")],
+                        Json(serde_json::json!({"error": "busy"})),
+                    )
+                        .into_response()
+                })
+            } else {
+                accepted()
+            }
+        });
+        let url = serve(&rec).await;
+        let file = events(20);
+        let (summary, reports) = run_fast(ClientOptions { max_attempts: 3, ..options(&file, &url) }).await;
+        assert!(summary.ok(), "{summary} {reports:?}");
+        assert_eq!((summary.sent, summary.accepted), (20, 20));
+        let counts = rec.counts();
+        assert_eq!(counts.len(), 20);
+        assert!(counts.values().all(|&n| n == 3), "{counts:?}");
+        let received = rec.received();
+        for r in &received {
+            let same_id: Vec<_> = received.iter().filter(|o| o.id == r.id).collect();
+            assert!(same_id.iter().all(|o| o.body == r.body));
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_on_429_and_timeouts() {
+        let rec = Recorder::new(|nth| match nth {
+            1 => Box::pin(async { (StatusCode::TOO_MANY_REQUESTS, "slow down").into_response() }),
+            2 => Box::pin(async {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Json(serde_json::json!({"message": "too late"})).into_response()
+            }),
+            _ => accepted(),
+        });
+        let url = serve(&rec).await;
+        let file = events(5);
+        let opts = ClientOptions { timeout: Duration::from_millis(300), ..options(&file, &url) };
+        let started = Instant::now();
+        let (summary, reports) = run_fast(opts).await;
+        assert!(summary.ok(), "{summary} {reports:?}");
+        assert_eq!(summary.accepted, 5);
+        assert!(rec.counts().values().all(|&n| n == 3));
+        assert!(started.elapsed() < Duration::from_secs(2), "timeouts must cut the slow answers short");
+    }
+
+    /// A raw HTTP/1.1 server that reads each request whole and, the first time it sees an id, drops
+    /// the connection without answering.
+    async fn dropping_server() -> (String, Arc<Mutex<HashMap<String, usize>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let shared = Arc::clone(&counts);
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let counts = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let mut stream = BufReader::new(stream);
+                    loop {
+                        let mut line = String::new();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut length = 0;
+                        loop {
+                            line.clear();
+                            stream.read_line(&mut line).await.unwrap();
+                            if line == "\r\n" {
+                                break;
+                            }
+                            if let Some((name, value)) = line.split_once(':') {
+                                if name.eq_ignore_ascii_case("content-length") {
+                                    length = value.trim().parse().unwrap();
+                                }
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        stream.read_exact(&mut body).await.unwrap();
+                        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        let id = json["id"].as_str().unwrap().to_owned();
+                        let nth = {
+                            let mut counts = counts.lock().unwrap();
+                            let n = counts.entry(id).or_insert(0);
+                            *n += 1;
+                            *n
+                        };
+                        if nth == 1 {
+                            return; // drops the socket: no answer
+                        }
+                        let reply = r#"{"message":"Event received"}"#;
+                        let response = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+                            reply.len()
+                        );
+                        stream.get_mut().write_all(response.as_bytes()).await.unwrap();
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}"), counts)
+    }
+
+    #[tokio::test]
+    async fn retries_when_the_connection_is_dropped_without_an_answer() {
+        let (url, counts) = dropping_server().await;
+        let file = events(10);
+        let (summary, reports) = run_fast(options(&file, &url)).await;
+        assert!(summary.ok(), "{summary} {reports:?}");
+        assert_eq!(summary.accepted, 10);
+        let counts = counts.lock().unwrap().clone();
+        assert_eq!(counts.len(), 10);
+        assert!(counts.values().all(|&n| n == 2), "{counts:?}");
+    }
+
+    #[tokio::test]
+    async fn answers_400_are_rejected_not_retried_and_reported_sparingly() {
+        let rec = Recorder::new(|_| {
+            Box::pin(async {
+                (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": "invalid event: no"}))).into_response()
+            })
+        });
+        let url = serve(&rec).await;
+        let file = events(12);
+        let (summary, reports) = run_fast(options(&file, &url)).await;
+        assert_eq!((summary.sent, summary.rejected, summary.accepted, summary.failed), (12, 12, 0, 0));
+        assert!(!summary.ok());
+        assert!(rec.counts().values().all(|&n| n == 1));
+        assert_eq!(rec.received().len(), 12);
+        // Five with line numbers, a note that more are only counted, and the count at the end.
+        assert_eq!(reports.len(), 7, "{reports:?}");
+        assert!(reports[0].starts_with("line ") && reports[0].ends_with(": HTTP 400 Bad Request: invalid event: no"));
+        assert_eq!(reports[6], "(7 more errors repeating a message shown above were not shown)");
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_accepted_and_counted() {
+        let rec = Recorder::new(|_| {
+            Box::pin(async {
+                Json(serde_json::json!({"message": "Event received", "duplicate": true})).into_response()
+            })
+        });
+        let url = serve(&rec).await;
+        let file = events(4);
+        let (summary, _) = run_fast(options(&file, &url)).await;
+        assert!(summary.ok());
+        assert_eq!((summary.accepted, summary.duplicates), (4, 4));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_fails_every_event_after_max_attempts() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let file = events(6);
+        let started = Instant::now();
+        let (summary, reports) = run_fast(ClientOptions { max_attempts: 3, ..options(&file, &url) }).await;
+        assert_eq!((summary.sent, summary.failed, summary.accepted), (6, 6, 0));
+        assert!(!summary.ok());
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(reports[0].contains("failed after 3 attempts: "), "{reports:?}");
+
+        // The default backoff (50 ms doubling, full jitter) also ends quickly with few attempts.
+        let started = Instant::now();
+        let summary =
+            run(ClientOptions { max_attempts: 3, progress: Progress::Quiet, ..options(&file, &url) }).await.unwrap();
+        assert_eq!(summary.failed, 6);
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    #[tokio::test]
+    async fn never_more_requests_in_flight_than_the_concurrency() {
+        let rec = Recorder::new(|_| {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Json(serde_json::json!({"message": "Event received"})).into_response()
+            })
+        });
+        let url = serve(&rec).await;
+        let file = events(60);
+        let (summary, _) = run_fast(ClientOptions { concurrency: 4, ..options(&file, &url) }).await;
+        assert!(summary.ok());
+        assert_eq!(summary.accepted, 60);
+        let max = rec.max_in_flight.load(Ordering::SeqCst);
+        assert!(max <= 4, "{max} requests in flight");
+        assert!(max >= 2, "requests should overlap, saw at most {max}");
+    }
+
+    #[tokio::test]
+    async fn values_are_sent_exactly() {
+        let rec = Recorder::new(|_| accepted());
+        let url = serve(&rec).await;
+        let file = input(&[
+            r#"{"userId":"a","name":"add_revenue","value":0.1}"#,
+            r#"{"userId":"b","name":"add_revenue","value":1e3}"#,
+            r#"{"userId":"c","name":"subtract_revenue","value":1.50}"#,
+            r#"{"userId":"d\"e","name":"add_revenue","value":0.000,"id":"x"}"#,
+            r#"{"userId":"f","name":"add_revenue","value":12345678901234567890.12345678}"#,
+        ]);
+        let (summary, _) = run_fast(options(&file, &url)).await;
+        assert!(summary.ok());
+        let received = rec.received();
+        let run = run_id_of(&received.iter().find(|r| r.id != "x").unwrap().id).to_owned();
+        let bodies: HashSet<String> = received.into_iter().map(|r| r.body).collect();
+        let want: HashSet<String> = [
+            format!(r#"{{"userId":"a","name":"add_revenue","value":0.1,"id":"{run}-1"}}"#),
+            format!(r#"{{"userId":"b","name":"add_revenue","value":1000,"id":"{run}-2"}}"#),
+            format!(r#"{{"userId":"c","name":"subtract_revenue","value":1.5,"id":"{run}-3"}}"#),
+            r#"{"userId":"d\"e","name":"add_revenue","value":0,"id":"x"}"#.to_owned(),
+            format!(r#"{{"userId":"f","name":"add_revenue","value":12345678901234567890.12345678,"id":"{run}-5"}}"#),
+        ]
+        .into();
+        assert_eq!(bodies, want);
+    }
+
+    #[tokio::test]
+    async fn a_missing_file_is_an_error_naming_it() {
+        let opts = ClientOptions {
+            file: PathBuf::from("/nonexistent/eps-events.jsonl"),
+            progress: Progress::Quiet,
+            ..Default::default()
+        };
+        let err = run(opts).await.unwrap_err();
+        assert!(format!("{err:#}").contains("/nonexistent/eps-events.jsonl"), "{err:#}");
+    }
+
+    #[tokio::test]
+    async fn a_bad_url_is_an_error() {
+        let file = events(1);
+        let err = run(ClientOptions { url: "ftp://x".into(), ..options(&file, "") }).await.unwrap_err();
+        assert!(format!("{err:#}").contains("ftp://x"), "{err:#}");
+    }
+
+    #[tokio::test]
+    async fn lines_are_read_with_a_length_limit() {
+        let data = b"abc\r\n\xEF\xBB\xBFx\n0123456789\nlast".to_vec();
+        let mut reader = BufReader::with_capacity(4, data.as_slice());
+        let mut buf = Vec::new();
+        let mut lines = Vec::new();
+        while let Some(read) = read_line(&mut reader, &mut buf, 8).await.unwrap() {
+            lines.push((trim_line(&buf).to_vec(), read.bytes, read.too_long));
+        }
+        assert_eq!(
+            lines,
+            vec![
+                (b"abc".to_vec(), 5, false),
+                (b"\xEF\xBB\xBFx".to_vec(), 5, false),
+                (Vec::new(), 11, true),
+                (b"last".to_vec(), 4, false),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_overlong_line_and_a_bom_are_handled() {
+        let rec = Recorder::new(|_| accepted());
+        let url = serve(&rec).await;
+        let long = format!(r#"{{"userId":"{}","name":"add_revenue","value":1}}"#, "a".repeat(MAX_LINE_BYTES));
+        let first = "\u{feff}{\"userId\":\"u\",\"name\":\"add_revenue\",\"value\":1}";
+        let file = input(&[first, &long]);
+        let (summary, reports) = run_fast(options(&file, &url)).await;
+        assert_eq!((summary.lines, summary.accepted, summary.invalid), (2, 1, 1));
+        assert_eq!(reports, vec![format!("line 2: line is longer than {MAX_LINE_BYTES} bytes")]);
+    }
+
+    #[test]
+    fn backoff_doubles_from_the_base_up_to_the_cap() {
+        let b = Backoff::default();
+        assert_eq!(b.ceiling(1), Duration::from_millis(50));
+        assert_eq!(b.ceiling(2), Duration::from_millis(100));
+        assert_eq!(b.ceiling(7), Duration::from_millis(3200));
+        assert_eq!(b.ceiling(8), Duration::from_secs(5));
+        assert_eq!(b.ceiling(1000), Duration::from_secs(5));
+        for attempt in 1..20 {
+            assert!(b.delay(attempt) <= b.ceiling(attempt));
+        }
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert(RETRY_AFTER, HeaderValue::from_static(" 3 "));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(3)));
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(retry_after(&headers), None);
+        assert!(retryable(StatusCode::REQUEST_TIMEOUT) && retryable(StatusCode::TOO_MANY_REQUESTS));
+        assert!(retryable(StatusCode::BAD_GATEWAY) && !retryable(StatusCode::UNAUTHORIZED));
+    }
+
+    #[test]
+    fn summary_line_and_ok() {
+        let s = ClientSummary {
+            lines: 10,
+            sent: 9,
+            accepted: 8,
+            duplicates: 2,
+            rejected: 1,
+            invalid: 1,
+            failed: 0,
+            elapsed: Duration::from_millis(1500),
+        };
+        assert_eq!(
+            s.to_string(),
+            "sent 9, accepted 8 (2 duplicates), rejected 1, invalid 1, failed 0 in 1.50s (6 events/s)"
+        );
+        assert!(!s.ok());
+        assert!(ClientSummary { sent: 1, accepted: 1, ..Default::default() }.ok());
+        assert_eq!(ClientSummary::default().events_per_sec(), 0.0);
+    }
+}

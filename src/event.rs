@@ -186,6 +186,9 @@ fn check_user_id(user_id: Cow<'_, str>) -> Result<Cow<'_, str>, EventError> {
     if user_id.is_empty() {
         return Err(EventError::invalid("userId must not be empty"));
     }
+    if user_id.chars().any(char::is_control) {
+        return Err(EventError::invalid("userId must not contain control characters"));
+    }
     if user_id.len() > MAX_USER_ID_BYTES {
         return Err(EventError::invalid(format!(
             "userId is {} bytes long, the limit is {MAX_USER_ID_BYTES}",
@@ -320,6 +323,7 @@ mod tests {
             (r#"{"userId":"u","name":"add_revenue","value":1"#, true),
             (r#"not json"#, true),
             (r#"{"userId":"","name":"add_revenue","value":1}"#, false),
+            (r#"{"userId":"a\u0000b","name":"add_revenue","value":1}"#, false),
             (r#"{"userId":"u","name":"refund","value":1}"#, false),
             (r#"{"userId":"u","value":1}"#, false),
             (r#"{"userId":5,"name":"add_revenue","value":1}"#, false),

@@ -1,1 +1,99 @@
-fn main() {}
+//! The `eps` binary: parses the command line, sets up logging, runs one part, maps errors to exit codes.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use eps::cli::{Cli, Command, LogFormat, ProgressArg};
+use eps::{client, demo, processor, server};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("eps: error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("eps: error: {e:#}");
+            if e.downcast_ref::<server::ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Server(args) => {
+            let opts = server::ServerOptions {
+                listen: args.listen,
+                data_dir: args.store.data_dir,
+                token: args.token,
+                database_url: args.store.database_url,
+                body_limit: args.body_limit,
+                segment_bytes: args.segment_bytes,
+                dedup_window: Duration::from_secs(args.dedup_window_secs),
+                dedup_max_ids: args.dedup_max_ids,
+            };
+            let server = server::Server::bind(opts).await?;
+            // Scripts and tests read this line to learn the port (useful with --listen 127.0.0.1:0).
+            println!("eps server listening on http://{}", server.local_addr());
+            server.run(server::shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Process(args) => {
+            let opts = processor::ProcessOptions {
+                data_dir: args.store.data_dir,
+                database_url: args.store.database_url,
+                follow: args.follow,
+                batch_bytes: args.batch_bytes,
+                poll_interval: Duration::from_millis(args.poll_ms),
+                retry_for: Duration::from_secs(args.retry_secs),
+            };
+            let summary = processor::run(opts, server::shutdown_signal()).await?;
+            println!("{summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Client(args) => {
+            let opts = client::ClientOptions {
+                file: args.file,
+                url: args.url,
+                token: args.token,
+                concurrency: args.concurrency.max(1),
+                max_attempts: args.max_attempts.max(1),
+                timeout: Duration::from_secs(args.timeout_secs),
+                progress: match args.progress {
+                    ProgressArg::Auto => client::Progress::Auto,
+                    ProgressArg::Bar => client::Progress::Bar,
+                    ProgressArg::Plain => client::Progress::Plain,
+                    ProgressArg::Quiet => client::Progress::Quiet,
+                },
+            };
+            let summary = client::run(opts).await?;
+            println!("{summary}");
+            Ok(if summary.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Demo(args) => {
+            demo::run(args.events).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn init_tracing(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

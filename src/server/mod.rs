@@ -1,1 +1,176 @@
-//! TODO
+//! `eps server`: the HTTP front of the log.
+//!
+//! [`Server::bind`] does everything that can fail at start-up (open and repair the log, bind the port,
+//! check the token policy) before anything is served, so a misconfigured server exits at once with one
+//! readable line. [`Server::run`] serves until the shutdown future resolves, then stops accepting,
+//! lets in-flight requests finish (each waits for the sync that covers it) and stops the log writer
+//! after its last sync.
+//!
+//! The store is opened in the background: ingest never depends on the database being up, and
+//! `GET /userEvents` answers 503 until it is reachable.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::log::{EventLog, FileLog, FileLogOptions, LOG_DIR};
+use crate::store::{self, Store};
+
+pub mod error;
+mod routes;
+
+use error::ApiError;
+
+/// The seed's token. Accepted for compatibility, but only on a loopback address.
+pub const DEFAULT_TOKEN: &str = "secret";
+
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub token: String,
+    pub database_url: Option<String>,
+    pub body_limit: usize,
+    pub segment_bytes: u64,
+    pub dedup_window: Duration,
+    pub dedup_max_ids: usize,
+}
+
+impl ServerOptions {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        ServerOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            data_dir: data_dir.into(),
+            token: DEFAULT_TOKEN.into(),
+            database_url: None,
+            body_limit: 1024 * 1024,
+            segment_bytes: 64 * 1024 * 1024,
+            dedup_window: Duration::from_secs(15 * 60),
+            dedup_max_ids: 1_000_000,
+        }
+    }
+}
+
+/// A configuration the server refuses to start with (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+pub(crate) struct AppState {
+    pub(crate) log: Arc<dyn EventLog>,
+    pub(crate) token: String,
+    store: OnceLock<Arc<dyn Store>>,
+}
+
+impl AppState {
+    fn store(&self) -> Result<&Arc<dyn Store>, ApiError> {
+        self.store.get().ok_or_else(|| ApiError::Unavailable("database not reachable yet, retry later".into()))
+    }
+}
+
+pub struct Server {
+    listener: TcpListener,
+    state: Arc<AppState>,
+    file_log: Arc<FileLog>,
+    opts: ServerOptions,
+}
+
+impl Server {
+    pub async fn bind(opts: ServerOptions) -> anyhow::Result<Server> {
+        if opts.token.is_empty() {
+            return Err(ConfigError("the token must not be empty".into()).into());
+        }
+        if opts.token == DEFAULT_TOKEN {
+            if !opts.listen.ip().is_loopback() {
+                return Err(ConfigError(format!(
+                    "refusing to listen on {} with the default token {DEFAULT_TOKEN:?}: set --token or EPS_TOKEN",
+                    opts.listen
+                ))
+                .into());
+            }
+            tracing::warn!("running with the default token {DEFAULT_TOKEN:?}: set --token or EPS_TOKEN before exposing the server");
+        }
+        let mut log_opts = FileLogOptions::new(opts.data_dir.join(LOG_DIR));
+        log_opts.segment_bytes = opts.segment_bytes;
+        log_opts.dedup_window = opts.dedup_window;
+        log_opts.dedup_max_ids = opts.dedup_max_ids;
+        let file_log = Arc::new(tokio::task::block_in_place(|| FileLog::open(log_opts))?);
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.listen))?;
+        let state = Arc::new(AppState { log: file_log.clone(), token: opts.token.clone(), store: OnceLock::new() });
+        Ok(Server { listener, state, file_log, opts })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/liveEvent", post(routes::live_event))
+            .route("/userEvents/{user_id}", get(routes::user_events))
+            .fallback(routes::not_found)
+            .method_not_allowed_fallback(routes::method_not_allowed)
+            .layer(DefaultBodyLimit::max(self.opts.body_limit))
+            .with_state(self.state.clone())
+    }
+
+    /// Serves until `shutdown` resolves; returns once every accepted request is answered and synced.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let store_task = tokio::spawn(connect_store(self.state.clone(), self.opts.clone()));
+        let router = self.router();
+        tracing::info!(addr = %self.local_addr(), data_dir = %self.opts.data_dir.display(), "eps server listening");
+        axum::serve(self.listener, router).with_graceful_shutdown(shutdown).await?;
+        store_task.abort();
+        self.file_log.shutdown().await;
+        tracing::info!("eps server stopped; every acknowledged event is synced");
+        Ok(())
+    }
+}
+
+/// Opens the store, retrying until it works: the server takes events whether the database is up or not.
+async fn connect_store(state: Arc<AppState>, opts: ServerOptions) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match store::open(opts.database_url.as_deref(), &opts.data_dir).await {
+            Ok(store) => {
+                tracing::info!(backend = store.backend(), "database connected");
+                let _ = state.store.set(store);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "database not reachable; GET /userEvents answers 503 meanwhile");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested: finishing in-flight requests");
+}

@@ -1,4 +1,575 @@
-//! TODO
-use std::path::Path;
-pub struct SqliteStore;
-impl SqliteStore { pub async fn open(_p: &Path) -> anyhow::Result<Self> { todo!() } }
+//! The embedded SQLite backend (the default store: one file in the data directory).
+//!
+//! Owns: the schema of the SQLite file (versioned migrations in `eps_schema_migrations`), the small
+//! connection pool, and the mapping of SQLite errors to [`StoreError`].
+//!
+//! Invariants:
+//! - Revenue is stored as TEXT holding the normalised decimal string ("100.00" is stored as "100").
+//!   A NUMERIC column would hand 0.1 to SQLite's floating point; TEXT keeps it exact, and all
+//!   arithmetic happens in `eps_dec_add`, a scalar function implemented with `rust_decimal`.
+//! - Every write is one `BEGIN IMMEDIATE` transaction: the write lock is taken before the checkpoint
+//!   is read, so the compare-and-set of [`Store::commit`] cannot interleave with another writer,
+//!   in this process or another one.
+//! - `synchronous=FULL` in WAL mode: once `commit` returns `Committed`, the change survives a power cut.
+//! - rusqlite is blocking: every call runs in `spawn_blocking`, never on the async executor.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use rusqlite::functions::FunctionFlags;
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+use rust_decimal::Decimal;
+
+use super::{Batch, CommitOutcome, Store, StoreError, StreamProgress};
+
+/// How long a statement waits for another writer's lock before the store reports `Unavailable`.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle connections kept open; more are opened on demand and closed when returned to a full pool.
+const MAX_IDLE_CONNECTIONS: usize = 8;
+/// Marker in the error `eps_dec_add` raises, so `commit` can tell overflow from other failures.
+const OVERFLOW_MARKER: &str = "eps_dec_add: result out of the exact decimal range";
+
+/// Schema versions, applied in order, each exactly once (recorded in `eps_schema_migrations`).
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE users_revenue (
+         user_id TEXT PRIMARY KEY,
+         revenue TEXT NOT NULL
+     );
+     CREATE TABLE eps_checkpoints (
+         stream TEXT PRIMARY KEY,
+         position INTEGER NOT NULL,
+         events_applied INTEGER NOT NULL DEFAULT 0,
+         invalid_lines INTEGER NOT NULL DEFAULT 0,
+         updated_at TEXT
+     );
+     CREATE TABLE eps_invalid_lines (
+         stream TEXT,
+         position INTEGER,
+         segment TEXT,
+         segment_offset INTEGER,
+         error TEXT,
+         line TEXT,
+         PRIMARY KEY (stream, position)
+     );",
+)];
+
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub async fn open(path: &Path) -> anyhow::Result<Self> {
+        let inner = Arc::new(Inner { path: path.to_path_buf(), idle: Mutex::new(Vec::new()) });
+        let store = SqliteStore { inner };
+        store.with_conn(migrate).await.with_context(|| format!("cannot open the SQLite store {}", path.display()))?;
+        Ok(store)
+    }
+
+    /// Runs `f` on a pooled connection in a blocking thread. A connection is returned to the pool
+    /// only when it is outside any transaction (a failed `f` may have left one open).
+    async fn with_conn<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let mut conn = match pooled {
+                Some(conn) => conn,
+                None => open_connection(&inner.path)?,
+            };
+            let result = f(&mut conn);
+            if conn.is_autocommit() {
+                let mut idle = inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+                if idle.len() < MAX_IDLE_CONNECTIONS {
+                    idle.push(conn);
+                }
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Other(format!("SQLite worker thread failed: {e}")))?
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(|e| sql_error(&format!("opening {}", path.display()), e))?;
+    let setup = || -> rusqlite::Result<()> {
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // journal_mode answers with a row, hence query_row; WAL lets readers run beside the writer.
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(%mode, "SQLite refused WAL mode; readers will wait for writers");
+        }
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.create_scalar_function(
+            "eps_dec_add",
+            2,
+            FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+            |ctx| {
+                let a = parse_decimal_arg(&ctx.get::<String>(0)?)?;
+                let b = parse_decimal_arg(&ctx.get::<String>(1)?)?;
+                match a.checked_add(b) {
+                    Some(sum) => Ok(sum.normalize().to_string()),
+                    None => Err(rusqlite::Error::UserFunctionError(OVERFLOW_MARKER.into())),
+                }
+            },
+        )
+    };
+    setup().map_err(|e| sql_error("configuring the connection", e))?;
+    Ok(conn)
+}
+
+fn parse_decimal_arg(text: &str) -> rusqlite::Result<Decimal> {
+    Decimal::from_str(text)
+        .map_err(|e| rusqlite::Error::UserFunctionError(format!("eps_dec_add: {text:?} is not a decimal: {e}").into()))
+}
+
+/// Applies the pending migrations. `BEGIN IMMEDIATE` holds the write lock from the version check to
+/// the last migration, so two processes opening a new file at once cannot both apply version 1.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| sql_error("starting the migration", e))?;
+    tx.execute_batch("CREATE TABLE IF NOT EXISTS eps_schema_migrations (version INTEGER PRIMARY KEY)")
+        .map_err(|e| sql_error("creating eps_schema_migrations", e))?;
+    let current: i64 = tx
+        .query_row("SELECT COALESCE(MAX(version), 0) FROM eps_schema_migrations", [], |r| r.get(0))
+        .map_err(|e| sql_error("reading the schema version", e))?;
+    for &(version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tx.execute_batch(sql).map_err(|e| sql_error(&format!("applying migration {version}"), e))?;
+        tx.execute("INSERT INTO eps_schema_migrations (version) VALUES (?1)", [version])
+            .map_err(|e| sql_error(&format!("recording migration {version}"), e))?;
+    }
+    tx.commit().map_err(|e| sql_error("committing the migrations", e))
+}
+
+fn commit_batch(conn: &mut Connection, stream: &str, batch: &Batch) -> Result<CommitOutcome, StoreError> {
+    let to = to_i64(batch.to, "batch end position")?;
+    let events = to_i64(batch.events, "event count")?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| sql_error("starting the commit", e))?;
+    let current: u64 = tx
+        .query_row("SELECT position FROM eps_checkpoints WHERE stream = ?1", [stream], |r| r.get::<_, i64>(0))
+        .optional()
+        .map_err(|e| sql_error("reading the checkpoint", e))?
+        .map_or(0, |p| p as u64);
+    if current != batch.from {
+        // Dropping `tx` rolls back; nothing was written.
+        return Ok(CommitOutcome::Conflict { current });
+    }
+    {
+        let mut upsert = tx
+            .prepare(
+                "INSERT INTO users_revenue (user_id, revenue) VALUES (?1, ?2)
+                 ON CONFLICT (user_id) DO UPDATE SET revenue = eps_dec_add(users_revenue.revenue, excluded.revenue)",
+            )
+            .map_err(|e| sql_error("preparing the revenue upsert", e))?;
+        for (user_id, delta) in &batch.deltas {
+            upsert.execute((user_id, delta.normalize().to_string())).map_err(|e| {
+                if e.to_string().contains(OVERFLOW_MARKER) {
+                    StoreError::Overflow { user_id: user_id.clone() }
+                } else {
+                    sql_error(&format!("updating the revenue of {user_id:?}"), e)
+                }
+            })?;
+        }
+    }
+    let mut new_invalid: i64 = 0;
+    {
+        let mut insert = tx
+            .prepare(
+                "INSERT OR IGNORE INTO eps_invalid_lines (stream, position, segment, segment_offset, error, line)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .map_err(|e| sql_error("preparing the invalid-line insert", e))?;
+        for l in &batch.invalid {
+            let position = to_i64(l.position, "invalid line position")?;
+            let offset = to_i64(l.segment_offset, "invalid line segment offset")?;
+            new_invalid += insert
+                .execute((stream, position, &l.segment, offset, &l.error, &l.line))
+                .map_err(|e| sql_error("recording an invalid line", e))? as i64;
+        }
+    }
+    tx.execute(
+        "INSERT INTO eps_checkpoints (stream, position, events_applied, invalid_lines, updated_at)
+         VALUES (?1, ?2, ?3, ?4, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+         ON CONFLICT (stream) DO UPDATE SET
+             position = excluded.position,
+             events_applied = eps_checkpoints.events_applied + excluded.events_applied,
+             invalid_lines = eps_checkpoints.invalid_lines + excluded.invalid_lines,
+             updated_at = excluded.updated_at",
+        (stream, to, events, new_invalid),
+    )
+    .map_err(|e| sql_error("moving the checkpoint", e))?;
+    tx.commit().map_err(|e| sql_error("committing the batch", e))?;
+    Ok(CommitOutcome::Committed)
+}
+
+fn parse_revenue(user_id: &str, text: &str) -> Result<Decimal, StoreError> {
+    Decimal::from_str(text)
+        .map_err(|e| StoreError::Other(format!("stored revenue {text:?} of user {user_id:?} is not a decimal: {e}")))
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Other(format!("{what} {v} does not fit SQLite's INTEGER")))
+}
+
+/// Busy or locked after the busy timeout means another writer holds the database: retry later.
+fn sql_error(doing: &str, e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            StoreError::Unavailable(format!("SQLite is busy ({doing}): {e}"))
+        }
+        _ => StoreError::Other(format!("SQLite error while {doing}: {e}")),
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn progress(&self, stream: &str) -> Result<StreamProgress, StoreError> {
+        let stream = stream.to_owned();
+        self.with_conn(move |conn| {
+            let row = conn
+                .query_row(
+                    "SELECT position, events_applied, invalid_lines FROM eps_checkpoints WHERE stream = ?1",
+                    [&stream],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
+                )
+                .optional()
+                .map_err(|e| sql_error("reading the checkpoint", e))?;
+            Ok(row.map_or_else(StreamProgress::default, |(p, e, i)| StreamProgress {
+                position: p as u64,
+                events_applied: e as u64,
+                invalid_lines: i as u64,
+            }))
+        })
+        .await
+    }
+
+    async fn commit(&self, stream: &str, batch: &Batch) -> Result<CommitOutcome, StoreError> {
+        // The closure must own its data ('static); a batch is at most a few thousand users.
+        let stream = stream.to_owned();
+        let batch = batch.clone();
+        self.with_conn(move |conn| commit_batch(conn, &stream, &batch)).await
+    }
+
+    async fn revenue(&self, user_id: &str) -> Result<Option<Decimal>, StoreError> {
+        let user_id = user_id.to_owned();
+        self.with_conn(move |conn| {
+            let text: Option<String> = conn
+                .query_row("SELECT revenue FROM users_revenue WHERE user_id = ?1", [&user_id], |r| r.get(0))
+                .optional()
+                .map_err(|e| sql_error("reading a revenue", e))?;
+            text.map(|t| parse_revenue(&user_id, &t)).transpose()
+        })
+        .await
+    }
+
+    async fn users(&self, limit: usize) -> Result<Vec<(String, Decimal)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with_conn(move |conn| {
+            let mut stmt = conn
+                .prepare("SELECT user_id, revenue FROM users_revenue ORDER BY user_id LIMIT ?1")
+                .map_err(|e| sql_error("listing users", e))?;
+            let rows = stmt
+                .query_map([limit], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(|e| sql_error("listing users", e))?;
+            let mut users = Vec::new();
+            for row in rows {
+                let (user_id, text) = row.map_err(|e| sql_error("listing users", e))?;
+                let revenue = parse_revenue(&user_id, &text)?;
+                users.push((user_id, revenue));
+            }
+            Ok(users)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with_conn(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(|e| sql_error("pinging", e))).await
+    }
+}
+
+/// The behaviours every backend must show, written once and run against real databases by each
+/// backend's tests through [`store_behaviour_tests!`].
+#[cfg(test)]
+pub(crate) mod behaviours {
+    use std::str::FromStr;
+    use std::sync::Arc;
+
+    use rust_decimal::Decimal;
+
+    use crate::store::{Batch, CommitOutcome, InvalidLine, Store, StoreError, StreamProgress};
+
+    pub fn dec(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    fn batch(from: u64, to: u64, deltas: &[(&str, &str)]) -> Batch {
+        Batch {
+            from,
+            to,
+            deltas: deltas.iter().map(|(u, d)| (u.to_string(), dec(d))).collect(),
+            events: deltas.len() as u64,
+            invalid: Vec::new(),
+        }
+    }
+
+    pub async fn commit_applies_deltas_and_moves_checkpoint(s: Arc<dyn Store>) {
+        assert_eq!(s.progress("main").await.unwrap(), StreamProgress::default());
+        let b = batch(0, 100, &[("alice", "100.00"), ("bob", "2.5")]);
+        assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        let b = batch(100, 150, &[("alice", "-30")]);
+        assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        assert_eq!(s.revenue("alice").await.unwrap(), Some(dec("70")));
+        assert_eq!(s.revenue("bob").await.unwrap(), Some(dec("2.5")));
+        assert_eq!(
+            s.progress("main").await.unwrap(),
+            StreamProgress { position: 150, events_applied: 3, invalid_lines: 0 }
+        );
+        // Streams are independent.
+        assert_eq!(s.progress("other").await.unwrap(), StreamProgress::default());
+        assert_eq!(s.users(10).await.unwrap(), vec![("alice".into(), dec("70")), ("bob".into(), dec("2.5"))]);
+        assert_eq!(s.users(1).await.unwrap().len(), 1);
+        s.ping().await.unwrap();
+    }
+
+    pub async fn stale_commit_conflicts_and_changes_nothing(s: Arc<dyn Store>) {
+        let b = batch(0, 10, &[("alice", "5")]);
+        assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        let stale = batch(0, 20, &[("alice", "7"), ("carol", "1")]);
+        assert_eq!(s.commit("main", &stale).await.unwrap(), CommitOutcome::Conflict { current: 10 });
+        assert_eq!(s.revenue("alice").await.unwrap(), Some(dec("5")));
+        assert_eq!(s.revenue("carol").await.unwrap(), None);
+        assert_eq!(s.progress("main").await.unwrap().position, 10);
+        // A checkpoint that was never written is 0: committing from elsewhere conflicts too.
+        let ahead = batch(10, 20, &[("carol", "1")]);
+        assert_eq!(s.commit("fresh", &ahead).await.unwrap(), CommitOutcome::Conflict { current: 0 });
+        assert_eq!(s.revenue("carol").await.unwrap(), None);
+    }
+
+    pub async fn tenths_sum_exactly(s: Arc<dyn Store>) {
+        for i in 0..10 {
+            let b = batch(i, i + 1, &[("tenths", "0.1")]);
+            assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        }
+        let total = s.revenue("tenths").await.unwrap().unwrap();
+        assert_eq!(total, dec("1"));
+        assert_eq!(total.to_string(), "1", "revenue is returned normalised");
+    }
+
+    pub async fn subtraction_can_go_negative(s: Arc<dyn Store>) {
+        let b = batch(0, 1, &[("dave", "10")]);
+        assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        let b = batch(1, 2, &[("dave", "-25.75")]);
+        assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        assert_eq!(s.revenue("dave").await.unwrap(), Some(dec("-15.75")));
+        // A user's first event may be a subtraction: they start at 0.
+        let b = batch(2, 3, &[("erin", "-1")]);
+        assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        assert_eq!(s.revenue("erin").await.unwrap(), Some(dec("-1")));
+    }
+
+    pub async fn unknown_user_has_no_revenue(s: Arc<dyn Store>) {
+        assert_eq!(s.revenue("nobody").await.unwrap(), None);
+        assert_eq!(s.users(10).await.unwrap(), vec![]);
+    }
+
+    pub async fn invalid_lines_are_stored_once(s: Arc<dyn Store>) {
+        let line = |position: u64| InvalidLine {
+            position,
+            segment: "00000000000000000000.jsonl".into(),
+            segment_offset: position,
+            error: "body is not valid JSON: EOF".into(),
+            line: "{\"userId\": \u{0}".into(),
+        };
+        let mut b = batch(0, 40, &[("frank", "1")]);
+        b.invalid = vec![line(0), line(20)];
+        assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Conflict { current: 40 });
+        // A later batch repeating a recorded line (a replay after a crash) does not count it again.
+        let mut b2 = batch(40, 60, &[]);
+        b2.invalid = vec![line(20), line(40)];
+        assert_eq!(s.commit("main", &b2).await.unwrap(), CommitOutcome::Committed);
+        assert_eq!(
+            s.progress("main").await.unwrap(),
+            StreamProgress { position: 60, events_applied: 1, invalid_lines: 3 }
+        );
+        assert_eq!(s.revenue("frank").await.unwrap(), Some(dec("1")));
+    }
+
+    pub async fn overflow_writes_nothing(s: Arc<dyn Store>) {
+        let b = batch(0, 1, &[("rich", "79228162514264337593543950000"), ("grace", "5")]);
+        assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        // "aaron" sorts before "rich" and "zoe" after it: neither may be written.
+        let b = batch(1, 2, &[("aaron", "1"), ("rich", "1000"), ("zoe", "1"), ("grace", "1")]);
+        match s.commit("main", &b).await {
+            Err(StoreError::Overflow { user_id }) => assert_eq!(user_id, "rich"),
+            other => panic!("expected Overflow, got {other:?}"),
+        }
+        assert_eq!(s.revenue("rich").await.unwrap(), Some(dec("79228162514264337593543950000")));
+        assert_eq!(s.revenue("grace").await.unwrap(), Some(dec("5")));
+        assert_eq!(s.revenue("aaron").await.unwrap(), None);
+        assert_eq!(s.revenue("zoe").await.unwrap(), None);
+        assert_eq!(
+            s.progress("main").await.unwrap(),
+            StreamProgress { position: 1, events_applied: 2, invalid_lines: 0 }
+        );
+        // The store is still usable afterwards, down to the exact edge of the range.
+        let b = batch(1, 2, &[("rich", "335"), ("grace", "1")]);
+        assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        assert_eq!(s.revenue("rich").await.unwrap(), Some(Decimal::MAX));
+    }
+
+    pub async fn concurrent_processors_apply_each_batch_once(s: Arc<dyn Store>) {
+        const END: u64 = 200;
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let s = Arc::clone(&s);
+                tokio::spawn(async move {
+                    let mut conflicts = 0u64;
+                    loop {
+                        let from = s.progress("main").await.unwrap().position;
+                        if from >= END {
+                            return conflicts;
+                        }
+                        match s.commit("main", &batch(from, from + 1, &[("u", "1")])).await.unwrap() {
+                            CommitOutcome::Committed => {}
+                            CommitOutcome::Conflict { current } => {
+                                assert!(current > from, "the checkpoint only moves forward");
+                                conflicts += 1;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(s.revenue("u").await.unwrap(), Some(dec("200")));
+        assert_eq!(
+            s.progress("main").await.unwrap(),
+            StreamProgress { position: END, events_applied: END, invalid_lines: 0 }
+        );
+    }
+}
+
+/// Expands to one `#[tokio::test]` per behaviour in [`behaviours`], each running it through
+/// `$with_store`: an async fn that builds a fresh store, runs the behaviour on it and cleans up.
+#[cfg(test)]
+macro_rules! store_behaviour_tests {
+    ($with_store:path) => {
+        $crate::store::sqlite::store_behaviour_tests!(@each $with_store;
+            commit_applies_deltas_and_moves_checkpoint,
+            stale_commit_conflicts_and_changes_nothing,
+            tenths_sum_exactly,
+            subtraction_can_go_negative,
+            unknown_user_has_no_revenue,
+            invalid_lines_are_stored_once,
+            overflow_writes_nothing,
+            concurrent_processors_apply_each_batch_once,
+        );
+    };
+    (@each $with_store:path; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                $with_store($crate::store::sqlite::behaviours::$name).await;
+            }
+        )*
+    };
+}
+#[cfg(test)]
+pub(crate) use store_behaviour_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::behaviours::dec;
+
+    async fn with_store<F, Fut>(behaviour: F)
+    where
+        F: FnOnce(Arc<dyn Store>) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("eps.sqlite3")).await.unwrap();
+        behaviour(Arc::new(store)).await;
+    }
+
+    store_behaviour_tests!(with_store);
+
+    #[tokio::test]
+    async fn revenue_is_stored_as_normalised_text_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eps.sqlite3");
+        let store = SqliteStore::open(&path).await.unwrap();
+        let b = Batch {
+            from: 0,
+            to: 5,
+            deltas: vec![("a".into(), dec("100.00")), ("b".into(), dec("0.10"))],
+            events: 2,
+            invalid: vec![],
+        };
+        assert_eq!(store.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        drop(store);
+
+        // Migrations are idempotent: a second open (and a concurrent one) finds the schema ready.
+        let (s1, s2) = tokio::join!(SqliteStore::open(&path), SqliteStore::open(&path));
+        let (s1, _s2) = (s1.unwrap(), s2.unwrap());
+        assert_eq!(s1.revenue("a").await.unwrap(), Some(dec("100")));
+        assert_eq!(s1.progress("main").await.unwrap().position, 5);
+
+        let conn = Connection::open(&path).unwrap();
+        let raw: Vec<(String, String, String)> = conn
+            .prepare("SELECT user_id, revenue, typeof(revenue) FROM users_revenue ORDER BY user_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(raw, vec![("a".into(), "100".into(), "text".into()), ("b".into(), "0.1".into(), "text".into())]);
+        let versions: i64 = conn.query_row("SELECT COUNT(*) FROM eps_schema_migrations", [], |r| r.get(0)).unwrap();
+        assert_eq!(versions, MIGRATIONS.len() as i64);
+    }
+
+    #[tokio::test]
+    async fn a_held_write_lock_reports_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eps.sqlite3");
+        let store = SqliteStore::open(&path).await.unwrap();
+        // Another process holds the write lock longer than the busy timeout.
+        let blocker = Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let b = Batch { from: 0, to: 1, deltas: vec![("a".into(), dec("1"))], events: 1, invalid: vec![] };
+        let started = std::time::Instant::now();
+        match store.commit("main", &b).await {
+            Err(StoreError::Unavailable(msg)) => assert!(msg.contains("busy"), "{msg}"),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+        assert!(started.elapsed() >= BUSY_TIMEOUT - Duration::from_millis(500));
+        // Readers are not blocked by the writer (WAL).
+        assert_eq!(store.revenue("a").await.unwrap(), None);
+        blocker.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(store.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+    }
+}

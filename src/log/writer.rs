@@ -1,0 +1,554 @@
+//! The file log's writer: one thread owns the open segment and makes every append durable.
+//!
+//! Group commit: request handlers put their events on a bounded queue and wait. The writer thread takes
+//! everything queued (up to [`MAX_REQUESTS_PER_COMMIT`]), writes it with one `write`, makes it durable
+//! with one `fdatasync`, and only then answers every request the sync covered. While it syncs, new
+//! requests queue up and form the next group, so under load one sync serves many requests; the bounded
+//! queue is the back-pressure (a full queue makes handlers wait, it never grows memory).
+//!
+//! Invariants:
+//! - An `Ok` answer is given only after the bytes of all its events are synced.
+//! - The segment on disk always ends at the end of a whole line once a commit returns: a failed write is
+//!   truncated back; if even that fails, the writer refuses all appends until restart (never guessing).
+//! - At start-up a torn last line (a crash mid-write) is cut off: those bytes were never acknowledged.
+//! - De-duplication: an event whose `id` is already in the log within the window is answered
+//!   [`Appended::Duplicate`] and not written. The window is rebuilt from the log at start-up, so it
+//!   survives restarts and crashes.
+
+use std::collections::{HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::hash::{Hash, Hasher};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{list_segments, segment_name, Appended, EventLog, LogError};
+use crate::event::Event;
+
+/// Most requests one group commit takes from the queue; bounds the size of one write.
+pub const MAX_REQUESTS_PER_COMMIT: usize = 8192;
+
+#[derive(Debug, Clone)]
+pub struct FileLogOptions {
+    /// Directory holding the segments (created if missing).
+    pub dir: PathBuf,
+    /// A new segment is started once the current one would grow past this.
+    pub segment_bytes: u64,
+    /// How long an event id is remembered for de-duplication.
+    pub dedup_window: Duration,
+    /// Most ids remembered; the oldest are forgotten first.
+    pub dedup_max_ids: usize,
+    /// Requests that may wait for the writer before handlers are made to wait.
+    pub queue_depth: usize,
+}
+
+impl FileLogOptions {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        FileLogOptions {
+            dir: dir.into(),
+            segment_bytes: 64 * 1024 * 1024,
+            dedup_window: Duration::from_secs(15 * 60),
+            dedup_max_ids: 1_000_000,
+            queue_depth: 16 * 1024,
+        }
+    }
+}
+
+/// Counters the writer publishes (read by metrics and status without locking).
+#[derive(Debug, Default)]
+pub struct LogStats {
+    /// Position just past the last synced line.
+    pub end_position: AtomicU64,
+    pub segments: AtomicU64,
+    pub syncs: AtomicU64,
+    pub events_stored: AtomicU64,
+    pub duplicates: AtomicU64,
+}
+
+type Reply = oneshot::Sender<Result<Vec<Appended>, LogError>>;
+
+enum Msg {
+    Append { events: Vec<Event>, reply: Reply },
+    Shutdown { done: oneshot::Sender<()> },
+}
+
+/// The default [`EventLog`]: a directory of segments with one group-commit writer thread.
+pub struct FileLog {
+    tx: mpsc::Sender<Msg>,
+    stats: Arc<LogStats>,
+}
+
+impl FileLog {
+    /// Opens (or creates) the log: takes the directory's writer lock, repairs a torn tail, rebuilds the
+    /// de-duplication window, and starts the writer thread.
+    pub fn open(opts: FileLogOptions) -> io::Result<FileLog> {
+        std::fs::create_dir_all(&opts.dir)?;
+        let lock = File::create(opts.dir.join(".writer.lock"))?;
+        lock.try_lock().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("another eps server is writing to {}", opts.dir.display()),
+            )
+        })?;
+        let stats = Arc::new(LogStats::default());
+        let writer = Writer::recover(opts.clone(), lock, stats.clone())?;
+        let (tx, rx) = mpsc::channel(opts.queue_depth);
+        std::thread::Builder::new().name("eps-log-writer".into()).spawn(move || writer.run(rx))?;
+        Ok(FileLog { tx, stats })
+    }
+
+    pub fn stats(&self) -> &Arc<LogStats> {
+        &self.stats
+    }
+
+    /// Waits until every append queued before this call is synced and answered, then stops the writer.
+    pub async fn shutdown(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Msg::Shutdown { done }).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+#[async_trait]
+impl EventLog for FileLog {
+    async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, LogError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Msg::Append { events, reply })
+            .await
+            .map_err(|_| LogError::Unavailable("the log writer has stopped".into()))?;
+        answer.await.map_err(|_| LogError::Unavailable("the log writer has stopped".into()))?
+    }
+}
+
+struct Writer {
+    opts: FileLogOptions,
+    /// Held for the writer's lifetime: the directory has one writer.
+    _lock: File,
+    file: File,
+    base: u64,
+    len: u64,
+    dedup: Dedup,
+    /// Set when a failed write could not be undone: appends are refused until restart.
+    broken: Option<String>,
+    stats: Arc<LogStats>,
+}
+
+impl Writer {
+    fn recover(opts: FileLogOptions, lock: File, stats: Arc<LogStats>) -> io::Result<Writer> {
+        let segments = list_segments(&opts.dir)?;
+        let (base, path) = match segments.last() {
+            Some((base, path)) => (*base, path.clone()),
+            None => {
+                let path = opts.dir.join(segment_name(0));
+                File::create(&path)?.sync_all()?;
+                sync_dir(&opts.dir)?;
+                (0, path)
+            }
+        };
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let len = repair_torn_tail(&file, &path)?;
+        let dedup = Dedup::rebuild(&opts, &segments)?;
+        stats.end_position.store(base + len, Ordering::Relaxed);
+        stats.segments.store(segments.len().max(1) as u64, Ordering::Relaxed);
+        tracing::info!(
+            segment = %path.display(), position = base + len, remembered_ids = dedup.len(),
+            "log opened"
+        );
+        Ok(Writer { opts, _lock: lock, file, base, len, dedup, broken: None, stats })
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let mut group = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut shutdown = None;
+            let mut push = |msg, group: &mut Vec<_>| match msg {
+                Msg::Append { events, reply } => group.push((events, reply)),
+                Msg::Shutdown { done } => shutdown = Some(done),
+            };
+            push(first, &mut group);
+            while group.len() < MAX_REQUESTS_PER_COMMIT {
+                match rx.try_recv() {
+                    Ok(msg) => push(msg, &mut group),
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut group);
+            if let Some(done) = shutdown {
+                // Anything still queued was sent after shutdown began; answer it rather than drop it.
+                rx.close();
+                while let Ok(msg) = rx.try_recv() {
+                    if let Msg::Append { events, reply } = msg {
+                        group.push((events, reply));
+                    }
+                }
+                self.commit(&mut group);
+                // Close the segment and release the directory lock before saying we are done, so a
+                // new writer can open the log as soon as shutdown returns.
+                drop(self);
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+
+    /// Writes and syncs one group, then answers every request in it.
+    fn commit(&mut self, group: &mut Vec<(Vec<Event>, Reply)>) {
+        if group.is_empty() {
+            return;
+        }
+        let now = now_millis();
+        self.dedup.expire(now);
+        let mut buf = Vec::with_capacity(group.len() * 96);
+        let mut new_ids = HashSet::new();
+        let mut stored = 0u64;
+        let answers: Vec<Vec<Appended>> = group
+            .iter()
+            .map(|(events, _)| {
+                events
+                    .iter()
+                    .map(|event| {
+                        if let Some(id) = &event.id {
+                            let key = id_key(id);
+                            if self.dedup.contains(key) || !new_ids.insert(key) {
+                                return Appended::Duplicate;
+                            }
+                        }
+                        event.write_log_line(now, &mut buf);
+                        buf.push(b'\n');
+                        stored += 1;
+                        Appended::Stored
+                    })
+                    .collect()
+            })
+            .collect();
+        let result = if buf.is_empty() { Ok(()) } else { self.write_durably(&buf) };
+        match result {
+            Ok(()) => {
+                for key in new_ids {
+                    self.dedup.insert(key, now);
+                }
+                self.stats.events_stored.fetch_add(stored, Ordering::Relaxed);
+                for ((_, reply), answer) in group.drain(..).zip(answers) {
+                    let dups = answer.iter().filter(|a| **a == Appended::Duplicate).count();
+                    self.stats.duplicates.fetch_add(dups as u64, Ordering::Relaxed);
+                    let _ = reply.send(Ok(answer));
+                }
+            }
+            Err(message) => {
+                for (_, reply) in group.drain(..) {
+                    let _ = reply.send(Err(LogError::Unavailable(message.clone())));
+                }
+            }
+        }
+    }
+
+    fn write_durably(&mut self, buf: &[u8]) -> Result<(), String> {
+        if let Some(why) = &self.broken {
+            return Err(why.clone());
+        }
+        if self.len > 0 && self.len + buf.len() as u64 > self.opts.segment_bytes {
+            if let Err(e) = self.roll() {
+                tracing::error!(error = %e, "cannot start a new log segment");
+                return Err(format!("cannot start a new log segment: {e}"));
+            }
+        }
+        let written = self.file.write_all_at(buf, self.len).and_then(|()| self.file.sync_data());
+        match written {
+            Ok(()) => {
+                self.len += buf.len() as u64;
+                self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+                self.stats.end_position.store(self.base + self.len, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, bytes = buf.len(), "log append failed; nothing in this group was acknowledged");
+                // Undo the partial write so the segment ends at a whole line again.
+                if let Err(undo) = self.file.set_len(self.len).and_then(|()| self.file.sync_all()) {
+                    let why = format!("log append failed ({e}) and could not be undone ({undo}); restart the server");
+                    tracing::error!("{why}");
+                    self.broken = Some(why);
+                }
+                Err(format!("cannot write the log: {e}"))
+            }
+        }
+    }
+
+    fn roll(&mut self) -> io::Result<()> {
+        let base = self.base + self.len;
+        let path = self.opts.dir.join(segment_name(base));
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        file.sync_all()?;
+        sync_dir(&self.opts.dir)?;
+        self.file = file;
+        self.base = base;
+        self.len = 0;
+        self.stats.segments.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(segment = %path.display(), "started a new log segment");
+        Ok(())
+    }
+}
+
+/// Cuts the file after its last newline; returns the new length. Bytes after the last newline are a
+/// line whose write was interrupted, which therefore was never acknowledged.
+fn repair_torn_tail(file: &File, path: &Path) -> io::Result<u64> {
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let n = (end - start) as usize;
+        file.read_exact_at(&mut chunk[..n], start)?;
+        if let Some(i) = chunk[..n].iter().rposition(|&b| b == b'\n') {
+            end = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end < len {
+        tracing::warn!(
+            segment = %path.display(), bytes = len - end,
+            "cut a torn last line left by an interrupted write (it was never acknowledged)"
+        );
+        file.set_len(end)?;
+        file.sync_all()?;
+    }
+    Ok(end)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+pub(crate) fn now_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A 128-bit digest of an event id: collisions (which would drop an event) are beyond practical reach,
+/// and the window stores 16 bytes per id whatever the id's length.
+fn id_key(id: &str) -> u128 {
+    let half = |salt: u8| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        salt.hash(&mut h);
+        id.hash(&mut h);
+        h.finish()
+    };
+    (u128::from(half(1)) << 64) | u128::from(half(2))
+}
+
+/// The ids seen within the window, oldest first.
+struct Dedup {
+    keys: HashSet<u128>,
+    order: VecDeque<(u64, u128)>,
+    window_ms: u64,
+    max: usize,
+}
+
+impl Dedup {
+    fn new(opts: &FileLogOptions) -> Dedup {
+        Dedup {
+            keys: HashSet::new(),
+            order: VecDeque::new(),
+            window_ms: opts.dedup_window.as_millis() as u64,
+            max: opts.dedup_max_ids,
+        }
+    }
+
+    /// Reads the ids of the window's events back from the segments written within the window.
+    fn rebuild(opts: &FileLogOptions, segments: &[(u64, PathBuf)]) -> io::Result<Dedup> {
+        #[derive(Deserialize)]
+        struct IdAndTime<'a> {
+            #[serde(borrow)]
+            id: Option<std::borrow::Cow<'a, str>>,
+            ts: Option<u64>,
+        }
+        let mut dedup = Dedup::new(opts);
+        let since = now_millis().saturating_sub(dedup.window_ms);
+        let recent_from = segments
+            .iter()
+            .rposition(|(_, path)| {
+                let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                let millis = modified.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
+                millis.is_some_and(|m| m < since)
+            })
+            .map_or(0, |older| older + 1);
+        for (_, path) in &segments[recent_from..] {
+            let mut data = Vec::new();
+            File::open(path)?.read_to_end(&mut data)?;
+            for line in data.split(|&b| b == b'\n') {
+                if let Ok(IdAndTime { id: Some(id), ts: Some(ts) }) = serde_json::from_slice(line) {
+                    if ts >= since {
+                        dedup.insert(id_key(&id), ts);
+                    }
+                }
+            }
+        }
+        Ok(dedup)
+    }
+
+    fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn contains(&self, key: u128) -> bool {
+        self.keys.contains(&key)
+    }
+
+    fn insert(&mut self, key: u128, ts: u64) {
+        if self.keys.insert(key) {
+            self.order.push_back((ts, key));
+            while self.order.len() > self.max {
+                self.pop_oldest();
+            }
+        }
+    }
+
+    fn expire(&mut self, now: u64) {
+        while self.order.front().is_some_and(|(ts, _)| ts.saturating_add(self.window_ms) < now) {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((_, key)) = self.order.pop_front() {
+            self.keys.remove(&key);
+        }
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::reader::LogReader;
+
+    fn event(user: &str, id: Option<&str>) -> Event {
+        let body = match id {
+            Some(id) => format!(r#"{{"userId":"{user}","name":"add_revenue","value":1,"id":"{id}"}}"#),
+            None => format!(r#"{{"userId":"{user}","name":"add_revenue","value":1}}"#),
+        };
+        Event::parse_request(body.as_bytes()).unwrap()
+    }
+
+    fn log_text(dir: &Path) -> String {
+        list_segments(dir).unwrap().iter().map(|(_, p)| std::fs::read_to_string(p).unwrap()).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_appends_share_syncs_and_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(FileLog::open(FileLogOptions::new(dir.path())).unwrap());
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(vec![event(&format!("u{i}"), None)]).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), vec![Appended::Stored]);
+        }
+        log.shutdown().await;
+        assert_eq!(log_text(dir.path()).lines().count(), 200);
+        let syncs = log.stats().syncs.load(Ordering::Relaxed);
+        assert!((1..=200).contains(&syncs), "syncs = {syncs}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn duplicate_ids_are_stored_once_even_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = FileLog::open(FileLogOptions::new(dir.path())).unwrap();
+        let first = log.append(vec![event("a", Some("run-1")), event("a", Some("run-1"))]).await.unwrap();
+        assert_eq!(first, vec![Appended::Stored, Appended::Duplicate]);
+        log.shutdown().await;
+        drop(log);
+        let log = FileLog::open(FileLogOptions::new(dir.path())).unwrap();
+        let again = log.append(vec![event("a", Some("run-1")), event("a", Some("run-2"))]).await.unwrap();
+        assert_eq!(again, vec![Appended::Duplicate, Appended::Stored]);
+        log.shutdown().await;
+        assert_eq!(log_text(dir.path()).lines().count(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_torn_last_line_is_cut_at_start_up_and_never_blocks_later_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = FileLog::open(FileLogOptions::new(dir.path())).unwrap();
+        log.append(vec![event("a", None)]).await.unwrap();
+        log.shutdown().await;
+        drop(log);
+        let (_, path) = list_segments(dir.path()).unwrap().pop().unwrap();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut f, br#"{"userId":"torn","name":"add_rev"#).unwrap();
+        let log = FileLog::open(FileLogOptions::new(dir.path())).unwrap();
+        log.append(vec![event("b", None)]).await.unwrap();
+        log.shutdown().await;
+        let text = log_text(dir.path());
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(!text.contains("torn"));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn segments_rotate_and_the_reader_crosses_them_at_line_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = FileLogOptions::new(dir.path());
+        opts.segment_bytes = 200;
+        let log = FileLog::open(opts).unwrap();
+        for i in 0..20 {
+            log.append(vec![event(&format!("user{i}"), None)]).await.unwrap();
+        }
+        log.shutdown().await;
+        let segments = list_segments(dir.path()).unwrap();
+        assert!(segments.len() > 3, "{segments:?}");
+        let mut reader = LogReader::new(dir.path(), 100);
+        let mut position = 0;
+        let mut users = Vec::new();
+        while let Some(chunk) = reader.read(position).unwrap() {
+            assert_eq!(chunk.start, position);
+            for (_, line) in chunk.lines() {
+                let e = crate::event::EventRef::parse_log_line(line).unwrap();
+                users.push(e.user_id.into_owned());
+            }
+            position = chunk.end;
+        }
+        assert_eq!(users, (0..20).map(|i| format!("user{i}")).collect::<Vec<_>>());
+        assert_eq!(position, reader.end_position().unwrap());
+    }
+
+    #[test]
+    fn the_reader_never_returns_a_partial_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(segment_name(0)), "{\"a\":1}\n{\"b\":").unwrap();
+        let mut reader = LogReader::new(dir.path(), 1 << 20);
+        let chunk = reader.read(0).unwrap().unwrap();
+        assert_eq!(chunk.data, b"{\"a\":1}\n");
+        assert!(reader.read(chunk.end).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_unterminated_line_in_an_older_segment_is_returned_to_be_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(segment_name(0)), "{\"a\":1}\n{\"b\":").unwrap();
+        std::fs::write(dir.path().join(segment_name(13)), "{\"c\":1}\n").unwrap();
+        let mut reader = LogReader::new(dir.path(), 1 << 20);
+        let first = reader.read(0).unwrap().unwrap();
+        assert_eq!(first.lines().map(|(_, l)| l.to_vec()).collect::<Vec<_>>(), vec![b"{\"a\":1}".to_vec(), b"{\"b\":".to_vec()]);
+        let second = reader.read(first.end).unwrap().unwrap();
+        assert_eq!(second.start, 13);
+        assert_eq!(second.data, b"{\"c\":1}\n");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_second_writer_on_the_same_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = FileLog::open(FileLogOptions::new(dir.path())).unwrap();
+        let err = FileLog::open(FileLogOptions::new(dir.path())).err().expect("second open must fail");
+        assert!(err.to_string().contains("another eps server"), "{err}");
+    }
+}

@@ -1,0 +1,88 @@
+//! The HTTP routes: the seed's `POST /liveEvent` and `GET /userEvents/{userId}`.
+//!
+//! Order of checks on ingest: token, content type, body size, event validity, then the durable append.
+//! Nothing is written unless every check passed, and 200 is only sent after the log's sync.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap};
+use axum::Json;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::event::{Event, MAX_USER_ID_BYTES};
+use crate::log::Appended;
+
+/// Accepts `Authorization: <token>` (what the seed's client sends) and `Authorization: Bearer <token>`.
+pub(super) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
+    let given = given.strip_prefix(b"Bearer ").unwrap_or(given);
+    // Constant time over the bytes, so response timing does not reveal how much of a guess was right.
+    if bool::from(given.ct_eq(state.token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// JSON or nothing: a missing Content-Type is taken as JSON (old clients omit it); any other is refused.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
+    let text = value.to_str().unwrap_or("").to_ascii_lowercase();
+    let mime = text.split(';').next().unwrap_or("").trim();
+    if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(text))
+    }
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| ApiError::Body { status: rejection.status(), message: rejection.body_text() })
+}
+
+pub(super) async fn live_event(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    require_json(&headers)?;
+    let body = body_bytes(body)?;
+    let event = Event::parse_request(&body)?;
+    let answer = state.log.append(vec![event]).await?;
+    Ok(Json(match answer.first() {
+        Some(Appended::Duplicate) => json!({ "message": "Event received", "duplicate": true }),
+        _ => json!({ "message": "Event received" }),
+    }))
+}
+
+pub(super) async fn user_events(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    user_id: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let Path(user_id) = user_id.map_err(|r| ApiError::BadRequest(r.body_text()))?;
+    if user_id.is_empty() || user_id.len() > MAX_USER_ID_BYTES {
+        return Err(ApiError::BadRequest(format!("userId must be 1 to {MAX_USER_ID_BYTES} bytes long")));
+    }
+    let store = state.store()?;
+    match store.revenue(&user_id).await? {
+        Some(revenue) => Ok(Json(json!({ "userId": user_id, "revenue": revenue.normalize().to_string() }))),
+        None => Err(ApiError::UnknownUser(user_id)),
+    }
+}
+
+pub(super) async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(uri.path().to_string())
+}
+
+pub(super) async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
