@@ -68,7 +68,7 @@ pub struct StoreArgs {
     pub data_dir: PathBuf,
 
     /// PostgreSQL URL (postgres://user@host:port/db); without it the SQLite file in the data directory.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 }
 
@@ -82,7 +82,8 @@ pub struct ServerArgs {
     pub store: StoreArgs,
 
     /// Token clients must send as `Authorization: <token>` or `Authorization: Bearer <token>`.
-    #[arg(long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true)]
+    /// Defaults to the seed's "secret", which is only allowed on a loopback address.
+    #[arg(long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true, hide_env_values = true)]
     pub token: String,
 
     /// Largest accepted request body, in bytes (larger ones get 413).
@@ -134,8 +135,8 @@ pub struct ClientArgs {
     #[arg(long, env = "EPS_URL", default_value = "http://127.0.0.1:8000")]
     pub url: String,
 
-    /// Token sent in the Authorization header.
-    #[arg(long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true)]
+    /// Token sent in the Authorization header (default: the seed's "secret").
+    #[arg(long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true, hide_env_values = true)]
     pub token: String,
 
     /// Requests in flight at once.

@@ -70,13 +70,14 @@ pub async fn run(generated_events: usize) -> anyhow::Result<()> {
             .header("Authorization", DEFAULT_TOKEN)
             .send()
             .await?;
-        let body: serde_json::Value = response.json().await?;
+        let text = response.text().await?;
+        let body: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("bad answer {text:?}"))?;
         let got = body["revenue"].as_str().and_then(|s| s.parse::<Decimal>().ok());
         if got != Some(*want) {
             mismatches += 1;
-            println!("MISMATCH {user}: expected {want}, server answered {body}");
+            println!("MISMATCH {user}: expected {want}, server answered {text}");
         } else if i < 5 || user.starts_with("user") && !user.contains('-') {
-            println!("GET /userEvents/{user} -> {body}");
+            println!("GET /userEvents/{user} -> {text}");
         }
     }
     let _ = stop.send(());

@@ -89,7 +89,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn init_tracing(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+    // The demo prints its own story; its parts' routine logs would drown it.
+    let level = match cli.command {
+        Command::Demo(_) if cli.log_level == "info" => "warn",
+        _ => cli.log_level.as_str(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {

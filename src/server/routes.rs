@@ -10,7 +10,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap};
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
@@ -46,27 +46,41 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| ApiError::Body { status: rejection.status(), message: rejection.body_text() })
 }
 
+/// The seed's answer, plus `duplicate: true` when the event id was already stored.
+#[derive(Debug, Serialize)]
+pub(super) struct Received {
+    message: &'static str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct UserRevenue {
+    #[serde(rename = "userId")]
+    user_id: String,
+    /// The exact decimal as a string: JSON numbers are read as floats by most clients.
+    revenue: String,
+}
+
 pub(super) async fn live_event(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Received>, ApiError> {
     authorize(&state, &headers)?;
     require_json(&headers)?;
     let body = body_bytes(body)?;
     let event = Event::parse_request(&body)?;
     let answer = state.log.append(vec![event]).await?;
-    Ok(Json(match answer.first() {
-        Some(Appended::Duplicate) => json!({ "message": "Event received", "duplicate": true }),
-        _ => json!({ "message": "Event received" }),
-    }))
+    let duplicate = answer.first() == Some(&Appended::Duplicate);
+    Ok(Json(Received { message: "Event received", duplicate }))
 }
 
 pub(super) async fn user_events(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     user_id: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<UserRevenue>, ApiError> {
     authorize(&state, &headers)?;
     let Path(user_id) = user_id.map_err(|r| ApiError::BadRequest(r.body_text()))?;
     if user_id.is_empty() || user_id.len() > MAX_USER_ID_BYTES {
@@ -74,7 +88,7 @@ pub(super) async fn user_events(
     }
     let store = state.store()?;
     match store.revenue(&user_id).await? {
-        Some(revenue) => Ok(Json(json!({ "userId": user_id, "revenue": revenue.normalize().to_string() }))),
+        Some(revenue) => Ok(Json(UserRevenue { user_id, revenue: revenue.normalize().to_string() })),
         None => Err(ApiError::UnknownUser(user_id)),
     }
 }
