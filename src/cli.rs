@@ -90,6 +90,14 @@ pub struct ServerArgs {
     #[arg(long, env = "EPS_BODY_LIMIT", default_value_t = 1024 * 1024)]
     pub body_limit: usize,
 
+    /// Longest a client may take to send a request's headers, and then its body, in seconds (408 after).
+    #[arg(long, env = "EPS_REQUEST_TIMEOUT_SECS", default_value_t = 10)]
+    pub request_timeout_secs: u64,
+
+    /// Most client connections open at once; more wait in the listen backlog.
+    #[arg(long, env = "EPS_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
     /// Size at which the log starts a new segment file, in bytes.
     #[arg(long, env = "EPS_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub segment_bytes: u64,

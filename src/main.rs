@@ -42,6 +42,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 segment_bytes: args.segment_bytes,
                 dedup_window: Duration::from_secs(args.dedup_window_secs),
                 dedup_max_ids: args.dedup_max_ids,
+                limits: server::serve::Limits {
+                    max_connections: args.max_connections,
+                    header_read_timeout: Duration::from_secs(args.request_timeout_secs),
+                    ..Default::default()
+                },
+                body_timeout: Duration::from_secs(args.request_timeout_secs),
             };
             let server = server::Server::bind(opts).await?;
             // Scripts and tests read this line to learn the port (useful with --listen 127.0.0.1:0).

@@ -25,6 +25,7 @@ use crate::store::{self, Store};
 
 pub mod error;
 mod routes;
+pub mod serve;
 
 use error::ApiError;
 
@@ -41,6 +42,9 @@ pub struct ServerOptions {
     pub segment_bytes: u64,
     pub dedup_window: Duration,
     pub dedup_max_ids: usize,
+    pub limits: serve::Limits,
+    /// Longest a client may take to send a request body (408 after).
+    pub body_timeout: Duration,
 }
 
 impl ServerOptions {
@@ -54,6 +58,8 @@ impl ServerOptions {
             segment_bytes: 64 * 1024 * 1024,
             dedup_window: Duration::from_secs(15 * 60),
             dedup_max_ids: 1_000_000,
+            limits: serve::Limits::default(),
+            body_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -66,6 +72,8 @@ pub struct ConfigError(pub String);
 pub(crate) struct AppState {
     pub(crate) log: Arc<dyn EventLog>,
     pub(crate) token: String,
+    pub(crate) body_limit: usize,
+    pub(crate) body_timeout: Duration,
     store: OnceLock<Arc<dyn Store>>,
 }
 
@@ -105,7 +113,13 @@ impl Server {
         let listener = TcpListener::bind(opts.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.listen))?;
-        let state = Arc::new(AppState { log: file_log.clone(), token: opts.token.clone(), store: OnceLock::new() });
+        let state = Arc::new(AppState {
+            log: file_log.clone(),
+            token: opts.token.clone(),
+            body_limit: opts.body_limit,
+            body_timeout: opts.body_timeout,
+            store: OnceLock::new(),
+        });
         Ok(Server { listener, state, file_log, opts })
     }
 
@@ -128,7 +142,7 @@ impl Server {
         let store_task = tokio::spawn(connect_store(self.state.clone(), self.opts.clone()));
         let router = self.router();
         tracing::info!(addr = %self.local_addr(), data_dir = %self.opts.data_dir.display(), "eps server listening");
-        axum::serve(self.listener, router).with_graceful_shutdown(shutdown).await?;
+        serve::serve(self.listener, router, self.opts.limits.clone(), shutdown).await?;
         store_task.abort();
         self.file_log.shutdown().await;
         tracing::info!("eps server stopped; every acknowledged event is synced");

@@ -5,10 +5,10 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use serde::Serialize;
 use subtle::ConstantTimeEq;
@@ -42,8 +42,27 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| ApiError::Body { status: rejection.status(), message: rejection.body_text() })
+/// Reads the whole body, within the size limit (413) and the time limit (408: slow-loris bodies).
+async fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    let too_large = || ApiError::Body {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!("request body larger than the limit of {} bytes", state.body_limit),
+    };
+    match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, state.body_limit)).await {
+        Err(_) => Err(ApiError::Body {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("request body not received within {:?}", state.body_timeout),
+        }),
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            let inner = e.into_inner();
+            if inner.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                Err(too_large())
+            } else {
+                Err(ApiError::BadRequest(format!("cannot read the request body: {inner}")))
+            }
+        }
+    }
 }
 
 /// The seed's answer, plus `duplicate: true` when the event id was already stored.
@@ -65,11 +84,11 @@ pub(super) struct UserRevenue {
 pub(super) async fn live_event(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<Received>, ApiError> {
     authorize(&state, &headers)?;
     require_json(&headers)?;
-    let body = body_bytes(body)?;
+    let body = body_bytes(&state, body).await?;
     let event = Event::parse_request(&body)?;
     let answer = state.log.append(vec![event]).await?;
     let duplicate = answer.first() == Some(&Appended::Duplicate);
