@@ -175,7 +175,7 @@ pub enum ProgressArg {
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// Number of generated events sent after the seed's three.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, env = "EPS_DEMO_EVENTS", default_value_t = 10_000)]
     pub events: usize,
 }
 

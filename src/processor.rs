@@ -88,6 +88,7 @@ impl std::fmt::Display for ProcessSummary {
 
 /// Runs until caught up (or, with `follow`, until `shutdown` resolves).
 pub async fn run(opts: ProcessOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<ProcessSummary> {
+    store::check_database_url(opts.database_url.as_deref())?;
     let store = open_store(&opts).await?;
     run_with_store(opts, store, shutdown).await
 }
@@ -192,8 +193,11 @@ fn summarize(chunk: &Chunk) -> anyhow::Result<(Batch, Vec<u64>)> {
                     Some(sum) => sum,
                     None => sums.entry(event.user_id.into_owned()).or_default(),
                 };
-                *sum = sum.checked_add(delta).with_context(|| {
-                    format!("the changes to one user's revenue leave the exact decimal range near byte {position}")
+                *sum = crate::event::exact_add(*sum, delta).with_context(|| {
+                    format!(
+                        "the changes to one user's revenue near log byte {position} cannot be summed exactly \
+                         (more than 28 digits); nothing of this batch was applied"
+                    )
                 })?;
                 batch.events += 1;
             }

@@ -78,7 +78,15 @@ impl LogReader {
     pub fn read(&mut self, position: u64) -> Result<Option<Chunk>, ReadError> {
         loop {
             let (base, len) = match &self.open {
-                Some((base, file)) if *base <= position => (*base, file.metadata()?.len()),
+                Some((base, file)) if *base <= position => {
+                    let len = file.metadata()?.len();
+                    if position - base > len {
+                        // Another processor moved the checkpoint past this segment: look it up again.
+                        self.open = None;
+                        continue;
+                    }
+                    (*base, len)
+                }
                 _ => match self.open_segment_for(position)? {
                     Some(found) => found,
                     None => return Ok(None),

@@ -64,10 +64,7 @@ impl ServerOptions {
     }
 }
 
-/// A configuration the server refuses to start with (exit code 2).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+pub use crate::config::ConfigError;
 
 pub(crate) struct AppState {
     pub(crate) log: Arc<dyn EventLog>,
@@ -92,6 +89,7 @@ pub struct Server {
 
 impl Server {
     pub async fn bind(opts: ServerOptions) -> anyhow::Result<Server> {
+        store::check_database_url(opts.database_url.as_deref())?;
         if opts.token.is_empty() {
             return Err(ConfigError("the token must not be empty".into()).into());
         }

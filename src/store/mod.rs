@@ -15,6 +15,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use rust_decimal::Decimal;
 
+use crate::config::ConfigError;
+
 pub mod postgres;
 pub mod sqlite;
 
@@ -100,17 +102,27 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
+/// Refuses, up front, a database URL no backend can use (a configuration error, not an outage).
+pub fn check_database_url(database_url: Option<&str>) -> Result<(), ConfigError> {
+    match database_url {
+        None => Ok(()),
+        Some(url) if ["postgres://", "postgresql://", "sqlite://"].iter().any(|p| url.starts_with(p)) => Ok(()),
+        Some(url) => Err(ConfigError(format!(
+            "unsupported database URL {:?}: use postgres://... or sqlite://PATH",
+            url.split_once("://").map_or(url, |(scheme, _)| scheme)
+        ))),
+    }
+}
+
 /// Opens the store a URL names, running its migrations: PostgreSQL for `postgres://` or
 /// `postgresql://`, otherwise the SQLite file in `data_dir` (a `sqlite://PATH` URL picks another file).
 pub async fn open(database_url: Option<&str>, data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
+    check_database_url(database_url)?;
     match database_url {
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            Ok(Arc::new(postgres::PostgresStore::connect(url).await?))
-        }
         Some(url) if url.starts_with("sqlite://") => {
             Ok(Arc::new(sqlite::SqliteStore::open(Path::new(&url["sqlite://".len()..])).await?))
         }
-        Some(url) => anyhow::bail!("unsupported database URL {url:?}: use postgres://... or sqlite://PATH"),
+        Some(url) => Ok(Arc::new(postgres::PostgresStore::connect(url).await?)),
         None => {
             std::fs::create_dir_all(data_dir)?;
             Ok(Arc::new(sqlite::SqliteStore::open(&data_dir.join(SQLITE_FILE)).await?))

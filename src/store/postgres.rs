@@ -67,6 +67,15 @@ const MIGRATIONS: &[(i32, &str)] = &[(
          line TEXT,
          PRIMARY KEY (stream, position)
      );",
+), (
+    2,
+    // Version 1 bounded the magnitude only; a total such as 10.0000000000000000000000000001 passed it
+    // but cannot be read back exactly. A Decimal holds a 96-bit integer mantissa and a scale <= 28.
+    "ALTER TABLE users_revenue DROP CONSTRAINT IF EXISTS eps_revenue_exact_range;
+     ALTER TABLE users_revenue ADD CONSTRAINT eps_revenue_exact_range CHECK (
+         scale(revenue) <= 28
+         AND abs(revenue) * power(10::numeric, scale(revenue)) < 79228162514264337593543950336
+     );",
 )];
 
 pub struct PostgresStore {
@@ -154,7 +163,7 @@ impl PostgresStore {
         let current: std::collections::HashMap<String, Decimal> =
             rows.iter().filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?))).collect();
         let culprit =
-            deltas.iter().find(|(u, d)| current.get(*u).copied().unwrap_or_default().checked_add(*d).is_none());
+            deltas.iter().find(|(u, d)| crate::event::exact_add(current.get(*u).copied().unwrap_or_default(), *d).is_none());
         StoreError::Overflow { user_id: culprit.map_or(first, |(u, _)| u.to_string()) }
     }
 }

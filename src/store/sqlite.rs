@@ -121,7 +121,7 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
             |ctx| {
                 let a = parse_decimal_arg(&ctx.get::<String>(0)?)?;
                 let b = parse_decimal_arg(&ctx.get::<String>(1)?)?;
-                match a.checked_add(b) {
+                match crate::event::exact_add(a, b) {
                     Some(sum) => Ok(sum.normalize().to_string()),
                     None => Err(rusqlite::Error::UserFunctionError(OVERFLOW_MARKER.into())),
                 }

@@ -1,0 +1,338 @@
+//! The command-line contract of the real binary: help, exit codes, one-line errors, environment
+//! variables.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+/// Every flag of each command, with its environment variable.
+const FLAGS: &[(&str, &[(&str, &str)])] = &[
+    ("", &[("--log-format", "EPS_LOG_FORMAT"), ("--log-level", "EPS_LOG")]),
+    (
+        "server",
+        &[
+            ("--listen", "EPS_LISTEN"),
+            ("--data-dir", "EPS_DATA_DIR"),
+            ("--database-url", "DATABASE_URL"),
+            ("--token", "EPS_TOKEN"),
+            ("--body-limit", "EPS_BODY_LIMIT"),
+            ("--request-timeout-secs", "EPS_REQUEST_TIMEOUT_SECS"),
+            ("--max-connections", "EPS_MAX_CONNECTIONS"),
+            ("--segment-bytes", "EPS_SEGMENT_BYTES"),
+            ("--dedup-window-secs", "EPS_DEDUP_WINDOW_SECS"),
+            ("--dedup-max-ids", "EPS_DEDUP_MAX_IDS"),
+            ("--log-format", "EPS_LOG_FORMAT"),
+            ("--log-level", "EPS_LOG"),
+        ],
+    ),
+    (
+        "process",
+        &[
+            ("--data-dir", "EPS_DATA_DIR"),
+            ("--database-url", "DATABASE_URL"),
+            ("--follow", "EPS_FOLLOW"),
+            ("--batch-bytes", "EPS_BATCH_BYTES"),
+            ("--poll-ms", "EPS_POLL_MS"),
+            ("--retry-secs", "EPS_RETRY_SECS"),
+        ],
+    ),
+    (
+        "client",
+        &[
+            ("[FILE]", "EPS_FILE"),
+            ("--url", "EPS_URL"),
+            ("--token", "EPS_TOKEN"),
+            ("--concurrency", "EPS_CONCURRENCY"),
+            ("--max-attempts", "EPS_MAX_ATTEMPTS"),
+            ("--timeout-secs", "EPS_TIMEOUT_SECS"),
+            ("--progress", "EPS_PROGRESS"),
+        ],
+    ),
+    ("demo", &[]),
+];
+
+async fn help(command: &str) -> Output {
+    let mut a = Vec::new();
+    if !command.is_empty() {
+        a.push(command.to_string());
+    }
+    a.push("--help".into());
+    let out = run_eps(&a, &[]).await;
+    assert_eq!(out.code(), Some(0), "eps {command} --help: {out}");
+    out
+}
+
+#[tokio::test]
+async fn help_of_every_command_exits_0_and_names_each_flag_and_its_env_var() {
+    let top = help("").await;
+    for command in ["server", "process", "client", "demo"] {
+        assert!(top.stdout.contains(command), "eps --help does not mention {command}:\n{}", top.stdout);
+    }
+    for (command, flags) in FLAGS {
+        let out = help(command).await;
+        for (flag, env) in *flags {
+            assert!(out.stdout.contains(flag), "eps {command} --help does not mention {flag}:\n{}", out.stdout);
+            assert!(
+                out.stdout.contains(&format!("[env: {env}")),
+                "eps {command} --help does not mention {env}:\n{}",
+                out.stdout
+            );
+        }
+    }
+    assert!(help("demo").await.stdout.contains("--events"));
+}
+
+/// Splits clap's long help into (argument, its text) blocks: "--listen" → its description lines.
+fn help_blocks(help: &str) -> Vec<(String, String)> {
+    let mut blocks: Vec<(String, String)> = Vec::new();
+    let mut in_args = false;
+    for line in help.lines() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if !line.starts_with(' ') {
+            in_args = line.starts_with("Options:") || line.starts_with("Arguments:");
+            continue;
+        }
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if in_args && indent <= 6 && (trimmed.starts_with('-') || trimmed.starts_with('[') || trimmed.starts_with('<'))
+        {
+            let name =
+                trimmed.split([' ', ',']).find(|w| w.starts_with("--") || w.starts_with('[') || w.starts_with('<'));
+            // Short help puts the description on the flag's own line.
+            blocks.push((name.unwrap_or(trimmed).to_string(), format!("{trimmed}\n")));
+        } else if let Some((_, text)) = blocks.last_mut() {
+            text.push_str(trimmed);
+            text.push('\n');
+        }
+    }
+    blocks
+}
+
+/// README: "every flag also reads an environment variable"; `eps --help`: "Every flag can also be set
+/// by the environment variable shown in its help."
+#[tokio::test]
+async fn every_flag_of_every_command_shows_an_environment_variable_in_its_help() {
+    let mut missing = Vec::new();
+    for (command, _) in FLAGS {
+        let out = help(command).await;
+        let blocks = help_blocks(&out.stdout);
+        assert!(blocks.len() >= 3, "could not read the options of eps {command} --help:\n{}", out.stdout);
+        for (flag, text) in blocks {
+            // clap wraps help text, so "[env: X]" may be split across lines.
+            let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            if flag != "--help" && flag != "--version" && !text.contains("[env: ") {
+                missing.push(format!("eps {command} {flag}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "flags without an environment variable: {missing:?}");
+}
+
+#[tokio::test]
+async fn help_never_prints_the_token_or_the_database_url_from_the_environment() {
+    let envs = [
+        ("EPS_TOKEN", "tok-must-not-show".to_string()),
+        ("DATABASE_URL", "postgres://u:pw-must-not-show@h/db".to_string()),
+    ];
+    for command in ["server", "process", "client"] {
+        let out = run_eps(&args(&[command, "--help"]), &envs).await;
+        assert_eq!(out.code(), Some(0), "{out}");
+        assert!(!out.stdout.contains("must-not-show"), "eps {command} --help shows a secret:\n{}", out.stdout);
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_flag_exits_2() {
+    for a in [&["--bogus"][..], &["server", "--bogus"], &["process", "--bogus"], &["client", "--bogus"], &["nonsense"]]
+    {
+        let out = run_eps(&args(a), &[]).await;
+        assert_eq!(out.code(), Some(2), "eps {a:?}: {out}");
+        assert!(out.stderr.contains("error"), "eps {a:?}: {out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_loopback_listen_with_the_default_token_exits_2_with_one_line_and_starts_with_another_token() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let data_dir = env.data_dir.display().to_string();
+    for extra in [&[][..], &["--token", "secret"]] {
+        let mut a = args(&["server", "--listen", "0.0.0.0:0", "--data-dir", &data_dir]);
+        a.extend(args(extra));
+        let out = run_eps(&a, &[]).await;
+        assert_eq!(out.code(), Some(2), "{out}");
+        let stderr = out.stderr.trim();
+        assert_eq!(stderr.lines().count(), 1, "not a one-line error: {out}");
+        assert!(stderr.contains("token"), "the error does not mention the token: {out}");
+    }
+    let out = run_eps(&args(&["server", "--listen", "127.0.0.1:0", "--data-dir", &data_dir, "--token", ""]), &[]).await;
+    assert_eq!(out.code(), Some(2), "an empty token: {out}");
+    assert_eq!(out.stderr.trim().lines().count(), 1, "not a one-line error: {out}");
+
+    let server = ServerProc::start(
+        &args(&["server", "--listen", "0.0.0.0:0", "--data-dir", &data_dir, "--token", "something"]),
+        &[],
+        env.tmp.path(),
+    )
+    .await;
+    let answer = http()
+        .post(format!("{}/liveEvent", server.url))
+        .header("Authorization", "something")
+        .body(r#"{"userId":"u","name":"add_revenue","value":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 200);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn the_client_exits_1_and_reports_failed_when_nobody_listens() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let lines = vec![
+        event_line("a", "add_revenue", "1"),
+        event_line("b", "add_revenue", "2"),
+        event_line("c", "add_revenue", "3"),
+    ];
+    let file = env.write_file("events.jsonl", &lines);
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let out =
+        within(Duration::from_secs(30), "the client to give up", client(&file, &url, &["--max-attempts", "2"])).await;
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(out.stdout.contains("failed 3"), "summary does not say failed: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_exits_1_and_names_the_line_of_an_invalid_event() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let server = env.server().await;
+    let lines = vec![
+        event_line("a", "add_revenue", "1"),
+        event_line("b", "add_revenue", "2"),
+        r#"{"userId":"c","name":"add_revenue","value":-3}"#.to_string(),
+        event_line("d", "add_revenue", "4"),
+    ];
+    let file = env.write_file("events.jsonl", &lines);
+    let out = client(&file, &server.url, &[]).await;
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("line 3:"), "the invalid line is not named: {out}");
+    assert!(out.stdout.contains("accepted 3 ") && out.stdout.contains("invalid 1"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eps_environment_variables_configure_server_client_and_processor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path().join("cwd");
+    std::fs::create_dir(&cwd).unwrap();
+    let data_dir = tmp.path().join("env-data");
+    let other_db = tmp.path().join("other.sqlite3");
+
+    let server = ServerProc::start(
+        &args(&["server"]),
+        &[
+            ("EPS_LISTEN", "127.0.0.1:0".into()),
+            ("EPS_DATA_DIR", data_dir.display().to_string()),
+            ("EPS_TOKEN", "env-token".into()),
+            ("EPS_LOG_FORMAT", "json".into()),
+        ],
+        &cwd,
+    )
+    .await;
+    assert!(server.url.starts_with("http://127.0.0.1:"));
+
+    let lines = [event_line("env-user", "add_revenue", "1.25"), event_line("env-user", "add_revenue", "2")];
+    let file = tmp.path().join("input.jsonl");
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let out = run_eps_in(
+        &cwd,
+        &args(&["client"]),
+        &[
+            ("EPS_FILE", file.display().to_string()),
+            ("EPS_URL", server.url.clone()),
+            ("EPS_TOKEN", "env-token".into()),
+            ("EPS_PROGRESS", "quiet".into()),
+        ],
+    )
+    .await;
+    assert_eq!(out.code(), Some(0), "client configured by EPS_*: {out}");
+    assert!(out.stdout.contains("accepted 2 "), "{out}");
+
+    assert_eq!(segments(&data_dir.join("log")).len(), 1, "EPS_DATA_DIR was not used");
+    assert_eq!(log_lines(&data_dir.join("log")).len(), 2);
+    assert!(!cwd.join("data").exists(), "the server used ./data instead of EPS_DATA_DIR");
+    let first_log_line = server.stderr().lines().next().unwrap_or_default().to_string();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&first_log_line).is_ok(),
+        "EPS_LOG_FORMAT=json ignored: {first_log_line:?}"
+    );
+
+    let out = run_eps_in(
+        &cwd,
+        &args(&["process"]),
+        &[
+            ("EPS_DATA_DIR", data_dir.display().to_string()),
+            ("DATABASE_URL", format!("sqlite://{}", other_db.display())),
+            ("EPS_BATCH_BYTES", "100".into()),
+        ],
+    )
+    .await;
+    assert_eq!(out.code(), Some(0), "process configured by EPS_* and DATABASE_URL: {out}");
+    assert_eq!(applied_count(&out.stdout), 2, "{out}");
+    let conn = rusqlite::Connection::open(&other_db).unwrap();
+    let revenue: String =
+        conn.query_row("SELECT revenue FROM users_revenue WHERE user_id = 'env-user'", [], |r| r.get(0)).unwrap();
+    assert_eq!(revenue, "3.25");
+    assert!(!cwd.join("data").exists());
+
+    let answer = http()
+        .get(format!("{}/userEvents/env-user", server.url))
+        .header("Authorization", "secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 401, "EPS_TOKEN did not replace the default token");
+    let answer: serde_json::Value = http()
+        .post(format!("{}/liveEvent", server.url))
+        .header("Authorization", "Bearer env-token")
+        .body(r#"{"userId":"env-user","name":"add_revenue","value":1}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer, json!({"message": "Event received"}));
+}
+
+/// README: exit code 2 for "usage or configuration error"; src/server/mod.rs: "a misconfigured server
+/// exits at once with one readable line". A database URL eps cannot use is such an error: it can never
+/// start working, so neither command should wait for it.
+#[tokio::test]
+async fn a_database_url_eps_cannot_use_is_a_configuration_error_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data").display().to_string();
+    let url = "mysql://user@127.0.0.1/db";
+    let commands = [
+        args(&["process", "--data-dir", &data_dir, "--database-url", url]),
+        args(&["server", "--listen", "127.0.0.1:0", "--data-dir", &data_dir, "--database-url", url]),
+    ];
+    let runs = commands.iter().map(|c| run_eps_limited(tmp.path(), c, &[], Duration::from_secs(10)));
+    let mut failures = Vec::new();
+    for (command, out) in commands.iter().zip(futures::future::join_all(runs).await) {
+        match out {
+            None => failures.push(format!("eps {}: still running after 10 s", command[0])),
+            Some(out) if out.code() != Some(2) || !out.stderr.contains("mysql") => {
+                failures.push(format!("eps {}: want exit 2 and an error naming the URL, got {out}", command[0]))
+            }
+            Some(_) => {}
+        }
+    }
+    assert!(failures.is_empty(), "with --database-url {url}:\n{}", failures.join("\n"));
+}
