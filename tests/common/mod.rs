@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod fault;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
