@@ -59,6 +59,13 @@ pub enum Command {
     Client(ClientArgs),
     /// Run server, client and processor on sample events in a temporary directory, and print the result.
     Demo(DemoArgs),
+    /// Show the log, the checkpoint, the lag and the store's totals.
+    Status(StatusArgs),
+    /// Delete (or archive) log segments the processor has applied, to bound disk use.
+    ///
+    /// A segment goes only if it is not the newest, every line of it is behind the checkpoint, and it is
+    /// older than --min-age-secs (default: the server's de-duplication window). Oldest first, no holes.
+    Compact(CompactArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -131,6 +138,10 @@ pub struct ProcessArgs {
     /// Without --follow: how long to keep retrying an unreachable database, in seconds.
     #[arg(long, env = "EPS_RETRY_SECS", default_value_t = 60)]
     pub retry_secs: u64,
+
+    /// Serve Prometheus metrics (GET /metrics) on this address while running, e.g. 127.0.0.1:9101.
+    #[arg(long, env = "EPS_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -170,6 +181,34 @@ pub enum ProgressArg {
     Bar,
     Plain,
     Quiet,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// Print JSON instead of text.
+    #[arg(long, env = "EPS_STATUS_JSON")]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CompactArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// Move removed segments to this directory instead of deleting them.
+    #[arg(long, env = "EPS_ARCHIVE_DIR")]
+    pub archive_dir: Option<PathBuf>,
+
+    /// Keep segments written less than this many seconds ago (match the server's --dedup-window-secs).
+    #[arg(long, env = "EPS_MIN_AGE_SECS", default_value_t = 900)]
+    pub min_age_secs: u64,
+
+    /// Print what would be removed, remove nothing.
+    #[arg(long, env = "EPS_DRY_RUN")]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, clap::Args)]

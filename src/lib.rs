@@ -10,6 +10,8 @@ pub mod config;
 pub mod demo;
 pub mod event;
 pub mod log;
+pub mod ops;
 pub mod processor;
 pub mod server;
 pub mod store;
+pub mod telemetry;

@@ -56,6 +56,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Process(args) => {
+            if let Some(addr) = args.metrics_listen {
+                let bound = eps::telemetry::serve_metrics(addr).await?;
+                println!("eps process metrics on http://{bound}/metrics");
+            }
             let opts = processor::ProcessOptions {
                 data_dir: args.store.data_dir,
                 database_url: args.store.database_url,
@@ -87,6 +91,27 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("{summary}");
             Ok(if summary.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        Command::Status(args) => {
+            let status = eps::ops::status(&args.store.data_dir, args.store.database_url.as_deref()).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!("{status}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compact(args) => {
+            let report = eps::ops::compact(&eps::ops::CompactOptions {
+                data_dir: args.store.data_dir,
+                database_url: args.store.database_url,
+                archive_dir: args.archive_dir,
+                min_age: Duration::from_secs(args.min_age_secs),
+                dry_run: args.dry_run,
+            })
+            .await?;
+            println!("{report}{}", if args.dry_run { " (dry run: nothing removed)" } else { "" });
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo(args) => {
             demo::run(args.events).await?;
             Ok(ExitCode::SUCCESS)
@@ -100,14 +125,9 @@ fn init_tracing(cli: &Cli) {
         Command::Demo(_) if cli.log_level == "info" => "warn",
         _ => cli.log_level.as_str(),
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match cli.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    let format = match cli.log_format {
+        LogFormat::Json => eps::telemetry::LogFormat::Json,
+        LogFormat::Text => eps::telemetry::LogFormat::Text,
+    };
+    eps::telemetry::init_tracing(level, format);
 }

@@ -121,9 +121,13 @@ pub async fn run_with_store(
     let mut reader = LogReader::new(opts.data_dir.join(LOG_DIR), opts.batch_bytes);
     let mut dead_letters = DeadLetters::new(opts.data_dir.join(DEAD_LETTER_FILE));
     let mut position = with_retry(&opts, || store.progress(FILE_STREAM)).await?.position;
+    // For the events-lag estimate; refined by every committed batch.
+    let mut bytes_per_event = 100.0;
+    record_lag(&reader, position, bytes_per_event);
     loop {
         let chunk = tokio::task::block_in_place(|| reader.read(position))?;
         let Some(chunk) = chunk else {
+            record_lag(&reader, position, bytes_per_event);
             if !opts.follow {
                 break;
             }
@@ -133,8 +137,18 @@ pub async fn run_with_store(
             }
         };
         let (batch, batch_users) = summarize(&chunk)?;
-        match with_retry(&opts, || store.commit(FILE_STREAM, &batch)).await? {
+        let commit_started = Instant::now();
+        let outcome = with_retry(&opts, || store.commit(FILE_STREAM, &batch)).await?;
+        metrics::histogram!("eps_processor_commit_duration_seconds").record(commit_started.elapsed().as_secs_f64());
+        match outcome {
             CommitOutcome::Committed => {
+                metrics::counter!("eps_processor_commits_total").increment(1);
+                metrics::counter!("eps_processor_events_applied_total").increment(batch.events);
+                metrics::counter!("eps_processor_invalid_lines_total").increment(batch.invalid.len() as u64);
+                let lines = batch.events + batch.invalid.len() as u64;
+                if lines > 0 {
+                    bytes_per_event = (batch.to - batch.from) as f64 / lines as f64;
+                }
                 dead_letters.append(&batch.invalid)?;
                 summary.events_applied += batch.events;
                 summary.invalid_lines += batch.invalid.len() as u64;
@@ -143,10 +157,12 @@ pub async fn run_with_store(
                 position = batch.to;
             }
             CommitOutcome::Conflict { current } => {
+                metrics::counter!("eps_processor_conflicts_total").increment(1);
                 summary.conflicts += 1;
                 position = current;
             }
         }
+        record_lag(&reader, position, bytes_per_event);
         if opts.follow && futures::poll!(&mut shutdown).is_ready() {
             break;
         }
@@ -155,6 +171,14 @@ pub async fn run_with_store(
     summary.position = position;
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+fn record_lag(reader: &LogReader, position: u64, bytes_per_event: f64) {
+    let end = reader.end_position().unwrap_or(position);
+    let lag = end.saturating_sub(position);
+    metrics::gauge!("eps_processor_checkpoint_bytes").set(position as f64);
+    metrics::gauge!("eps_processor_lag_bytes").set(lag as f64);
+    metrics::gauge!("eps_processor_lag_events").set((lag as f64 / bytes_per_event).round());
 }
 
 /// Retries a store call while the database is unavailable: forever with `follow`, else for `retry_for`.

@@ -70,6 +70,9 @@ pub struct LogStats {
     pub syncs: AtomicU64,
     pub events_stored: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Set while the writer refuses appends (a failed write could not be undone), or after the last
+    /// append failed (disk full, I/O error) until one succeeds again.
+    pub failing: std::sync::atomic::AtomicBool,
 }
 
 type Reply = oneshot::Sender<Result<Vec<Appended>, LogError>>;
@@ -159,6 +162,8 @@ impl Writer {
         let dedup = Dedup::rebuild(&opts, &segments)?;
         stats.end_position.store(base + len, Ordering::Relaxed);
         stats.segments.store(segments.len().max(1) as u64, Ordering::Relaxed);
+        metrics::gauge!("eps_log_segments").set(segments.len().max(1) as f64);
+        metrics::gauge!("eps_log_end_position_bytes").set((base + len) as f64);
         tracing::info!(
             segment = %path.display(), position = base + len, remembered_ids = dedup.len(),
             "log opened"
@@ -231,15 +236,19 @@ impl Writer {
             })
             .collect();
         let result = if buf.is_empty() { Ok(()) } else { self.write_durably(&buf) };
+        metrics::histogram!("eps_log_commit_batch_requests").record(group.len() as f64);
+        metrics::histogram!("eps_log_commit_batch_events").record(stored as f64);
         match result {
             Ok(()) => {
+                metrics::counter!("eps_events_appended_total").increment(stored);
                 for key in new_ids {
                     self.dedup.insert(key, now);
                 }
                 self.stats.events_stored.fetch_add(stored, Ordering::Relaxed);
                 for ((_, reply), answer) in group.drain(..).zip(answers) {
-                    let dups = answer.iter().filter(|a| **a == Appended::Duplicate).count();
-                    self.stats.duplicates.fetch_add(dups as u64, Ordering::Relaxed);
+                    let dups = answer.iter().filter(|a| **a == Appended::Duplicate).count() as u64;
+                    self.stats.duplicates.fetch_add(dups, Ordering::Relaxed);
+                    metrics::counter!("eps_events_duplicate_total").increment(dups);
                     let _ = reply.send(Ok(answer));
                 }
             }
@@ -261,21 +270,30 @@ impl Writer {
                 return Err(format!("cannot start a new log segment: {e}"));
             }
         }
+        let started = std::time::Instant::now();
         let written = self.file.write_all_at(buf, self.len).and_then(|()| self.file.sync_data());
+        metrics::histogram!("eps_log_fsync_duration_seconds").record(started.elapsed().as_secs_f64());
         match written {
             Ok(()) => {
                 self.len += buf.len() as u64;
                 self.stats.syncs.fetch_add(1, Ordering::Relaxed);
                 self.stats.end_position.store(self.base + self.len, Ordering::Relaxed);
+                self.stats.failing.store(false, Ordering::Relaxed);
+                metrics::counter!("eps_log_fsync_total").increment(1);
+                metrics::counter!("eps_log_bytes_written_total").increment(buf.len() as u64);
+                metrics::gauge!("eps_log_end_position_bytes").set((self.base + self.len) as f64);
                 Ok(())
             }
             Err(e) => {
+                self.stats.failing.store(true, Ordering::Relaxed);
+                metrics::counter!("eps_log_append_errors_total").increment(1);
                 tracing::error!(error = %e, bytes = buf.len(), "log append failed; nothing in this group was acknowledged");
                 // Undo the partial write so the segment ends at a whole line again.
                 if let Err(undo) = self.file.set_len(self.len).and_then(|()| self.file.sync_all()) {
                     let why = format!("log append failed ({e}) and could not be undone ({undo}); restart the server");
                     tracing::error!("{why}");
                     self.broken = Some(why);
+                    self.stats.failing.store(true, Ordering::Relaxed);
                 }
                 Err(format!("cannot write the log: {e}"))
             }
@@ -291,7 +309,8 @@ impl Writer {
         self.file = file;
         self.base = base;
         self.len = 0;
-        self.stats.segments.fetch_add(1, Ordering::Relaxed);
+        let segments = self.stats.segments.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!("eps_log_segments").set(segments as f64);
         tracing::info!(segment = %path.display(), "started a new log segment");
         Ok(())
     }

@@ -68,6 +68,7 @@ pub use crate::config::ConfigError;
 
 pub(crate) struct AppState {
     pub(crate) log: Arc<dyn EventLog>,
+    log_stats: Arc<crate::log::writer::LogStats>,
     pub(crate) token: String,
     pub(crate) body_limit: usize,
     pub(crate) body_timeout: Duration,
@@ -75,6 +76,10 @@ pub(crate) struct AppState {
 }
 
 impl AppState {
+    fn log_ready(&self) -> bool {
+        !self.log_stats.failing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn store(&self) -> Result<&Arc<dyn Store>, ApiError> {
         self.store.get().ok_or_else(|| ApiError::Unavailable("database not reachable yet, retry later".into()))
     }
@@ -90,6 +95,7 @@ pub struct Server {
 impl Server {
     pub async fn bind(opts: ServerOptions) -> anyhow::Result<Server> {
         store::check_database_url(opts.database_url.as_deref())?;
+        crate::telemetry::metrics();
         if opts.token.is_empty() {
             return Err(ConfigError("the token must not be empty".into()).into());
         }
@@ -113,6 +119,7 @@ impl Server {
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.listen))?;
         let state = Arc::new(AppState {
             log: file_log.clone(),
+            log_stats: file_log.stats().clone(),
             token: opts.token.clone(),
             body_limit: opts.body_limit,
             body_timeout: opts.body_timeout,
@@ -129,9 +136,13 @@ impl Server {
         Router::new()
             .route("/liveEvent", post(routes::live_event))
             .route("/userEvents/{user_id}", get(routes::user_events))
+            .route("/healthz", get(routes::healthz))
+            .route("/readyz", get(routes::readyz))
+            .route("/metrics", get(routes::metrics))
             .fallback(routes::not_found)
             .method_not_allowed_fallback(routes::method_not_allowed)
             .layer(DefaultBodyLimit::max(self.opts.body_limit))
+            .layer(axum::middleware::from_fn(crate::telemetry::track_requests))
             .with_state(self.state.clone())
     }
 

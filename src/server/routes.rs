@@ -119,3 +119,36 @@ pub(super) async fn not_found(uri: axum::http::Uri) -> ApiError {
 pub(super) async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
+
+/// `GET /healthz`: the process is up and serving. Unauthenticated, no I/O.
+pub(super) async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: ready to take events (the log is writable) and to answer queries (the database
+/// answers a ping within a second). Unauthenticated and cheap: no write, one trivial query.
+pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<serde_json::Value>) {
+    let log_ok = state.log_ready();
+    let database = match state.store() {
+        Err(_) => Err("not connected yet".to_string()),
+        Ok(store) => match tokio::time::timeout(std::time::Duration::from_secs(1), store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer within 1s".to_string()),
+        },
+    };
+    let ready = log_ok && database.is_ok();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "not ready" },
+        "log": if log_ok { "ok".to_string() } else { "the last append failed; see the server's log".to_string() },
+        "database": database.err().unwrap_or_else(|| "ok".to_string()),
+    });
+    (status, Json(body))
+}
+
+/// `GET /metrics`: Prometheus text format. Unauthenticated like most scrape targets; it holds counts
+/// and timings only, never event contents or the token.
+pub(super) async fn metrics() -> ([(header::HeaderName, &'static str); 1], String) {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::metrics().render())
+}

@@ -67,6 +67,13 @@ pub struct StreamProgress {
     pub invalid_lines: u64,
 }
 
+/// What `eps status` shows of the store as a whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub users: u64,
+    pub revenue: Option<Decimal>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or is busy: retry later (HTTP 503).
@@ -97,6 +104,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Users in `user_id` order, at most `limit` of them.
     async fn users(&self, limit: usize) -> Result<Vec<(String, Decimal)>, StoreError>;
+
+    /// Number of users and the sum of all revenues (`None` if that sum is beyond the exact range).
+    async fn totals(&self) -> Result<Totals, StoreError>;
 
     /// Cheap reachability check.
     async fn ping(&self) -> Result<(), StoreError>;

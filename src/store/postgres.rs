@@ -26,7 +26,7 @@ use rust_decimal::Decimal;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
-use super::{Batch, CommitOutcome, Store, StoreError, StreamProgress};
+use super::{Batch, CommitOutcome, Store, StoreError, StreamProgress, Totals};
 
 const POOL_SIZE: usize = 8;
 /// Bound on every wait for a connection: pool slot, new connection, recycle check.
@@ -351,6 +351,19 @@ impl Store for PostgresStore {
             .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, Decimal>(1)?.normalize())))
             .collect::<Result<_, tokio_postgres::Error>>()
             .map_err(|e| pg_error("listing users", e))
+    }
+
+    async fn totals(&self) -> Result<Totals, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT count(*), COALESCE(sum(revenue), 0)::text FROM users_revenue", &[])
+            .await
+            .map_err(|e| pg_error("summing revenues", e))?;
+        let users: i64 = row.get(0);
+        let sum: String = row.get(1);
+        // from_str_exact refuses what would need rounding: a sum beyond the exact range is `None`.
+        let revenue = Decimal::from_str_exact(&sum).ok();
+        Ok(Totals { users: users as u64, revenue: revenue.map(|d| d.normalize()) })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -24,7 +24,7 @@ use rusqlite::functions::FunctionFlags;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use rust_decimal::Decimal;
 
-use super::{Batch, CommitOutcome, Store, StoreError, StreamProgress};
+use super::{Batch, CommitOutcome, Store, StoreError, StreamProgress, Totals};
 
 /// How long a statement waits for another writer's lock before the store reports `Unavailable`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -299,6 +299,25 @@ impl Store for SqliteStore {
                 users.push((user_id, revenue));
             }
             Ok(users)
+        })
+        .await
+    }
+
+    async fn totals(&self) -> Result<Totals, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT user_id, revenue FROM users_revenue").map_err(|e| sql_error("summing revenues", e))?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(|e| sql_error("summing revenues", e))?;
+            let mut totals = Totals { users: 0, revenue: Some(Decimal::ZERO) };
+            for row in rows {
+                let (user_id, text) = row.map_err(|e| sql_error("summing revenues", e))?;
+                let revenue = parse_revenue(&user_id, &text)?;
+                totals.users += 1;
+                totals.revenue = totals.revenue.and_then(|sum| crate::event::exact_add(sum, revenue));
+            }
+            Ok(totals)
         })
         .await
     }

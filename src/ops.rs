@@ -1,0 +1,184 @@
+//! Operator commands that read or tidy a data directory: `eps status` and `eps compact`.
+//!
+//! Retention rule (`compact`): a segment may go only when all three hold — it is not the newest one
+//! (the server may still be appending to it), every one of its lines is behind the store's checkpoint
+//! (the processor has applied it), and it was last written longer ago than `min_age` (by default the
+//! server's de-duplication window: the server rebuilds that window from recent segments, so removing a
+//! younger one could let a late retry through twice). Segments go oldest first, so the log never has a
+//! hole.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use crate::log::{list_segments, LOG_DIR};
+use crate::processor::FILE_STREAM;
+use crate::store;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub data_dir: PathBuf,
+    pub backend: &'static str,
+    pub segments: usize,
+    /// Bytes held by the segments on disk.
+    pub log_bytes: u64,
+    /// Position of the oldest byte still on disk (above 0 once segments were compacted).
+    pub log_start: u64,
+    pub log_end: u64,
+    pub checkpoint: u64,
+    pub events_applied: u64,
+    pub invalid_lines: u64,
+    pub lag_bytes: u64,
+    /// Lines between the checkpoint and the end of the log (counted, not estimated).
+    pub lag_events: u64,
+    pub users: u64,
+    /// `None` when the sum of all revenues is beyond the exact decimal range.
+    pub total_revenue: Option<Decimal>,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "data directory   {}", self.data_dir.display())?;
+        writeln!(f, "database         {}", self.backend)?;
+        writeln!(f, "log              {} segments, {} bytes on disk (positions {}..{})", self.segments, self.log_bytes, self.log_start, self.log_end)?;
+        writeln!(f, "checkpoint       byte {} ({} events applied, {} invalid lines)", self.checkpoint, self.events_applied, self.invalid_lines)?;
+        writeln!(f, "lag              {} events, {} bytes", self.lag_events, self.lag_bytes)?;
+        writeln!(f, "users            {}", self.users)?;
+        match self.total_revenue {
+            Some(total) => write!(f, "total revenue    {total}"),
+            None => write!(f, "total revenue    beyond the exact decimal range"),
+        }
+    }
+}
+
+pub async fn status(data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<Status> {
+    let store = store::open(database_url, data_dir).await?;
+    let progress = store.progress(FILE_STREAM).await?;
+    let totals = store.totals().await?;
+    let log_dir = data_dir.join(LOG_DIR);
+    let segments = list_segments(&log_dir)?;
+    let mut log_bytes = 0;
+    let mut log_end = 0;
+    let mut lag_events = 0;
+    for (base, path) in &segments {
+        let len = std::fs::metadata(path)?.len();
+        log_bytes += len;
+        log_end = base + len;
+        if base + len > progress.position {
+            lag_events += count_lines(path, progress.position.saturating_sub(*base))?;
+        }
+    }
+    Ok(Status {
+        data_dir: data_dir.to_path_buf(),
+        backend: store.backend(),
+        segments: segments.len(),
+        log_bytes,
+        log_start: segments.first().map_or(0, |(b, _)| *b),
+        log_end,
+        checkpoint: progress.position,
+        events_applied: progress.events_applied,
+        invalid_lines: progress.invalid_lines,
+        lag_bytes: log_end.saturating_sub(progress.position),
+        lag_events,
+        users: totals.users,
+        total_revenue: totals.revenue.map(|d| d.normalize()),
+    })
+}
+
+/// Newlines in `path` from byte `from` on.
+fn count_lines(path: &Path, from: u64) -> std::io::Result<u64> {
+    use std::io::Seek;
+    let mut file = std::fs::File::open(path)?;
+    file.seek(std::io::SeekFrom::Start(from))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut lines = 0;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(lines);
+        }
+        lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CompactOptions {
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    /// Move removed segments here instead of deleting them.
+    pub archive_dir: Option<PathBuf>,
+    /// Only segments last written longer ago than this go.
+    pub min_age: Duration,
+    /// Say what would go, change nothing.
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CompactReport {
+    pub checkpoint: u64,
+    /// Segment file names removed (or archived), with their sizes.
+    pub removed: Vec<(String, u64)>,
+    pub kept: usize,
+}
+
+impl std::fmt::Display for CompactReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bytes: u64 = self.removed.iter().map(|(_, b)| b).sum();
+        write!(
+            f,
+            "checkpoint at byte {}: {} segments ({} bytes) processed and old enough to go, {} kept",
+            self.checkpoint,
+            self.removed.len(),
+            bytes,
+            self.kept
+        )
+    }
+}
+
+pub async fn compact(opts: &CompactOptions) -> anyhow::Result<CompactReport> {
+    let store = store::open(opts.database_url.as_deref(), &opts.data_dir).await?;
+    let checkpoint = store.progress(FILE_STREAM).await?.position;
+    let log_dir = opts.data_dir.join(LOG_DIR);
+    let segments = list_segments(&log_dir)?;
+    let now = SystemTime::now();
+    let mut report = CompactReport { checkpoint, ..CompactReport::default() };
+    for pair in segments.windows(2) {
+        let ((_, path), (next_base, _)) = (&pair[0], &pair[1]);
+        let meta = std::fs::metadata(path)?;
+        let age = now.duration_since(meta.modified()?).unwrap_or_default();
+        if *next_base > checkpoint || age < opts.min_age {
+            break;
+        }
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        if !opts.dry_run {
+            remove_segment(path, opts.archive_dir.as_deref())?;
+        }
+        tracing::info!(segment = %name, bytes = meta.len(), archived = opts.archive_dir.is_some(), "segment removed by retention");
+        report.removed.push((name, meta.len()));
+    }
+    report.kept = segments.len() - report.removed.len();
+    if !opts.dry_run && !report.removed.is_empty() {
+        std::fs::File::open(&log_dir)?.sync_all()?;
+    }
+    Ok(report)
+}
+
+fn remove_segment(path: &Path, archive_dir: Option<&Path>) -> anyhow::Result<()> {
+    let Some(archive) = archive_dir else {
+        return std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()));
+    };
+    std::fs::create_dir_all(archive)?;
+    let target = archive.join(path.file_name().context("segment without a file name")?);
+    if std::fs::rename(path, &target).is_err() {
+        // Another filesystem: copy, make the copy durable, then remove the original.
+        std::fs::copy(path, &target).with_context(|| format!("cannot archive {} to {}", path.display(), target.display()))?;
+        std::fs::File::open(&target)?.sync_all()?;
+        std::fs::remove_file(path)?;
+    }
+    std::fs::File::open(archive)?.sync_all()?;
+    Ok(())
+}

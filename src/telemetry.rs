@@ -1,0 +1,122 @@
+//! Telemetry: logs (tracing) and metrics (Prometheus text format), set up once per process.
+//!
+//! Metric names are listed in README.md ("Operating eps"); each is recorded where the thing it counts
+//! happens (the log writer counts syncs, the processor counts commits), and rendered by whoever serves
+//! `/metrics`. Nothing here ever records the token.
+
+use std::io::IsTerminal;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Log format on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Sets up the global tracing subscriber: `filter` in EnvFilter syntax; text (colours only on a
+/// terminal) or JSON lines.
+pub fn init_tracing(filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// The process's metrics recorder, installed on first use. Durations are histograms in seconds;
+/// batch sizes histograms in events.
+pub fn metrics() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let seconds = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+        let sizes = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0, 10000.0, 100000.0];
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_events".into()), &sizes))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_requests".into()), &sizes))
+            .expect("bucket lists are not empty");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        // Fails only if another recorder is installed; then metrics go there and this handle renders
+        // nothing, which is harmless.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+}
+
+/// Per-request metrics and the debug-level request log line. Routes are labelled by their pattern
+/// (`/userEvents/{user_id}`), never the concrete path, so user ids do not become label values.
+pub async fn track_requests(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let response = next.run(request).await;
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("eps_http_requests_total", "route" => route.clone(), "method" => method.to_string(), "status" => status.clone())
+        .increment(1);
+    metrics::histogram!("eps_http_request_duration_seconds", "route" => route.clone()).record(elapsed.as_secs_f64());
+    tracing::debug!(%method, %route, %status, micros = elapsed.as_micros() as u64, "request");
+    response
+}
+
+/// Every metric eps records, with its meaning (rendered as `# HELP` lines).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("eps_http_requests_total", "HTTP requests answered, by route pattern, method and status");
+    describe_histogram!("eps_http_request_duration_seconds", Unit::Seconds, "HTTP request latency, by route pattern");
+    describe_counter!("eps_events_appended_total", "Events written to the log and synced");
+    describe_counter!("eps_events_duplicate_total", "Events not written because their id was already in the log");
+    describe_counter!("eps_log_bytes_written_total", "Bytes appended to the log");
+    describe_gauge!("eps_log_end_position_bytes", "Log position just past the last synced line");
+    describe_gauge!("eps_log_segments", "Segment files the writer has opened");
+    describe_counter!("eps_log_fsync_total", "Successful log syncs (one per group commit)");
+    describe_histogram!("eps_log_fsync_duration_seconds", Unit::Seconds, "Time to write and fdatasync one group commit");
+    describe_histogram!("eps_log_commit_batch_events", "Events per group commit");
+    describe_histogram!("eps_log_commit_batch_requests", "Requests per group commit");
+    describe_counter!("eps_log_append_errors_total", "Group commits that failed (the requests got 503)");
+    describe_counter!("eps_processor_events_applied_total", "Events applied to the store by this processor");
+    describe_counter!("eps_processor_invalid_lines_total", "Log lines that were not valid events (dead-lettered)");
+    describe_counter!("eps_processor_commits_total", "Batches committed by this processor");
+    describe_counter!("eps_processor_conflicts_total", "Batches another processor committed first");
+    describe_histogram!("eps_processor_commit_duration_seconds", Unit::Seconds, "Time to commit one batch");
+    describe_gauge!("eps_processor_checkpoint_bytes", "Log position the store's checkpoint has reached");
+    describe_gauge!("eps_processor_lag_bytes", "Log bytes not yet applied (log end minus checkpoint)");
+    describe_gauge!("eps_processor_lag_events", "Events not yet applied (estimated from the average line size)");
+}
+
+/// Serves `/metrics` (and `/healthz`) on `addr` in the background: how a processor, which has no HTTP
+/// server of its own, is scraped. Returns the bound address (useful with port 0).
+pub async fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<std::net::SocketAddr> {
+    use axum::routing::get;
+    metrics();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let router = axum::Router::new()
+        .route("/metrics", get(|| async { metrics().render() }))
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "metrics listener stopped");
+        }
+    });
+    tracing::info!(addr = %bound, "serving processor metrics");
+    Ok(bound)
+}
