@@ -29,6 +29,11 @@ pub struct Cli {
     #[arg(long, global = true, env = "EPS_LOG", default_value = "info")]
     pub log_level: String,
 
+    /// TOML file of settings (keys are flag names, at the top or in [server], [process], [client],
+    /// [status], [compact]). Flags win over environment variables, which win over the file.
+    #[arg(long, global = true, env = "EPS_CONFIG")]
+    pub config: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -61,6 +66,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Show the log, the checkpoint, the lag and the store's totals.
     Status(StatusArgs),
+    /// Print every setting of every command, its value and where it came from (token redacted).
+    Config,
     /// Delete (or archive) log segments the processor has applied, to bound disk use.
     ///
     /// A segment goes only if it is not the newest, every line of it is behind the checkpoint, and it is

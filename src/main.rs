@@ -8,7 +8,31 @@ use eps::cli::{Cli, Command, LogFormat, ProgressArg};
 use eps::{client, demo, processor, server};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The configuration file feeds clap's environment fallbacks, so it is read before parsing.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let from_file = match eps::config::config_path_from_args(&args) {
+        None => Default::default(),
+        Some(path) => match eps::config::apply_file(&path) {
+            Ok(applied) => applied,
+            Err(e) => {
+                eprintln!("eps: error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let cli = Cli::parse_from(args);
+    if let Command::Config = cli.command {
+        return match eps::config::describe(&from_file) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("eps: error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     init_tracing(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -112,6 +136,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("{report}{}", if args.dry_run { " (dry run: nothing removed)" } else { "" });
             Ok(ExitCode::SUCCESS)
         }
+        Command::Config => unreachable!("handled before the runtime starts"),
         Command::Demo(args) => {
             demo::run(args.events).await?;
             Ok(ExitCode::SUCCESS)
