@@ -23,7 +23,7 @@ pub const MAX_EVENT_ID_BYTES: usize = 128;
 pub const MAX_SIGNIFICANT_DIGITS: usize = 28;
 
 /// What an event does to the user's revenue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum EventKind {
     #[serde(rename = "add_revenue")]
     AddRevenue,

@@ -139,6 +139,7 @@ impl Server {
             .route("/healthz", get(routes::healthz))
             .route("/readyz", get(routes::readyz))
             .route("/metrics", get(routes::metrics))
+            .route("/openapi.json", get(routes::openapi_json))
             .fallback(routes::not_found)
             .method_not_allowed_fallback(routes::method_not_allowed)
             .layer(DefaultBodyLimit::max(self.opts.body_limit))

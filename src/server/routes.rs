@@ -66,21 +66,80 @@ async fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
 }
 
 /// The seed's answer, plus `duplicate: true` when the event id was already stored.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct Received {
+    /// Always "Event received".
+    #[schema(example = "Event received")]
     message: &'static str,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schema(required = false)]
     duplicate: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct UserRevenue {
     #[serde(rename = "userId")]
     user_id: String,
     /// The exact decimal as a string: JSON numbers are read as floats by most clients.
+    #[schema(example = "50")]
     revenue: String,
 }
 
+/// The body of every error answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody {
+    /// What went wrong, for a person.
+    pub(crate) error: String,
+}
+
+/// One event, as `POST /liveEvent` takes it (documentation only: parsing is `Event::parse_request`).
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub(super) struct EventBody {
+    /// 1 to 255 bytes of UTF-8, no control characters.
+    #[schema(rename = "userId", example = "user1", min_length = 1, max_length = 255)]
+    user_id: String,
+    #[schema(inline, example = "add_revenue")]
+    name: crate::event::EventKind,
+    /// A JSON number >= 0 with at most 28 significant digits and 28 decimal places.
+    #[schema(value_type = f64, minimum = 0, example = 100)]
+    value: String,
+    /// Idempotency key: a repeat within the server's window is answered `duplicate` and not stored.
+    #[schema(min_length = 1, max_length = 128, required = false, example = "9f2c4e61a0b3d7e8-1")]
+    id: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct Health {
+    #[schema(example = "ok")]
+    status: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct Readiness {
+    /// "ready" or "not ready".
+    status: String,
+    /// "ok", or why the log cannot take events.
+    log: String,
+    /// "ok", or why the database cannot be reached.
+    database: String,
+}
+
+#[utoipa::path(
+    post, path = "/liveEvent", tag = "events",
+    security(("token" = [])),
+    request_body(content = EventBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The event is on stable storage (or its id already was)", body = Received),
+        (status = 400, description = "Not a valid event", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 413, description = "Body larger than the limit", body = ErrorBody),
+        (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
+        (status = 503, description = "The log cannot be written now; retry after Retry-After seconds", body = ErrorBody,
+         headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    )
+)]
 pub(super) async fn live_event(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -95,6 +154,19 @@ pub(super) async fn live_event(
     Ok(Json(Received { message: "Event received", duplicate }))
 }
 
+#[utoipa::path(
+    get, path = "/userEvents/{userId}", tag = "events",
+    security(("token" = [])),
+    params(("userId" = String, Path, description = "The user, 1 to 255 bytes")),
+    responses(
+        (status = 200, description = "The user's revenue as applied by the processor", body = UserRevenue),
+        (status = 400, description = "Not a valid userId", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No event of this user was applied", body = ErrorBody),
+        (status = 503, description = "The database is unreachable; retry after Retry-After seconds", body = ErrorBody,
+         headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    )
+)]
 pub(super) async fn user_events(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -121,13 +193,18 @@ pub(super) async fn method_not_allowed() -> ApiError {
 }
 
 /// `GET /healthz`: the process is up and serving. Unauthenticated, no I/O.
-pub(super) async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Up", body = Health)))]
+pub(super) async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok".into() })
 }
 
 /// `GET /readyz`: ready to take events (the log is writable) and to answer queries (the database
 /// answers a ping within a second). Unauthenticated and cheap: no write, one trivial query.
-pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<serde_json::Value>) {
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+    (status = 200, description = "Ready: the log is writable and the database answers", body = Readiness),
+    (status = 503, description = "Not ready; the body says which part is not", body = Readiness),
+))]
+pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Readiness>) {
     let log_ok = state.log_ready();
     let database = match state.store() {
         Err(_) => Err("not connected yet".to_string()),
@@ -139,16 +216,53 @@ pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, J
     };
     let ready = log_ok && database.is_ok();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body = serde_json::json!({
-        "status": if ready { "ready" } else { "not ready" },
-        "log": if log_ok { "ok".to_string() } else { "the last append failed; see the server's log".to_string() },
-        "database": database.err().unwrap_or_else(|| "ok".to_string()),
-    });
+    let body = Readiness {
+        status: if ready { "ready" } else { "not ready" }.into(),
+        log: if log_ok { "ok" } else { "the last append failed; see the server's log" }.into(),
+        database: database.err().unwrap_or_else(|| "ok".to_string()),
+    };
     (status, Json(body))
 }
 
 /// `GET /metrics`: Prometheus text format. Unauthenticated like most scrape targets; it holds counts
 /// and timings only, never event contents or the token.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses(
+    (status = 200, description = "Prometheus text exposition format", body = String, content_type = "text/plain"),
+))]
 pub(super) async fn metrics() -> ([(header::HeaderName, &'static str); 1], String) {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::metrics().render())
+}
+
+/// The OpenAPI 3 document of every route, generated from the handlers' annotations above.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "eps", description = "Event processing system: durable ingest, exactly-once revenue."),
+    paths(live_event, user_events, healthz, readyz, metrics, openapi_json),
+    components(schemas(Received, UserRevenue, ErrorBody, EventBody, Health, Readiness)),
+    modifiers(&TokenScheme),
+)]
+pub(crate) struct ApiDoc;
+
+struct TokenScheme;
+
+impl utoipa::Modify for TokenScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "token",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "Authorization",
+                "The token, bare (`secret`, as the seed's client sends it) or as `Bearer <token>`",
+            ))),
+        );
+    }
+}
+
+/// `GET /openapi.json`: this document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses(
+    (status = 200, description = "The OpenAPI 3 document of this server", content_type = "application/json"),
+))]
+pub(super) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(<ApiDoc as utoipa::OpenApi>::openapi())
 }
