@@ -235,3 +235,18 @@ mod tests {
         Cli::command().debug_assert();
     }
 }
+
+impl Command {
+    /// The subcommand's name on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Server(_) => "server",
+            Command::Process(_) => "process",
+            Command::Client(_) => "client",
+            Command::Demo(_) => "demo",
+            Command::Status(_) => "status",
+            Command::Config => "config",
+            Command::Compact(_) => "compact",
+        }
+    }
+}

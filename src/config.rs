@@ -19,67 +19,100 @@ const COMMANDS: &[&str] = &["server", "process", "client", "status", "compact"];
 /// Settings whose values are never printed.
 const SECRETS: &[&str] = &["token", "database_url"];
 
-/// Reads the TOML configuration file and exposes each of its settings as the environment variable of
-/// the flag it names, unless that variable is already set. Precedence is therefore: flag, then
-/// environment, then file, then default — clap applies the first three in that order by itself.
+/// The TOML configuration file: keys are flag names, at the top level (for every command that has that
+/// flag) or in a `[server]`, `[process]`, `[client]`, `[status]` or `[compact]` table (for that command
+/// only, and winning over the top level).
 ///
-/// Keys are flag names (`listen`, `data-dir`, `token`...), at the top level (for every command that has
-/// that flag) or in a `[server]`, `[process]`, `[client]`, `[status]` or `[compact]` table. Returns the
-/// variables the file set, so `eps config` can say where each value came from.
-pub fn apply_file(path: &Path) -> Result<BTreeSet<String>, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError(format!("cannot read the configuration file {}: {e}", path.display())))?;
-    let table: toml::Table =
-        text.parse().map_err(|e| ConfigError(format!("{} is not valid TOML: {e}", path.display())))?;
-    let command = Cli::command();
-    let mut applied = BTreeSet::new();
-    let mut set = |scope: Option<&str>, key: &str, value: &toml::Value| -> Result<(), ConfigError> {
-        let value = match value {
-            toml::Value::String(s) => s.clone(),
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            other => return Err(ConfigError(format!("setting {key:?} in {}: {other} is not a plain value", path.display()))),
-        };
-        let mut found = false;
-        for sub in command.get_subcommands().filter(|s| scope.is_none_or(|name| s.get_name() == name)) {
-            for arg in sub.get_arguments().filter(|a| a.get_long() == Some(key) || a.get_id() == key) {
-                let Some(env) = arg.get_env().and_then(|e| e.to_str()) else { continue };
-                found = true;
-                if std::env::var_os(env).is_none() && !applied.contains(env) {
-                    // Single-threaded here: main calls this before starting the runtime.
-                    std::env::set_var(env, &value);
-                    applied.insert(env.to_string());
+/// It is applied by exposing each setting of the command being run as the environment variable of the
+/// flag it names, unless that variable is already set. Precedence is therefore flag, then environment,
+/// then file, then default — clap applies the first three in that order by itself. Several commands
+/// share a variable (`EPS_TOKEN` is the server's and the client's), which is why a file is applied for
+/// one command at a time.
+pub struct FileConfig {
+    path: std::path::PathBuf,
+    table: toml::Table,
+}
+
+impl FileConfig {
+    /// Reads and checks the file: every key must name a flag of a command that has it.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read the configuration file {}: {e}", path.display())))?;
+        let table: toml::Table =
+            text.parse().map_err(|e| ConfigError(format!("{} is not valid TOML: {e}", path.display())))?;
+        let file = FileConfig { path: path.to_path_buf(), table };
+        for (scope, key, value) in file.entries()? {
+            let scopes: Vec<&str> = scope.map_or_else(|| COMMANDS.to_vec(), |s| vec![s]);
+            if !scopes.iter().any(|command| env_of(command, key).is_some()) {
+                return Err(ConfigError(format!(
+                    "unknown setting {}{key:?} in {}: use a flag name of that command",
+                    scope.map(|s| format!("[{s}] ")).unwrap_or_default(),
+                    path.display()
+                )));
+            }
+            scalar(key, value, &file.path)?;
+        }
+        Ok(file)
+    }
+
+    /// (table, key, value) for every setting; `None` for the top level.
+    fn entries(&self) -> Result<Vec<(Option<&str>, &str, &toml::Value)>, ConfigError> {
+        let mut out = Vec::new();
+        for (key, value) in &self.table {
+            match value {
+                toml::Value::Table(inner) => {
+                    let Some(scope) = COMMANDS.iter().copied().find(|c| *c == key) else {
+                        return Err(ConfigError(format!("unknown table [{key}] in {}", self.path.display())));
+                    };
+                    out.extend(inner.iter().map(|(k, v)| (Some(scope), k.as_str(), v)));
                 }
+                _ => out.push((None, key.as_str(), value)),
             }
         }
-        if found {
-            Ok(())
-        } else {
-            Err(ConfigError(format!(
-                "unknown setting {}{key:?} in {}: use a flag name of that command",
-                scope.map(|s| format!("[{s}] ")).unwrap_or_default(),
-                path.display()
-            )))
+        Ok(out)
+    }
+
+    /// Sets the environment variables of `command`'s settings that are not set yet; returns them.
+    /// Call only while no other thread runs (before the runtime starts).
+    pub fn apply(&self, command: &str) -> Result<BTreeSet<String>, ConfigError> {
+        let mut applied = BTreeSet::new();
+        let entries = self.entries()?;
+        // The command's own table first: it wins over the top level.
+        let ordered = entries.iter().filter(|(s, ..)| *s == Some(command)).chain(entries.iter().filter(|(s, ..)| s.is_none()));
+        for (_, key, value) in ordered {
+            let Some(env) = env_of(command, key) else { continue };
+            if std::env::var_os(&env).is_none() && !applied.contains(&env) {
+                std::env::set_var(&env, scalar(key, value, &self.path)?);
+                applied.insert(env);
+            }
         }
-    };
-    // Command tables first: a setting in [server] is more specific than the same key at the top.
-    for (key, value) in &table {
-        if let toml::Value::Table(inner) = value {
-            if !COMMANDS.contains(&key.as_str()) {
-                return Err(ConfigError(format!("unknown table [{key}] in {}", path.display())));
-            }
-            for (k, v) in inner {
-                set(Some(key), k, v)?;
-            }
+        Ok(applied)
+    }
+
+    /// Undoes [`FileConfig::apply`].
+    pub fn unapply(applied: &BTreeSet<String>) {
+        for env in applied {
+            std::env::remove_var(env);
         }
     }
-    for (key, value) in &table {
-        if !matches!(value, toml::Value::Table(_)) {
-            set(None, key, value)?;
-        }
+}
+
+/// The environment variable of `command`'s flag named `key` (its long name or its id).
+fn env_of(command: &str, key: &str) -> Option<String> {
+    let cli = Cli::command();
+    let sub = cli.find_subcommand(command)?;
+    let arg = sub.get_arguments().find(|a| a.get_long() == Some(key) || a.get_id() == key)?;
+    arg.get_env().and_then(|e| e.to_str()).map(str::to_string)
+}
+
+fn scalar(key: &str, value: &toml::Value, path: &Path) -> Result<String, ConfigError> {
+    match value {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        other => Err(ConfigError(format!("setting {key:?} in {}: {other} is not a plain value", path.display()))),
     }
-    Ok(applied)
 }
 
 /// The configuration path given by `--config PATH`, `--config=PATH` or `EPS_CONFIG`, read before clap
@@ -99,12 +132,18 @@ pub fn config_path_from_args(args: &[std::ffi::OsString]) -> Option<std::path::P
 }
 
 /// Every setting of every command with its effective value and where it came from, secrets redacted.
-pub fn describe(from_file: &BTreeSet<String>) -> Result<String, ConfigError> {
+/// Call only while no other thread runs (it applies the file for each command in turn).
+pub fn describe(file: Option<&FileConfig>) -> Result<String, ConfigError> {
     let mut out = String::new();
     for name in COMMANDS {
-        let matches = Cli::command()
-            .try_get_matches_from(["eps", name])
-            .map_err(|e| ConfigError(format!("the configuration is not valid for eps {name}: {e}")))?;
+        let from_file = match file {
+            Some(file) => file.apply(name)?,
+            None => BTreeSet::new(),
+        };
+        let matches = Cli::command().try_get_matches_from(["eps", name]);
+        FileConfig::unapply(&from_file);
+        let matches =
+            matches.map_err(|e| ConfigError(format!("the configuration is not valid for eps {name}: {e}")))?;
         let (_, sub) = matches.subcommand().expect("a subcommand was given");
         let command = Cli::command();
         let sub_command = command.find_subcommand(name).expect("known subcommand");

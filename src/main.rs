@@ -8,21 +8,25 @@ use eps::cli::{Cli, Command, LogFormat, ProgressArg};
 use eps::{client, demo, processor, server};
 
 fn main() -> ExitCode {
-    // The configuration file feeds clap's environment fallbacks, so it is read before parsing.
+    // The configuration file feeds clap's environment fallbacks, so it is applied before the real
+    // parse, for the command being run (a first parse only finds out which one that is).
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let from_file = match eps::config::config_path_from_args(&args) {
-        None => Default::default(),
-        Some(path) => match eps::config::apply_file(&path) {
-            Ok(applied) => applied,
-            Err(e) => {
-                eprintln!("eps: error: {e}");
-                return ExitCode::from(2);
-            }
-        },
+    let file = match eps::config::config_path_from_args(&args).map(|p| eps::config::FileConfig::load(&p)).transpose() {
+        Ok(file) => file,
+        Err(e) => {
+            eprintln!("eps: error: {e}");
+            return ExitCode::from(2);
+        }
     };
+    if let (Some(file), Ok(first)) = (&file, Cli::try_parse_from(&args)) {
+        if let Err(e) = file.apply(first.command.name()) {
+            eprintln!("eps: error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let cli = Cli::parse_from(args);
     if let Command::Config = cli.command {
-        return match eps::config::describe(&from_file) {
+        return match eps::config::describe(file.as_ref()) {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS

@@ -207,10 +207,12 @@ fn summarize(chunk: &Chunk) -> anyhow::Result<(Batch, Vec<u64>)> {
     let mut sums: HashMap<String, Decimal> = HashMap::new();
     let mut batch = Batch { from: chunk.start, to: chunk.end, ..Batch::default() };
     for (position, line) in chunk.lines() {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        match EventRef::parse_log_line(line) {
+        let parsed = match line {
+            Ok(line) if line.iter().all(u8::is_ascii_whitespace) => continue,
+            Ok(line) => EventRef::parse_log_line(line).map_err(|e| (e.to_string(), line)),
+            Err(torn) => Err(("line without its newline at the end of an older segment (a torn write)".into(), torn)),
+        };
+        match parsed {
             Ok(event) => {
                 let delta = event.delta();
                 let sum = match sums.get_mut(event.user_id.as_ref()) {
@@ -225,11 +227,11 @@ fn summarize(chunk: &Chunk) -> anyhow::Result<(Batch, Vec<u64>)> {
                 })?;
                 batch.events += 1;
             }
-            Err(e) => batch.invalid.push(InvalidLine {
+            Err((error, line)) => batch.invalid.push(InvalidLine {
                 position,
                 segment: chunk.segment.clone(),
                 segment_offset: position - chunk.segment_base,
-                error: e.to_string(),
+                error,
                 line: excerpt(line),
             }),
         }

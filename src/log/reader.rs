@@ -30,13 +30,14 @@ pub struct Chunk {
 }
 
 impl Chunk {
-    /// The lines with their positions, without the newline.
-    pub fn lines(&self) -> impl Iterator<Item = (u64, &[u8])> {
+    /// The lines with their positions, without the newline. A line that has no newline (only possible
+    /// last, at the end of an older segment) comes as `Err`: it is a torn write, never an event.
+    pub fn lines(&self) -> impl Iterator<Item = (u64, Result<&[u8], &[u8]>)> {
         let mut pos = self.start;
         self.data.split_inclusive(|&b| b == b'\n').map(move |line| {
             let at = pos;
             pos += line.len() as u64;
-            (at, line.strip_suffix(b"\n").unwrap_or(line))
+            (at, line.strip_suffix(b"\n").ok_or(line))
         })
     }
 }
