@@ -93,16 +93,19 @@ pub(crate) struct ErrorBody {
 }
 
 /// One event, as `POST /liveEvent` takes it (documentation only: parsing is `Event::parse_request`).
-#[derive(Debug, utoipa::ToSchema)]
+/// Fields other than these four are refused.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub(super) struct EventBody {
     /// 1 to 255 bytes of UTF-8, no control characters.
-    #[schema(rename = "userId", example = "user1", min_length = 1, max_length = 255)]
+    #[serde(rename = "userId")]
+    #[schema(example = "user1", min_length = 1, max_length = 255, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$")]
     user_id: String,
     #[schema(inline, example = "add_revenue")]
     name: crate::event::EventKind,
-    /// A JSON number >= 0 with at most 28 significant digits and 28 decimal places.
-    #[schema(value_type = f64, minimum = 0, example = 100)]
+    /// A JSON number >= 0 with at most 28 significant digits and 28 decimal places (so below 7.9e28).
+    #[schema(value_type = f64, minimum = 0, exclusive_maximum = 79228162514264337593543950335.0, example = 100)]
     value: String,
     /// Idempotency key: a repeat within the server's window is answered `duplicate` and not stored.
     #[schema(min_length = 1, max_length = 128, required = false, example = "9f2c4e61a0b3d7e8-1")]
