@@ -84,7 +84,7 @@ impl Event {
     /// Strict: fields other than `userId`, `name`, `value` and `id` are refused, so a typo such as
     /// `userID` is an error and not a silently different event.
     pub fn parse_request(bytes: &[u8]) -> Result<Event, EventError> {
-        let raw: RequestBody<'_> = serde_json::from_slice(bytes).map_err(json_error)?;
+        let raw: RequestBody<'_> = serde_json::from_slice(bytes).map_err(|e| json_error(e, bytes))?;
         let user_id = check_user_id(raw.user_id)?;
         let id = match raw.id {
             None => None,
@@ -119,7 +119,7 @@ impl<'a> EventRef<'a> {
     /// Parses one line of the log. Lenient about extra fields (the log may be written by other
     /// programs); strict about the three the seed defines.
     pub fn parse_log_line(line: &'a [u8]) -> Result<EventRef<'a>, EventError> {
-        let raw: LogLine<'a> = serde_json::from_slice(line).map_err(json_error)?;
+        let raw: LogLine<'a> = serde_json::from_slice(line).map_err(|e| json_error(e, line))?;
         let user_id = check_user_id(raw.user_id)?;
         let value = parse_value(raw.value)?;
         let id = match raw.id {
@@ -173,12 +173,32 @@ struct LogLine<'a> {
     id: Option<Cow<'a, str>>,
 }
 
-fn json_error(e: serde_json::Error) -> EventError {
+/// Longest error message echoed back: messages quote the offending value, which may be 1 MiB long.
+const MAX_ERROR_CHARS: usize = 300;
+
+/// `text`, cut to a length fit for an error message.
+fn shorten(text: &str) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(64) {
+        Some((cut, _)) => format!("{}…", &text[..cut]).into(),
+        None => text.into(),
+    }
+}
+
+fn json_error(e: serde_json::Error, input: &[u8]) -> EventError {
     use serde_json::error::Category;
+    let mut message = e.to_string();
+    if message.chars().count() > MAX_ERROR_CHARS {
+        message = message.chars().take(MAX_ERROR_CHARS).chain("…".chars()).collect();
+    }
     match e.classify() {
         // Data errors are about the shape of a well-formed document: say "invalid event".
-        Category::Data => EventError::Invalid(e.to_string()),
-        Category::Syntax | Category::Eof | Category::Io => EventError::Json(e.to_string()),
+        Category::Data => EventError::Invalid(message),
+        // serde_json reports some type errors (`"name": 1`) as syntax errors; only call the body
+        // malformed when it really is not JSON.
+        Category::Syntax if serde_json::from_slice::<serde::de::IgnoredAny>(input).is_ok() => {
+            EventError::Invalid(message)
+        }
+        Category::Syntax | Category::Eof | Category::Io => EventError::Json(message),
     }
 }
 
@@ -211,13 +231,13 @@ fn parse_value(raw: &RawValue) -> Result<Decimal, EventError> {
     match text.as_bytes().first() {
         Some(b'-' | b'0'..=b'9') => parse_decimal_number(text),
         Some(b'"') => Err(EventError::invalid("value must be a JSON number, not a string")),
-        _ => Err(EventError::invalid(format!("value must be a number, got {text}"))),
+        _ => Err(EventError::invalid(format!("value must be a number, got {}", shorten(text)))),
     }
 }
 
 /// Parses the text of a JSON number (already checked by serde_json's grammar) into an exact decimal.
 pub fn parse_decimal_number(text: &str) -> Result<Decimal, EventError> {
-    let err = |m: &str| EventError::invalid(format!("value {text}: {m}"));
+    let err = |m: &str| EventError::invalid(format!("value {}: {m}", shorten(text)));
     if text.starts_with('-') {
         return Err(err("must not be negative"));
     }
@@ -345,6 +365,7 @@ mod tests {
             (r#"{"userId":"","name":"add_revenue","value":1}"#, false),
             (r#"{"userId":"a\u0000b","name":"add_revenue","value":1}"#, false),
             (r#"{"userId":"u","name":"refund","value":1}"#, false),
+            (r#"{"userId":"u","name":1,"value":1}"#, false),
             (r#"{"userId":"u","value":1}"#, false),
             (r#"{"userId":5,"name":"add_revenue","value":1}"#, false),
             (r#"{"userId":"u","name":"add_revenue","value":1,"extra":1}"#, false),

@@ -303,7 +303,12 @@ impl Writer {
     fn roll(&mut self) -> io::Result<()> {
         let base = self.base + self.len;
         let path = self.opts.dir.join(segment_name(base));
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        // `create` rather than `create_new`: an earlier roll may have created this file and then failed
+        // to sync it; an empty leftover is reused, a non-empty one is never overwritten.
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        if file.metadata()?.len() != 0 {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists and is not empty", path.display())));
+        }
         file.sync_all()?;
         sync_dir(&self.opts.dir)?;
         self.file = file;

@@ -4,7 +4,10 @@
 //! connection forever. This loop serves each connection with hyper directly, with:
 //! - a bound on open connections (a semaphore; at the bound, new connections wait in the kernel's
 //!   backlog instead of costing memory here);
-//! - a header read timeout (slow-loris headers are cut off);
+//! - a first-byte timeout and a header read timeout (a connection that sends nothing, or its headers
+//!   one byte at a time, is closed);
+//! - HTTP/1.1 only: what the seed's clients speak. hyper-util's HTTP/1-or-2 detection runs before any
+//!   timer applies, and an idle HTTP/2 connection would hold a slot with no request in flight;
 //! - graceful shutdown: on the signal the listener closes, idle keep-alive connections are closed, and
 //!   requests in flight run to completion (bounded by [`Limits::drain_timeout`]).
 
@@ -13,8 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -46,8 +49,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -68,10 +71,22 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let connection = graceful.watch(connection);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let first_byte_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            // hyper's header timeout starts with the first byte of a request; until then, this one.
+            let mut byte = [0u8; 1];
+            match tokio::time::timeout(first_byte_timeout, stream.peek(&mut byte)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => {
+                    tracing::debug!(%peer, "connection closed: no request within the timeout");
+                    drop(permit);
+                    return;
+                }
+            }
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);
