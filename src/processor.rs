@@ -89,7 +89,11 @@ impl std::fmt::Display for ProcessSummary {
 /// Runs until caught up (or, with `follow`, until `shutdown` resolves).
 pub async fn run(opts: ProcessOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<ProcessSummary> {
     store::check_database_url(opts.database_url.as_deref())?;
-    let store = open_store(&opts).await?;
+    tokio::pin!(shutdown);
+    let store = tokio::select! {
+        store = open_store(&opts) => store?,
+        () = &mut shutdown => return Ok(ProcessSummary::default()),
+    };
     run_with_store(opts, store, shutdown).await
 }
 
@@ -163,7 +167,8 @@ pub async fn run_with_store(
             }
         }
         record_lag(&reader, position, bytes_per_event);
-        if opts.follow && futures::poll!(&mut shutdown).is_ready() {
+        // Between transactions, in both modes: SIGTERM stops a one-shot run cleanly too.
+        if futures::poll!(&mut shutdown).is_ready() {
             break;
         }
     }

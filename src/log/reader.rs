@@ -78,6 +78,12 @@ impl LogReader {
     /// is longer). `Ok(None)`: nothing complete after `position` yet.
     pub fn read(&mut self, position: u64) -> Result<Option<Chunk>, ReadError> {
         loop {
+            // Whether this segment is the newest must be known BEFORE its length is read: the writer
+            // only starts a new segment after the last write to the old one is complete, so a segment
+            // seen not-newest here has its final length below. Read the other way round, a half-written
+            // line seen in the length could be taken for the torn end of an older segment.
+            let segments = list_segments(&self.dir)?;
+            let newest = segments.last().map(|(b, _)| *b);
             let (base, len) = match &self.open {
                 Some((base, file)) if *base <= position => {
                     let len = file.metadata()?.len();
@@ -99,7 +105,6 @@ impl LogReader {
             }
             if offset == len {
                 // At the end of this segment: go on in the next one if there is one.
-                let segments = list_segments(&self.dir)?;
                 match segments.iter().find(|(b, _)| *b > base) {
                     Some((next, _)) if *next == position => {
                         self.open = None;
@@ -109,7 +114,8 @@ impl LogReader {
                     None => return Ok(None),
                 }
             }
-            let is_last = list_segments(&self.dir)?.last().is_some_and(|(b, _)| *b == base);
+            // A segment created after the listing above counts as not existing yet: conservative.
+            let is_last = newest.is_none_or(|b| b <= base);
             let (_, file) = self.open.as_ref().expect("segment opened above");
             return Ok(read_lines(file, base, offset, len, self.max_chunk_bytes, is_last)?);
         }
