@@ -100,9 +100,14 @@ pub struct ServerArgs {
     #[arg(long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true, hide_env_values = true)]
     pub token: String,
 
-    /// Largest accepted request body, in bytes (larger ones get 413).
+    /// Largest accepted POST /liveEvent body, in bytes (larger ones get 413).
     #[arg(long, env = "EPS_BODY_LIMIT", default_value_t = 1024 * 1024)]
     pub body_limit: usize,
+
+    /// Largest accepted POST /events (batch) body, in bytes (larger ones get 413). A batch also holds
+    /// at most 10,000 events.
+    #[arg(long, env = "EPS_BATCH_BODY_LIMIT", default_value_t = 16 * 1024 * 1024)]
+    pub batch_body_limit: usize,
 
     /// Longest a client may take to send a request's headers, and then its body, in seconds (408 after).
     #[arg(long, env = "EPS_REQUEST_TIMEOUT_SECS", default_value_t = 10)]
@@ -165,9 +170,14 @@ pub struct ClientArgs {
     #[arg(long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true, hide_env_values = true)]
     pub token: String,
 
-    /// Requests in flight at once.
-    #[arg(long, env = "EPS_CONCURRENCY", default_value_t = 64)]
-    pub concurrency: usize,
+    /// Events per request. 1 sends each event alone to POST /liveEvent (what the seed's server
+    /// takes); more sends JSON Lines batches to POST /events, much faster. A batch is also cut at 1 MiB.
+    #[arg(long, env = "EPS_BATCH", default_value_t = 1000)]
+    pub batch: usize,
+
+    /// Requests in flight at once [default: 64 with --batch 1, else 8].
+    #[arg(long, env = "EPS_CONCURRENCY")]
+    pub concurrency: Option<usize>,
 
     /// Attempts per event before it counts as failed (connection errors, 408, 429 and 5xx are retried).
     #[arg(long, env = "EPS_MAX_ATTEMPTS", default_value_t = 10)]

@@ -56,6 +56,22 @@ use tokio::task::{JoinError, JoinSet};
 
 use crate::event::{Event, EventKind};
 
+/// Events per request by default.
+pub const DEFAULT_BATCH: usize = 1000;
+/// A batch is sent once its body reaches this size, even with fewer events (well under the server's
+/// default limit of 16 MiB for `POST /events`).
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// Requests in flight by default: many single events share each of the server's syncs, while a few
+/// batches in flight already keep both the network and the server's writer busy.
+pub fn default_concurrency(batch: usize) -> usize {
+    if batch <= 1 {
+        64
+    } else {
+        8
+    }
+}
+
 /// Longest input line the client buffers; a longer line is reported invalid without being read whole.
 pub const MAX_LINE_BYTES: usize = 1024 * 1024;
 /// Longest `Retry-After` the client obeys.
@@ -80,7 +96,10 @@ pub struct ClientOptions {
     pub url: String,
     /// Sent as `Authorization: <token>` (bare, like the seed's client); no header when empty.
     pub token: String,
-    /// Requests in flight at most (default 64; 0 counts as 1).
+    /// Events per request: 1 sends each event to `POST /liveEvent` (what any seed-compatible server
+    /// takes), more sends JSON Lines batches to `POST /events` (default 1000; 0 counts as 1).
+    pub batch: usize,
+    /// Requests in flight at most (default 64 for single events, 8 for batches; 0 counts as 1).
     pub concurrency: usize,
     /// Attempts per event, the first included (default 10; 0 counts as 1).
     pub max_attempts: u32,
@@ -96,7 +115,8 @@ impl Default for ClientOptions {
             file: PathBuf::from("events.jsonl"),
             url: "http://127.0.0.1:8000".to_owned(),
             token: String::new(),
-            concurrency: 64,
+            batch: DEFAULT_BATCH,
+            concurrency: default_concurrency(DEFAULT_BATCH),
             max_attempts: 10,
             timeout: Duration::from_secs(10),
             progress: Progress::Auto,
@@ -235,7 +255,9 @@ pub(crate) async fn run_with(opts: ClientOptions, tuning: Tuning) -> anyhow::Res
     let mut reports = Reports::default();
     let concurrency = opts.concurrency.max(1);
 
-    let mut in_flight: JoinSet<(u64, Outcome)> = JoinSet::new();
+    let batch_size = opts.batch.max(1);
+    let mut in_flight: JoinSet<(Vec<u64>, Outcome)> = JoinSet::new();
+    let mut pending = Pending::default();
     let mut buf = Vec::with_capacity(4096);
     let mut line_no: u64 = 0;
     let read_result: anyhow::Result<()> = loop {
@@ -263,30 +285,31 @@ pub(crate) async fn run_with(opts: ClientOptions, tuning: Tuning) -> anyhow::Res
         counters.lines.fetch_add(1, Ordering::Relaxed);
         let prepared = if read.too_long {
             Err(format!("line is longer than {MAX_LINE_BYTES} bytes"))
+        } else if batch_size == 1 {
+            prepare(line, line_no, &run_id).map(|body| pending.add(&body, line_no))
         } else {
-            prepare(line, line_no, &run_id)
+            prepare_line(line, line_no, &run_id, &mut pending.body).map(|()| pending.lines.push(line_no))
         };
-        match prepared {
-            Err(message) => {
-                counters.invalid.fetch_add(1, Ordering::Relaxed);
-                console.report(&format!("line {line_no}: {message}"));
-            }
-            Ok(body) => {
-                while in_flight.len() >= concurrency {
-                    match in_flight.join_next().await {
-                        Some(done) => tally(done, &counters, &mut reports, &console),
-                        None => break,
-                    }
-                }
-                counters.sent.fetch_add(1, Ordering::Relaxed);
-                let sender = Arc::clone(&sender);
-                in_flight.spawn(async move { (line_no, sender.deliver(body).await) });
-            }
+        if let Err(message) = prepared {
+            counters.invalid.fetch_add(1, Ordering::Relaxed);
+            console.report(&format!("line {line_no}: {message}"));
+            continue;
+        }
+        if pending.lines.len() >= batch_size || pending.body.len() >= MAX_BATCH_BYTES {
+            wait_for_room(&mut in_flight, concurrency, &counters, &mut reports, &console).await;
+            pending.send(&sender, &counters, &mut in_flight);
         }
     };
+    if !pending.lines.is_empty() {
+        wait_for_room(&mut in_flight, concurrency, &counters, &mut reports, &console).await;
+        pending.send(&sender, &counters, &mut in_flight);
+    }
     while let Some(done) = in_flight.join_next().await {
         tally(done, &counters, &mut reports, &console);
     }
+    // Events of a sending task that panicked were counted as sent but never answered: failed.
+    let unanswered = counters.sent.load(Ordering::Relaxed).saturating_sub(counters.done());
+    counters.failed.fetch_add(unanswered, Ordering::Relaxed);
     reports.finish(&console);
     console.finish();
     read_result?;
@@ -294,6 +317,65 @@ pub(crate) async fn run_with(opts: ClientOptions, tuning: Tuning) -> anyhow::Res
     let summary = counters.summary(started.elapsed());
     tracing::info!(run_id, %summary, "client run ends");
     Ok(summary)
+}
+
+/// Waits until fewer than `concurrency` requests are in flight, counting those that end.
+async fn wait_for_room(
+    in_flight: &mut JoinSet<(Vec<u64>, Outcome)>,
+    concurrency: usize,
+    counters: &Counters,
+    reports: &mut Reports,
+    console: &Console,
+) {
+    while in_flight.len() >= concurrency {
+        match in_flight.join_next().await {
+            Some(done) => tally(done, counters, reports, console),
+            None => break,
+        }
+    }
+}
+
+/// The request being filled: its body and the file line number of each event in it.
+#[derive(Default)]
+struct Pending {
+    body: Vec<u8>,
+    lines: Vec<u64>,
+}
+
+impl Pending {
+    fn add(&mut self, body: &[u8], line_no: u64) {
+        self.body.extend_from_slice(body);
+        self.lines.push(line_no);
+    }
+
+    /// Hands the request to a sending task and starts an empty one.
+    fn send(&mut self, sender: &Arc<Sender>, counters: &Counters, in_flight: &mut JoinSet<(Vec<u64>, Outcome)>) {
+        let Pending { body, lines } = std::mem::take(self);
+        counters.sent.fetch_add(lines.len() as u64, Ordering::Relaxed);
+        let sender = Arc::clone(sender);
+        in_flight.spawn(async move {
+            let outcome = sender.deliver(body).await;
+            (lines, outcome)
+        });
+    }
+}
+
+/// Validates one line and appends it to a batch body, with its id: a line without one gets
+/// `"id":"<run>-<line>",` inserted after its opening brace, so the rest of the line is sent as written.
+fn prepare_line(line: &[u8], line_no: u64, run_id: &str, body: &mut Vec<u8>) -> Result<(), String> {
+    let event = crate::event::EventRef::parse_request(line).map_err(|e| e.to_string())?;
+    // A valid event is a JSON object with at least one field: its first non-blank byte is `{`.
+    let brace = line.iter().position(|&b| b == b'{').ok_or("an event must be a JSON object")?;
+    let line = &line[brace..];
+    if event.id.is_some() {
+        body.extend_from_slice(line);
+    } else {
+        body.push(b'{');
+        body.extend_from_slice(format!("\"id\":\"{run_id}-{line_no}\",").as_bytes());
+        body.extend_from_slice(&line[1..]);
+    }
+    body.push(b'\n');
+    Ok(())
 }
 
 /// Validates one line and builds the body to send, or says why the line is invalid.
@@ -367,11 +449,14 @@ fn trim_line(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
-/// What became of one event.
+/// What became of one request (one event, or a batch).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Outcome {
-    Accepted { duplicate: bool },
-    Rejected { status: StatusCode, error: String },
+    /// The server took the request. `rejected` lists the lines of a batch it refused, by their
+    /// 1-based position in the request.
+    Accepted { duplicates: u64, rejected: Vec<(usize, String)> },
+    /// The whole request was refused.
+    Rejected { status: StatusCode, error: String, lines: Vec<(usize, String)> },
     Failed { attempts: u32, error: String },
 }
 
@@ -388,13 +473,15 @@ struct Sender {
 impl Sender {
     fn new(opts: &ClientOptions, backoff: Backoff) -> anyhow::Result<Sender> {
         let base = opts.url.trim_end_matches('/');
-        let endpoint = reqwest::Url::parse(&format!("{base}/liveEvent"))
+        let path = if opts.batch <= 1 { "liveEvent" } else { "events" };
+        let endpoint = reqwest::Url::parse(&format!("{base}/{path}"))
             .with_context(|| format!("invalid server URL {:?}", opts.url))?;
         if !matches!(endpoint.scheme(), "http" | "https") {
             anyhow::bail!("invalid server URL {:?}: the scheme must be http or https", opts.url);
         }
         let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let content_type = if opts.batch <= 1 { "application/json" } else { "application/x-ndjson" };
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
         if !opts.token.is_empty() {
             let mut token = HeaderValue::from_str(&opts.token)
                 .context("the token contains characters not allowed in an HTTP header")?;
@@ -443,11 +530,18 @@ impl Sender {
         let status = response.status();
         let retry_after = retry_after(response.headers());
         let reply = read_capped(response, MAX_REPLY_BYTES).await;
+        let parsed = reply.as_ref().ok().and_then(|b| serde_json::from_slice::<Reply>(b).ok());
         if status.is_success() {
-            // The server has taken the event; a broken reply body does not change that.
-            let duplicate =
-                reply.ok().and_then(|b| serde_json::from_slice::<Reply>(&b).ok()).is_some_and(|r| r.duplicate);
-            return Attempt::Done(Outcome::Accepted { duplicate });
+            // The server has taken the request; a broken reply body does not change that.
+            let reply = parsed.unwrap_or_default();
+            let duplicates = if reply.duplicate { 1 } else { reply.duplicates };
+            return Attempt::Done(Outcome::Accepted { duplicates, rejected: reply.line_errors() });
+        }
+        if status == StatusCode::BAD_REQUEST {
+            if let Some(lines) = parsed.map(|r| r.line_errors()).filter(|l| !l.is_empty()) {
+                // A batch none of whose lines is valid: each line has its own error.
+                return Attempt::Done(Outcome::Rejected { status, error: String::new(), lines });
+            }
         }
         let error = match reply {
             Ok(bytes) => reply_error(status, &bytes),
@@ -456,7 +550,7 @@ impl Sender {
         if retryable(status) {
             Attempt::Retry { error: format!("HTTP {status}: {error}"), retry_after }
         } else {
-            Attempt::Done(Outcome::Rejected { status, error })
+            Attempt::Done(Outcome::Rejected { status, error, lines: Vec::new() })
         }
     }
 }
@@ -476,12 +570,30 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     value.parse::<u64>().ok().map(Duration::from_secs)
 }
 
-#[derive(Deserialize)]
+/// What the client reads from an answer: `POST /liveEvent`'s `duplicate`, `POST /events`'s counts
+/// and per-line errors, any error's `error`.
+#[derive(Deserialize, Default)]
 struct Reply {
     #[serde(default)]
     duplicate: bool,
     #[serde(default)]
+    duplicates: u64,
+    #[serde(default)]
+    errors: Vec<ReplyLineError>,
+    #[serde(default)]
     error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct ReplyLineError {
+    line: usize,
+    error: String,
+}
+
+impl Reply {
+    fn line_errors(&self) -> Vec<(usize, String)> {
+        self.errors.iter().map(|e| (e.line, e.error.clone())).collect()
+    }
 }
 
 /// The server's explanation: the JSON `error` field, else the body's text, else the status reason.
@@ -572,26 +684,42 @@ impl Counters {
     }
 }
 
-fn tally(done: Result<(u64, Outcome), JoinError>, counters: &Counters, reports: &mut Reports, console: &Console) {
+fn tally(done: Result<(Vec<u64>, Outcome), JoinError>, counters: &Counters, reports: &mut Reports, console: &Console) {
+    // The file line of the request's `n`-th event (1-based); a position the request does not have
+    // (a confused server) is reported against the request's first line.
+    let file_line = |lines: &[u64], n: usize| lines.get(n.wrapping_sub(1)).or(lines.first()).copied().unwrap_or(0);
     match done {
-        Ok((_, Outcome::Accepted { duplicate })) => {
-            counters.accepted.fetch_add(1, Ordering::Relaxed);
-            if duplicate {
-                counters.duplicates.fetch_add(1, Ordering::Relaxed);
+        Ok((lines, Outcome::Accepted { duplicates, rejected })) => {
+            let refused = (rejected.len() as u64).min(lines.len() as u64);
+            counters.accepted.fetch_add(lines.len() as u64 - refused, Ordering::Relaxed);
+            counters.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+            counters.rejected.fetch_add(refused, Ordering::Relaxed);
+            for (n, error) in rejected {
+                reports.report(console, file_line(&lines, n), format!("HTTP 200, line refused: {error}"));
             }
         }
-        Ok((line, Outcome::Rejected { status, error })) => {
-            counters.rejected.fetch_add(1, Ordering::Relaxed);
-            reports.report(console, line, format!("HTTP {status}: {error}"));
+        Ok((lines, Outcome::Rejected { status, error, lines: per_line })) => {
+            counters.rejected.fetch_add(lines.len() as u64, Ordering::Relaxed);
+            if per_line.is_empty() {
+                for line in lines {
+                    reports.report(console, line, format!("HTTP {status}: {error}"));
+                }
+            } else {
+                for (n, error) in per_line {
+                    reports.report(console, file_line(&lines, n), format!("HTTP {status}: {error}"));
+                }
+            }
         }
-        Ok((line, Outcome::Failed { attempts, error })) => {
-            counters.failed.fetch_add(1, Ordering::Relaxed);
-            reports.report(console, line, format!("failed after {attempts} attempts: {error}"));
+        Ok((lines, Outcome::Failed { attempts, error })) => {
+            counters.failed.fetch_add(lines.len() as u64, Ordering::Relaxed);
+            for line in lines {
+                reports.report(console, line, format!("failed after {attempts} attempts: {error}"));
+            }
         }
         Err(e) => {
-            // A sending task panicked or was cancelled: its event is not known to be delivered.
-            counters.failed.fetch_add(1, Ordering::Relaxed);
-            console.report(&format!("an event was lost by a failed sending task: {e}"));
+            // A sending task panicked or was cancelled: its events are not known to be delivered. (The
+            // line numbers went down with the task; the whole count is kept by `sent`.)
+            console.report(&format!("a request was lost by a failed sending task: {e}"));
         }
     }
 }
@@ -853,11 +981,13 @@ mod tests {
         input(&lines.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
+    /// Single events to `POST /liveEvent`: most tests below are about one event's fate.
     fn options(file: &tempfile::NamedTempFile, url: &str) -> ClientOptions {
         ClientOptions {
             file: file.path().to_owned(),
             url: url.to_owned(),
             token: "secret-token".to_owned(),
+            batch: 1,
             concurrency: 8,
             max_attempts: 5,
             timeout: Duration::from_secs(5),
@@ -882,6 +1012,86 @@ mod tests {
         assert_eq!(run.len(), 16, "{id}");
         assert!(run.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
         run
+    }
+
+    /// Each request's body and Content-Type, in arrival order.
+    type Bodies = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+    /// A `POST /events` stand-in: records each body; answers 503 to the first request, then 200 with
+    /// line 2 of every batch refused.
+    async fn serve_batches() -> (String, Bodies) {
+        let bodies: Bodies = Arc::default();
+        let seen = Arc::clone(&bodies);
+        let handler = move |headers: AxumHeaders, body: Bytes| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let content_type = headers.get("content-type").map(|v| v.to_str().unwrap().to_owned());
+                let text = String::from_utf8(body.to_vec()).unwrap();
+                let lines = text.lines().count();
+                let first = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push((text, content_type));
+                    seen.len() == 1
+                };
+                if first {
+                    return (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "busy"}))).into_response();
+                }
+                let refused = usize::from(lines >= 2);
+                let errors: Vec<_> =
+                    (refused == 1).then(|| serde_json::json!({"line": 2, "error": "invalid event: made up"})).into_iter().collect();
+                let answer = serde_json::json!({
+                    "accepted": lines - refused, "duplicates": 1, "rejected": refused, "errors": errors,
+                });
+                Json(answer).into_response()
+            }
+        };
+        let app = Router::new().route("/events", post(handler));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}"), bodies)
+    }
+
+    #[tokio::test]
+    async fn batches_carry_ids_are_retried_whole_and_map_line_errors_to_the_file() {
+        let (url, bodies) = serve_batches().await;
+        let file = input(&[
+            r#"{"userId":"u1","name":"add_revenue","value":100}"#,
+            r#"  {"userId":"u2","name":"add_revenue","value":1.50,"id":"mine"}"#,
+            r#"{"userId":"u3","name":"refund","value":1}"#,
+            "",
+            r#"{"userId":"u4","name":"subtract_revenue","value":2}"#,
+            r#"{"userId":"u5","name":"add_revenue","value":3}"#,
+        ]);
+        let opts = ClientOptions { batch: 3, concurrency: 1, ..options(&file, &url) };
+        let (summary, reports) = run_fast(opts).await;
+        // Two batches: lines 1, 2, 5 and line 6; line 3 is invalid and never sent. The stand-in
+        // refuses the second line of each batch (only batch one has one) and calls one a duplicate.
+        let expected = ClientSummary {
+            lines: 5,
+            sent: 4,
+            accepted: 3,
+            duplicates: 2,
+            rejected: 1,
+            invalid: 1,
+            elapsed: summary.elapsed,
+            ..Default::default()
+        };
+        assert_eq!(summary, expected, "{reports:?}");
+        assert!(reports.iter().any(|r| r.starts_with("line 3: invalid event")), "{reports:?}");
+        assert!(reports.iter().any(|r| r == "line 2: HTTP 200, line refused: invalid event: made up"), "{reports:?}");
+
+        let bodies = bodies.lock().unwrap().clone();
+        assert_eq!(bodies.len(), 3, "the first batch once refused with 503, then again, then the second");
+        assert_eq!(bodies[0], bodies[1], "a retried batch is the same bytes, hence the same ids");
+        let lines: Vec<serde_json::Value> = bodies[0].0.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let run = run_id_of(lines[0]["id"].as_str().unwrap()).to_owned();
+        let ids: Vec<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, [format!("{run}-1").as_str(), "mine", format!("{run}-5").as_str()]);
+        // The rest of each line is sent as written (the value's text included).
+        assert!(bodies[0].0.lines().nth(1).unwrap().contains(r#""value":1.50"#), "{}", bodies[0].0);
+        assert_eq!(bodies[0].1.as_deref(), Some("application/x-ndjson"));
+        assert_eq!(bodies[2].0, format!("{{\"id\":\"{run}-6\",\"userId\":\"u5\",\"name\":\"add_revenue\",\"value\":3}}\n"));
     }
 
     #[tokio::test]

@@ -84,41 +84,65 @@ impl Event {
     /// Strict: fields other than `userId`, `name`, `value` and `id` are refused, so a typo such as
     /// `userID` is an error and not a silently different event.
     pub fn parse_request(bytes: &[u8]) -> Result<Event, EventError> {
-        let raw: RequestBody<'_> = serde_json::from_slice(bytes).map_err(|e| json_error(e, bytes))?;
-        let user_id = check_user_id(raw.user_id)?;
-        let id = match raw.id {
-            None => None,
-            Some(id) => Some(check_event_id(id)?.into_owned()),
-        };
-        let value = parse_value(raw.value)?;
-        Ok(Event { user_id: user_id.into_owned(), kind: raw.name, value, id })
+        EventRef::parse_request(bytes).map(EventRef::into_owned)
     }
 
-    /// Writes the event as one log line (without the trailing newline): the seed's fields first, in the
-    /// seed's order, then the idempotency `id` and the receive time `ts` (Unix milliseconds).
-    pub fn write_log_line(&self, ts_millis: u64, out: &mut Vec<u8>) {
-        #[derive(Serialize)]
-        struct Line<'a> {
-            #[serde(rename = "userId")]
-            user_id: &'a str,
-            name: EventKind,
-            value: &'a RawValue,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            id: Option<&'a str>,
-            ts: u64,
+    /// The event borrowed, e.g. to write it with [`EventRef::write_log_line`].
+    pub fn as_ref(&self) -> EventRef<'_> {
+        EventRef {
+            user_id: Cow::Borrowed(&self.user_id),
+            kind: self.kind,
+            value: self.value,
+            id: self.id.as_deref().map(Cow::Borrowed),
         }
-        let value_text = self.value.normalize().to_string();
-        // A Decimal's Display is always a valid JSON number (digits, optional '.', no exponent).
-        let value = RawValue::from_string(value_text).expect("decimal text is a JSON number");
-        let line = Line { user_id: &self.user_id, name: self.kind, value: &value, id: self.id.as_deref(), ts: ts_millis };
-        serde_json::to_writer(out, &line).expect("writing to a Vec cannot fail");
+    }
+
+    /// Writes the event as one log line (without the trailing newline); see [`EventRef::write_log_line`].
+    pub fn write_log_line(&self, ts_millis: u64, out: &mut Vec<u8>) {
+        self.as_ref().write_log_line(ts_millis, out)
     }
 }
 
 impl<'a> EventRef<'a> {
+    /// [`Event::parse_request`] without copying: strings borrow from `bytes` unless they hold escapes.
+    pub fn parse_request(bytes: &'a [u8]) -> Result<EventRef<'a>, EventError> {
+        require_object(bytes)?;
+        let raw: RequestBody<'a> = serde_json::from_slice(bytes).map_err(|e| json_error(e, bytes))?;
+        let user_id = check_user_id(raw.user_id)?;
+        let id = match raw.id {
+            None => None,
+            Some(id) => Some(check_event_id(id)?),
+        };
+        let value = parse_value(raw.value)?;
+        Ok(EventRef { user_id, kind: raw.name, value, id })
+    }
+
+    /// Writes the event as one log line (without the trailing newline): the seed's fields first, in the
+    /// seed's order, then the idempotency `id` and the receive time `ts` (Unix milliseconds):
+    /// `{"userId":"user1","name":"add_revenue","value":100,"id":"9f2c-1","ts":1764000000000}`.
+    ///
+    /// Written by hand (this is the ingest hot path); strings are escaped by serde_json, the value is
+    /// the normalised decimal text, which is always a valid JSON number (digits, optional '.').
+    pub fn write_log_line(&self, ts_millis: u64, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        out.extend_from_slice(b"{\"userId\":");
+        write_json_string(out, &self.user_id);
+        out.extend_from_slice(b",\"name\":\"");
+        out.extend_from_slice(self.kind.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"value\":");
+        write!(out, "{}", self.value.normalize()).expect("writing to a Vec cannot fail");
+        if let Some(id) = &self.id {
+            out.extend_from_slice(b",\"id\":");
+            write_json_string(out, id);
+        }
+        out.extend_from_slice(b",\"ts\":");
+        write!(out, "{ts_millis}}}").expect("writing to a Vec cannot fail");
+    }
+
     /// Parses one line of the log. Lenient about extra fields (the log may be written by other
     /// programs); strict about the three the seed defines.
     pub fn parse_log_line(line: &'a [u8]) -> Result<EventRef<'a>, EventError> {
+        require_object(line)?;
         let raw: LogLine<'a> = serde_json::from_slice(line).map_err(|e| json_error(e, line))?;
         let user_id = check_user_id(raw.user_id)?;
         let value = parse_value(raw.value)?;
@@ -141,6 +165,21 @@ impl<'a> EventRef<'a> {
             id: self.id.map(Cow::into_owned),
         }
     }
+}
+
+/// An event is a JSON object. (serde's derived structs would also take an array of the field values
+/// in order, `["user1","add_revenue",100]`, which is not an event of the seed's format.)
+fn require_object(bytes: &[u8]) -> Result<(), EventError> {
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => Ok(()),
+        Some(b'[') => Err(EventError::invalid("an event must be a JSON object, not an array")),
+        // Let serde_json describe whatever else it is (a number, a string, not JSON at all).
+        _ => Ok(()),
+    }
+}
+
+fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    serde_json::to_writer(out, text).expect("writing to a Vec cannot fail");
 }
 
 fn signed(kind: EventKind, value: Decimal) -> Decimal {
@@ -237,6 +276,9 @@ fn parse_value(raw: &RawValue) -> Result<Decimal, EventError> {
 
 /// Parses the text of a JSON number (already checked by serde_json's grammar) into an exact decimal.
 pub fn parse_decimal_number(text: &str) -> Result<Decimal, EventError> {
+    if let Some(value) = parse_plain_decimal(text.as_bytes()) {
+        return Ok(value);
+    }
     let err = |m: &str| EventError::invalid(format!("value {}: {m}", shorten(text)));
     if text.starts_with('-') {
         return Err(err("must not be negative"));
@@ -285,6 +327,34 @@ pub fn parse_decimal_number(text: &str) -> Result<Decimal, EventError> {
     }
 }
 
+/// The common case without allocating: `digits[.digits]`, at most 28 significant digits and 28 decimal
+/// places. `None` for anything else (the general path then decides, with its error messages).
+fn parse_plain_decimal(text: &[u8]) -> Option<Decimal> {
+    let (int_part, frac_part) = match text.iter().position(|&b| b == b'.') {
+        Some(dot) => (&text[..dot], &text[dot + 1..]),
+        None => (text, &[][..]),
+    };
+    if int_part.is_empty() || frac_part.len() > MAX_SIGNIFICANT_DIGITS {
+        return None;
+    }
+    let mut mantissa: i128 = 0;
+    let mut significant = 0;
+    for &b in int_part.iter().chain(frac_part) {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        if mantissa != 0 || b != b'0' {
+            significant += 1;
+            if significant > MAX_SIGNIFICANT_DIGITS {
+                return None;
+            }
+        }
+        mantissa = mantissa * 10 + i128::from(b - b'0');
+    }
+    // At most 28 digits: below 10^28 < 2^96, and a scale of at most 28, so this cannot fail.
+    Decimal::try_from_i128_with_scale(mantissa, frac_part.len() as u32).ok()
+}
+
 /// `a + b` if the result is exact, `None` if it would overflow or need rounding.
 ///
 /// `Decimal::checked_add` only fails on overflow: when the exact sum needs more than 28 digits it
@@ -331,6 +401,27 @@ mod tests {
         // 28 significant digits are fine, 29 are not.
         assert!(parse_decimal_number("1234567890123456789012345678").is_ok());
         assert!(parse_decimal_number("12345678901234567890123456789").is_err());
+    }
+
+    #[test]
+    fn plain_and_general_decimal_paths_agree() {
+        for text in ["0", "7", "100", "0.1", "1.50", "0.000", "12345678901234567890.12345678",
+                     "1234567890123456789012345678", "0.0000000000000000000000000001", "000123.4500"] {
+            let fast = parse_plain_decimal(text.as_bytes()).unwrap_or_else(|| panic!("{text} is plain"));
+            assert_eq!(fast, dec(text), "{text}");
+        }
+        // Not plain: exponents, 29 significant digits, 29 places; the general path decides those.
+        for text in ["1e3", "12345678901234567890123456789", "1.00000000000000000000000000000", "-1", ".5"] {
+            assert_eq!(parse_plain_decimal(text.as_bytes()), None, "{text}");
+        }
+        assert_eq!(parse_decimal_number("1.00000000000000000000000000000").unwrap(), dec("1"));
+    }
+
+    #[test]
+    fn an_array_of_the_field_values_is_not_an_event() {
+        let array = br#"["user1","add_revenue",100]"#;
+        assert!(matches!(Event::parse_request(array), Err(EventError::Invalid(m)) if m.contains("object")));
+        assert!(EventRef::parse_log_line(array).is_err());
     }
 
     #[test]

@@ -67,6 +67,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 token: args.token,
                 database_url: args.store.database_url,
                 body_limit: args.body_limit,
+                batch_body_limit: args.batch_body_limit,
                 segment_bytes: args.segment_bytes,
                 dedup_window: Duration::from_secs(args.dedup_window_secs),
                 dedup_max_ids: args.dedup_max_ids,
@@ -105,7 +106,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 file: args.file,
                 url: args.url,
                 token: args.token,
-                concurrency: args.concurrency.max(1),
+                batch: args.batch.max(1),
+                concurrency: args.concurrency.unwrap_or_else(|| client::default_concurrency(args.batch)).max(1),
                 max_attempts: args.max_attempts.max(1),
                 timeout: Duration::from_secs(args.timeout_secs),
                 progress: match args.progress {

@@ -395,16 +395,31 @@ fn id_counts(log_dir: &Path, lines: usize) -> (Vec<u32>, usize) {
 /// In a module of its own so that it sorts, and therefore starts, first: it is the longest of the short
 /// versions (the debug client is slow), the others run beside it.
 mod ingest {
+    /// Single events (`--batch 1`, `POST /liveEvent`), 32 in flight.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn server_killed_at_random_while_the_client_retries() {
-        super::server_killed_at_random_while_the_client_retries().await
+        super::server_killed_at_random_while_the_client_retries(
+            "server_killed_at_random_while_the_client_retries",
+            &["--batch", "1", "--concurrency", "32"],
+        )
+        .await
+    }
+
+    /// Batches (`POST /events`): a kill between a batch's sync and its answer makes the client resend
+    /// the whole batch. Small batches, few in flight: the run lasts long enough for the kills.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn server_killed_at_random_while_the_client_retries_batches() {
+        super::server_killed_at_random_while_the_client_retries(
+            "server_killed_at_random_while_the_client_retries_batches",
+            &["--batch", "10", "--concurrency", "4"],
+        )
+        .await
     }
 }
 
-async fn server_killed_at_random_while_the_client_retries() {
-    const SCENARIO: &str = "server_killed_at_random_while_the_client_retries";
+async fn server_killed_at_random_while_the_client_retries(scenario: &'static str, client_args: &[&str]) {
     let started = Instant::now();
-    let seed = fault::seed(SCENARIO);
+    let seed = fault::seed(scenario);
     let mut rng = StdRng::seed_from_u64(seed);
     let env = Env::new(StoreKind::Sqlite).await;
     let count = fault::scaled(20_000, 1_000_000);
@@ -439,9 +454,10 @@ async fn server_killed_at_random_while_the_client_retries() {
             "quiet",
             "--max-attempts",
             "1000",
-            "--concurrency",
-            "32",
-        ]),
+        ])
+        .into_iter()
+        .chain(client_args.iter().map(|a| a.to_string()))
+        .collect::<Vec<_>>(),
         &[],
         env.tmp.path(),
     );
@@ -496,7 +512,7 @@ async fn server_killed_at_random_while_the_client_retries() {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or_else(|| panic!("no duplicate count in {client_out:?}"));
     eprintln!(
-        "{SCENARIO}: {kills} kills (restarts took {restart_time:.1?} in all, {torn_tails} cut a torn last line), \
+        "{scenario}: {kills} kills (restarts took {restart_time:.1?} in all, {torn_tails} cut a torn last line), \
          client: {}",
         client_out.trim()
     );
@@ -528,9 +544,9 @@ async fn server_killed_at_random_while_the_client_retries() {
     let postgres = pg.revenues(&env.data_dir).await;
     tallies.push(("postgres", tally(&events.totals, &postgres), out, postgres));
 
-    eprintln!("{SCENARIO}: finished in {:.1?}", started.elapsed());
+    eprintln!("{scenario}: finished in {:.1?}", started.elapsed());
     Report {
-        scenario: SCENARIO,
+        scenario,
         store: "sqlite+postgres",
         seed,
         events_sent: count as u64,
@@ -540,10 +556,11 @@ async fn server_killed_at_random_while_the_client_retries() {
         duration: started.elapsed(),
         notes: format!(
             "eps server SIGKILLed {kills} times at random moments and restarted on the same port and data directory \
-             while eps client sent {count} events (concurrency 32, retries); the client ended with all accepted, \
+             while eps client sent {count} events ({}, retries); the client ended with all accepted, \
              {duplicates} answered as duplicates of a copy synced before the kill; {torn_tails} restarts cut a torn \
              last line; the log held each client id exactly once ({} missing, {} doubled); lost/doubled are those of the totals, the log processed into \
              SQLite and into PostgreSQL",
+            client_args.join(" "),
             missing.len(),
             doubled.len()
         ),

@@ -885,7 +885,10 @@ fn with_connection_close(head: &str) -> String {
 
 async fn proxy_one(mut client: TcpStream, upstream: SocketAddr, seed: u64, stats: &ProxyStats) -> Result<(), String> {
     let Some((head, body)) = read_message(&mut client).await? else { return Ok(()) };
-    let id = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["id"].as_str().map(str::to_string));
+    // A request is named by its first event's id: the only one for `POST /liveEvent`, the first line
+    // of a `POST /events` batch.
+    let first_line = body.split(|&b| b == b'\n').next().unwrap_or_default();
+    let id = serde_json::from_slice::<Value>(first_line).ok().and_then(|v| v["id"].as_str().map(str::to_string));
     let swallow = match &id {
         Some(id) => {
             let mut attempts = stats.attempts.lock().unwrap();
@@ -927,8 +930,18 @@ async fn proxy_one(mut client: TcpStream, upstream: SocketAddr, seed: u64, stats
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lost_acknowledgements() {
-    const SCENARIO: &str = "lost_acknowledgements";
-    let seed = fault::seed(SCENARIO);
+    lost_acknowledgements_with("lost_acknowledgements", 1).await
+}
+
+/// The same with the client's batches (`POST /events`): a swallowed answer makes the client resend the
+/// whole batch, and every event of it is answered duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_acknowledgements_of_batches() {
+    lost_acknowledgements_with("lost_acknowledgements_of_batches", 50).await
+}
+
+async fn lost_acknowledgements_with(scenario: &'static str, batch: usize) {
+    let seed = fault::seed(scenario);
     let started = Instant::now();
     let count = fault::scaled(5_000usize, 100_000);
     let users = fault::scaled(100usize, 1_000);
@@ -936,18 +949,22 @@ async fn lost_acknowledgements() {
     let env = Env::new(StoreKind::Sqlite).await;
     let server = env.server().await;
     let proxy = CuttingProxy::start(SocketAddr::from(([127, 0, 0, 1], server.port)), seed).await;
-    let events = make_events(SCENARIO, seed, 0, count, users);
+    let events = make_events(scenario, seed, 0, count, users);
     let file = write_events(env.tmp.path(), "events.jsonl", &events);
-    // Every event whose first answer is swallowed is retried and then answered `duplicate`.
-    let expected_duplicates = events.iter().filter(|e| cut(seed, &e.id, 0)).count() as u64;
-    let expected_cuts: u64 = events.iter().map(|e| (0..).take_while(|&a| cut(seed, &e.id, a)).count() as u64).sum();
+    // Every request whose first answer is swallowed is retried and then answered `duplicate` for each
+    // of its events. The client's requests are the file's events in runs of `batch`.
+    let requests = || events.chunks(batch);
+    let expected_duplicates =
+        requests().filter(|r| cut(seed, &r[0].id, 0)).map(|r| r.len() as u64).sum::<u64>();
+    let expected_cuts: u64 = requests().map(|r| (0..).take_while(|&a| cut(seed, &r[0].id, a)).count() as u64).sum();
+    let batch_arg = batch.to_string();
 
     let out = run_client(
         &file,
         &proxy.url,
         // A long per-request timeout: a slow answer must not be retried, so that every duplicate
         // comes from a swallowed answer and the count below is exact.
-        &["--concurrency", "128", "--max-attempts", "10", "--timeout-secs", "60"],
+        &["--batch", &batch_arg, "--concurrency", "128", "--max-attempts", "10", "--timeout-secs", "60"],
         fault::scaled(Duration::from_secs(90), Duration::from_secs(300)),
     )
     .await;
@@ -956,7 +973,7 @@ async fn lost_acknowledgements() {
     let (cuts, forwarded, not_200, errors) =
         (stat(&proxy.stats.cut), stat(&proxy.stats.forwarded), stat(&proxy.stats.not_200), stat(&proxy.stats.errors));
     eprintln!(
-        "{SCENARIO}: client {}; proxy: {} connections, {forwarded} forwarded, {cuts} answers swallowed, {not_200} not 200, \
+        "{scenario}: client {}; proxy: {} connections, {forwarded} forwarded, {cuts} answers swallowed, {not_200} not 200, \
          {errors} errors (first: {proxy_error:?})",
         out.stdout.trim(),
         stat(&proxy.stats.connections)
@@ -982,7 +999,7 @@ async fn lost_acknowledgements() {
     let actual = env.revenues().await;
     let t = fault::tally(&expected, &actual, unit());
     Report {
-        scenario: SCENARIO,
+        scenario,
         store: "sqlite",
         seed,
         events_sent: count as u64,
@@ -991,14 +1008,14 @@ async fn lost_acknowledgements() {
         duration: started.elapsed(),
         notes: format!(
             "a proxy swallowed the server's answer (after the sync) to {cuts} of {forwarded} requests \
-             ({CUT_PERCENT}% of attempts, at most {MAX_CUTS_PER_ID} per event); the client retried and was answered \
-             duplicate for {duplicates} events; each event is in the log once"
+             ({CUT_PERCENT}% of attempts, at most {MAX_CUTS_PER_ID} per request of {batch} event(s)); the client \
+             retried and was answered duplicate for {duplicates} events; each event is in the log once"
         ),
         ..Report::default()
     }
     .write();
     eprintln!(
-        "{SCENARIO}: {count} events, {cuts} answers swallowed, {duplicates} duplicates, lost {}, doubled {}, {:?}",
+        "{scenario}: {count} events, {cuts} answers swallowed, {duplicates} duplicates, lost {}, doubled {}, {:?}",
         t.events_lost,
         t.events_doubled,
         started.elapsed()

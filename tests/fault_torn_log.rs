@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use common::fault::{self, Report};
 use common::*;
 use eps::event::Event;
-use eps::log::{Appended, EventLog, FileLog, FileLogOptions};
+use eps::log::{Appended, EventLog, FileLog, FileLogOptions, LogBatch};
 use eps::processor::{run_with_store, ProcessOptions, ProcessSummary};
 use eps::store::sqlite::SqliteStore;
 use eps::store::Store;
@@ -146,7 +146,7 @@ impl World {
     /// appended as the server would, then a clean stop.
     async fn restart_and_append(&self, events: Vec<Event>) -> Vec<Appended> {
         let log = FileLog::open(FileLogOptions::new(self.log_dir())).expect("FileLog::open");
-        let answers = log.append(events).await.expect("append after recovery");
+        let answers = log.append(LogBatch::of(events.iter().map(Event::as_ref), now_ms())).await.expect("append after recovery");
         log.shutdown().await;
         answers
     }

@@ -77,6 +77,7 @@ fn catalogue() -> Vec<Case> {
             stored("ok-bearer", "2"),
         ),
         // Body shape.
+        bad("an array of the field values", r#"["rejected-arr","add_revenue",1]"#, "must be a JSON object"),
         bad("malformed JSON", r#"{"userId": "rejected-4", name: "add_revenue", "value": 1}"#, "not valid JSON"),
         bad("truncated JSON", r#"{"userId":"rejected-5","name":"add_revenue","value":1"#, "not valid JSON"),
         bad("empty body", "", "not valid JSON"),

@@ -383,6 +383,7 @@ async fn the_openapi_document_lists_exactly_the_served_routes_and_documents_erro
     // Every route the server serves is documented.
     let served: BTreeSet<(String, String)> = [
         ("/liveEvent", "POST"),
+        ("/events", "POST"),
         ("/userEvents/{userId}", "GET"),
         ("/healthz", "GET"),
         ("/readyz", "GET"),
@@ -418,7 +419,7 @@ async fn the_openapi_document_lists_exactly_the_served_routes_and_documents_erro
     // The token is documented as the Authorization header on the routes that check it.
     let scheme = &doc["components"]["securitySchemes"]["token"];
     assert_eq!((scheme["type"].as_str(), scheme["in"].as_str(), scheme["name"].as_str()), (Some("apiKey"), Some("header"), Some("Authorization")));
-    for (path, method) in [("/liveEvent", "post"), ("/userEvents/{userId}", "get")] {
+    for (path, method) in [("/liveEvent", "post"), ("/events", "post"), ("/userEvents/{userId}", "get")] {
         assert_eq!(doc["paths"][path][method]["security"], json!([{"token": []}]), "{method} {path}");
     }
 }
@@ -632,8 +633,8 @@ fn numbered_events(env: &Env, name: &str, prefix: &str, count: usize) -> (PathBu
 
 async fn send_all(env: &Env, url: &str, name: &str, prefix: &str, count: usize) -> Vec<(String, &'static str, String)> {
     let (file, events) = numbered_events(env, name, prefix, count);
-    // Few requests per group commit, so the small segments roll often.
-    let out = client(&file, url, &["--concurrency", "4"]).await;
+    // Single events and few requests per group commit, so the small segments roll often.
+    let out = client(&file, url, &["--batch", "1", "--concurrency", "4"]).await;
     assert!(out.status.success() && out.stdout.contains(&format!("accepted {count} ")), "eps client: {out}");
     events
 }

@@ -9,9 +9,11 @@
 //! named by the position of its first byte. Every position the log hands out (checkpoints, batch ends)
 //! is the end of a whole line, so a reader never starts in the middle of an event.
 
+use std::hash::{BuildHasher, Hash, Hasher};
+
 use async_trait::async_trait;
 
-use crate::event::Event;
+use crate::event::EventRef;
 
 pub mod reader;
 pub mod writer;
@@ -40,10 +42,118 @@ pub enum LogError {
     Unavailable(String),
 }
 
-/// Where accepted events go. An `Ok` answer means every event is on stable storage.
+/// Where accepted events go. An `Ok` answer means every event of the batch is on stable storage; the
+/// answer has one [`Appended`] per event, in order.
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {
-    async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, LogError>;
+    async fn append(&self, batch: LogBatch) -> Result<Vec<Appended>, LogError>;
+}
+
+/// Events already encoded as log lines, appended as one unit.
+///
+/// Encoding happens in the request handler, on whichever core runs it, so the single writer thread
+/// only checks ids and copies bytes. Each event keeps its id's digest for de-duplication.
+#[derive(Debug, Default)]
+pub struct LogBatch {
+    data: Vec<u8>,
+    events: Vec<BatchEntry>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BatchEntry {
+    /// Offset in `data` just past this event's newline.
+    end: usize,
+    id: Option<IdKey>,
+}
+
+impl LogBatch {
+    pub fn with_capacity(events: usize) -> LogBatch {
+        LogBatch { data: Vec::with_capacity(events * 96), events: Vec::with_capacity(events) }
+    }
+
+    /// A batch of `events`, all received at `ts_millis`.
+    pub fn of<'a>(events: impl IntoIterator<Item = EventRef<'a>>, ts_millis: u64) -> LogBatch {
+        let mut batch = LogBatch::default();
+        for event in events {
+            batch.push(&event, ts_millis);
+        }
+        batch
+    }
+
+    /// Adds one event received at `ts_millis` (Unix milliseconds).
+    pub fn push(&mut self, event: &EventRef<'_>, ts_millis: u64) {
+        event.write_log_line(ts_millis, &mut self.data);
+        self.data.push(b'\n');
+        self.events.push(BatchEntry { end: self.data.len(), id: event.id.as_deref().map(id_key) });
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Bytes of encoded lines.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Each event's line (with its newline) and id digest, in order.
+    pub fn lines(&self) -> impl Iterator<Item = (&[u8], Option<IdKey>)> {
+        let mut start = 0;
+        self.events.iter().map(move |entry| {
+            let line = &self.data[start..entry.end];
+            start = entry.end;
+            (line, entry.id)
+        })
+    }
+
+    /// All encoded lines, one after the other.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// A 128-bit digest of an event id: collisions (which would drop an event) are beyond practical reach,
+/// and the de-duplication window stores 16 bytes per id whatever the id's length.
+pub type IdKey = u128;
+
+pub fn id_key(id: &str) -> IdKey {
+    let half = |salt: u8| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        salt.hash(&mut h);
+        id.hash(&mut h);
+        h.finish()
+    };
+    (u128::from(half(1)) << 64) | u128::from(half(2))
+}
+
+/// Hashes an [`IdKey`] by taking its low bits: it is already a digest, hashing it again is wasted work.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IdKeyHasher(u64);
+
+impl Hasher for IdKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached for types other than u128; fold the bytes in so it stays a correct hasher.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, key: u128) {
+        self.0 = key as u64;
+    }
+}
+
+impl BuildHasher for IdKeyHasher {
+    type Hasher = IdKeyHasher;
+    fn build_hasher(&self) -> IdKeyHasher {
+        IdKeyHasher(0)
+    }
 }
 
 /// File name of the segment starting at `base`.

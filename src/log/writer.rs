@@ -17,7 +17,6 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::hash::{Hash, Hasher};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -29,8 +28,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{list_segments, segment_name, Appended, EventLog, LogError};
-use crate::event::Event;
+use super::{id_key, list_segments, segment_name, Appended, EventLog, IdKey, IdKeyHasher, LogBatch, LogError};
 
 /// Most requests one group commit takes from the queue; bounds the size of one write.
 pub const MAX_REQUESTS_PER_COMMIT: usize = 8192;
@@ -78,7 +76,7 @@ pub struct LogStats {
 type Reply = oneshot::Sender<Result<Vec<Appended>, LogError>>;
 
 enum Msg {
-    Append { events: Vec<Event>, reply: Reply },
+    Append { batch: LogBatch, reply: Reply },
     Shutdown { done: oneshot::Sender<()> },
 }
 
@@ -122,10 +120,10 @@ impl FileLog {
 
 #[async_trait]
 impl EventLog for FileLog {
-    async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, LogError> {
+    async fn append(&self, batch: LogBatch) -> Result<Vec<Appended>, LogError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Msg::Append { events, reply })
+            .send(Msg::Append { batch, reply })
             .await
             .map_err(|_| LogError::Unavailable("the log writer has stopped".into()))?;
         answer.await.map_err(|_| LogError::Unavailable("the log writer has stopped".into()))?
@@ -176,7 +174,7 @@ impl Writer {
         while let Some(first) = rx.blocking_recv() {
             let mut shutdown = None;
             let mut push = |msg, group: &mut Vec<_>| match msg {
-                Msg::Append { events, reply } => group.push((events, reply)),
+                Msg::Append { batch, reply } => group.push((batch, reply)),
                 Msg::Shutdown { done } => shutdown = Some(done),
             };
             push(first, &mut group);
@@ -191,8 +189,8 @@ impl Writer {
                 // Anything still queued was sent after shutdown began; answer it rather than drop it.
                 rx.close();
                 while let Ok(msg) = rx.try_recv() {
-                    if let Msg::Append { events, reply } = msg {
-                        group.push((events, reply));
+                    if let Msg::Append { batch, reply } = msg {
+                        group.push((batch, reply));
                     }
                 }
                 self.commit(&mut group);
@@ -206,33 +204,31 @@ impl Writer {
     }
 
     /// Writes and syncs one group, then answers every request in it.
-    fn commit(&mut self, group: &mut Vec<(Vec<Event>, Reply)>) {
+    fn commit(&mut self, group: &mut Vec<(LogBatch, Reply)>) {
         if group.is_empty() {
             return;
         }
         let now = now_millis();
         self.dedup.expire(now);
-        let mut buf = Vec::with_capacity(group.len() * 96);
-        let mut new_ids = HashSet::new();
+        let mut buf = Vec::with_capacity(group.iter().map(|(batch, _)| batch.bytes()).sum());
+        let mut new_ids = HashSet::with_hasher(IdKeyHasher::default());
         let mut stored = 0u64;
         let answers: Vec<Vec<Appended>> = group
             .iter()
-            .map(|(events, _)| {
-                events
-                    .iter()
-                    .map(|event| {
-                        if let Some(id) = &event.id {
-                            let key = id_key(id);
-                            if self.dedup.contains(key) || !new_ids.insert(key) {
-                                return Appended::Duplicate;
-                            }
+            .map(|(batch, _)| {
+                let mut answer = Vec::with_capacity(batch.len());
+                for (line, id) in batch.lines() {
+                    if let Some(key) = id {
+                        if self.dedup.contains(key) || !new_ids.insert(key) {
+                            answer.push(Appended::Duplicate);
+                            continue;
                         }
-                        event.write_log_line(now, &mut buf);
-                        buf.push(b'\n');
-                        stored += 1;
-                        Appended::Stored
-                    })
-                    .collect()
+                    }
+                    buf.extend_from_slice(line);
+                    stored += 1;
+                    answer.push(Appended::Stored);
+                }
+                answer
             })
             .collect();
         let result = if buf.is_empty() { Ok(()) } else { self.write_durably(&buf) };
@@ -356,22 +352,10 @@ pub(crate) fn now_millis() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// A 128-bit digest of an event id: collisions (which would drop an event) are beyond practical reach,
-/// and the window stores 16 bytes per id whatever the id's length.
-fn id_key(id: &str) -> u128 {
-    let half = |salt: u8| {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        salt.hash(&mut h);
-        id.hash(&mut h);
-        h.finish()
-    };
-    (u128::from(half(1)) << 64) | u128::from(half(2))
-}
-
 /// The ids seen within the window, oldest first.
 struct Dedup {
-    keys: HashSet<u128>,
-    order: VecDeque<(u64, u128)>,
+    keys: HashSet<IdKey, IdKeyHasher>,
+    order: VecDeque<(u64, IdKey)>,
     window_ms: u64,
     max: usize,
 }
@@ -379,7 +363,7 @@ struct Dedup {
 impl Dedup {
     fn new(opts: &FileLogOptions) -> Dedup {
         Dedup {
-            keys: HashSet::new(),
+            keys: HashSet::with_hasher(IdKeyHasher::default()),
             order: VecDeque::new(),
             window_ms: opts.dedup_window.as_millis() as u64,
             max: opts.dedup_max_ids,
@@ -424,11 +408,11 @@ impl Dedup {
         self.keys.len()
     }
 
-    fn contains(&self, key: u128) -> bool {
+    fn contains(&self, key: IdKey) -> bool {
         self.keys.contains(&key)
     }
 
-    fn insert(&mut self, key: u128, ts: u64) {
+    fn insert(&mut self, key: IdKey, ts: u64) {
         if self.keys.insert(key) {
             self.order.push_back((ts, key));
             while self.order.len() > self.max {
@@ -450,10 +434,10 @@ impl Dedup {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Event;
     use crate::log::reader::LogReader;
 
     fn event(user: &str, id: Option<&str>) -> Event {
@@ -462,6 +446,10 @@ mod tests {
             None => format!(r#"{{"userId":"{user}","name":"add_revenue","value":1}}"#),
         };
         Event::parse_request(body.as_bytes()).unwrap()
+    }
+
+    fn batch(events: Vec<Event>) -> LogBatch {
+        LogBatch::of(events.iter().map(Event::as_ref), now_millis())
     }
 
     fn log_text(dir: &Path) -> String {
@@ -475,7 +463,7 @@ mod tests {
         let tasks: Vec<_> = (0..200)
             .map(|i| {
                 let log = log.clone();
-                tokio::spawn(async move { log.append(vec![event(&format!("u{i}"), None)]).await })
+                tokio::spawn(async move { log.append(batch(vec![event(&format!("u{i}"), None)])).await })
             })
             .collect();
         for t in tasks {
@@ -491,12 +479,12 @@ mod tests {
     async fn duplicate_ids_are_stored_once_even_across_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let log = FileLog::open(FileLogOptions::new(dir.path())).unwrap();
-        let first = log.append(vec![event("a", Some("run-1")), event("a", Some("run-1"))]).await.unwrap();
+        let first = log.append(batch(vec![event("a", Some("run-1")), event("a", Some("run-1"))])).await.unwrap();
         assert_eq!(first, vec![Appended::Stored, Appended::Duplicate]);
         log.shutdown().await;
         drop(log);
         let log = FileLog::open(FileLogOptions::new(dir.path())).unwrap();
-        let again = log.append(vec![event("a", Some("run-1")), event("a", Some("run-2"))]).await.unwrap();
+        let again = log.append(batch(vec![event("a", Some("run-1")), event("a", Some("run-2"))])).await.unwrap();
         assert_eq!(again, vec![Appended::Duplicate, Appended::Stored]);
         log.shutdown().await;
         assert_eq!(log_text(dir.path()).lines().count(), 2);
@@ -506,14 +494,14 @@ mod tests {
     async fn a_torn_last_line_is_cut_at_start_up_and_never_blocks_later_events() {
         let dir = tempfile::tempdir().unwrap();
         let log = FileLog::open(FileLogOptions::new(dir.path())).unwrap();
-        log.append(vec![event("a", None)]).await.unwrap();
+        log.append(batch(vec![event("a", None)])).await.unwrap();
         log.shutdown().await;
         drop(log);
         let (_, path) = list_segments(dir.path()).unwrap().pop().unwrap();
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         std::io::Write::write_all(&mut f, br#"{"userId":"torn","name":"add_rev"#).unwrap();
         let log = FileLog::open(FileLogOptions::new(dir.path())).unwrap();
-        log.append(vec![event("b", None)]).await.unwrap();
+        log.append(batch(vec![event("b", None)])).await.unwrap();
         log.shutdown().await;
         let text = log_text(dir.path());
         assert_eq!(text.lines().count(), 2, "{text}");
@@ -527,7 +515,7 @@ mod tests {
         opts.segment_bytes = 200;
         let log = FileLog::open(opts).unwrap();
         for i in 0..20 {
-            log.append(vec![event(&format!("user{i}"), None)]).await.unwrap();
+            log.append(batch(vec![event(&format!("user{i}"), None)])).await.unwrap();
         }
         log.shutdown().await;
         let segments = list_segments(dir.path()).unwrap();

@@ -39,6 +39,8 @@ pub struct ServerOptions {
     pub token: String,
     pub database_url: Option<String>,
     pub body_limit: usize,
+    /// Largest accepted `POST /events` body, in bytes.
+    pub batch_body_limit: usize,
     pub segment_bytes: u64,
     pub dedup_window: Duration,
     pub dedup_max_ids: usize,
@@ -55,6 +57,7 @@ impl ServerOptions {
             token: DEFAULT_TOKEN.into(),
             database_url: None,
             body_limit: 1024 * 1024,
+            batch_body_limit: 16 * 1024 * 1024,
             segment_bytes: 64 * 1024 * 1024,
             dedup_window: Duration::from_secs(15 * 60),
             dedup_max_ids: 1_000_000,
@@ -71,6 +74,7 @@ pub(crate) struct AppState {
     log_stats: Arc<crate::log::writer::LogStats>,
     pub(crate) token: String,
     pub(crate) body_limit: usize,
+    pub(crate) batch_body_limit: usize,
     pub(crate) body_timeout: Duration,
     store: OnceLock<Arc<dyn Store>>,
 }
@@ -122,6 +126,7 @@ impl Server {
             log_stats: file_log.stats().clone(),
             token: opts.token.clone(),
             body_limit: opts.body_limit,
+            batch_body_limit: opts.batch_body_limit,
             body_timeout: opts.body_timeout,
             store: OnceLock::new(),
         });
@@ -135,6 +140,7 @@ impl Server {
     pub fn router(&self) -> Router {
         Router::new()
             .route("/liveEvent", post(routes::live_event))
+            .route("/events", post(routes::post_events))
             .route("/userEvents/{user_id}", get(routes::user_events))
             .route("/healthz", get(routes::healthz))
             .route("/readyz", get(routes::readyz))

@@ -15,8 +15,8 @@ use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::event::{Event, MAX_USER_ID_BYTES};
-use crate::log::Appended;
+use crate::event::{EventRef, MAX_USER_ID_BYTES};
+use crate::log::{Appended, LogBatch};
 
 /// Accepts `Authorization: <token>` (what the seed's client sends) and `Authorization: Bearer <token>`.
 pub(super) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -42,13 +42,27 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// A batch is JSON Lines: `application/x-ndjson` (and its aliases), JSON, plain text, or no Content-Type.
+fn require_json_lines(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
+    let text = value.to_str().unwrap_or("").to_ascii_lowercase();
+    let mime = text.split(';').next().unwrap_or("").trim();
+    const ACCEPTED: &[&str] =
+        &["application/x-ndjson", "application/jsonl", "application/json-lines", "application/json", "text/plain"];
+    if ACCEPTED.contains(&mime) {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(text))
+    }
+}
+
 /// Reads the whole body, within the size limit (413) and the time limit (408: slow-loris bodies).
-async fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+async fn body_bytes(state: &AppState, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::Body {
         status: StatusCode::PAYLOAD_TOO_LARGE,
-        message: format!("request body larger than the limit of {} bytes", state.body_limit),
+        message: format!("request body larger than the limit of {limit} bytes"),
     };
-    match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, state.body_limit)).await {
+    match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, limit)).await {
         Err(_) => Err(ApiError::Body {
             status: StatusCode::REQUEST_TIMEOUT,
             message: format!("request body not received within {:?}", state.body_timeout),
@@ -150,11 +164,99 @@ pub(super) async fn live_event(
 ) -> Result<Json<Received>, ApiError> {
     authorize(&state, &headers)?;
     require_json(&headers)?;
-    let body = body_bytes(&state, body).await?;
-    let event = Event::parse_request(&body)?;
-    let answer = state.log.append(vec![event]).await?;
+    let body = body_bytes(&state, body, state.body_limit).await?;
+    let event = EventRef::parse_request(&body)?;
+    let mut batch = LogBatch::with_capacity(1);
+    batch.push(&event, crate::log::writer::now_millis());
+    let answer = state.log.append(batch).await?;
     let duplicate = answer.first() == Some(&Appended::Duplicate);
     Ok(Json(Received { message: "Event received", duplicate }))
+}
+
+/// Most events one `POST /events` may carry.
+pub const MAX_BATCH_EVENTS: usize = 10_000;
+
+/// The answer to `POST /events`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct BatchReceived {
+    /// Valid events now on stable storage: stored by this request or already stored (duplicates).
+    accepted: usize,
+    /// Of the accepted, those whose `id` the log already had: not stored again.
+    duplicates: usize,
+    /// Lines that are not valid events: not stored. Each is listed in `errors`.
+    rejected: usize,
+    errors: Vec<LineError>,
+}
+
+/// Why one line of a batch was not stored.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct LineError {
+    /// 1-based line number in the request body (blank lines count).
+    #[schema(example = 3)]
+    line: usize,
+    error: String,
+}
+
+#[utoipa::path(
+    post, path = "/events", tag = "events",
+    security(("token" = [])),
+    request_body(
+        content = String, content_type = "application/x-ndjson",
+        description = "JSON Lines: one event per line, each as POST /liveEvent takes it (blank lines are skipped)",
+        example = json!("{\"userId\":\"user1\",\"name\":\"add_revenue\",\"value\":100,\"id\":\"run7-1\"}\n{\"userId\":\"user2\",\"name\":\"add_revenue\",\"value\":200,\"id\":\"run7-2\"}\n"),
+    ),
+    responses(
+        (status = 200, description = "Every valid line is on stable storage (in one sync); invalid lines are listed in errors and not stored", body = BatchReceived),
+        (status = 400, description = "No line is a valid event (nothing stored), or the body holds no event", body = BatchReceived),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 413, description = "Body larger than the limit, or more than 10,000 events", body = ErrorBody),
+        (status = 415, description = "Content-Type is not JSON Lines", body = ErrorBody),
+        (status = 503, description = "The log cannot be written now: nothing of the batch is acknowledged; retry after Retry-After seconds", body = ErrorBody,
+         headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    )
+)]
+/// `POST /events`: many events in one request and one durable append. Each line is checked like a
+/// `POST /liveEvent` body; valid lines are stored (all in the same group commit), invalid ones are
+/// reported by line number and change nothing.
+pub(super) async fn post_events(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<BatchReceived>), ApiError> {
+    authorize(&state, &headers)?;
+    require_json_lines(&headers)?;
+    let body = body_bytes(&state, body, state.batch_body_limit).await?;
+    let ts = crate::log::writer::now_millis();
+    let mut batch = LogBatch::with_capacity(body.len() / 64 + 1);
+    let mut errors = Vec::new();
+    for (index, line) in body.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if batch.len() + errors.len() == MAX_BATCH_EVENTS {
+            return Err(ApiError::Body {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                message: format!("a batch holds at most {MAX_BATCH_EVENTS} events; split it"),
+            });
+        }
+        match EventRef::parse_request(line) {
+            Ok(event) => batch.push(&event, ts),
+            Err(e) => errors.push(LineError { line: index + 1, error: e.to_string() }),
+        }
+    }
+    let rejected = errors.len();
+    if batch.is_empty() {
+        if errors.is_empty() {
+            return Err(ApiError::BadRequest("the body holds no event (JSON Lines: one event per line)".into()));
+        }
+        let answer = BatchReceived { accepted: 0, duplicates: 0, rejected, errors };
+        return Ok((StatusCode::BAD_REQUEST, Json(answer)));
+    }
+    let answers = state.log.append(batch).await?;
+    let duplicates = answers.iter().filter(|a| **a == Appended::Duplicate).count();
+    Ok((StatusCode::OK, Json(BatchReceived { accepted: answers.len(), duplicates, rejected, errors })))
 }
 
 #[utoipa::path(
@@ -240,8 +342,8 @@ pub(super) async fn metrics() -> ([(header::HeaderName, &'static str); 1], Strin
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "eps", description = "Event processing system: durable ingest, exactly-once revenue."),
-    paths(live_event, user_events, healthz, readyz, metrics, openapi_json),
-    components(schemas(Received, UserRevenue, ErrorBody, EventBody, Health, Readiness)),
+    paths(live_event, post_events, user_events, healthz, readyz, metrics, openapi_json),
+    components(schemas(Received, BatchReceived, LineError, UserRevenue, ErrorBody, EventBody, Health, Readiness)),
     modifiers(&TokenScheme),
 )]
 pub(crate) struct ApiDoc;
