@@ -139,8 +139,10 @@ pub struct ProcessArgs {
     #[arg(long, env = "EPS_FOLLOW")]
     pub follow: bool,
 
-    /// Bytes of log applied per database transaction (bounds memory).
-    #[arg(long, env = "EPS_BATCH_BYTES", default_value_t = 16 * 1024 * 1024)]
+    /// Most bytes of log applied per database transaction. The log is read 8 MiB at a time and the
+    /// transaction holds one sum per user, so memory stays small whatever this is; larger batches mean
+    /// fewer, cheaper-per-event commits.
+    #[arg(long, env = "EPS_BATCH_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub batch_bytes: usize,
 
     /// With --follow: how often to look for new events, in milliseconds.

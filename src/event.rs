@@ -139,6 +139,45 @@ impl<'a> EventRef<'a> {
         write!(out, "{ts_millis}}}").expect("writing to a Vec cannot fail");
     }
 
+    /// Parses a line in exactly the form the server writes ([`EventRef::write_log_line`]), without
+    /// serde: the processor's hot path. `None` for any other form (escapes, other fields or field
+    /// order, whitespace, non-ASCII text): the caller then uses [`EventRef::parse_log_line`]. Whenever
+    /// this gives `Some`, `parse_log_line` gives the same event (a property test checks it).
+    pub fn parse_canonical_log_line(line: &'a [u8]) -> Option<EventRef<'a>> {
+        let rest = line.strip_prefix(b"{\"userId\":\"")?;
+        let (user_id, rest) = plain_string(rest, MAX_USER_ID_BYTES)?;
+        let rest = rest.strip_prefix(b",\"name\":\"")?;
+        let (kind, rest) = if let Some(rest) = rest.strip_prefix(b"add_revenue\",\"value\":") {
+            (EventKind::AddRevenue, rest)
+        } else {
+            (EventKind::SubtractRevenue, rest.strip_prefix(b"subtract_revenue\",\"value\":")?)
+        };
+        let value_len = rest.iter().position(|&b| b == b',' || b == b'}')?;
+        let (value_text, rest) = rest.split_at(value_len);
+        if !json_plain_number(value_text) {
+            return None;
+        }
+        let value = parse_plain_decimal(value_text)?;
+        let (id, rest) = match rest.strip_prefix(b",\"id\":\"") {
+            Some(rest) => {
+                let (id, rest) = plain_string(rest, MAX_EVENT_ID_BYTES)?;
+                (Some(Cow::Borrowed(id)), rest)
+            }
+            None => (None, rest),
+        };
+        let rest = match rest.strip_prefix(b",\"ts\":") {
+            Some(rest) => {
+                let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+                if digits == 0 || digits > 20 || (digits > 1 && rest[0] == b'0') {
+                    return None;
+                }
+                &rest[digits..]
+            }
+            None => rest,
+        };
+        (rest == b"}").then_some(EventRef { user_id: Cow::Borrowed(user_id), kind, value, id })
+    }
+
     /// Parses one line of the log. Lenient about extra fields (the log may be written by other
     /// programs); strict about the three the seed defines.
     pub fn parse_log_line(line: &'a [u8]) -> Result<EventRef<'a>, EventError> {
@@ -165,6 +204,32 @@ impl<'a> EventRef<'a> {
             id: self.id.map(Cow::into_owned),
         }
     }
+}
+
+/// The text of a JSON string that needs no unescaping and passes the userId/id checks: 1 to `max`
+/// bytes of printable ASCII other than `"` and `\`, up to the closing quote. Returns it and what follows
+/// the quote.
+fn plain_string(bytes: &[u8], max: usize) -> Option<(&str, &[u8])> {
+    let end = bytes.iter().position(|&b| b == b'"')?;
+    let text = &bytes[..end];
+    if text.is_empty() || text.len() > max || !text.iter().all(|&b| (0x20..0x7f).contains(&b) && b != b'\\') {
+        return None;
+    }
+    // Printable ASCII is UTF-8.
+    Some((std::str::from_utf8(text).ok()?, &bytes[end + 1..]))
+}
+
+/// `0` or a digit string without leading zero, optionally `.` and at least one digit: the JSON number
+/// grammar without sign or exponent.
+fn json_plain_number(text: &[u8]) -> bool {
+    let (int_part, frac_part) = match text.iter().position(|&b| b == b'.') {
+        Some(dot) => (&text[..dot], Some(&text[dot + 1..])),
+        None => (text, None),
+    };
+    let int_ok = !int_part.is_empty()
+        && int_part.iter().all(u8::is_ascii_digit)
+        && (int_part.len() == 1 || int_part[0] != b'0');
+    int_ok && frac_part.is_none_or(|f| !f.is_empty() && f.iter().all(u8::is_ascii_digit))
 }
 
 /// An event is a JSON object. (serde's derived structs would also take an array of the field values
@@ -415,6 +480,41 @@ mod tests {
             assert_eq!(parse_plain_decimal(text.as_bytes()), None, "{text}");
         }
         assert_eq!(parse_decimal_number("1.00000000000000000000000000000").unwrap(), dec("1"));
+    }
+
+    #[test]
+    fn the_canonical_fast_path_agrees_with_serde_or_declines() {
+        let e = Event::parse_request(br#"{"userId":"user 7","name":"subtract_revenue","value":12.50,"id":"r-9"}"#).unwrap();
+        let mut line = Vec::new();
+        e.write_log_line(1764000000000, &mut line);
+        let fast = EventRef::parse_canonical_log_line(&line).expect("the writer's own form");
+        assert_eq!(fast, EventRef::parse_log_line(&line).unwrap());
+        for line in [
+            r#"{"userId":"u","name":"add_revenue","value":0}"#,
+            r#"{"userId":"u","name":"add_revenue","value":1.5,"ts":0}"#,
+            r#"{"userId":"u","name":"add_revenue","value":1.5,"id":"x"}"#,
+        ] {
+            let fast = EventRef::parse_canonical_log_line(line.as_bytes()).unwrap_or_else(|| panic!("{line}"));
+            assert_eq!(fast, EventRef::parse_log_line(line.as_bytes()).unwrap(), "{line}");
+        }
+        // Declined: the general parser decides (some of these are valid, some are not).
+        for line in [
+            r#"{"userId": "u","name":"add_revenue","value":1}"#,
+            r#"{"userId":"u\"v","name":"add_revenue","value":1}"#,
+            r#"{"userId":"é","name":"add_revenue","value":1}"#,
+            r#"{"userId":"","name":"add_revenue","value":1}"#,
+            r#"{"userId":"u","name":"add_revenue","value":01}"#,
+            r#"{"userId":"u","name":"add_revenue","value":1.}"#,
+            r#"{"userId":"u","name":"add_revenue","value":1e3}"#,
+            r#"{"userId":"u","name":"add_revenue","value":-1}"#,
+            r#"{"userId":"u","name":"add_revenue","value":1,"userId":"v"}"#,
+            r#"{"userId":"u","name":"add_revenue","value":1,"ts":01}"#,
+            r#"{"userId":"u","name":"add_revenue","value":1,"id":""}"#,
+            r#"{"userId":"u","name":"add_revenue","value":1} "#,
+            r#"{"userId":"u","name":"refund","value":1}"#,
+        ] {
+            assert_eq!(EventRef::parse_canonical_log_line(line.as_bytes()), None, "{line}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! A line that is not a valid event is not applied; it is recorded in the same transaction (so it is
 //! reported exactly once) and then appended to the dead-letter file with its segment and byte offset.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::hash::{Hash, Hasher};
@@ -24,7 +25,7 @@ use anyhow::Context;
 use rust_decimal::Decimal;
 
 use crate::event::EventRef;
-use crate::log::reader::{Chunk, LogReader};
+use crate::log::reader::{lines_of, Chunk, LogReader};
 use crate::log::LOG_DIR;
 use crate::store::{self, Batch, CommitOutcome, InvalidLine, Store, StoreError};
 
@@ -41,7 +42,7 @@ pub struct ProcessOptions {
     pub database_url: Option<String>,
     /// Keep tailing the log instead of exiting when caught up.
     pub follow: bool,
-    /// Bytes of log read (and committed) per transaction.
+    /// Most bytes of log committed per transaction (read 8 MiB at a time).
     pub batch_bytes: usize,
     /// How often a caught-up `--follow` looks for new lines.
     pub poll_interval: Duration,
@@ -55,7 +56,7 @@ impl ProcessOptions {
             data_dir: data_dir.into(),
             database_url: None,
             follow: false,
-            batch_bytes: 16 * 1024 * 1024,
+            batch_bytes: 256 * 1024 * 1024,
             poll_interval: Duration::from_millis(5),
             retry_for: Duration::from_secs(60),
         }
@@ -122,15 +123,22 @@ pub async fn run_with_store(
     let started = Instant::now();
     let mut summary = ProcessSummary::default();
     let mut users = HashSet::new();
-    let mut reader = LogReader::new(opts.data_dir.join(LOG_DIR), opts.batch_bytes);
+    let mut reader = LogReader::new(opts.data_dir.join(LOG_DIR), opts.batch_bytes.min(READ_CHUNK_BYTES));
     let mut dead_letters = DeadLetters::new(opts.data_dir.join(DEAD_LETTER_FILE));
     let mut position = with_retry(&opts, || store.progress(FILE_STREAM)).await?.position;
     // For the events-lag estimate; refined by every committed batch.
     let mut bytes_per_event = 100.0;
     record_lag(&reader, position, bytes_per_event);
     loop {
-        let chunk = tokio::task::block_in_place(|| reader.read(position))?;
-        let Some(chunk) = chunk else {
+        // One transaction's worth: chunks until the batch is full or the log has nothing more.
+        let mut pending = Pending::new(position);
+        while !pending.is_full(opts.batch_bytes) {
+            match tokio::task::block_in_place(|| reader.read(pending.end))? {
+                Some(chunk) => tokio::task::block_in_place(|| pending.absorb(&chunk))?,
+                None => break,
+            }
+        }
+        if pending.end == position {
             // Caught up: the lag was recorded after the last commit; a --follow poll every few
             // milliseconds need not list the log directory again.
             if !opts.follow {
@@ -140,8 +148,8 @@ pub async fn run_with_store(
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep(opts.poll_interval) => continue,
             }
-        };
-        let (batch, batch_users) = summarize(&chunk)?;
+        }
+        let (batch, batch_users) = pending.into_batch()?;
         let commit_started = Instant::now();
         let outcome = with_retry(&opts, || store.commit(FILE_STREAM, &batch)).await?;
         metrics::histogram!("eps_processor_commit_duration_seconds").record(commit_started.elapsed().as_secs_f64());
@@ -208,45 +216,235 @@ where
     }
 }
 
-/// Sums one chunk per user. Returns the batch and a digest of each user touched (for the summary).
-fn summarize(chunk: &Chunk) -> anyhow::Result<(Batch, Vec<u64>)> {
-    let mut sums: HashMap<String, Decimal> = HashMap::new();
-    let mut batch = Batch { from: chunk.start, to: chunk.end, ..Batch::default() };
-    for (position, line) in chunk.lines() {
+/// Log bytes read at a time; a transaction gathers several reads (see [`Pending`]).
+const READ_CHUNK_BYTES: usize = 8 * 1024 * 1024;
+/// A transaction is committed once it touches this many users (bounds the memory of the sums)...
+const MAX_USERS_PER_COMMIT: usize = 200_000;
+/// ... or holds this many invalid lines (each keeps an excerpt of up to 4 KiB).
+const MAX_INVALID_PER_COMMIT: usize = 1_000;
+
+/// The sums of one transaction, gathered from consecutive chunks starting at the checkpoint `from`.
+///
+/// The cost of a commit grows with the users it touches, not with the events: gathering many chunks
+/// into one transaction (up to `--batch-bytes` of log) makes the database work per event small. The
+/// memory held is one chunk plus one sum per user.
+struct Pending {
+    from: u64,
+    end: u64,
+    sums: HashMap<String, ExactSum, foldhash::fast::RandomState>,
+    events: u64,
+    invalid: Vec<InvalidLine>,
+}
+
+impl Pending {
+    fn new(from: u64) -> Pending {
+        Pending { from, end: from, sums: HashMap::default(), events: 0, invalid: Vec::new() }
+    }
+
+    fn is_full(&self, max_bytes: usize) -> bool {
+        self.end - self.from >= max_bytes as u64
+            || self.sums.len() >= MAX_USERS_PER_COMMIT
+            || self.invalid.len() >= MAX_INVALID_PER_COMMIT
+    }
+
+    /// Adds the chunk that starts at `self.end`.
+    fn absorb(&mut self, chunk: &Chunk) -> anyhow::Result<()> {
+        debug_assert_eq!(chunk.start, self.end);
+        let part = summarize(chunk)?;
+        for (user, sum) in part.sums {
+            let slot = match self.sums.get_mut(user.as_ref()) {
+                Some(slot) => slot,
+                None => self.sums.entry(user.clone().into_owned()).or_default(),
+            };
+            *slot = slot.add(sum).ok_or_else(|| overflow_error(&user, self.from, chunk.end))?;
+        }
+        self.events += part.events;
+        self.invalid.extend(part.invalid.into_iter().map(|(position, error, line)| InvalidLine {
+            position,
+            segment: chunk.segment.clone(),
+            segment_offset: position - chunk.segment_base,
+            error,
+            line: excerpt(line),
+        }));
+        self.end = chunk.end;
+        Ok(())
+    }
+
+    /// The batch to commit, and a digest of each user touched (for the summary).
+    fn into_batch(self) -> anyhow::Result<(Batch, Vec<u64>)> {
+        let mut digests = Vec::with_capacity(self.sums.len());
+        let mut deltas = Vec::with_capacity(self.sums.len());
+        for (user, sum) in self.sums {
+            let delta = sum.to_decimal().ok_or_else(|| overflow_error(&user, self.from, self.end))?;
+            digests.push(user_digest(&user));
+            deltas.push((user, delta));
+        }
+        let batch = Batch { from: self.from, to: self.end, deltas, events: self.events, invalid: self.invalid };
+        Ok((batch, digests))
+    }
+}
+
+fn overflow_error(user: &str, from: u64, to: u64) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the changes to the revenue of user {user:?} in log bytes {from}..{to} sum to more than an exact decimal \
+         holds (28 digits); nothing of this batch was applied"
+    )
+}
+
+/// Sums one chunk per user.
+///
+/// Large chunks are cut at line boundaries into one part per core, summed in parallel and merged:
+/// the sums are exact whatever the order, so the result is the same as one pass.
+fn summarize(chunk: &Chunk) -> anyhow::Result<PartSums<'_>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_SUM_THREADS);
+    let parts = split_at_lines(&chunk.data, if chunk.data.len() < PARALLEL_MIN_BYTES { 1 } else { threads });
+    let partials: Vec<PartSums<'_>> = if parts.len() == 1 {
+        vec![sum_part(&chunk.data, chunk.start)]
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = parts
+                .iter()
+                .map(|&(from, to)| scope.spawn(move || sum_part(&chunk.data[from..to], chunk.start + from as u64)))
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("a summing thread panicked")).collect()
+        })
+    };
+    let mut partials = partials.into_iter();
+    let mut total = partials.next().unwrap_or_default();
+    if let Some(overflow) = total.overflow.take() {
+        return Err(overflow.into());
+    }
+    for part in partials {
+        if let Some(overflow) = part.overflow {
+            return Err(overflow.into());
+        }
+        total.events += part.events;
+        total.invalid.extend(part.invalid);
+        for (user, sum) in part.sums {
+            if let Some(overflow) = total.add(user, sum) {
+                return Err(SumOverflow { position: chunk.start, ..overflow }.into());
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Summing threads at most, and the chunk size below which one thread does it all.
+const MAX_SUM_THREADS: usize = 4;
+const PARALLEL_MIN_BYTES: usize = 1024 * 1024;
+
+/// `n` byte ranges covering `data`, each ending just after a newline (the last at the end of `data`).
+fn split_at_lines(data: &[u8], n: usize) -> Vec<(usize, usize)> {
+    let mut ranges = Vec::with_capacity(n);
+    let mut from = 0;
+    for k in 1..n {
+        let target = (data.len() * k / n).max(from);
+        let Some(newline) = data[target..].iter().position(|&b| b == b'\n') else { break };
+        let to = target + newline + 1;
+        if to < data.len() {
+            ranges.push((from, to));
+            from = to;
+        }
+    }
+    ranges.push((from, data.len()));
+    ranges
+}
+
+/// The sums of one part of a chunk; users borrow from the chunk's bytes.
+#[derive(Default)]
+struct PartSums<'a> {
+    sums: HashMap<Cow<'a, str>, ExactSum, foldhash::fast::RandomState>,
+    events: u64,
+    /// (position, error, line) of each line that is not a valid event.
+    invalid: Vec<(u64, String, &'a [u8])>,
+    /// Set when a sum outgrew even the 128-bit accumulator (the part is then abandoned).
+    overflow: Option<SumOverflow>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the changes to the revenue of user {user:?} near log byte {position} cannot be summed exactly; nothing \
+     of this batch was applied"
+)]
+struct SumOverflow {
+    user: String,
+    position: u64,
+}
+
+impl<'a> PartSums<'a> {
+    fn add(&mut self, user: Cow<'a, str>, sum: ExactSum) -> Option<SumOverflow> {
+        let slot = match self.sums.get_mut(user.as_ref()) {
+            Some(slot) => slot,
+            None => self.sums.entry(user.clone()).or_default(),
+        };
+        match slot.add(sum) {
+            Some(total) => {
+                *slot = total;
+                None
+            }
+            None => Some(SumOverflow { user: user.into_owned(), position: 0 }),
+        }
+    }
+}
+
+/// A per-user sum that never rounds: a 128-bit mantissa at the largest scale seen. 28-digit values at
+/// 28 decimal places need 10^56, more than it holds: such sums fail (the batch is refused), never round.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ExactSum {
+    mantissa: i128,
+    scale: u32,
+}
+
+impl ExactSum {
+    fn of(value: Decimal) -> ExactSum {
+        ExactSum { mantissa: value.mantissa(), scale: value.scale() }
+    }
+
+    fn add(self, other: ExactSum) -> Option<ExactSum> {
+        if self.scale == other.scale {
+            return Some(ExactSum { mantissa: self.mantissa.checked_add(other.mantissa)?, scale: self.scale });
+        }
+        let scale = self.scale.max(other.scale);
+        let rescale = |s: ExactSum| s.mantissa.checked_mul(10i128.checked_pow(scale - s.scale)?);
+        Some(ExactSum { mantissa: rescale(self)?.checked_add(rescale(other)?)?, scale })
+    }
+
+    /// The sum as a decimal (trailing zeros dropped), `None` if it needs more than 96 bits.
+    fn to_decimal(self) -> Option<Decimal> {
+        let (mut mantissa, mut scale) = (self.mantissa, self.scale);
+        while scale > 0 && mantissa % 10 == 0 {
+            mantissa /= 10;
+            scale -= 1;
+        }
+        Decimal::try_from_i128_with_scale(mantissa, scale).ok()
+    }
+}
+
+fn sum_part(data: &[u8], start: u64) -> PartSums<'_> {
+    let mut part = PartSums::default();
+    for (position, line) in lines_of(data, start) {
         let parsed = match line {
-            Ok(line) if line.iter().all(u8::is_ascii_whitespace) => continue,
-            Ok(line) => EventRef::parse_log_line(line).map_err(|e| (e.to_string(), line)),
+            Ok(line) => match EventRef::parse_canonical_log_line(line) {
+                Some(event) => Ok(event),
+                None if line.iter().all(u8::is_ascii_whitespace) => continue,
+                None => EventRef::parse_log_line(line).map_err(|e| (e.to_string(), line)),
+            },
             Err(torn) => Err(("line without its newline at the end of an older segment (a torn write)".into(), torn)),
         };
         match parsed {
             Ok(event) => {
-                let delta = event.delta();
-                let sum = match sums.get_mut(event.user_id.as_ref()) {
-                    Some(sum) => sum,
-                    None => sums.entry(event.user_id.into_owned()).or_default(),
-                };
-                *sum = crate::event::exact_add(*sum, delta).with_context(|| {
-                    format!(
-                        "the changes to one user's revenue near log byte {position} cannot be summed exactly \
-                         (more than 28 digits); nothing of this batch was applied"
-                    )
-                })?;
-                batch.events += 1;
+                let sum = ExactSum::of(event.delta());
+                if let Some(overflow) = part.add(event.user_id, sum) {
+                    part.overflow = Some(SumOverflow { position, ..overflow });
+                    return part;
+                }
+                part.events += 1;
             }
-            Err((error, line)) => batch.invalid.push(InvalidLine {
-                position,
-                segment: chunk.segment.clone(),
-                segment_offset: position - chunk.segment_base,
-                error,
-                line: excerpt(line),
-            }),
+            Err((error, line)) => part.invalid.push((position, error, line)),
         }
     }
-    let digests = sums.keys().map(|user| user_digest(user)).collect();
-    batch.deltas = sums.into_iter().collect();
-    Ok((batch, digests))
+    part
 }
-
 fn excerpt(line: &[u8]) -> String {
     let cut = &line[..line.len().min(MAX_INVALID_EXCERPT)];
     String::from_utf8_lossy(cut).into_owned()
@@ -296,5 +494,116 @@ impl DeadLetters {
         file.write_all(&out)?;
         file.sync_data()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn dec(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn split_at_lines_covers_the_data_and_cuts_after_newlines() {
+        let data = b"aaa\nbb\n\ncccccc\nd\n".repeat(7);
+        for n in 1..=8 {
+            let ranges = split_at_lines(&data, n);
+            assert!(ranges.len() <= n);
+            assert_eq!(ranges.first().unwrap().0, 0);
+            assert_eq!(ranges.last().unwrap().1, data.len());
+            for pair in ranges.windows(2) {
+                assert_eq!(pair[0].1, pair[1].0, "{ranges:?}");
+                assert_eq!(data[pair[0].1 - 1], b'\n', "{ranges:?}");
+            }
+        }
+        // No newline at all: one range.
+        assert_eq!(split_at_lines(b"abc", 4), vec![(0, 3)]);
+    }
+
+    #[test]
+    fn exact_sums_never_round() {
+        let sum = |values: &[&str]| {
+            values.iter().fold(Some(ExactSum::default()), |acc, v| acc?.add(ExactSum::of(dec(v)))).and_then(ExactSum::to_decimal)
+        };
+        assert_eq!(sum(&["0.1"; 10]), Some(dec("1")));
+        assert_eq!(sum(&["10", "-10.50", "0.25"]), Some(dec("-0.25")));
+        assert_eq!(sum(&["10", "0.0000000000000000000000000001"]), None, "29 digits do not fit a decimal");
+        // Beyond a decimal on the way, back within it at the end: exact, so accepted.
+        let big = "79228162514264337593543950335";
+        assert_eq!(sum(&[big, big, &format!("-{big}")]), Some(dec(big)));
+        assert_eq!(sum(&[big, "1"]), None);
+        // Even 128 bits run out: 28 digits at 28 places.
+        let e = ExactSum::of(dec("1000000000000000000000000000")).add(ExactSum::of(dec("0.0000000000000000000000000001")));
+        assert_eq!(e, None);
+    }
+
+    /// A chunk of more than a MiB, mixing canonical lines, lines only the general parser takes (escaped
+    /// userId, whitespace, exponent), blank and invalid lines.
+    fn mixed_chunk() -> Chunk {
+        let mut data = Vec::new();
+        for i in 0..40_000u64 {
+            let line = match i % 10 {
+                0 => format!(r#"{{"userId":"we\"ird{}","name":"add_revenue","value":1.5}}"#, i % 3),
+                1 => format!(r#"{{ "userId": "user{}", "name": "subtract_revenue", "value": 2e-1 }}"#, i % 101),
+                2 if i % 1000 == 2 => "not json".to_string(),
+                3 if i % 1000 == 3 => "   ".to_string(),
+                _ => format!(r#"{{"userId":"user{}","name":"add_revenue","value":{}.{:02},"id":"r-{i}","ts":1}}"#, i % 101, i % 7, i % 100),
+            };
+            data.extend_from_slice(line.as_bytes());
+            data.push(b'\n');
+        }
+        assert!(data.len() > PARALLEL_MIN_BYTES);
+        let start = 1_000;
+        Chunk { start, end: start + data.len() as u64, segment: segment_name_for_test(), segment_base: 0, data }
+    }
+
+    fn segment_name_for_test() -> String {
+        crate::log::segment_name(0)
+    }
+
+    fn sorted(part: &PartSums<'_>) -> Vec<(String, Decimal)> {
+        let mut v: Vec<_> = part.sums.iter().map(|(u, s)| (u.to_string(), s.to_decimal().unwrap())).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn parallel_sums_equal_one_pass() {
+        let chunk = mixed_chunk();
+        let parallel = summarize(&chunk).unwrap();
+        let single = sum_part(&chunk.data, chunk.start);
+        assert_eq!(sorted(&parallel), sorted(&single));
+        assert_eq!(parallel.events, single.events);
+        assert_eq!(parallel.events, 40_000 - 40 - 40, "every line but the invalid and the blank ones");
+        let positions = |p: &PartSums<'_>| p.invalid.iter().map(|(pos, _, _)| *pos).collect::<Vec<_>>();
+        assert_eq!(positions(&parallel), positions(&single));
+        assert_eq!(parallel.invalid.len(), 40);
+        // The escaped userId is summed under its unescaped text.
+        let weird = sorted(&single).into_iter().find(|(u, _)| u == "we\"ird0").unwrap();
+        assert_eq!(weird.1, dec("1.5") * Decimal::from(1334));
+    }
+
+    #[test]
+    fn a_transaction_gathers_chunks_until_full() {
+        let chunk = mixed_chunk();
+        let mut pending = Pending::new(chunk.start);
+        assert!(!pending.is_full(usize::MAX));
+        pending.absorb(&chunk).unwrap();
+        let next = Chunk { start: chunk.end, end: chunk.end + chunk.data.len() as u64, ..mixed_chunk() };
+        pending.absorb(&next).unwrap();
+        assert!(pending.is_full(chunk.data.len() * 2));
+        assert!(!pending.is_full(chunk.data.len() * 2 + 1));
+        let (batch, users) = pending.into_batch().unwrap();
+        assert_eq!((batch.from, batch.to), (chunk.start, next.end));
+        assert_eq!(batch.events, 2 * (40_000 - 80));
+        assert_eq!(batch.invalid.len(), 80);
+        assert_eq!(users.len(), batch.deltas.len());
+        let single = sorted(&sum_part(&chunk.data, chunk.start));
+        let mut doubled: Vec<_> = batch.deltas.clone();
+        doubled.sort();
+        assert_eq!(doubled, single.into_iter().map(|(u, d)| (u, d * Decimal::TWO)).collect::<Vec<_>>());
     }
 }

@@ -33,13 +33,18 @@ impl Chunk {
     /// The lines with their positions, without the newline. A line that has no newline (only possible
     /// last, at the end of an older segment) comes as `Err`: it is a torn write, never an event.
     pub fn lines(&self) -> impl Iterator<Item = (u64, Result<&[u8], &[u8]>)> {
-        let mut pos = self.start;
-        self.data.split_inclusive(|&b| b == b'\n').map(move |line| {
-            let at = pos;
-            pos += line.len() as u64;
-            (at, line.strip_suffix(b"\n").ok_or(line))
-        })
+        lines_of(&self.data, self.start)
     }
+}
+
+/// [`Chunk::lines`] of any run of bytes starting at log position `start` (e.g. part of a chunk).
+pub fn lines_of(data: &[u8], start: u64) -> impl Iterator<Item = (u64, Result<&[u8], &[u8]>)> {
+    let mut pos = start;
+    data.split_inclusive(|&b| b == b'\n').map(move |line| {
+        let at = pos;
+        pos += line.len() as u64;
+        (at, line.strip_suffix(b"\n").ok_or(line))
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
