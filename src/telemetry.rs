@@ -48,6 +48,13 @@ pub fn metrics() -> &'static PrometheusHandle {
             .expect("bucket lists are not empty");
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
+        // Histogram samples are kept until they are folded into their buckets, which rendering does;
+        // without a scrape they would pile up (8 bytes per request, forever). Fold them regularly.
+        let upkeep = handle.clone();
+        let _ = std::thread::Builder::new().name("eps-metrics-upkeep".into()).spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            upkeep.run_upkeep();
+        });
         // Fails only if another recorder is installed; then metrics go there and this handle renders
         // nothing, which is harmless.
         let _ = metrics::set_global_recorder(recorder);
