@@ -1,0 +1,34 @@
+//! One module per scenario; each adds its figures to `ctx.report`.
+
+pub mod client;
+pub mod freshness;
+pub mod ingest;
+pub mod process;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::util::{free_port, Proc};
+use crate::Ctx;
+
+/// A fresh `eps server` on a free port with its data in `data_dir`, ready to take requests.
+pub fn start_eps_server(ctx: &Ctx, data_dir: &Path, log: &Path) -> anyhow::Result<(Proc, SocketAddr)> {
+    std::fs::create_dir_all(data_dir)?;
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mut proc = Proc::spawn(
+        "eps server",
+        ctx.eps_cmd().arg("server").arg("--listen").arg(addr.to_string()).arg("--data-dir").arg(data_dir),
+        log,
+    )?;
+    proc.wait_listening(addr, Duration::from_secs(30))?;
+    Ok((proc, addr))
+}
+
+/// The noop reference server on a free port, ready to take requests.
+pub fn start_noop_server(ctx: &Ctx, log: &Path) -> anyhow::Result<(Proc, SocketAddr)> {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mut proc = Proc::spawn("noop-server", std::process::Command::new(&ctx.noop_server).arg(addr.to_string()), log)?;
+    proc.wait_listening(addr, Duration::from_secs(10))?;
+    Ok((proc, addr))
+}
