@@ -4,11 +4,14 @@
 //! happens (the log writer counts syncs, the processor counts commits), and rendered by whoever serves
 //! `/metrics`. Nothing here ever records the token.
 
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -65,21 +68,81 @@ pub fn metrics() -> &'static PrometheusHandle {
 
 /// Per-request metrics and the debug-level request log line. Routes are labelled by their pattern
 /// (`/userEvents/{user_id}`), never the concrete path, so user ids do not become label values.
+///
+/// The metric handles are looked up once per (route, method, status) and per thread, then reused:
+/// building a labelled key (a vector of labels, hashed into the registry) on every request cost a
+/// measurable share of single-event ingest.
 pub async fn track_requests(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().clone();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = method_label(request.method());
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| intern(p.as_str()));
     let response = next.run(request).await;
     let elapsed = started.elapsed();
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("eps_http_requests_total", "route" => route.clone(), "method" => method.to_string(), "status" => status.clone())
-        .increment(1);
-    metrics::histogram!("eps_http_request_duration_seconds", "route" => route.clone()).record(elapsed.as_secs_f64());
+    let status = response.status().as_u16();
+    REQUEST_METRICS.with(|handles| {
+        let mut handles = handles.borrow_mut();
+        let (count, duration) = handles.entry((route, method, status)).or_insert_with(|| {
+            let status = status.to_string();
+            (
+                metrics::counter!("eps_http_requests_total", "route" => route, "method" => method, "status" => status),
+                metrics::histogram!("eps_http_request_duration_seconds", "route" => route),
+            )
+        });
+        count.increment(1);
+        duration.record(elapsed.as_secs_f64());
+    });
     tracing::debug!(%method, %route, %status, micros = elapsed.as_micros() as u64, "request");
     response
+}
+
+type RequestHandles = HashMap<(&'static str, &'static str, u16), (metrics::Counter, metrics::Histogram)>;
+
+thread_local! {
+    static REQUEST_METRICS: RefCell<RequestHandles> = RefCell::new(HashMap::new());
+}
+
+/// The method as a static label; methods outside the standard ones share one label (a client could
+/// otherwise invent a new label value with every request).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "other",
+    }
+}
+
+/// A route pattern as a `'static` label. Patterns come from the router's fixed table, so the set
+/// kept here is as small as that table. Each thread asks the shared set once per pattern.
+fn intern(pattern: &str) -> &'static str {
+    thread_local! {
+        static LOCAL: RefCell<HashSet<&'static str>> = RefCell::new(HashSet::new());
+    }
+    if let Some(known) = LOCAL.with(|local| local.borrow().get(pattern).copied()) {
+        return known;
+    }
+    let known = intern_shared(pattern);
+    LOCAL.with(|local| local.borrow_mut().insert(known));
+    known
+}
+
+fn intern_shared(pattern: &str) -> &'static str {
+    static PATTERNS: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut patterns = PATTERNS.get_or_init(Mutex::default).lock().unwrap_or_else(|e| e.into_inner());
+    match patterns.get(pattern) {
+        Some(known) => known,
+        None => {
+            let leaked: &'static str = Box::leak(pattern.to_owned().into_boxed_str());
+            patterns.insert(leaked);
+            leaked
+        }
+    }
 }
 
 /// Every metric eps records, with its meaning (rendered as `# HELP` lines).
