@@ -116,6 +116,27 @@ async fn start_slow_request(url_port: u16, user: &str) -> (TcpStream, Vec<u8>) {
     (stream, rest.to_vec())
 }
 
+/// Connections that never sent a byte hold no request: SIGTERM does not wait for them (it used to wait
+/// for their first-byte timeout, --request-timeout-secs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_for_connections_that_sent_nothing() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let mut server = env.server_with(&["--request-timeout-secs", "60"]).await;
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(("127.0.0.1", server.port)).await.unwrap());
+    }
+    // One request answered, so the server is surely serving (and the silent ones are accepted).
+    let (status, _) = post_event(&http(), &server.url, r#"{"userId":"u","name":"add_revenue","value":1}"#).await;
+    assert_eq!(status, 200);
+    let asked = std::time::Instant::now();
+    server.sigterm().await;
+    let status = server.wait(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "server exit: {status}\nstderr:\n{}", server.stderr());
+    assert!(asked.elapsed() < Duration::from_secs(10), "shutdown took {:?} with 3 silent connections", asked.elapsed());
+    drop(silent);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_requests_in_flight_finish_and_exits_0_with_every_200_in_the_log() {
     let env = Env::new(StoreKind::Sqlite).await;

@@ -49,6 +49,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
+    // Tells connections that have not sent a byte yet that shutdown began: they hold no request, so
+    // they are closed at once instead of being waited for until their first-byte timeout.
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
     tokio::pin!(shutdown);
@@ -74,10 +77,18 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let first_byte_timeout = limits.header_read_timeout;
+        let mut stopping = stopping.clone();
         tokio::spawn(async move {
             // hyper's header timeout starts with the first byte of a request; until then, this one.
             let mut byte = [0u8; 1];
-            match tokio::time::timeout(first_byte_timeout, stream.peek(&mut byte)).await {
+            let first_byte = tokio::select! {
+                peeked = tokio::time::timeout(first_byte_timeout, stream.peek(&mut byte)) => peeked,
+                _ = stopping.wait_for(|stop| *stop) => {
+                    tracing::debug!(%peer, "connection closed: shutting down before its first request");
+                    return;
+                }
+            };
+            match first_byte {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => {
                     tracing::debug!(%peer, "connection closed: no request within the timeout");
@@ -93,6 +104,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    let _ = stopping_tx.send(true);
     if tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await.is_err() {
         tracing::warn!(timeout = ?limits.drain_timeout, "requests still in flight at the end of the drain timeout");
     }
