@@ -26,7 +26,7 @@ pub struct Cli {
     pub log_format: LogFormat,
 
     /// Log filter, in tracing's EnvFilter syntax (e.g. "info", "eps=debug").
-    #[arg(long, global = true, env = "EPS_LOG", default_value = "info")]
+    #[arg(long, global = true, env = "EPS_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 
     /// TOML file of settings (keys are flag names, at the top or in [server], [process], [client],
@@ -128,6 +128,39 @@ pub struct ServerArgs {
     /// Most event ids remembered for de-duplication (the oldest are forgotten first).
     #[arg(long, env = "EPS_DEDUP_MAX_IDS", default_value_t = 1_000_000)]
     pub dedup_max_ids: usize,
+
+    /// Where events go: nats://host:port (several servers separated by commas) for a NATS JetStream
+    /// stream; without it, the file log in the data directory. With JetStream, 200 means the stream
+    /// acknowledged the event, and any number of servers may share the stream.
+    #[arg(long, env = "EPS_LOG")]
+    pub log: Option<String>,
+
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+/// The JetStream log's settings (used with --log nats://…).
+#[derive(Debug, clap::Args)]
+pub struct NatsArgs {
+    /// JetStream stream holding the events (created if missing, its configuration checked if present).
+    #[arg(long, env = "EPS_NATS_STREAM", default_value = "EPS_EVENTS")]
+    pub nats_stream: String,
+
+    /// Subjects are <prefix>.<partition>.
+    #[arg(long, env = "EPS_NATS_SUBJECT_PREFIX", default_value = "eps.events")]
+    pub nats_subject_prefix: String,
+
+    /// Partitions of the stream; a user's events all go to one, chosen by a stable hash of the userId.
+    #[arg(long, env = "EPS_NATS_PARTITIONS", default_value_t = 16)]
+    pub nats_partitions: u32,
+
+    /// Copies JetStream keeps of each message (1 on one node; 3 or 5 in a cluster).
+    #[arg(long, env = "EPS_NATS_REPLICAS", default_value_t = 1)]
+    pub nats_replicas: usize,
+
+    /// How long JetStream remembers message ids to drop a retried publish, in seconds.
+    #[arg(long, env = "EPS_NATS_DUPLICATE_WINDOW_SECS", default_value_t = 900)]
+    pub nats_duplicate_window_secs: u64,
 }
 
 #[derive(Debug, clap::Args)]

@@ -77,6 +77,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     ..Default::default()
                 },
                 body_timeout: Duration::from_secs(args.request_timeout_secs),
+                log_url: args.log,
+                nats: eps::log::nats::NatsLogOptions {
+                    stream: args.nats.nats_stream,
+                    subject_prefix: args.nats.nats_subject_prefix,
+                    partitions: args.nats.nats_partitions,
+                    replicas: args.nats.nats_replicas,
+                    duplicate_window: Duration::from_secs(args.nats.nats_duplicate_window_secs),
+                    ..eps::log::nats::NatsLogOptions::new("")
+                },
             };
             let server = server::Server::bind(opts).await?;
             // Scripts and tests read this line to learn the port (useful with --listen 127.0.0.1:0).

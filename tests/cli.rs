@@ -10,7 +10,7 @@ use serde_json::json;
 
 /// Every flag of each command, with its environment variable.
 const FLAGS: &[(&str, &[(&str, &str)])] = &[
-    ("", &[("--log-format", "EPS_LOG_FORMAT"), ("--log-level", "EPS_LOG")]),
+    ("", &[("--log-format", "EPS_LOG_FORMAT"), ("--log-level", "EPS_LOG_LEVEL")]),
     (
         "server",
         &[
@@ -19,13 +19,20 @@ const FLAGS: &[(&str, &[(&str, &str)])] = &[
             ("--database-url", "DATABASE_URL"),
             ("--token", "EPS_TOKEN"),
             ("--body-limit", "EPS_BODY_LIMIT"),
+            ("--batch-body-limit", "EPS_BATCH_BODY_LIMIT"),
             ("--request-timeout-secs", "EPS_REQUEST_TIMEOUT_SECS"),
             ("--max-connections", "EPS_MAX_CONNECTIONS"),
             ("--segment-bytes", "EPS_SEGMENT_BYTES"),
             ("--dedup-window-secs", "EPS_DEDUP_WINDOW_SECS"),
             ("--dedup-max-ids", "EPS_DEDUP_MAX_IDS"),
+            ("--log", "EPS_LOG"),
+            ("--nats-stream", "EPS_NATS_STREAM"),
+            ("--nats-subject-prefix", "EPS_NATS_SUBJECT_PREFIX"),
+            ("--nats-partitions", "EPS_NATS_PARTITIONS"),
+            ("--nats-replicas", "EPS_NATS_REPLICAS"),
+            ("--nats-duplicate-window-secs", "EPS_NATS_DUPLICATE_WINDOW_SECS"),
             ("--log-format", "EPS_LOG_FORMAT"),
-            ("--log-level", "EPS_LOG"),
+            ("--log-level", "EPS_LOG_LEVEL"),
         ],
     ),
     (
@@ -45,6 +52,7 @@ const FLAGS: &[(&str, &[(&str, &str)])] = &[
             ("[FILE]", "EPS_FILE"),
             ("--url", "EPS_URL"),
             ("--token", "EPS_TOKEN"),
+            ("--batch", "EPS_BATCH"),
             ("--concurrency", "EPS_CONCURRENCY"),
             ("--max-attempts", "EPS_MAX_ATTEMPTS"),
             ("--timeout-secs", "EPS_TIMEOUT_SECS"),

@@ -9,12 +9,13 @@
 //! named by the position of its first byte. Every position the log hands out (checkpoints, batch ends)
 //! is the end of a whole line, so a reader never starts in the middle of an event.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hasher};
 
 use async_trait::async_trait;
 
 use crate::event::EventRef;
 
+pub mod nats;
 pub mod reader;
 pub mod writer;
 
@@ -47,6 +48,14 @@ pub enum LogError {
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {
     async fn append(&self, batch: LogBatch) -> Result<Vec<Appended>, LogError>;
+
+    /// Whether appends are expected to work (readiness): false after the last one failed.
+    fn ready(&self) -> bool {
+        true
+    }
+
+    /// Waits until every append begun before the call is answered, then releases the log.
+    async fn shutdown(&self) {}
 }
 
 /// Events already encoded as log lines, appended as one unit.
@@ -64,6 +73,8 @@ struct BatchEntry {
     /// Offset in `data` just past this event's newline.
     end: usize,
     id: Option<IdKey>,
+    /// [`user_key`] of the event's userId: which partition it goes to, where the log has partitions.
+    user: u64,
 }
 
 impl LogBatch {
@@ -84,7 +95,11 @@ impl LogBatch {
     pub fn push(&mut self, event: &EventRef<'_>, ts_millis: u64) {
         event.write_log_line(ts_millis, &mut self.data);
         self.data.push(b'\n');
-        self.events.push(BatchEntry { end: self.data.len(), id: event.id.as_deref().map(id_key) });
+        self.events.push(BatchEntry {
+            end: self.data.len(),
+            id: event.id.as_deref().map(id_key),
+            user: user_key(&event.user_id),
+        });
     }
 
     pub fn len(&self) -> usize {
@@ -102,11 +117,20 @@ impl LogBatch {
 
     /// Each event's line (with its newline) and id digest, in order.
     pub fn lines(&self) -> impl Iterator<Item = (&[u8], Option<IdKey>)> {
+        self.entries().map(|(line, entry)| (line, entry.id))
+    }
+
+    /// Each event's line with its [`user_key`], in order.
+    pub fn lines_by_user(&self) -> impl Iterator<Item = (&[u8], Option<IdKey>, u64)> {
+        self.entries().map(|(line, entry)| (line, entry.id, entry.user))
+    }
+
+    fn entries(&self) -> impl Iterator<Item = (&[u8], &BatchEntry)> {
         let mut start = 0;
         self.events.iter().map(move |entry| {
             let line = &self.data[start..entry.end];
             start = entry.end;
-            (line, entry.id)
+            (line, entry)
         })
     }
 
@@ -116,18 +140,27 @@ impl LogBatch {
     }
 }
 
+/// A stable 64-bit hash of a userId (FNV-1a): the same on every machine and in every version, because
+/// it decides which partition of a partitioned log a user's events go to.
+pub fn user_key(user_id: &str) -> u64 {
+    user_id.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
 /// A 128-bit digest of an event id: collisions (which would drop an event) are beyond practical reach,
 /// and the de-duplication window stores 16 bytes per id whatever the id's length.
 pub type IdKey = u128;
 
+///
+/// SipHash-1-3 with 128-bit output and fixed keys (the `siphasher` crate): a specified algorithm, so the
+/// digest is the same in every build and version, which matters where it leaves the process (the
+/// JetStream message ids are made of it).
 pub fn id_key(id: &str) -> IdKey {
-    let half = |salt: u8| {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        salt.hash(&mut h);
-        id.hash(&mut h);
-        h.finish()
-    };
-    (u128::from(half(1)) << 64) | u128::from(half(2))
+    digest(id.as_bytes())
+}
+
+/// The stable 128-bit digest [`id_key`] uses, of any bytes.
+pub fn digest(bytes: &[u8]) -> u128 {
+    siphasher::sip128::SipHasher13::new_with_keys(0x6570_7364_6564_7570, 0x6964_2d6b_6579_2d31).hash(bytes).as_u128()
 }
 
 /// Hashes an [`IdKey`] by taking its low bits: it is already a digest, hashing it again is wasted work.
@@ -191,6 +224,14 @@ pub fn list_segments(dir: &std::path::Path) -> std::io::Result<Vec<(u64, std::pa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_keys_are_stable() {
+        // FNV-1a's published test vectors: partitions must not move between versions.
+        assert_eq!(user_key(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(user_key("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(user_key("foobar"), 0x8594_4171_f739_67e8);
+    }
 
     #[test]
     fn segment_names_round_trip_and_sort() {

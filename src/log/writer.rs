@@ -108,14 +108,6 @@ impl FileLog {
     pub fn stats(&self) -> &Arc<LogStats> {
         &self.stats
     }
-
-    /// Waits until every append queued before this call is synced and answered, then stops the writer.
-    pub async fn shutdown(&self) {
-        let (done, wait) = oneshot::channel();
-        if self.tx.send(Msg::Shutdown { done }).await.is_ok() {
-            let _ = wait.await;
-        }
-    }
 }
 
 #[async_trait]
@@ -127,6 +119,18 @@ impl EventLog for FileLog {
             .await
             .map_err(|_| LogError::Unavailable("the log writer has stopped".into()))?;
         answer.await.map_err(|_| LogError::Unavailable("the log writer has stopped".into()))?
+    }
+
+    fn ready(&self) -> bool {
+        !self.stats.failing.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every append queued before this call is synced and answered, then stops the writer.
+    async fn shutdown(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Msg::Shutdown { done }).await.is_ok() {
+            let _ = wait.await;
+        }
     }
 }
 

@@ -20,6 +20,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
 
+use crate::log::nats::{NatsLog, NatsLogOptions};
 use crate::log::{EventLog, FileLog, FileLogOptions, LOG_DIR};
 use crate::store::{self, Store};
 
@@ -47,6 +48,10 @@ pub struct ServerOptions {
     pub limits: serve::Limits,
     /// Longest a client may take to send a request body (408 after).
     pub body_timeout: Duration,
+    /// `nats://…` for the JetStream log; `None` for the file log in the data directory.
+    pub log_url: Option<String>,
+    /// The JetStream log's options (its `url` is taken from `log_url`).
+    pub nats: NatsLogOptions,
 }
 
 impl ServerOptions {
@@ -63,6 +68,8 @@ impl ServerOptions {
             dedup_max_ids: 1_000_000,
             limits: serve::Limits::default(),
             body_timeout: Duration::from_secs(10),
+            log_url: None,
+            nats: NatsLogOptions::new(""),
         }
     }
 }
@@ -71,7 +78,6 @@ pub use crate::config::ConfigError;
 
 pub(crate) struct AppState {
     pub(crate) log: Arc<dyn EventLog>,
-    log_stats: Arc<crate::log::writer::LogStats>,
     pub(crate) token: String,
     pub(crate) body_limit: usize,
     pub(crate) batch_body_limit: usize,
@@ -81,7 +87,7 @@ pub(crate) struct AppState {
 
 impl AppState {
     fn log_ready(&self) -> bool {
-        !self.log_stats.failing.load(std::sync::atomic::Ordering::Relaxed)
+        self.log.ready()
     }
 
     fn store(&self) -> Result<&Arc<dyn Store>, ApiError> {
@@ -92,7 +98,7 @@ impl AppState {
 pub struct Server {
     listener: TcpListener,
     state: Arc<AppState>,
-    file_log: Arc<FileLog>,
+    log: Arc<dyn EventLog>,
     opts: ServerOptions,
 }
 
@@ -113,24 +119,38 @@ impl Server {
             }
             tracing::warn!("running with the default token {DEFAULT_TOKEN:?}: set --token or EPS_TOKEN before exposing the server");
         }
-        let mut log_opts = FileLogOptions::new(opts.data_dir.join(LOG_DIR));
-        log_opts.segment_bytes = opts.segment_bytes;
-        log_opts.dedup_window = opts.dedup_window;
-        log_opts.dedup_max_ids = opts.dedup_max_ids;
-        let file_log = Arc::new(tokio::task::block_in_place(|| FileLog::open(log_opts))?);
+        let log: Arc<dyn EventLog> = match &opts.log_url {
+            Some(url) if crate::log::nats::is_nats_url(url) => {
+                let mut nats = opts.nats.clone();
+                nats.url = url.clone();
+                Arc::new(NatsLog::connect(nats).await?)
+            }
+            Some(url) => {
+                return Err(ConfigError(format!(
+                    "unsupported log URL {url:?}: give nats://host:port for JetStream, or no --log for the file log"
+                ))
+                .into())
+            }
+            None => {
+                let mut log_opts = FileLogOptions::new(opts.data_dir.join(LOG_DIR));
+                log_opts.segment_bytes = opts.segment_bytes;
+                log_opts.dedup_window = opts.dedup_window;
+                log_opts.dedup_max_ids = opts.dedup_max_ids;
+                Arc::new(tokio::task::block_in_place(|| FileLog::open(log_opts))?)
+            }
+        };
         let listener = TcpListener::bind(opts.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.listen))?;
         let state = Arc::new(AppState {
-            log: file_log.clone(),
-            log_stats: file_log.stats().clone(),
+            log: log.clone(),
             token: opts.token.clone(),
             body_limit: opts.body_limit,
             batch_body_limit: opts.batch_body_limit,
             body_timeout: opts.body_timeout,
             store: OnceLock::new(),
         });
-        Ok(Server { listener, state, file_log, opts })
+        Ok(Server { listener, state, log, opts })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -160,7 +180,7 @@ impl Server {
         tracing::info!(addr = %self.local_addr(), data_dir = %self.opts.data_dir.display(), "eps server listening");
         serve::serve(self.listener, router, self.opts.limits.clone(), shutdown).await?;
         store_task.abort();
-        self.file_log.shutdown().await;
+        self.log.shutdown().await;
         tracing::info!("eps server stopped; every acknowledged event is synced");
         Ok(())
     }

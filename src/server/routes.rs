@@ -188,6 +188,16 @@ pub(super) struct BatchReceived {
     errors: Vec<LineError>,
 }
 
+/// The answer to a `POST /events` of which nothing could be stored.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct BatchRefused {
+    /// What is wrong with the request as a whole.
+    error: String,
+    /// Lines that are not valid events (0 when the body holds no event at all).
+    rejected: usize,
+    errors: Vec<LineError>,
+}
+
 /// Why one line of a batch was not stored.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct LineError {
@@ -201,13 +211,16 @@ pub(super) struct LineError {
     post, path = "/events", tag = "events",
     security(("token" = [])),
     request_body(
-        content = String, content_type = "application/x-ndjson",
-        description = "JSON Lines: one event per line, each as POST /liveEvent takes it (blank lines are skipped)",
-        example = json!("{\"userId\":\"user1\",\"name\":\"add_revenue\",\"value\":100,\"id\":\"run7-1\"}\n{\"userId\":\"user2\",\"name\":\"add_revenue\",\"value\":200,\"id\":\"run7-2\"}\n"),
+        description = "JSON Lines: one event per line, each as POST /liveEvent takes it (blank lines are skipped). \
+                       The same body is accepted as text/plain.",
+        content(
+            (String = "application/x-ndjson"),
+            (String = "text/plain", example = json!("{\"userId\":\"user1\",\"name\":\"add_revenue\",\"value\":100,\"id\":\"run7-1\"}\n{\"userId\":\"user2\",\"name\":\"add_revenue\",\"value\":200,\"id\":\"run7-2\"}\n")),
+        ),
     ),
     responses(
         (status = 200, description = "Every valid line is on stable storage (in one sync); invalid lines are listed in errors and not stored", body = BatchReceived),
-        (status = 400, description = "No line is a valid event (nothing stored), or the body holds no event", body = BatchReceived),
+        (status = 400, description = "No line is a valid event, or the body holds no event: nothing stored", body = BatchRefused),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
         (status = 413, description = "Body larger than the limit, or more than 10,000 events", body = ErrorBody),
@@ -223,7 +236,7 @@ pub(super) async fn post_events(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<BatchReceived>), ApiError> {
+) -> Result<Json<BatchReceived>, BatchError> {
     authorize(&state, &headers)?;
     require_json_lines(&headers)?;
     let body = body_bytes(&state, body, state.batch_body_limit).await?;
@@ -239,7 +252,8 @@ pub(super) async fn post_events(
             return Err(ApiError::Body {
                 status: StatusCode::PAYLOAD_TOO_LARGE,
                 message: format!("a batch holds at most {MAX_BATCH_EVENTS} events; split it"),
-            });
+            }
+            .into());
         }
         match EventRef::parse_request(line) {
             Ok(event) => batch.push(&event, ts),
@@ -248,15 +262,37 @@ pub(super) async fn post_events(
     }
     let rejected = errors.len();
     if batch.is_empty() {
-        if errors.is_empty() {
-            return Err(ApiError::BadRequest("the body holds no event (JSON Lines: one event per line)".into()));
-        }
-        let answer = BatchReceived { accepted: 0, duplicates: 0, rejected, errors };
-        return Ok((StatusCode::BAD_REQUEST, Json(answer)));
+        let error = if errors.is_empty() {
+            "the body holds no event (JSON Lines: one event per line)".to_string()
+        } else {
+            format!("none of the {rejected} lines is a valid event; nothing was stored")
+        };
+        return Err(BatchError::Refused(BatchRefused { error, rejected, errors }));
     }
     let answers = state.log.append(batch).await?;
     let duplicates = answers.iter().filter(|a| **a == Appended::Duplicate).count();
-    Ok((StatusCode::OK, Json(BatchReceived { accepted: answers.len(), duplicates, rejected, errors })))
+    Ok(Json(BatchReceived { accepted: answers.len(), duplicates, rejected, errors }))
+}
+
+/// `POST /events`'s failures: a refused batch (400 with its lines' errors), or any [`ApiError`].
+pub(super) enum BatchError {
+    Refused(BatchRefused),
+    Api(ApiError),
+}
+
+impl<E: Into<ApiError>> From<E> for BatchError {
+    fn from(e: E) -> Self {
+        BatchError::Api(e.into())
+    }
+}
+
+impl axum::response::IntoResponse for BatchError {
+    fn into_response(self) -> axum::response::Response {
+        match self {
+            BatchError::Refused(body) => (StatusCode::BAD_REQUEST, Json(body)).into_response(),
+            BatchError::Api(e) => e.into_response(),
+        }
+    }
 }
 
 #[utoipa::path(
@@ -343,7 +379,7 @@ pub(super) async fn metrics() -> ([(header::HeaderName, &'static str); 1], Strin
 #[openapi(
     info(title = "eps", description = "Event processing system: durable ingest, exactly-once revenue."),
     paths(live_event, post_events, user_events, healthz, readyz, metrics, openapi_json),
-    components(schemas(Received, BatchReceived, LineError, UserRevenue, ErrorBody, EventBody, Health, Readiness)),
+    components(schemas(Received, BatchReceived, BatchRefused, LineError, UserRevenue, ErrorBody, EventBody, Health, Readiness)),
     modifiers(&TokenScheme),
 )]
 pub(crate) struct ApiDoc;
