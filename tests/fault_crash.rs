@@ -406,12 +406,14 @@ mod ingest {
     }
 
     /// Batches (`POST /events`): a kill between a batch's sync and its answer makes the client resend
-    /// the whole batch. Small batches, few in flight: the run lasts long enough for the kills.
+    /// the whole batch. Small batches, few in flight: the run lasts long enough for the kills (larger
+    /// ones in the long run, whose million events would otherwise take many minutes).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn server_killed_at_random_while_the_client_retries_batches() {
+        let (batch, concurrency) = super::fault::scaled(("10", "4"), ("100", "8"));
         super::server_killed_at_random_while_the_client_retries(
             "server_killed_at_random_while_the_client_retries_batches",
-            &["--batch", "10", "--concurrency", "4"],
+            &["--batch", batch, "--concurrency", concurrency],
         )
         .await
     }
