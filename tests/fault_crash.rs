@@ -410,7 +410,7 @@ mod ingest {
     /// ones in the long run, whose million events would otherwise take many minutes).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn server_killed_at_random_while_the_client_retries_batches() {
-        let (batch, concurrency) = super::fault::scaled(("10", "4"), ("100", "8"));
+        let (batch, concurrency) = super::fault::scaled(("10", "4"), ("20", "4"));
         super::server_killed_at_random_while_the_client_retries(
             "server_killed_at_random_while_the_client_retries_batches",
             &["--batch", batch, "--concurrency", concurrency],
