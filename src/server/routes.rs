@@ -32,24 +32,25 @@ pub(super) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Api
 
 /// JSON or nothing: a missing Content-Type is taken as JSON (old clients omit it); any other is refused.
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
-    let text = value.to_str().unwrap_or("").to_ascii_lowercase();
-    let mime = text.split(';').next().unwrap_or("").trim();
-    if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
-        Ok(())
-    } else {
-        Err(ApiError::UnsupportedMediaType(text))
-    }
+    require_media_type(headers, |mime| {
+        mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+    })
 }
 
 /// A batch is JSON Lines: `application/x-ndjson` (and its aliases), JSON, plain text, or no Content-Type.
 fn require_json_lines(headers: &HeaderMap) -> Result<(), ApiError> {
+    const ACCEPTED: &[&str] =
+        &["application/x-ndjson", "application/jsonl", "application/json-lines", "application/json", "text/plain"];
+    require_media_type(headers, |mime| ACCEPTED.contains(&mime))
+}
+
+/// Checks the Content-Type's media type (lower-cased, parameters dropped) with `accepts`; a request
+/// without Content-Type passes. Refusals (415) quote the header as sent.
+fn require_media_type(headers: &HeaderMap, accepts: impl Fn(&str) -> bool) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
     let text = value.to_str().unwrap_or("").to_ascii_lowercase();
     let mime = text.split(';').next().unwrap_or("").trim();
-    const ACCEPTED: &[&str] =
-        &["application/x-ndjson", "application/jsonl", "application/json-lines", "application/json", "text/plain"];
-    if ACCEPTED.contains(&mime) {
+    if accepts(mime) {
         Ok(())
     } else {
         Err(ApiError::UnsupportedMediaType(text))

@@ -111,17 +111,19 @@ pub fn sqlite(ctx: &mut Ctx) -> anyhow::Result<()> {
         (d.log_file.clone(), d.expected.events, d.reference_secs)
     };
     let dir = data_dir_with_log(ctx, "process_sqlite", &log_file)?;
-    let run = run_measured(
-        ctx.eps_cmd().arg("process").arg("--data-dir").arg(dir.path()),
-        &dir.path().join("process.log"),
-        PROCESS_TIMEOUT,
-    )?;
-    run.check_success("eps process")?;
-    let actual = read_sqlite_totals(&dir.path().join(SQLITE_FILE))?;
+    let (run, actual) = process_into_sqlite(ctx, dir.path())?;
     let problems = ctx.process_data.as_ref().expect("made above").expected.compare(&actual);
     let fig = processing_figure(ctx, "process_sqlite", &run, events, reference_secs, problems);
     ctx.report.figure(fig);
     Ok(())
+}
+
+/// Runs `eps process --data-dir DIR` (the embedded store), measured, and reads back its totals.
+fn process_into_sqlite(ctx: &Ctx, dir: &Path) -> anyhow::Result<(Run, HashMap<String, Decimal>)> {
+    let run = run_measured(ctx.eps_cmd().arg("process").arg("--data-dir").arg(dir), &dir.join("process.log"), PROCESS_TIMEOUT)?;
+    run.check_success("eps process")?;
+    let actual = read_sqlite_totals(&dir.join(SQLITE_FILE))?;
+    Ok((run, actual))
 }
 
 /// Every row of `users_revenue` in an eps SQLite file (revenue is exact decimal TEXT there).
@@ -235,13 +237,7 @@ pub fn memory(ctx: &mut Ctx) -> anyhow::Result<()> {
     let dir = ctx.scratch("process_memory")?;
     let (n, users) = (ctx.size(10_000_000), ctx.size(10_000));
     let (expected, segments) = write_canonical_log(&dir.path().join("log"), n, users, SEGMENT_BYTES)?;
-    let run = run_measured(
-        ctx.eps_cmd().arg("process").arg("--data-dir").arg(dir.path()),
-        &dir.path().join("process.log"),
-        PROCESS_TIMEOUT,
-    )?;
-    run.check_success("eps process")?;
-    let actual = read_sqlite_totals(&dir.path().join(SQLITE_FILE))?;
+    let (run, actual) = process_into_sqlite(ctx, dir.path())?;
     let problems = expected.compare(&actual);
     report_mismatches(ctx, "process_memory", &problems);
 
