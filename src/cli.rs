@@ -189,6 +189,32 @@ pub struct ProcessArgs {
     /// Serve Prometheus metrics (GET /metrics) on this address while running, e.g. 127.0.0.1:9101.
     #[arg(long, env = "EPS_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// Where events are read from: nats://host:port (several servers separated by commas) for a NATS
+    /// JetStream stream, which needs --database-url postgres://…; without it, the file log in the data
+    /// directory. With JetStream any number of processors may run: they share the partitions (each owned
+    /// by one processor at a time through a PostgreSQL advisory lock) and take over a dead one's.
+    #[arg(long, env = "EPS_LOG")]
+    pub log: Option<String>,
+
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
+    /// With JetStream: how often a processor checks who owns which partition, in milliseconds. A dead
+    /// processor's partitions are taken over within about this long.
+    #[arg(long, env = "EPS_NATS_REBALANCE_MS", default_value_t = 500)]
+    pub nats_rebalance_ms: u64,
+
+    /// With JetStream: an event whose id appeared in the same partition within this many earlier stream
+    /// messages is dropped as a duplicate (on top of JetStream's own duplicate window, which only drops
+    /// a message published again whole).
+    #[arg(long, env = "EPS_NATS_DEDUP_WINDOW_MESSAGES", default_value_t = 16_384)]
+    pub nats_dedup_window_messages: u64,
+
+    /// With JetStream: most event ids that window holds per partition (the oldest messages are
+    /// forgotten first); bounds the processor's memory.
+    #[arg(long, env = "EPS_NATS_DEDUP_MAX_IDS", default_value_t = 100_000)]
+    pub nats_dedup_max_ids: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -197,9 +223,17 @@ pub struct ClientArgs {
     #[arg(env = "EPS_FILE", default_value = "events.jsonl")]
     pub file: PathBuf,
 
-    /// Base URL of the server.
-    #[arg(long, env = "EPS_URL", default_value = "http://127.0.0.1:8000")]
-    pub url: String,
+    /// Base URL of a server; for several, repeat the flag or separate the URLs by commas.
+    ///
+    /// With several servers (also as a comma-separated EPS_URL), requests go round-robin to those
+    /// that are up. A request that fails with a connection error, 408, 429 or 5xx is resent at once,
+    /// as the same bytes (same ids), to the next server, and the failing one gets no new request for
+    /// a backoff (500 ms, doubling up to 5 s while it keeps failing, reset by a success); then a
+    /// single probe request tells whether it is back. With every server down, attempts are spaced by
+    /// the retry backoff, as with one server. The summary adds a line of the events each server
+    /// accepted.
+    #[arg(long, env = "EPS_URL", value_delimiter = ',', default_value = "http://127.0.0.1:8000")]
+    pub url: Vec<String>,
 
     /// Token sent in the Authorization header (default: the seed's "secret").
     #[arg(long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true, hide_env_values = true)]

@@ -1,4 +1,5 @@
-//! `eps client`: sends a JSON Lines file of events to a server's `POST /liveEvent`.
+//! `eps client`: sends a JSON Lines file of events to one or more servers' `POST /events` (or
+//! `POST /liveEvent`, one event per request).
 //!
 //! This module owns the sending side of ingest: streaming the input file line by line (memory stays
 //! bounded whatever the file size), validating each line with the server's own rules
@@ -30,6 +31,19 @@
 //!   header in whole seconds, which is obeyed as is, capped at 30 s.
 //! - Any other status (other 4xx, and 3xx, as redirects are not followed): `rejected`, never retried,
 //!   reported as `line N: HTTP <status>: <the body's "error" field>`.
+//!
+//! # Several servers: spreading and failover
+//!
+//! With several URLs, each new request goes to the next server, round-robin, among those currently
+//! considered up (`ServerPool`). A request that fails with a retryable error is retried on the next
+//! server after the one that failed, at once (no backoff sleep while another server is up), and the
+//! failing server is marked down for a backoff of its own (500 ms, doubling to 5 s, reset by its next
+//! success). A down server gets no new request until its backoff expires; then one request probes it,
+//! and its answer marks it up again or doubles its backoff. When every server is down the requests
+//! still go round-robin, with the sleeps above between attempts, exactly as with one server.
+//! A retry on another server carries the same bytes (the same ids): servers sharing one de-duplicating
+//! log (JetStream) store it once; servers with logs of their own store it again only if the first one
+//! stored it without its answer arriving. The summary counts the events each server accepted.
 //!
 //! Invalid lines are reported as `line N: <error>` and not sent. Rejections and failures that repeat
 //! the same message (a wrong token rejects every event alike) are reported a few times each, then
@@ -92,8 +106,9 @@ const BAR_EVERY: Duration = Duration::from_millis(200);
 pub struct ClientOptions {
     /// JSON Lines input (default `events.jsonl`).
     pub file: PathBuf,
-    /// Base URL of the server, e.g. `http://127.0.0.1:8000` (no trailing path).
-    pub url: String,
+    /// Base URLs of the servers, e.g. `http://127.0.0.1:8000` (no trailing path): at least one.
+    /// Requests are spread round-robin over them, with failover (see the module documentation).
+    pub urls: Vec<String>,
     /// Sent as `Authorization: <token>` (bare, like the seed's client); no header when empty.
     pub token: String,
     /// Events per request: 1 sends each event to `POST /liveEvent` (what any seed-compatible server
@@ -113,7 +128,7 @@ impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
             file: PathBuf::from("events.jsonl"),
-            url: "http://127.0.0.1:8000".to_owned(),
+            urls: vec!["http://127.0.0.1:8000".to_owned()],
             token: String::new(),
             batch: DEFAULT_BATCH,
             concurrency: default_concurrency(DEFAULT_BATCH),
@@ -156,12 +171,25 @@ pub struct ClientSummary {
     /// Events still not accepted after `max_attempts` attempts.
     pub failed: u64,
     pub elapsed: Duration,
+    /// With more than one server: each server's URL (as given, less a trailing `/`) and the events it
+    /// accepted, in the order given. Empty with a single server.
+    pub per_server: Vec<(String, u64)>,
 }
 
 impl ClientSummary {
     /// Whether every line was a valid event the server accepted.
     pub fn ok(&self) -> bool {
         self.rejected == 0 && self.invalid == 0 && self.failed == 0
+    }
+
+    /// `per server: http://a:8000 → 600, http://b:8000 → 400` with more than one server (printed
+    /// after the summary line, on a line of its own), `None` with one.
+    pub fn per_server_line(&self) -> Option<String> {
+        if self.per_server.len() < 2 {
+            return None;
+        }
+        let each: Vec<String> = self.per_server.iter().map(|(url, n)| format!("{url} → {n}")).collect();
+        Some(format!("per server: {}", each.join(", ")))
     }
 
     /// Events sent per second of the run.
@@ -192,7 +220,7 @@ impl fmt::Display for ClientSummary {
     }
 }
 
-/// Sends the events of `opts.file` to `opts.url`; see the module documentation.
+/// Sends the events of `opts.file` to the servers of `opts.urls`; see the module documentation.
 ///
 /// Errors only for what stops the whole run: the file cannot be opened or read, the URL or token is
 /// unusable. Per-event problems are counted in the summary and reported on stderr.
@@ -200,13 +228,31 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<ClientSummary> {
     run_with(opts, Tuning::default()).await
 }
 
-/// Internal knobs: the backoff (tests shorten it) and where error reports go (tests capture them).
-#[derive(Debug, Clone, Default)]
+/// Internal knobs: the backoffs (tests shorten them) and where error reports go (tests capture them).
+#[derive(Debug, Clone)]
 pub(crate) struct Tuning {
+    /// Between attempts of a request when no other server is up (full jitter).
     pub backoff: Backoff,
+    /// How long a failing server is left out: `base` after its first failure, doubling up to `cap`.
+    pub server_down: Backoff,
     /// When set, reports are appended here instead of printed.
     pub capture: Option<Arc<Mutex<Vec<String>>>>,
 }
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            backoff: Backoff::default(),
+            server_down: Backoff { base: SERVER_DOWN_BASE, cap: SERVER_DOWN_CAP },
+            capture: None,
+        }
+    }
+}
+
+/// How long a server that failed is left out at first.
+pub const SERVER_DOWN_BASE: Duration = Duration::from_millis(500);
+/// The longest a failing server is left out between probes.
+pub const SERVER_DOWN_CAP: Duration = Duration::from_secs(5);
 
 /// Full-jitter exponential backoff.
 #[derive(Debug, Clone, Copy)]
@@ -237,7 +283,7 @@ impl Backoff {
 
 pub(crate) async fn run_with(opts: ClientOptions, tuning: Tuning) -> anyhow::Result<ClientSummary> {
     let started = Instant::now();
-    let sender = Arc::new(Sender::new(&opts, tuning.backoff)?);
+    let sender = Arc::new(Sender::new(&opts, &tuning)?);
     let file = tokio::fs::File::open(&opts.file)
         .await
         .with_context(|| format!("cannot open the input file {}", opts.file.display()))?;
@@ -248,9 +294,10 @@ pub(crate) async fn run_with(opts: ClientOptions, tuning: Tuning) -> anyhow::Res
     let mut reader = BufReader::with_capacity(256 * 1024, file);
 
     let run_id = format!("{:016x}", rand::random::<u64>());
-    tracing::info!(run_id, file = %opts.file.display(), url = %sender.endpoint, "client run starts");
+    let urls = sender.servers.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
+    tracing::info!(run_id, file = %opts.file.display(), urls, "client run starts");
 
-    let counters = Arc::new(Counters::default());
+    let counters = Arc::new(Counters::new(sender.servers.len()));
     let console = Console::start(opts.progress, size, Arc::clone(&counters), started, tuning.capture);
     let mut reports = Reports::default();
     let concurrency = opts.concurrency.max(1);
@@ -314,8 +361,16 @@ pub(crate) async fn run_with(opts: ClientOptions, tuning: Tuning) -> anyhow::Res
     console.finish();
     read_result?;
 
-    let summary = counters.summary(started.elapsed());
-    tracing::info!(run_id, %summary, "client run ends");
+    let mut summary = counters.summary(started.elapsed());
+    if sender.servers.len() > 1 {
+        summary.per_server = sender
+            .servers
+            .iter()
+            .zip(&counters.per_server)
+            .map(|(server, n)| (server.name.clone(), n.load(Ordering::Relaxed)))
+            .collect();
+    }
+    tracing::info!(run_id, %summary, per_server = summary.per_server_line(), "client run ends");
     Ok(summary)
 }
 
@@ -454,7 +509,7 @@ fn trim_line(line: &[u8]) -> &[u8] {
 enum Outcome {
     /// The server took the request. `rejected` lists the lines of a batch it refused, by their
     /// 1-based position in the request.
-    Accepted { duplicates: u64, rejected: Vec<(usize, String)> },
+    Accepted { server: usize, duplicates: u64, rejected: Vec<(usize, String)> },
     /// The whole request was refused.
     Rejected { status: StatusCode, error: String, lines: Vec<(usize, String)> },
     Failed { attempts: u32, error: String },
@@ -463,21 +518,37 @@ enum Outcome {
 /// What the sending tasks share.
 struct Sender {
     http: reqwest::Client,
-    endpoint: reqwest::Url,
+    /// The servers, in the order given.
+    servers: Vec<Server>,
+    /// Which server each request goes to.
+    pool: ServerPool,
     headers: HeaderMap,
     timeout: Duration,
     max_attempts: u32,
     backoff: Backoff,
 }
 
+/// One server: its URL as given (for messages and the summary) and where requests go.
+struct Server {
+    name: String,
+    endpoint: reqwest::Url,
+}
+
 impl Sender {
-    fn new(opts: &ClientOptions, backoff: Backoff) -> anyhow::Result<Sender> {
-        let base = opts.url.trim_end_matches('/');
+    fn new(opts: &ClientOptions, tuning: &Tuning) -> anyhow::Result<Sender> {
         let path = if opts.batch <= 1 { "liveEvent" } else { "events" };
-        let endpoint = reqwest::Url::parse(&format!("{base}/{path}"))
-            .with_context(|| format!("invalid server URL {:?}", opts.url))?;
-        if !matches!(endpoint.scheme(), "http" | "https") {
-            anyhow::bail!("invalid server URL {:?}: the scheme must be http or https", opts.url);
+        let mut servers = Vec::new();
+        for url in opts.urls.iter().map(|u| u.trim()).filter(|u| !u.is_empty()) {
+            let base = url.trim_end_matches('/');
+            let endpoint = reqwest::Url::parse(&format!("{base}/{path}"))
+                .with_context(|| format!("invalid server URL {url:?}"))?;
+            if !matches!(endpoint.scheme(), "http" | "https") {
+                anyhow::bail!("invalid server URL {url:?}: the scheme must be http or https");
+            }
+            servers.push(Server { name: base.to_owned(), endpoint });
+        }
+        if servers.is_empty() {
+            anyhow::bail!("no server URL given");
         }
         let mut headers = HeaderMap::new();
         let content_type = if opts.batch <= 1 { "application/json" } else { "application/x-ndjson" };
@@ -496,33 +567,60 @@ impl Sender {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .context("cannot build the HTTP client")?;
-        Ok(Sender { http, endpoint, headers, timeout: opts.timeout, max_attempts: opts.max_attempts.max(1), backoff })
+        Ok(Sender {
+            http,
+            pool: ServerPool::new(servers.len(), tuning.server_down),
+            servers,
+            headers,
+            timeout: opts.timeout,
+            max_attempts: opts.max_attempts.max(1),
+            backoff: tuning.backoff,
+        })
     }
 
-    /// Sends one event until it is accepted, rejected, or out of attempts.
+    /// Sends one request until it is accepted, rejected, or out of attempts. Each attempt goes to the
+    /// server the pool chooses: round-robin for the first, the next server after the failed one for
+    /// a retry. The sleep between attempts is only taken when no server is up.
     async fn deliver(&self, body: Vec<u8>) -> Outcome {
         let mut attempt: u32 = 1;
+        let mut server = self.pool.pick(Instant::now()).index;
         loop {
-            let (error, retry_after) = match self.attempt(body.clone()).await {
-                Attempt::Done(outcome) => return outcome,
+            let (error, retry_after) = match self.attempt(server, body.clone()).await {
+                Attempt::Done(outcome) => {
+                    if self.pool.succeeded(server) && self.servers.len() > 1 {
+                        tracing::info!(server = %self.servers[server].name, "server is answering again");
+                    }
+                    return outcome;
+                }
                 Attempt::Retry { error, retry_after } => (error, retry_after),
             };
+            if self.pool.failed(server, Instant::now()) && self.servers.len() > 1 {
+                tracing::warn!(server = %self.servers[server].name, error, "server marked down, failing over");
+            }
             if attempt >= self.max_attempts {
                 return Outcome::Failed { attempts: attempt, error };
             }
-            let pause = match retry_after {
-                Some(after) => after.min(MAX_RETRY_AFTER),
-                None => self.backoff.delay(attempt),
-            };
-            tracing::debug!(attempt, ?pause, error, "retrying an event");
-            tokio::time::sleep(pause).await;
+            let mut next = self.pool.pick_after(server, Instant::now());
+            if next.all_down {
+                let pause = match retry_after {
+                    Some(after) => after.min(MAX_RETRY_AFTER),
+                    None => self.backoff.delay(attempt),
+                };
+                tracing::debug!(attempt, ?pause, error, "retrying a request");
+                tokio::time::sleep(pause).await;
+                // A server may have come back, or be due for a probe, after the sleep.
+                next = self.pool.pick_after(server, Instant::now());
+            } else {
+                tracing::debug!(attempt, error, to = %self.servers[next.index].name, "retrying a request on the next server");
+            }
+            server = next.index;
             attempt += 1;
         }
     }
 
-    async fn attempt(&self, body: Vec<u8>) -> Attempt {
-        let request =
-            self.http.post(self.endpoint.clone()).headers(self.headers.clone()).timeout(self.timeout).body(body);
+    async fn attempt(&self, server: usize, body: Vec<u8>) -> Attempt {
+        let endpoint = &self.servers[server].endpoint;
+        let request = self.http.post(endpoint.clone()).headers(self.headers.clone()).timeout(self.timeout).body(body);
         let response = match request.send().await {
             Ok(response) => response,
             Err(e) => return Attempt::Retry { error: describe(&e, self.timeout), retry_after: None },
@@ -535,7 +633,7 @@ impl Sender {
             // The server has taken the request; a broken reply body does not change that.
             let reply = parsed.unwrap_or_default();
             let duplicates = if reply.duplicate { 1 } else { reply.duplicates };
-            return Attempt::Done(Outcome::Accepted { duplicates, rejected: reply.line_errors() });
+            return Attempt::Done(Outcome::Accepted { server, duplicates, rejected: reply.line_errors() });
         }
         if status == StatusCode::BAD_REQUEST {
             if let Some(lines) = parsed.map(|r| r.line_errors()).filter(|l| !l.is_empty()) {
@@ -548,10 +646,138 @@ impl Sender {
             Err(e) => format!("{} (reading the answer failed: {})", reason(status), describe(&e, self.timeout)),
         };
         if retryable(status) {
-            Attempt::Retry { error: format!("HTTP {status}: {error}"), retry_after }
+            // With several servers, say which one answered (a connection error names its URL already).
+            let from =
+                if self.servers.len() > 1 { format!(" from {}", self.servers[server].name) } else { String::new() };
+            Attempt::Retry { error: format!("HTTP {status}{from}: {error}"), retry_after }
         } else {
             Attempt::Done(Outcome::Rejected { status, error, lines: Vec::new() })
         }
+    }
+}
+
+/// Which server a request goes to: round-robin over the servers considered up, failover to the next
+/// one after a failure, a down server left out for a backoff of its own (doubling from `base` to
+/// `cap` while it keeps failing, reset by a success) and then probed by a single request. When every
+/// server is down the choice is round-robin over all of them, flagged `all_down` so that the caller
+/// sleeps its backoff between attempts. It only decides; it never waits. Shared by the sending tasks.
+#[derive(Debug)]
+pub(crate) struct ServerPool {
+    state: Mutex<PoolState>,
+    down: Backoff,
+}
+
+#[derive(Debug)]
+struct PoolState {
+    /// Where the round-robin of new requests continues.
+    next: usize,
+    servers: Vec<Health>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Health {
+    /// `None` while up; while down, when its backoff expires and a probe may go to it.
+    down_until: Option<Instant>,
+    /// Its current backoff (meaningful while down).
+    backoff: Duration,
+    /// A probe is in flight: no second one until it is answered.
+    probing: bool,
+}
+
+/// A server chosen for an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pick {
+    /// Its position in the list of servers.
+    pub index: usize,
+    /// No server was up or due for a probe: this one was chosen anyway.
+    pub all_down: bool,
+}
+
+impl ServerPool {
+    /// `servers` servers (at least one), all up.
+    pub(crate) fn new(servers: usize, down: Backoff) -> ServerPool {
+        let health = Health { down_until: None, backoff: down.base, probing: false };
+        let state = PoolState { next: 0, servers: vec![health; servers.max(1)] };
+        ServerPool { state: Mutex::new(state), down }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The server for a new request: the next usable one in round-robin order.
+    pub(crate) fn pick(&self, now: Instant) -> Pick {
+        let mut state = self.lock();
+        let start = state.next;
+        let pick = state.choose(start, None, now);
+        state.next = (pick.index + 1) % state.servers.len();
+        pick
+    }
+
+    /// The server for a retry of a request that just failed on `failed`: the next usable one after
+    /// it, never `failed` itself when there are others.
+    pub(crate) fn pick_after(&self, failed: usize, now: Instant) -> Pick {
+        let mut state = self.lock();
+        state.choose(failed + 1, Some(failed), now)
+    }
+
+    /// `server` answered (any answer but a retryable one): it is up, its backoff reset. True if it
+    /// was down until now.
+    pub(crate) fn succeeded(&self, server: usize) -> bool {
+        let base = self.down.base;
+        let mut state = self.lock();
+        let Some(health) = state.servers.get_mut(server) else { return false };
+        let was_down = health.down_until.is_some();
+        *health = Health { down_until: None, backoff: base, probing: false };
+        was_down
+    }
+
+    /// An attempt on `server` failed with a retryable error at `now`. An up server goes down for the
+    /// base backoff; a down one whose backoff had expired (a probe, or an attempt made while all were
+    /// down) goes down again for twice as long, up to the cap; the failure of a request sent before
+    /// it was marked down changes nothing. True if it was up until now.
+    pub(crate) fn failed(&self, server: usize, now: Instant) -> bool {
+        let Backoff { base, cap } = self.down;
+        let mut state = self.lock();
+        let Some(health) = state.servers.get_mut(server) else { return false };
+        health.probing = false;
+        match health.down_until {
+            None => {
+                health.backoff = base;
+                health.down_until = Some(now + base);
+                true
+            }
+            Some(until) if now >= until => {
+                health.backoff = health.backoff.saturating_mul(2).min(cap).max(base);
+                health.down_until = Some(now + health.backoff);
+                false
+            }
+            Some(_) => false,
+        }
+    }
+}
+
+impl PoolState {
+    /// The first server from `start` on (wrapping) that is up or due for a probe, skipping `skip`
+    /// when there are others; failing that, the one at `start`, flagged `all_down`.
+    fn choose(&mut self, start: usize, skip: Option<usize>, now: Instant) -> Pick {
+        let n = self.servers.len();
+        for k in 0..n {
+            let index = (start + k) % n;
+            if n > 1 && skip == Some(index) {
+                continue;
+            }
+            let health = &mut self.servers[index];
+            match health.down_until {
+                None => return Pick { index, all_down: false },
+                Some(until) if now >= until && !health.probing => {
+                    health.probing = true;
+                    return Pick { index, all_down: false };
+                }
+                Some(_) => {}
+            }
+        }
+        Pick { index: start % n, all_down: true }
     }
 }
 
@@ -661,9 +887,15 @@ struct Counters {
     rejected: AtomicU64,
     invalid: AtomicU64,
     failed: AtomicU64,
+    /// Events accepted by each server, in the order of `ClientOptions::urls`.
+    per_server: Vec<AtomicU64>,
 }
 
 impl Counters {
+    fn new(servers: usize) -> Counters {
+        Counters { per_server: (0..servers).map(|_| AtomicU64::new(0)).collect(), ..Default::default() }
+    }
+
     fn summary(&self, elapsed: Duration) -> ClientSummary {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         ClientSummary {
@@ -675,6 +907,7 @@ impl Counters {
             invalid: get(&self.invalid),
             failed: get(&self.failed),
             elapsed,
+            per_server: Vec::new(),
         }
     }
 
@@ -689,9 +922,12 @@ fn tally(done: Result<(Vec<u64>, Outcome), JoinError>, counters: &Counters, repo
     // (a confused server) is reported against the request's first line.
     let file_line = |lines: &[u64], n: usize| lines.get(n.wrapping_sub(1)).or(lines.first()).copied().unwrap_or(0);
     match done {
-        Ok((lines, Outcome::Accepted { duplicates, rejected })) => {
+        Ok((lines, Outcome::Accepted { server, duplicates, rejected })) => {
             let refused = (rejected.len() as u64).min(lines.len() as u64);
             counters.accepted.fetch_add(lines.len() as u64 - refused, Ordering::Relaxed);
+            if let Some(n) = counters.per_server.get(server) {
+                n.fetch_add(lines.len() as u64 - refused, Ordering::Relaxed);
+            }
             counters.duplicates.fetch_add(duplicates, Ordering::Relaxed);
             counters.rejected.fetch_add(refused, Ordering::Relaxed);
             for (n, error) in rejected {
@@ -985,7 +1221,7 @@ mod tests {
     fn options(file: &tempfile::NamedTempFile, url: &str) -> ClientOptions {
         ClientOptions {
             file: file.path().to_owned(),
-            url: url.to_owned(),
+            urls: vec![url.to_owned()],
             token: "secret-token".to_owned(),
             batch: 1,
             concurrency: 8,
@@ -1001,6 +1237,7 @@ mod tests {
         let tuning = Tuning {
             backoff: Backoff { base: Duration::from_millis(1), cap: Duration::from_millis(10) },
             capture: Some(Arc::clone(&capture)),
+            ..Tuning::default()
         };
         let summary = run_with(opts, tuning).await.unwrap();
         let reports = capture.lock().unwrap().clone();
@@ -1377,7 +1614,7 @@ mod tests {
     #[tokio::test]
     async fn a_bad_url_is_an_error() {
         let file = events(1);
-        let err = run(ClientOptions { url: "ftp://x".into(), ..options(&file, "") }).await.unwrap_err();
+        let err = run(ClientOptions { urls: vec!["ftp://x".into()], ..options(&file, "") }).await.unwrap_err();
         assert!(format!("{err:#}").contains("ftp://x"), "{err:#}");
     }
 
@@ -1449,13 +1686,198 @@ mod tests {
             invalid: 1,
             failed: 0,
             elapsed: Duration::from_millis(1500),
+            per_server: Vec::new(),
         };
         assert_eq!(
             s.to_string(),
             "sent 9, accepted 8 (2 duplicates), rejected 1, invalid 1, failed 0 in 1.50s (6 events/s)"
         );
+        assert_eq!(s.per_server_line(), None);
         assert!(!s.ok());
         assert!(ClientSummary { sent: 1, accepted: 1, ..Default::default() }.ok());
         assert_eq!(ClientSummary::default().events_per_sec(), 0.0);
+        let two = ClientSummary { per_server: vec![("http://a".into(), 6), ("http://b".into(), 2)], ..s.clone() };
+        assert_eq!(two.to_string(), s.to_string(), "the summary line keeps its shape");
+        assert_eq!(two.per_server_line().as_deref(), Some("per server: http://a → 6, http://b → 2"));
+    }
+
+    // -----------------------------------------------------------------------------------------------
+    // Several servers
+
+    const DOWN: Backoff = Backoff { base: Duration::from_millis(500), cap: Duration::from_secs(5) };
+
+    fn picks(pool: &ServerPool, now: Instant, n: usize) -> Vec<usize> {
+        (0..n).map(|_| pool.pick(now).index).collect()
+    }
+
+    #[test]
+    fn the_pool_goes_round_robin_over_up_servers() {
+        let pool = ServerPool::new(3, DOWN);
+        let now = Instant::now();
+        assert_eq!(picks(&pool, now, 7), [0, 1, 2, 0, 1, 2, 0]);
+        assert!(!pool.pick(now).all_down);
+        // Answers keep them up and do not disturb the order.
+        assert!(!pool.succeeded(2));
+        assert_eq!(picks(&pool, now, 3), [2, 0, 1]);
+
+        let one = ServerPool::new(1, DOWN);
+        assert_eq!(picks(&one, now, 3), [0, 0, 0]);
+    }
+
+    #[test]
+    fn a_failed_request_goes_to_the_next_server_never_the_same() {
+        let pool = ServerPool::new(3, DOWN);
+        let now = Instant::now();
+        assert!(pool.failed(0, now), "an up server that fails goes down");
+        assert_eq!(pool.pick_after(0, now), Pick { index: 1, all_down: false });
+        assert!(pool.failed(2, now));
+        assert_eq!(pool.pick_after(2, now), Pick { index: 1, all_down: false }, "0 is down: skipped");
+        assert!(pool.failed(1, now));
+        // Every server down: still the next one, flagged so that the caller sleeps its backoff.
+        assert_eq!(pool.pick_after(1, now), Pick { index: 2, all_down: true });
+        assert_eq!(pool.pick_after(2, now), Pick { index: 0, all_down: true });
+        assert!(pool.pick(now).all_down);
+
+        // With one server there is no other: the same one, after the backoff sleep.
+        let one = ServerPool::new(1, DOWN);
+        assert!(one.failed(0, now));
+        assert_eq!(one.pick_after(0, now), Pick { index: 0, all_down: true });
+        assert_eq!(one.pick(now), Pick { index: 0, all_down: true });
+    }
+
+    #[test]
+    fn a_down_server_is_skipped_until_its_backoff_expires_then_probed_once() {
+        let pool = ServerPool::new(3, DOWN);
+        let t0 = Instant::now();
+        assert!(pool.failed(1, t0));
+        // A second failure of a request sent before it was marked down changes nothing.
+        assert!(!pool.failed(1, t0 + Duration::from_millis(100)));
+        assert_eq!(picks(&pool, t0 + Duration::from_millis(499), 4), [0, 2, 0, 2]);
+
+        // Backoff expired: one probe, and no other request while it is out.
+        let t1 = t0 + DOWN.base;
+        assert_eq!(picks(&pool, t1, 5), [0, 1, 2, 0, 2]);
+        // The probe fails: left out twice as long (from the failure on).
+        assert!(!pool.failed(1, t1));
+        assert_eq!(picks(&pool, t1 + Duration::from_millis(999), 4), [0, 2, 0, 2]);
+        let t2 = t1 + Duration::from_secs(1);
+        assert_eq!(picks(&pool, t2, 4), [0, 1, 2, 0]);
+        // The probe succeeds: up again, back in the rotation, its backoff reset.
+        assert!(pool.succeeded(1), "it was down");
+        assert_eq!(picks(&pool, t2, 3), [1, 2, 0]);
+        assert!(pool.failed(1, t2));
+        assert_eq!(picks(&pool, t2 + Duration::from_millis(499), 2), [2, 0]);
+        assert_eq!(picks(&pool, t2 + DOWN.base, 2), [1, 2]);
+    }
+
+    #[test]
+    fn a_down_servers_backoff_doubles_up_to_the_cap() {
+        let pool = ServerPool::new(2, DOWN);
+        let mut now = Instant::now();
+        assert!(pool.failed(1, now));
+        let mut expected = DOWN.base;
+        for _ in 0..8 {
+            let almost = now + expected - Duration::from_millis(1);
+            assert_eq!(pool.pick(almost).index, 0, "down for {expected:?}: only 0 is usable");
+            now += expected;
+            assert_eq!(pool.pick_after(0, now), Pick { index: 1, all_down: false }, "probe after {expected:?}");
+            assert!(!pool.failed(1, now));
+            expected = (expected * 2).min(DOWN.cap);
+        }
+        assert_eq!(expected, DOWN.cap);
+    }
+
+    /// Two recorders, the first answering `first`, the second accepting everything.
+    async fn two_servers(
+        first: impl Fn(usize) -> BoxFuture<'static, Response> + Send + Sync + 'static,
+    ) -> (Recorder, String, Recorder, String) {
+        let a = Recorder::new(first);
+        let b = Recorder::new(|_| accepted());
+        let (url_a, url_b) = (serve(&a).await, serve(&b).await);
+        (a, url_a, b, url_b)
+    }
+
+    #[tokio::test]
+    async fn requests_are_spread_round_robin_and_counted_per_server() {
+        let (a, url_a, b, url_b) = two_servers(|_| accepted()).await;
+        let file = events(40);
+        let opts = ClientOptions { urls: vec![url_a.clone(), url_b.clone()], concurrency: 1, ..options(&file, "") };
+        let (summary, reports) = run_fast(opts).await;
+        assert!(summary.ok(), "{summary} {reports:?}");
+        assert_eq!((a.received().len(), b.received().len()), (20, 20));
+        assert_eq!(summary.per_server, vec![(url_a.clone(), 20), (url_b.clone(), 20)]);
+        assert_eq!(summary.per_server_line().unwrap(), format!("per server: {url_a} → 20, {url_b} → 20"));
+        let ids: HashSet<String> = a.counts().into_keys().chain(b.counts().into_keys()).collect();
+        assert_eq!(ids.len(), 40, "each event went to one server");
+    }
+
+    #[tokio::test]
+    async fn a_failing_server_is_left_out_and_its_requests_go_to_the_next_at_once() {
+        // The first server always answers 503 with a long Retry-After: obeying it instead of failing
+        // over would take 30 s a request.
+        let (a, url_a, b, url_b) = two_servers(|_| {
+            Box::pin(async {
+                (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "30")], Json(serde_json::json!({"error": "down"})))
+                    .into_response()
+            })
+        })
+        .await;
+        let file = events(300);
+        let opts = ClientOptions { urls: vec![url_a.clone(), url_b.clone()], concurrency: 4, ..options(&file, "") };
+        let capture = Arc::new(Mutex::new(Vec::new()));
+        // The default backoffs: 500 ms before a probe of the failing server.
+        let tuning = Tuning { capture: Some(Arc::clone(&capture)), ..Tuning::default() };
+        let started = Instant::now();
+        let summary = run_with(opts, tuning).await.unwrap();
+        let elapsed = started.elapsed();
+        assert!(summary.ok(), "{summary} {:?}", capture.lock().unwrap());
+        assert_eq!(summary.accepted, 300);
+        assert!(
+            elapsed < Duration::from_secs(10),
+            "took {elapsed:?}: a Retry-After was obeyed instead of failing over"
+        );
+        assert_eq!(summary.per_server, vec![(url_a, 0), (url_b, 300)]);
+
+        // The failing server saw the requests sent before it was found down (at most one per
+        // request in flight), then one probe per backoff (500 ms, doubling).
+        let to_a = a.received();
+        let probes = elapsed.as_millis() as usize / 500 + 1;
+        assert!(!to_a.is_empty());
+        assert!(to_a.len() <= 4 + probes, "{} requests to the down server in {elapsed:?}", to_a.len());
+        // Each of them went again to the other server, as the same bytes.
+        let to_b = b.received();
+        assert_eq!(b.counts().len(), 300);
+        for r in &to_a {
+            let again = to_b.iter().find(|o| o.id == r.id).expect("failed over");
+            assert_eq!(again.body, r.body);
+        }
+    }
+
+    #[tokio::test]
+    async fn with_every_server_down_the_backoff_applies_and_events_fail_after_max_attempts() {
+        let dead = || {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", listener.local_addr().unwrap())
+        };
+        let file = events(6);
+        let opts = ClientOptions { urls: vec![dead(), dead()], max_attempts: 3, ..options(&file, "") };
+        let started = Instant::now();
+        let (summary, reports) = run_fast(opts).await;
+        assert_eq!((summary.sent, summary.failed, summary.accepted), (6, 6, 0));
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(reports[0].contains("failed after 3 attempts: "), "{reports:?}");
+        assert_eq!(summary.per_server.iter().map(|(_, n)| n).sum::<u64>(), 0);
+    }
+
+    #[tokio::test]
+    async fn urls_are_checked_and_blank_ones_ignored() {
+        let file = events(1);
+        let err = run(ClientOptions { urls: vec![" ".into(), String::new()], ..options(&file, "") }).await.unwrap_err();
+        assert!(format!("{err:#}").contains("no server URL"), "{err:#}");
+        let err =
+            run(ClientOptions { urls: vec!["http://127.0.0.1:1".into(), "ftp://y".into()], ..options(&file, "") })
+                .await
+                .unwrap_err();
+        assert!(format!("{err:#}").contains("ftp://y"), "{err:#}");
     }
 }

@@ -42,7 +42,7 @@ pub async fn run(generated_events: usize) -> anyhow::Result<()> {
     for (label, file) in [("seed events.jsonl", &seed_file), ("generated file", &generated_file)] {
         let summary = client::run(ClientOptions {
             file: file.clone(),
-            url: url.clone(),
+            urls: vec![url.clone()],
             token: DEFAULT_TOKEN.into(),
             batch: client::DEFAULT_BATCH,
             concurrency: client::default_concurrency(client::DEFAULT_BATCH),

@@ -77,15 +77,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     ..Default::default()
                 },
                 body_timeout: Duration::from_secs(args.request_timeout_secs),
+                nats: nats_options(args.log.clone().unwrap_or_default(), args.nats),
                 log_url: args.log,
-                nats: eps::log::nats::NatsLogOptions {
-                    stream: args.nats.nats_stream,
-                    subject_prefix: args.nats.nats_subject_prefix,
-                    partitions: args.nats.nats_partitions,
-                    replicas: args.nats.nats_replicas,
-                    duplicate_window: Duration::from_secs(args.nats.nats_duplicate_window_secs),
-                    ..eps::log::nats::NatsLogOptions::new("")
-                },
             };
             let server = server::Server::bind(opts).await?;
             // Scripts and tests read this line to learn the port (useful with --listen 127.0.0.1:0).
@@ -106,14 +99,35 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 poll_interval: Duration::from_millis(args.poll_ms),
                 retry_for: Duration::from_secs(args.retry_secs),
             };
-            let summary = processor::run(opts, server::shutdown_signal()).await?;
-            println!("{summary}");
+            match args.log {
+                Some(url) if eps::log::nats::is_nats_url(&url) => {
+                    let nats = nats_options(url, args.nats);
+                    let opts = processor::jetstream::JetStreamProcessOptions {
+                        rebalance_interval: Duration::from_millis(args.nats_rebalance_ms.max(10)),
+                        dedup_window_messages: args.nats_dedup_window_messages.max(1),
+                        dedup_max_ids: args.nats_dedup_max_ids,
+                        ..processor::jetstream::JetStreamProcessOptions::new(opts, nats)
+                    };
+                    let summary = processor::jetstream::run(opts, server::shutdown_signal()).await?;
+                    println!("{summary}");
+                }
+                Some(other) => {
+                    return Err(eps::config::ConfigError(format!(
+                        "unsupported --log {other:?}: use nats://host:port, or leave it out for the file log"
+                    ))
+                    .into())
+                }
+                None => {
+                    let summary = processor::run(opts, server::shutdown_signal()).await?;
+                    println!("{summary}");
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Client(args) => {
             let opts = client::ClientOptions {
                 file: args.file,
-                url: args.url,
+                urls: args.url,
                 token: args.token,
                 batch: args.batch.max(1),
                 concurrency: args.concurrency.unwrap_or_else(|| client::default_concurrency(args.batch)).max(1),
@@ -128,6 +142,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             };
             let summary = client::run(opts).await?;
             println!("{summary}");
+            if let Some(per_server) = summary.per_server_line() {
+                println!("{per_server}");
+            }
             Ok(if summary.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Status(args) => {
@@ -170,4 +187,16 @@ fn init_tracing(cli: &Cli) {
         LogFormat::Text => eps::telemetry::LogFormat::Text,
     };
     eps::telemetry::init_tracing(level, format);
+}
+
+/// The JetStream log's options from its flags (server and processor share them).
+fn nats_options(url: String, args: eps::cli::NatsArgs) -> eps::log::nats::NatsLogOptions {
+    eps::log::nats::NatsLogOptions {
+        stream: args.nats_stream,
+        subject_prefix: args.nats_subject_prefix,
+        partitions: args.nats_partitions,
+        replicas: args.nats_replicas,
+        duplicate_window: Duration::from_secs(args.nats_duplicate_window_secs),
+        ..eps::log::nats::NatsLogOptions::new(url)
+    }
 }
