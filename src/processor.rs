@@ -29,6 +29,8 @@ use crate::log::reader::{lines_of, Chunk, LogReader};
 use crate::log::LOG_DIR;
 use crate::store::{self, Batch, CommitOutcome, InvalidLine, Store, StoreError};
 
+pub mod jetstream;
+
 /// The checkpoint name of the file log.
 pub const FILE_STREAM: &str = "file";
 /// Dead-letter file, in the data directory.
@@ -98,7 +100,7 @@ pub async fn run(opts: ProcessOptions, shutdown: impl Future<Output = ()>) -> an
     run_with_store(opts, store, shutdown).await
 }
 
-async fn open_store(opts: &ProcessOptions) -> anyhow::Result<Arc<dyn Store>> {
+pub(crate) async fn open_store(opts: &ProcessOptions) -> anyhow::Result<Arc<dyn Store>> {
     let deadline = Instant::now() + opts.retry_for;
     let mut delay = Duration::from_millis(100);
     loop {
@@ -196,7 +198,7 @@ fn record_lag(reader: &LogReader, position: u64, bytes_per_event: f64) {
 }
 
 /// Retries a store call while the database is unavailable: forever with `follow`, else for `retry_for`.
-async fn with_retry<T, F, Fut>(opts: &ProcessOptions, mut call: F) -> anyhow::Result<T>
+pub(crate) async fn with_retry<T, F, Fut>(opts: &ProcessOptions, mut call: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
@@ -390,17 +392,17 @@ impl<'a> PartSums<'a> {
 /// A per-user sum that never rounds: a 128-bit mantissa at the largest scale seen. 28-digit values at
 /// 28 decimal places need 10^56, more than it holds: such sums fail (the batch is refused), never round.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct ExactSum {
+pub(crate) struct ExactSum {
     mantissa: i128,
     scale: u32,
 }
 
 impl ExactSum {
-    fn of(value: Decimal) -> ExactSum {
+    pub(crate) fn of(value: Decimal) -> ExactSum {
         ExactSum { mantissa: value.mantissa(), scale: value.scale() }
     }
 
-    fn add(self, other: ExactSum) -> Option<ExactSum> {
+    pub(crate) fn add(self, other: ExactSum) -> Option<ExactSum> {
         if self.scale == other.scale {
             return Some(ExactSum { mantissa: self.mantissa.checked_add(other.mantissa)?, scale: self.scale });
         }
@@ -410,7 +412,7 @@ impl ExactSum {
     }
 
     /// The sum as a decimal (trailing zeros dropped), `None` if it needs more than 96 bits.
-    fn to_decimal(self) -> Option<Decimal> {
+    pub(crate) fn to_decimal(self) -> Option<Decimal> {
         let (mut mantissa, mut scale) = (self.mantissa, self.scale);
         while scale > 0 && mantissa % 10 == 0 {
             mantissa /= 10;
@@ -445,12 +447,12 @@ fn sum_part(data: &[u8], start: u64) -> PartSums<'_> {
     }
     part
 }
-fn excerpt(line: &[u8]) -> String {
+pub(crate) fn excerpt(line: &[u8]) -> String {
     let cut = &line[..line.len().min(MAX_INVALID_EXCERPT)];
     String::from_utf8_lossy(cut).into_owned()
 }
 
-fn user_digest(user: &str) -> u64 {
+pub(crate) fn user_digest(user: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     user.hash(&mut h);
     h.finish()

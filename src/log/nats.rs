@@ -93,15 +93,7 @@ impl NatsLog {
         if opts.stream.is_empty() || opts.stream.contains(['.', ' ', '*', '>']) {
             anyhow::bail!("invalid JetStream stream name {:?}", opts.stream);
         }
-        let client = async_nats::ConnectOptions::new()
-            .name("eps")
-            .retry_on_initial_connect()
-            .connection_timeout(opts.timeout)
-            .connect(opts.url.as_str())
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot use the JetStream URL {}: {e}", opts.url))?;
-        let mut js = jetstream::new(client);
-        js.set_timeout(opts.timeout);
+        let js = jetstream_context(&opts, "eps server").await?;
         Ok(NatsLog { js, opts, stream_ready: OnceCell::new(), failing: AtomicBool::new(true) })
     }
 
@@ -109,34 +101,25 @@ impl NatsLog {
         &self.opts
     }
 
-    /// Creates the stream if it does not exist; if it does, checks that it takes this log's subjects and
-    /// keeps as many replicas as asked.
     async fn ensure_stream(&self) -> Result<(), LogError> {
-        let wanted = stream::Config {
-            name: self.opts.stream.clone(),
-            subjects: vec![format!("{}.*", self.opts.subject_prefix)],
-            num_replicas: self.opts.replicas,
-            duplicate_window: self.opts.duplicate_window,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        };
-        let mut found = self.js.get_or_create_stream(wanted.clone()).await.map_err(|e| unavailable("JetStream stream", e))?;
-        let config = found.info().await.map_err(|e| unavailable("JetStream stream", e))?.config.clone();
-        if !config.subjects.contains(&wanted.subjects[0]) || config.num_replicas != wanted.num_replicas {
-            // A configuration mistake, not an outage, but appends can only fail: say why, loudly.
-            let why = format!(
-                "the JetStream stream {} exists with subjects {:?} and {} replicas; eps needs subjects {:?} and {} \
-                 replicas (fix the stream or the options)",
-                config.name, config.subjects, config.num_replicas, wanted.subjects, wanted.num_replicas
-            );
-            tracing::error!("{why}");
-            return Err(LogError::Unavailable(why));
-        }
-        tracing::info!(stream = %config.name, subjects = ?config.subjects, replicas = config.num_replicas, "JetStream stream ready");
-        Ok(())
+        ensure_stream(&self.js, &self.opts).await.map(drop)
     }
 
     async fn publish_all(&self, batch: &LogBatch) -> Result<Vec<Appended>, LogError> {
+        // While disconnected the NATS client would queue a publish and send it after reconnecting,
+        // possibly long after this request was answered 503: never publish while disconnected. (A connection lost
+        // between this check and the acknowledgement can still deliver the message late; the events'
+        // ids make the client's retry of it a duplicate JetStream drops.)
+        // Waiting for the connection (as long as an acknowledgement may take) covers the start-up and a
+        // quick reconnect.
+        let client = self.js.client();
+        let deadline = tokio::time::Instant::now() + self.opts.timeout;
+        while client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(LogError::Unavailable("not connected to NATS".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.stream_ready.get_or_try_init(|| self.ensure_stream()).await?;
 
         // Group the events by partition, keeping their order within each.
@@ -184,6 +167,47 @@ impl NatsLog {
             .map(|g| if duplicate[g] { Appended::Duplicate } else { Appended::Stored })
             .collect())
     }
+}
+
+/// A JetStream context for `opts.url`, connecting in the background (and reconnecting by itself).
+pub async fn jetstream_context(opts: &NatsLogOptions, name: &str) -> anyhow::Result<jetstream::Context> {
+    let client = async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .connection_timeout(opts.timeout)
+        .connect(opts.url.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot use the JetStream URL {}: {e}", opts.url))?;
+    let mut js = jetstream::new(client);
+    js.set_timeout(opts.timeout);
+    Ok(js)
+}
+
+/// Creates the stream if it does not exist; if it does, checks that it takes this log's subjects and
+/// keeps as many replicas as asked. Servers and processors both call it, so either may start first.
+pub async fn ensure_stream(js: &jetstream::Context, opts: &NatsLogOptions) -> Result<stream::Stream, LogError> {
+    let wanted = stream::Config {
+        name: opts.stream.clone(),
+        subjects: vec![format!("{}.*", opts.subject_prefix)],
+        num_replicas: opts.replicas,
+        duplicate_window: opts.duplicate_window,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    let mut found = js.get_or_create_stream(wanted.clone()).await.map_err(|e| unavailable("JetStream stream", e))?;
+    let config = found.info().await.map_err(|e| unavailable("JetStream stream", e))?.config.clone();
+    if !config.subjects.contains(&wanted.subjects[0]) || config.num_replicas != wanted.num_replicas {
+        // A configuration mistake, not an outage, but appends can only fail: say why, loudly.
+        let why = format!(
+            "the JetStream stream {} exists with subjects {:?} and {} replicas; eps needs subjects {:?} and {} \
+             replicas (fix the stream or the options)",
+            config.name, config.subjects, config.num_replicas, wanted.subjects, wanted.num_replicas
+        );
+        tracing::error!("{why}");
+        return Err(LogError::Unavailable(why));
+    }
+    tracing::info!(stream = %config.name, subjects = ?config.subjects, replicas = config.num_replicas, "JetStream stream ready");
+    Ok(found)
 }
 
 struct Group {

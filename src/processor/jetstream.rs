@@ -1,0 +1,764 @@
+//! `eps process --log nats://…`: applies the JetStream log to PostgreSQL, exactly once, with any number
+//! of processors sharing the stream's partitions.
+//!
+//! Ownership: every processor holds one PostgreSQL session (the membership connection) and in it a
+//! session-level advisory lock per partition it owns, plus one "member" lock so the processors can
+//! count each other. Every `--rebalance-ms` a processor computes its share, `ceil(partitions /
+//! members)`, releases partitions above it and tries to lock free ones below it. A processor that dies
+//! loses its session, PostgreSQL releases its locks at once, and the survivors lock the partitions at
+//! their next rebalance: takeover takes one rebalance interval plus the reading of the de-duplication
+//! window (below).
+//!
+//! Exactly once: for each owned partition a reader task follows the partition's subject from its
+//! checkpoint (an ordered pull consumer: no acknowledgements, nothing stored in JetStream on our
+//! behalf). The main loop sums what arrived per partition and commits, per partition, the sums and the
+//! partition's new stream sequence in ONE transaction, compare-and-set on the old sequence
+//! ([`Store::commit`], the same rule as the file log). The lock only divides the work; correctness never
+//! depends on it: a processor that still believes it owns a partition another one took fails its
+//! compare-and-set and starts again from the committed sequence.
+//!
+//! De-duplication (what JetStream's window does not cover): JetStream drops a re-published message
+//! whose `Nats-Msg-Id` it saw within the stream's duplicate window. The processor also drops an event
+//! whose `id` it finds earlier in the same partition, in the messages of the previous
+//! `--dedup-window-messages` stream sequences (at most `--dedup-max-ids` ids per partition, the oldest
+//! messages forgotten first). That catches the same event sent again inside a differently made message
+//! (another batch size, `/liveEvent` instead of `/events`). The rule depends only on the stream's
+//! content, so every processor decides the same: a new owner reads the window's messages before its
+//! checkpoint before it applies anything.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use super::{excerpt, open_store, user_digest, with_retry, ExactSum, ProcessOptions, ProcessSummary};
+use crate::config::ConfigError;
+use crate::event::EventRef;
+use crate::log::nats::{ensure_stream, jetstream_context, NatsLogOptions};
+use crate::log::{id_key, reader::lines_of, IdKeyHasher};
+use crate::store::{Batch, CommitOutcome, InvalidLine, Store, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct JetStreamProcessOptions {
+    /// `database_url` must name PostgreSQL; `batch_bytes` bounds a round; `poll_interval` is how long a
+    /// round waits for more messages before it commits.
+    pub process: ProcessOptions,
+    pub nats: NatsLogOptions,
+    /// How often ownership is checked: the longest a dead processor's partitions wait for a new owner.
+    pub rebalance_interval: Duration,
+    /// The processor's de-duplication window, in stream sequences.
+    pub dedup_window_messages: u64,
+    /// Most event ids the window holds per partition.
+    pub dedup_max_ids: usize,
+}
+
+impl JetStreamProcessOptions {
+    pub fn new(process: ProcessOptions, nats: NatsLogOptions) -> Self {
+        JetStreamProcessOptions {
+            process,
+            nats,
+            rebalance_interval: Duration::from_millis(500),
+            dedup_window_messages: 16_384,
+            dedup_max_ids: 100_000,
+        }
+    }
+}
+
+/// What a JetStream run did; printed by `eps process`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JetStreamSummary {
+    pub base: ProcessSummary,
+    /// Events dropped by the processor's own de-duplication rule.
+    pub duplicates: u64,
+    /// Partitions owned when the run ended.
+    pub partitions_owned: Vec<u32>,
+}
+
+impl std::fmt::Display for JetStreamSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = &self.base;
+        let secs = b.elapsed.as_secs_f64();
+        let rate = if secs > 0.0 { b.events_applied as f64 / secs } else { 0.0 };
+        write!(
+            f,
+            "applied {} events for {} users, {} invalid lines, {} duplicates dropped, in {:.2}s ({:.0} events/s); \
+             partitions owned at the end: {:?}",
+            b.events_applied, b.users_touched, b.invalid_lines, self.duplicates, secs, rate, self.partitions_owned
+        )
+    }
+}
+
+/// The checkpoint name of one partition.
+pub fn checkpoint_name(stream: &str, partition: u32) -> String {
+    format!("jetstream/{stream}/{partition}")
+}
+
+pub async fn run(opts: JetStreamProcessOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<JetStreamSummary> {
+    let url = match opts.process.database_url.as_deref() {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => url.to_string(),
+        _ => {
+            return Err(ConfigError(
+                "the JetStream log needs --database-url postgres://…: processors share its partitions through \
+                 PostgreSQL (advisory locks) and commit each partition's position there"
+                    .into(),
+            )
+            .into())
+        }
+    };
+    if opts.nats.partitions == 0 {
+        return Err(ConfigError("--nats-partitions must be at least 1".into()).into());
+    }
+    tokio::pin!(shutdown);
+    let store = tokio::select! {
+        store = open_store(&opts.process) => store?,
+        () = &mut shutdown => return Ok(JetStreamSummary::default()),
+    };
+    let js = jetstream_context(&opts.nats, "eps process").await?;
+    let mut processor = Processor::new(opts, url, store, js);
+    processor.run(shutdown).await
+}
+
+/// One message delivered by a partition's reader.
+struct Delivered {
+    partition: u32,
+    /// Which reader of the partition sent it (a restarted reader gets a new generation).
+    generation: u64,
+    seq: u64,
+    /// Messages of the partition after this one, as JetStream counted when delivering it.
+    pending: u64,
+    payload: Bytes,
+}
+
+struct Owned {
+    generation: u64,
+    /// Committed stream sequence: every message of the partition up to it is applied.
+    checkpoint: u64,
+    /// Last sequence the reader delivered and this loop took in (window or batch).
+    read_to: u64,
+    reader: tokio::task::JoinHandle<()>,
+    seen: SeenIds,
+    batch: PartitionBatch,
+    /// Without --follow: the partition's last sequence when it was taken; done once committed.
+    target: u64,
+    lag: u64,
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// What one partition has gathered since its last commit.
+#[derive(Default)]
+struct PartitionBatch {
+    to: u64,
+    sums: HashMap<String, ExactSum, foldhash::fast::RandomState>,
+    events: u64,
+    invalid: Vec<InvalidLine>,
+    bytes: usize,
+}
+
+struct Processor {
+    opts: JetStreamProcessOptions,
+    database_url: String,
+    store: Arc<dyn Store>,
+    js: jetstream::Context,
+    stream: Option<stream::Stream>,
+    membership: Option<Membership>,
+    owned: BTreeMap<u32, Owned>,
+    generation: u64,
+    tx: mpsc::Sender<Delivered>,
+    rx: mpsc::Receiver<Delivered>,
+    summary: JetStreamSummary,
+    users: HashSet<u64>,
+    /// Without --follow: set once this run has taken every partition it could.
+    took_partitions: bool,
+}
+
+/// Messages buffered between the readers and the main loop.
+const CHANNEL_MESSAGES: usize = 1024;
+
+impl Processor {
+    fn new(opts: JetStreamProcessOptions, database_url: String, store: Arc<dyn Store>, js: jetstream::Context) -> Self {
+        let (tx, rx) = mpsc::channel(CHANNEL_MESSAGES);
+        Processor {
+            opts,
+            database_url,
+            store,
+            js,
+            stream: None,
+            membership: None,
+            owned: BTreeMap::new(),
+            generation: 0,
+            tx,
+            rx,
+            summary: JetStreamSummary::default(),
+            users: HashSet::new(),
+            took_partitions: false,
+        }
+    }
+
+    async fn run(&mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<JetStreamSummary> {
+        tokio::pin!(shutdown);
+        let started = Instant::now();
+        let mut next_rebalance = Instant::now();
+        loop {
+            if Instant::now() >= next_rebalance {
+                tokio::select! {
+                    result = self.rebalance() => result?,
+                    () = &mut shutdown => break,
+                }
+                next_rebalance = Instant::now() + self.opts.rebalance_interval;
+            }
+            if !self.opts.process.follow {
+                if self.took_partitions && self.owned.values().all(|o| o.checkpoint >= o.target) {
+                    break;
+                }
+                if !self.took_partitions && started.elapsed() > self.opts.process.retry_for {
+                    anyhow::bail!(
+                        "JetStream or PostgreSQL did not answer for {:?}: nothing was applied",
+                        self.opts.process.retry_for
+                    );
+                }
+            }
+            let first = tokio::select! {
+                delivered = self.rx.recv() => delivered,
+                () = tokio::time::sleep_until(next_rebalance.into()) => None,
+                () = &mut shutdown => break,
+            };
+            let Some(first) = first else { continue };
+            self.take_in(first)?;
+            // Gather what else arrives within the poll interval, up to a round's worth of bytes.
+            let linger = tokio::time::Instant::now() + self.opts.process.poll_interval;
+            while self.batch_bytes() < self.opts.process.batch_bytes {
+                match tokio::time::timeout_at(linger, self.rx.recv()).await {
+                    Ok(Some(delivered)) => self.take_in(delivered)?,
+                    _ => break,
+                }
+            }
+            self.commit().await?;
+        }
+        self.commit().await?;
+        self.summary.base.users_touched = self.users.len() as u64;
+        self.summary.base.elapsed = started.elapsed();
+        self.summary.partitions_owned = self.owned.keys().copied().collect();
+        Ok(self.summary.clone())
+    }
+
+    fn batch_bytes(&self) -> usize {
+        self.owned.values().map(|o| o.batch.bytes).sum()
+    }
+
+    /// Takes one delivered message in: into the de-duplication window only if it is at or before the
+    /// checkpoint (read again to rebuild the window), else into the partition's batch.
+    fn take_in(&mut self, d: Delivered) -> anyhow::Result<()> {
+        let Some(owned) = self.owned.get_mut(&d.partition) else { return Ok(()) };
+        if owned.generation != d.generation || d.seq <= owned.read_to {
+            return Ok(());
+        }
+        owned.read_to = d.seq;
+        owned.lag = d.pending;
+        owned.seen.start_message(d.seq);
+        if d.seq <= owned.checkpoint {
+            for (_, line) in lines_of(&d.payload, 0) {
+                if let Some(id) = line.ok().and_then(event_id) {
+                    owned.seen.insert(id_key(&id), d.seq);
+                }
+            }
+            return Ok(());
+        }
+        let subject = self.opts.nats.subject(d.partition);
+        let batch = &mut owned.batch;
+        for (index, (_, line)) in lines_of(&d.payload, 0).enumerate() {
+            let parsed = match line {
+                Ok(line) => match EventRef::parse_canonical_log_line(line) {
+                    Some(event) => Ok(event),
+                    None if line.iter().all(u8::is_ascii_whitespace) => continue,
+                    None => EventRef::parse_log_line(line).map_err(|e| (e.to_string(), line)),
+                },
+                Err(torn) => Err(("line without its newline at the end of a message".to_string(), torn)),
+            };
+            match parsed {
+                Ok(event) => {
+                    if let Some(id) = &event.id {
+                        if owned.seen.insert(id_key(id), d.seq) {
+                            self.summary.duplicates += 1;
+                            metrics::counter!("eps_processor_duplicates_total").increment(1);
+                            continue;
+                        }
+                    }
+                    let slot = match batch.sums.get_mut(event.user_id.as_ref()) {
+                        Some(slot) => slot,
+                        None => batch.sums.entry(event.user_id.to_string()).or_default(),
+                    };
+                    *slot = slot.add(ExactSum::of(event.delta())).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "the changes to the revenue of user {:?} in partition {} up to stream sequence {} sum to \
+                             more than an exact decimal holds; nothing of this batch was applied",
+                            event.user_id,
+                            d.partition,
+                            d.seq
+                        )
+                    })?;
+                    batch.events += 1;
+                }
+                Err((error, line)) => batch.invalid.push(InvalidLine {
+                    // Unique per line: the message's sequence, then the line's index in it.
+                    position: (d.seq << 20) | (index as u64).min(0xF_FFFF),
+                    segment: subject.clone(),
+                    segment_offset: index as u64,
+                    error,
+                    line: excerpt(line),
+                }),
+            }
+        }
+        batch.to = d.seq;
+        batch.bytes += d.payload.len();
+        Ok(())
+    }
+
+    /// Commits every partition's batch, each in its own transaction, all at once.
+    async fn commit(&mut self) -> anyhow::Result<()> {
+        let stream = &self.opts.nats.stream;
+        let mut work = Vec::new();
+        for (&partition, owned) in self.owned.iter_mut() {
+            if owned.batch.to <= owned.checkpoint {
+                continue;
+            }
+            let taken = std::mem::take(&mut owned.batch);
+            let mut deltas = Vec::with_capacity(taken.sums.len());
+            for (user, sum) in taken.sums {
+                let delta = sum.to_decimal().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "the revenue change of user {user:?} in partition {partition} is beyond an exact decimal; \
+                         nothing of this batch was applied"
+                    )
+                })?;
+                deltas.push((user, delta));
+            }
+            let batch = Batch { from: owned.checkpoint, to: taken.to, deltas, events: taken.events, invalid: taken.invalid };
+            work.push((partition, checkpoint_name(stream, partition), batch));
+        }
+        if work.is_empty() {
+            return Ok(());
+        }
+        let store = &self.store;
+        let process = &self.opts.process;
+        let outcomes = futures::future::join_all(work.iter().map(|(_, name, batch)| async move {
+            let started = Instant::now();
+            let outcome = with_retry(process, || store.commit(name, batch)).await;
+            metrics::histogram!("eps_processor_commit_duration_seconds").record(started.elapsed().as_secs_f64());
+            outcome
+        }))
+        .await;
+        let mut restart = Vec::new();
+        for ((partition, _, batch), outcome) in work.into_iter().zip(outcomes) {
+            match outcome? {
+                CommitOutcome::Committed => {
+                    metrics::counter!("eps_processor_commits_total").increment(1);
+                    metrics::counter!("eps_processor_events_applied_total").increment(batch.events);
+                    metrics::counter!("eps_processor_invalid_lines_total").increment(batch.invalid.len() as u64);
+                    for line in &batch.invalid {
+                        tracing::warn!(subject = %line.segment, line = line.segment_offset, error = %line.error,
+                            "invalid line in the stream: not applied, recorded in eps_invalid_lines");
+                    }
+                    self.summary.base.events_applied += batch.events;
+                    self.summary.base.invalid_lines += batch.invalid.len() as u64;
+                    self.summary.base.batches += 1;
+                    self.users.extend(batch.deltas.iter().map(|(u, _)| user_digest(u)));
+                    if let Some(owned) = self.owned.get_mut(&partition) {
+                        owned.checkpoint = batch.to;
+                    }
+                }
+                CommitOutcome::Conflict { current } => {
+                    // Another processor committed this partition meanwhile (it took it over while this
+                    // one still held it): nothing was written; read again from where it stands.
+                    tracing::warn!(partition, current, "partition committed by another processor; reading it again");
+                    metrics::counter!("eps_processor_conflicts_total").increment(1);
+                    self.summary.base.conflicts += 1;
+                    restart.push((partition, current));
+                }
+            }
+        }
+        for (partition, checkpoint) in restart {
+            if let Some(target) = self.owned.get(&partition).map(|o| o.target) {
+                self.start_partition(partition, checkpoint, target);
+            }
+        }
+        self.record_gauges();
+        Ok(())
+    }
+
+    fn record_gauges(&self) {
+        metrics::gauge!("eps_processor_partitions_owned").set(self.owned.len() as f64);
+        metrics::gauge!("eps_processor_lag_messages").set(self.owned.values().map(|o| o.lag).sum::<u64>() as f64);
+    }
+
+    /// Joins (or re-joins) the processors, then takes or gives back partitions toward this one's share.
+    async fn rebalance(&mut self) -> anyhow::Result<()> {
+        if self.stream.is_none() {
+            match ensure_stream(&self.js, &self.opts.nats).await {
+                Ok(stream) => self.stream = Some(stream),
+                Err(e) => {
+                    tracing::warn!(error = %e, "JetStream unavailable; retrying");
+                    return Ok(());
+                }
+            }
+        }
+        if self.membership.is_none() {
+            match Membership::join(&self.database_url, &self.opts.nats.stream).await {
+                Ok(m) => {
+                    tracing::info!(slot = m.slot, "joined the processors of the stream");
+                    self.membership = Some(m);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot join the processors through PostgreSQL; retrying");
+                    return Ok(());
+                }
+            }
+        }
+        match self.balance_once().await {
+            Ok(()) => {}
+            Err(e) => {
+                // The membership session is gone, and with it every lock: stop all partitions (their
+                // uncommitted sums are dropped; whoever owns them next reads from the checkpoint).
+                tracing::warn!(error = %e, "lost the PostgreSQL session that holds the partitions; rejoining");
+                self.membership = None;
+                self.owned.clear();
+            }
+        }
+        self.record_gauges();
+        Ok(())
+    }
+
+    async fn balance_once(&mut self) -> Result<(), StoreError> {
+        let membership = self.membership.take().expect("joined");
+        self.balance_with(&membership).await?;
+        self.membership = Some(membership);
+        self.took_partitions = true;
+        Ok(())
+    }
+
+    async fn balance_with(&mut self, membership: &Membership) -> Result<(), StoreError> {
+        let partitions = self.opts.nats.partitions;
+        let share = if self.opts.process.follow {
+            let members = membership.members().await?.max(1);
+            partitions.div_ceil(members)
+        } else {
+            // A one-shot run takes every partition nobody else holds.
+            partitions
+        };
+        // Give back the highest partitions above the share (their batches were just committed).
+        while self.owned.len() > share as usize {
+            let (&partition, _) = self.owned.iter().next_back().expect("not empty");
+            self.owned.remove(&partition);
+            membership.release(partition).await?;
+            tracing::info!(partition, share, "gave a partition back to spread the work");
+        }
+        let offset = membership.slot.unsigned_abs() * 7 % partitions;
+        for k in 0..partitions {
+            if self.owned.len() >= share as usize {
+                break;
+            }
+            let partition = (offset + k) % partitions;
+            if self.owned.contains_key(&partition) || !membership.try_own(partition).await? {
+                continue;
+            }
+            let name = checkpoint_name(&self.opts.nats.stream, partition);
+            let checkpoint = match with_retry(&self.opts.process, || self.store.progress(&name)).await {
+                Ok(progress) => progress.position,
+                Err(e) => {
+                    membership.release(partition).await?;
+                    return Err(StoreError::Unavailable(e.to_string()));
+                }
+            };
+            let target = if self.opts.process.follow { u64::MAX } else { self.last_sequence(partition).await? };
+            tracing::info!(partition, checkpoint, "took a partition");
+            metrics::counter!("eps_processor_partitions_taken_total").increment(1);
+            self.start_partition(partition, checkpoint, target);
+        }
+        Ok(())
+    }
+
+    /// The partition's last stream sequence now (0 when it holds nothing).
+    async fn last_sequence(&self, partition: u32) -> Result<u64, StoreError> {
+        let stream = self.stream.as_ref().expect("stream ready");
+        match stream.get_last_raw_message_by_subject(&self.opts.nats.subject(partition)).await {
+            Ok(message) => Ok(message.sequence),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(StoreError::Unavailable(format!("JetStream: {e}"))),
+        }
+    }
+
+    /// (Re)starts the partition's reader from its checkpoint, first reading the de-duplication window.
+    fn start_partition(&mut self, partition: u32, checkpoint: u64, target: u64) {
+        self.generation += 1;
+        let from = checkpoint.saturating_sub(self.opts.dedup_window_messages.saturating_sub(1)).max(1);
+        let stream = self.stream.clone().expect("stream ready");
+        let reader = tokio::spawn(read_partition(
+            stream,
+            self.opts.nats.subject(partition),
+            from,
+            (partition, self.generation),
+            self.tx.clone(),
+        ));
+        let owned = Owned {
+            generation: self.generation,
+            checkpoint,
+            read_to: from - 1,
+            reader,
+            seen: SeenIds::new(self.opts.dedup_window_messages, self.opts.dedup_max_ids),
+            batch: PartitionBatch { to: checkpoint, ..Default::default() },
+            target,
+            lag: 0,
+        };
+        self.owned.insert(partition, owned);
+    }
+}
+
+/// The event id of a log line, if it has one (for the de-duplication window only).
+fn event_id(line: &[u8]) -> Option<String> {
+    match EventRef::parse_canonical_log_line(line) {
+        Some(event) => event.id.map(|id| id.into_owned()),
+        None => EventRef::parse_log_line(line).ok()?.id.map(|id| id.into_owned()),
+    }
+}
+
+/// Follows one partition's subject from `from`, sending every message to the main loop; re-made after
+/// any error (JetStream away, consumer lost), from the message after the last one sent.
+async fn read_partition(
+    stream: stream::Stream,
+    subject: String,
+    from: u64,
+    (partition, generation): (u32, u64),
+    tx: mpsc::Sender<Delivered>,
+) {
+    let mut next = from;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let config = consumer::pull::OrderedConfig {
+            filter_subject: subject.clone(),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: next },
+            ..Default::default()
+        };
+        let messages = match stream.create_consumer(config).await {
+            Ok(consumer) => consumer.messages().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match messages {
+            Ok(mut messages) => {
+                while let Some(item) = messages.next().await {
+                    let message = match item {
+                        Ok(message) => message,
+                        Err(e) => {
+                            tracing::warn!(partition, error = %e, "reading the partition failed; resuming");
+                            break;
+                        }
+                    };
+                    let Ok(info) = message.info() else { continue };
+                    let (seq, pending) = (info.stream_sequence, info.pending);
+                    let delivered =
+                        Delivered { partition, generation, seq, pending, payload: message.payload.clone() };
+                    if tx.send(delivered).await.is_err() {
+                        return;
+                    }
+                    next = seq + 1;
+                    delay = Duration::from_millis(100);
+                }
+            }
+            Err(e) => tracing::warn!(partition, error = %e, retry_in = ?delay, "cannot read the partition; retrying"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The processor's de-duplication window of one partition: the ids in the messages of the last
+/// `window` stream sequences, at most `max_ids` of them (the oldest messages forgotten first).
+///
+/// Before message `seq` is read, the window is the longest run of the partition's latest messages
+/// within `(seq - window, seq)` that holds at most `max_ids` ids: a function of the stream alone, so a
+/// processor that rebuilt it from `checkpoint - window + 1` decides exactly as one that read everything.
+struct SeenIds {
+    window: u64,
+    max_ids: usize,
+    messages: VecDeque<(u64, Vec<u128>)>,
+    /// Each id in the window, with the latest message that holds it.
+    latest: HashMap<u128, u64, IdKeyHasher>,
+    ids: usize,
+}
+
+impl SeenIds {
+    fn new(window: u64, max_ids: usize) -> SeenIds {
+        SeenIds { window, max_ids, messages: VecDeque::new(), latest: HashMap::default(), ids: 0 }
+    }
+
+    /// Opens message `seq`: forgets what left the window.
+    fn start_message(&mut self, seq: u64) {
+        while let Some(&(old, _)) = self.messages.front() {
+            if old + self.window > seq && self.ids <= self.max_ids {
+                break;
+            }
+            let (old, ids) = self.messages.pop_front().expect("front exists");
+            self.ids -= ids.len();
+            for id in ids {
+                if self.latest.get(&id) == Some(&old) {
+                    self.latest.remove(&id);
+                }
+            }
+        }
+        self.messages.push_back((seq, Vec::new()));
+    }
+
+    /// Adds an id of the open message; true if the window already held it (a duplicate).
+    fn insert(&mut self, id: u128, seq: u64) -> bool {
+        let (open, ids) = self.messages.back_mut().expect("a message is open");
+        debug_assert_eq!(*open, seq);
+        ids.push(id);
+        self.ids += 1;
+        self.latest.insert(id, seq).is_some()
+    }
+}
+
+/// This processor's PostgreSQL session, holding its member lock and one lock per partition it owns.
+struct Membership {
+    client: tokio_postgres::Client,
+    partitions_key: i32,
+    members_key: i32,
+    slot: i32,
+}
+
+/// Most processors that can share one stream.
+const MAX_MEMBERS: i32 = 1024;
+
+impl Membership {
+    async fn join(url: &str, stream: &str) -> Result<Membership, StoreError> {
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e| StoreError::Other(format!("invalid PostgreSQL URL: {e}")))?;
+        config.application_name("eps process (partition locks)");
+        config.connect_timeout(Duration::from_secs(5));
+        // A dead network must end the session (and free the partitions) within seconds.
+        config.keepalives(true).keepalives_idle(Duration::from_secs(5));
+        config.tcp_user_timeout(Duration::from_secs(10));
+        let (client, connection) =
+            config.connect(tokio_postgres::NoTls).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "the partition-lock session ended");
+            }
+        });
+        // Two 31-bit keys derived from the stream's name: one class for partitions, one for members.
+        let base = (crate::log::user_key(stream) & 0x3FFF_FFFF) as i32;
+        let mut membership = Membership { client, partitions_key: base, members_key: base | 0x4000_0000, slot: -1 };
+        for slot in 0..MAX_MEMBERS {
+            if membership.try_lock(membership.members_key, slot).await? {
+                membership.slot = slot;
+                return Ok(membership);
+            }
+        }
+        Err(StoreError::Other(format!("more than {MAX_MEMBERS} processors on stream {stream}")))
+    }
+
+    async fn try_lock(&self, key: i32, sub: i32) -> Result<bool, StoreError> {
+        let row = self
+            .client
+            .query_one("SELECT pg_try_advisory_lock($1::int4, $2::int4)", &[&key, &sub])
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("taking a partition lock: {e}")))?;
+        Ok(row.get(0))
+    }
+
+    async fn try_own(&self, partition: u32) -> Result<bool, StoreError> {
+        self.try_lock(self.partitions_key, partition as i32).await
+    }
+
+    async fn release(&self, partition: u32) -> Result<(), StoreError> {
+        self.client
+            .query_one("SELECT pg_advisory_unlock($1::int4, $2::int4)", &[&self.partitions_key, &(partition as i32)])
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("releasing a partition lock: {e}")))?;
+        Ok(())
+    }
+
+    /// Processors sharing the stream now (each holds one member lock in this database).
+    async fn members(&self) -> Result<u32, StoreError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_locks
+                 WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = $1::int8::oid
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[&i64::from(self.members_key)],
+            )
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("counting the processors: {e}")))?;
+        Ok(row.get::<_, i64>(0) as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds messages (seq, ids) and returns the duplicates found, in order.
+    fn duplicates(seen: &mut SeenIds, messages: &[(u64, &[u128])]) -> Vec<(u64, u128)> {
+        let mut found = Vec::new();
+        for &(seq, ids) in messages {
+            seen.start_message(seq);
+            for &id in ids {
+                if seen.insert(id, seq) {
+                    found.push((seq, id));
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn the_window_catches_repeats_within_it_and_forgets_older_ones() {
+        let mut seen = SeenIds::new(10, 1000);
+        let found = duplicates(&mut seen, &[(1, &[1, 2]), (5, &[3, 1]), (9, &[2, 2]), (11, &[1]), (16, &[1, 3])]);
+        // 1 again at 5 (within 10 of 1); 2 at 9 twice (seen at 1, then within the message);
+        // 1 at 11: last seen at 5, within; at 16: 1 last at 11 (within), 3 last at 5 (16 - 10 = 6 > 5: forgotten).
+        assert_eq!(found, vec![(5, 1), (9, 2), (9, 2), (11, 1), (16, 1)]);
+    }
+
+    #[test]
+    fn the_id_cap_forgets_whole_oldest_messages() {
+        let mut seen = SeenIds::new(1_000, 3);
+        let found = duplicates(&mut seen, &[(1, &[1, 2]), (2, &[3, 4]), (3, &[1]), (4, &[3])]);
+        // At 3 the window (1,2 → 4 ids > 3) drops message 1: id 1 is new again. At 4: window is
+        // messages 2 and 3 (3 ids): 3 is a repeat.
+        assert_eq!(found, vec![(4, 3)]);
+    }
+
+    #[test]
+    fn a_rebuilt_window_decides_as_one_that_read_everything() {
+        // Messages of one partition at scattered sequences, ids repeating at various distances.
+        let messages: Vec<(u64, Vec<u128>)> =
+            (1..400u64).filter(|s| s % 3 != 0).map(|s| (s, vec![u128::from(s % 37), u128::from(s % 11) + 100])).collect();
+        let window = 50;
+        let all = |seen: &mut SeenIds, from: u64| {
+            let list: Vec<(u64, &[u128])> = messages.iter().filter(|(s, _)| *s >= from).map(|(s, ids)| (*s, ids.as_slice())).collect();
+            duplicates(seen, &list)
+        };
+        let full = all(&mut SeenIds::new(window, 40), 1);
+        for checkpoint in [60u64, 61, 200, 333] {
+            let rebuilt = all(&mut SeenIds::new(window, 40), checkpoint - window + 1);
+            let after = |v: &Vec<(u64, u128)>| v.iter().filter(|(s, _)| *s > checkpoint).copied().collect::<Vec<_>>();
+            assert_eq!(after(&rebuilt), after(&full), "checkpoint {checkpoint}");
+            assert!(!after(&full).is_empty());
+        }
+    }
+
+    #[test]
+    fn checkpoint_names_are_per_stream_and_partition() {
+        assert_eq!(checkpoint_name("EPS_EVENTS", 3), "jetstream/EPS_EVENTS/3");
+    }
+}
