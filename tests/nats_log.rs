@@ -7,94 +7,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::nats::{stream_events, stream_messages, Nats};
 use common::*;
 use serde_json::Value;
-
-/// A private `nats-server -js`, killed when dropped.
-struct Nats {
-    child: Option<Child>,
-    port: u16,
-    store: PathBuf,
-}
-
-impl Nats {
-    async fn start(dir: &Path) -> Nats {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut nats = Nats { child: None, port, store: dir.join("nats-store") };
-        nats.resume().await;
-        nats
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the server (again) on the same port and store, and waits until JetStream answers.
-    async fn resume(&mut self) {
-        let binary = ["nats-server", "/usr/sbin/nats-server", "/usr/bin/nats-server"]
-            .into_iter()
-            .find(|b| Command::new(b).arg("--version").output().is_ok())
-            .expect("nats-server is not installed (scripts/test installs the Debian package nats-server)");
-        let child = Command::new(binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
-            .arg(&self.store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        self.child = Some(child);
-        let url = self.url();
-        within(Duration::from_secs(20), "nats-server to answer JetStream requests", async {
-            loop {
-                match async_nats::connect(&url).await {
-                    // Any answer to the JetStream API means it is up (the typed account query of this
-                    // client version does not parse a 2.9 server's answer).
-                    Ok(client) => match client.request("$JS.API.INFO", "".into()).await {
-                        Ok(_) => return,
-                        Err(e) => eprintln!("nats-server not ready: {e}"),
-                    },
-                    Err(e) => eprintln!("nats-server not reachable: {e}"),
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-        .await;
-    }
-
-    /// SIGKILLs the server (its store stays).
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Every message of the stream: (subject, the log lines of its payload).
-async fn stream_contents(url: &str, stream: &str) -> Vec<(String, Vec<Value>)> {
-    let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
-    let mut stream = js.get_stream(stream).await.expect("the stream exists");
-    let last = stream.info().await.unwrap().state.last_sequence;
-    let mut out = Vec::new();
-    for seq in 1..=last {
-        let message = stream.get_raw_message(seq).await.unwrap_or_else(|e| panic!("message {seq}: {e}"));
-        let text = String::from_utf8(message.payload.to_vec()).unwrap();
-        assert!(text.ends_with('\n'), "a message is whole lines: {text:?}");
-        let lines = text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"))).collect();
-        out.push((message.subject.to_string(), lines));
-    }
-    out
-}
 
 async fn post_batch(url: &str, body: String) -> (u16, Value) {
     let response = http()
@@ -127,7 +44,7 @@ async fn events_go_to_their_users_partition_once_and_a_resent_batch_is_a_duplica
     let (status, again) = post_batch(&server.url, batch_body("run", 100)).await;
     assert_eq!((status, &again["accepted"], &again["duplicates"]), (200, &100.into(), &100.into()), "{again}");
 
-    let messages = stream_contents(&nats.url(), "EPS_EVENTS").await;
+    let messages = stream_messages(&nats.url(), "EPS_EVENTS").await;
     // One message for the single event, one per partition the batch touched (at most 4); the resent
     // batch added none.
     assert!(messages.len() <= 5, "{} messages: the batch was not grouped by partition", messages.len());
@@ -194,10 +111,10 @@ async fn while_jetstream_is_away_appends_answer_503_and_the_server_recovers_by_i
     let (status, answer) = post_event(&http, &server.url, &event(3)).await;
     assert_eq!(status, 200, "{answer}");
 
-    let ids: Vec<String> = stream_contents(&nats.url(), "EPS_EVENTS")
+    let ids: Vec<String> = stream_events(&nats.url(), "EPS_EVENTS")
         .await
         .into_iter()
-        .flat_map(|(_, lines)| lines.into_iter().map(|l| l["id"].as_str().unwrap().to_string()))
+        .map(|event| event["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids, ["e-1", "e-2", "e-3"], "each acknowledged event once, in order");
 }

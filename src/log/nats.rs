@@ -175,7 +175,8 @@ pub async fn jetstream_context(opts: &NatsLogOptions, name: &str) -> anyhow::Res
         .name(name)
         .retry_on_initial_connect()
         .connection_timeout(opts.timeout)
-        .connect(opts.url.as_str())
+        // Several servers of a cluster come as one comma-separated string; the library wants a list.
+        .connect(opts.url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect::<Vec<_>>())
         .await
         .map_err(|e| anyhow::anyhow!("cannot use the JetStream URL {}: {e}", opts.url))?;
     let mut js = jetstream::new(client);

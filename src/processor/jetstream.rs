@@ -531,7 +531,12 @@ fn event_id(line: &[u8]) -> Option<String> {
 }
 
 /// Follows one partition's subject from `from`, sending every message to the main loop; re-made after
-/// any error (JetStream away, consumer lost), from the message after the last one sent.
+/// any error, from the message after the last one sent.
+///
+/// The consumer is ephemeral, in memory, one replica, without acknowledgements: nothing in JetStream
+/// records this processor's position (the checkpoint in PostgreSQL does). Pull requests carry a 1 s idle
+/// heartbeat, so a consumer lost with its JetStream node is noticed within seconds and re-made on a live
+/// node; a gap in the consumer's own sequence (a delivery lost on the way) re-makes it too.
 async fn read_partition(
     stream: stream::Stream,
     subject: String,
@@ -542,17 +547,29 @@ async fn read_partition(
     let mut next = from;
     let mut delay = Duration::from_millis(100);
     loop {
-        let config = consumer::pull::OrderedConfig {
+        let config = consumer::pull::Config {
             filter_subject: subject.clone(),
             deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: next },
+            ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            memory_storage: true,
+            num_replicas: 1,
             ..Default::default()
         };
         let messages = match stream.create_consumer(config).await {
-            Ok(consumer) => consumer.messages().await.map_err(|e| e.to_string()),
+            Ok(consumer) => consumer
+                .stream()
+                .max_messages_per_batch(READ_BATCH_MESSAGES)
+                .expires(Duration::from_secs(5))
+                .heartbeat(Duration::from_secs(1))
+                .messages()
+                .await
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         match messages {
             Ok(mut messages) => {
+                let mut consumer_sequence = 0;
                 while let Some(item) = messages.next().await {
                     let message = match item {
                         Ok(message) => message,
@@ -562,9 +579,13 @@ async fn read_partition(
                         }
                     };
                     let Ok(info) = message.info() else { continue };
+                    if info.consumer_sequence != consumer_sequence + 1 {
+                        tracing::warn!(partition, "a delivery was lost on the way; resuming");
+                        break;
+                    }
+                    consumer_sequence = info.consumer_sequence;
                     let (seq, pending) = (info.stream_sequence, info.pending);
-                    let delivered =
-                        Delivered { partition, generation, seq, pending, payload: message.payload.clone() };
+                    let delivered = Delivered { partition, generation, seq, pending, payload: message.payload.clone() };
                     if tx.send(delivered).await.is_err() {
                         return;
                     }
@@ -575,9 +596,12 @@ async fn read_partition(
             Err(e) => tracing::warn!(partition, error = %e, retry_in = ?delay, "cannot read the partition; retrying"),
         }
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
+        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
+
+/// Messages asked for per pull request.
+const READ_BATCH_MESSAGES: usize = 512;
 
 /// The processor's de-duplication window of one partition: the ids in the messages of the last
 /// `window` stream sequences, at most `max_ids` of them (the oldest messages forgotten first).

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod fault;
+pub mod nats;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,207 @@
+//! `eps process --log nats://…`: several processors share a JetStream stream's partitions and apply it to
+//! PostgreSQL exactly once, through SIGKILLs of servers and processors and an outage of JetStream itself.
+//!
+//! Each test starts its own `nats-server -js` on a free port with a fresh store directory and uses a
+//! fresh PostgreSQL database (run through scripts/test, which provides `EPS_TEST_PG_URL`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use common::nats::{follower, wait_for_totals, Nats};
+use common::*;
+use rand::{Rng, SeedableRng};
+use rust_decimal::Decimal;
+
+/// Writes `n` events over `users` users with two-decimal values of both signs, and returns the file
+/// and each user's exact expected revenue.
+fn generate(dir: &Path, n: usize, users: usize, seed: u64) -> (PathBuf, BTreeMap<String, Decimal>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut expected: BTreeMap<String, Decimal> = BTreeMap::new();
+    let mut text = String::with_capacity(n * 70);
+    for _ in 0..n {
+        let user = format!("user{}", rng.random_range(0..users));
+        let cents: i64 = rng.random_range(1..100_000);
+        let value = Decimal::new(cents, 2);
+        let add = rng.random_bool(0.7);
+        let name = if add { "add_revenue" } else { "subtract_revenue" };
+        *expected.entry(user.clone()).or_default() += if add { value } else { -value };
+        text.push_str(&format!("{{\"userId\":\"{user}\",\"name\":\"{name}\",\"value\":{value}}}\n"));
+    }
+    let path = dir.join("events.jsonl");
+    std::fs::write(&path, text).unwrap();
+    (path, expected)
+}
+
+/// `eps server` on the JetStream log, on `port` (0 for any).
+async fn nats_server(dir: &Path, nats: &str, port: u16, name: &str) -> ServerProc {
+    let data = dir.join(name);
+    std::fs::create_dir_all(&data).unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let a = args(&["server", "--listen", &listen, "--data-dir", &data.display().to_string(), "--log", nats]);
+    ServerProc::start(&a, &[], dir).await
+}
+
+fn client_args(file: &Path, urls: &[&str], extra: &[&str]) -> Vec<String> {
+    let mut a = args(&["client", &file.display().to_string(), "--progress", "quiet", "--max-attempts", "1000"]);
+    for url in urls {
+        a.extend(["--url".to_string(), url.to_string()]);
+    }
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// Waits for a spawned client and checks that it sent every event.
+async fn client_succeeded(client: &mut ChildGuard, events: usize) {
+    let status = within(Duration::from_secs(120), "the client to finish", client.child.wait()).await.unwrap();
+    let out = client.stdout();
+    assert!(status.success(), "client failed: {status}\nstdout: {out}\nstderr: {}", client.stderr());
+    assert!(out.contains(&format!("accepted {events}")) || out.contains(&format!("sent {events}, accepted")), "client output: {out}");
+    assert!(out.contains("failed 0"), "client output: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_servers_and_three_processors_count_every_event_once_through_sigkills() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(dir.path()).await;
+    let db = TestDb::new(StoreKind::Postgres).await;
+    let events = 200_000;
+    let (file, expected) = generate(dir.path(), events, 2_000, 8);
+
+    let mut servers = [
+        nats_server(dir.path(), &nats.url(), 0, "server-a").await,
+        nats_server(dir.path(), &nats.url(), 0, "server-b").await,
+    ];
+    let mut processors: Vec<ChildGuard> = (0..3).map(|_| follower(dir.path(), &nats.url(), &db, &[])).collect();
+    let (url_a, url_b) = (servers[0].url.clone(), servers[1].url.clone());
+    let port_a = servers[0].port;
+
+    let mut client = ChildGuard::spawn(&client_args(&file, &[&url_a, &url_b], &["--batch", "50", "--concurrency", "4"]), &[], dir.path());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(client.child.try_wait().unwrap().is_none(), "the client finished before the kills: make the run longer");
+    // SIGKILL one server and one processor mid-run, and restart them a little later.
+    servers[0].kill().await;
+    processors[0].child.start_kill().unwrap();
+    processors[0].child.wait().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(client.child.try_wait().unwrap().is_none(), "the client finished during the outage: make the run longer");
+    servers[0] = nats_server(dir.path(), &nats.url(), port_a, "server-a").await;
+    processors[0] = follower(dir.path(), &nats.url(), &db, &[]);
+
+    client_succeeded(&mut client, events).await;
+    wait_for_totals(&db, dir.path(), &expected, events as u64, None).await;
+
+    // The three processors share the 16 partitions: each holds some, and together all of them.
+    let (pg, connection) = tokio_postgres::connect(db.url.as_deref().unwrap(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let started = Instant::now();
+    loop {
+        let rows = pg
+            .query(
+                "SELECT pid, count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2
+                 AND classid < 1073741824 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 GROUP BY pid",
+                &[],
+            )
+            .await
+            .unwrap();
+        let counts: Vec<i64> = rows.iter().map(|r| r.get(1)).collect();
+        if counts.len() == 3 && counts.iter().sum::<i64>() == 16 && counts.iter().all(|&c| c >= 4) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "partitions not spread over the 3 processors: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(processors);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jetstream_outage_gives_503s_and_loses_or_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = Nats::start(dir.path()).await;
+    let db = TestDb::new(StoreKind::Postgres).await;
+    let events = 60_000;
+    let (file, expected) = generate(dir.path(), events, 500, 9);
+    let server = nats_server(dir.path(), &nats.url(), 0, "server").await;
+    let _processor = follower(dir.path(), &nats.url(), &db, &[]);
+
+    let mut client = ChildGuard::spawn(&client_args(&file, &[&server.url], &["--batch", "20", "--concurrency", "4"]), &[], dir.path());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(client.child.try_wait().unwrap().is_none(), "the client finished before the outage: make the run longer");
+    nats.stop();
+    // While JetStream is away, the server refuses with 503 and Retry-After: never a 200.
+    let http = http();
+    let started = Instant::now();
+    let mut refused = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        let response = http
+            .post(format!("{}/liveEvent", server.url))
+            .header("Authorization", TOKEN)
+            .header("Content-Type", "application/json")
+            .body(format!(r#"{{"userId":"probe","name":"add_revenue","value":1,"id":"probe-{refused}"}}"#))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 503, "an event was answered during the outage");
+        assert!(response.headers().contains_key("retry-after"));
+        refused += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(refused > 0);
+    assert!(client.child.try_wait().unwrap().is_none(), "the client finished during the outage");
+    nats.resume().await;
+
+    client_succeeded(&mut client, events).await;
+    // A request answered 503 is not known to be stored: one whose publish left just before the
+    // connection fell can still land when it comes back. That is why events carry ids (a retry is then
+    // dropped as a duplicate). The probes were never retried, so each counts once at most.
+    let probes = wait_for_totals(&db, dir.path(), &expected, events as u64, Some("probe")).await;
+    assert!(probes <= refused, "{probes} probes stored of {refused} refused");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_processor_drops_an_event_sent_again_in_another_message() {
+    // JetStream's duplicate window only drops a message published again whole; the same event in a
+    // differently made batch is a new message, and the processor's own window drops it.
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(dir.path()).await;
+    let db = TestDb::new(StoreKind::Postgres).await;
+    let server = nats_server(dir.path(), &nats.url(), 0, "server").await;
+    let http = http();
+    let line = |id: &str, value: &str| format!(r#"{{"userId":"dup","name":"add_revenue","value":{value},"id":"{id}"}}"#);
+    let post = |body: String| {
+        let http = http.clone();
+        let url = format!("{}/events", server.url);
+        async move {
+            let response = http
+                .post(url)
+                .header("Authorization", TOKEN)
+                .header("Content-Type", "application/x-ndjson")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+        }
+    };
+    post(format!("{}\n{}\n", line("a", "1"), line("b", "10"))).await;
+    // "b" again, now with "c": a different message, so JetStream stores it.
+    post(format!("{}\n{}\n", line("b", "10"), line("c", "100"))).await;
+    // And "a" once more, alone.
+    post(format!("{}\n", line("a", "1"))).await;
+
+    let mut a = args(&["process", "--log", &nats.url()]);
+    a.extend(db.args());
+    let out = run_eps(&a, &[]).await;
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains("applied 3 events") && out.stdout.contains("2 duplicates dropped"), "{}", out.stdout);
+    assert_eq!(db.revenues(dir.path()).await.get("dup"), Some(&Decimal::from_str("111").unwrap()));
+
+    // Nothing twice on a second run.
+    let out = run_eps(&a, &[]).await;
+    assert!(out.stdout.contains("applied 0 events"), "{}", out.stdout);
+    assert_eq!(db.revenues(dir.path()).await.get("dup"), Some(&Decimal::from_str("111").unwrap()));
+}
