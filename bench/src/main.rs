@@ -1,7 +1,8 @@
 //! eps-bench: measures eps against its references and goals, one line per figure.
 //!
 //! Scenarios (`eps-bench --help` lists them): ingest_single, ingest_batch, client,
-//! process_sqlite, process_postgres, freshness, process_memory. Every scenario starts what it needs in
+//! process_sqlite, process_postgres, freshness, process_memory, and on NATS JetStream nats_ingest_single,
+//! nats_ingest_batch, nats_process (each with a nats-server of its own). Every scenario starts what it needs in
 //! a fresh temporary directory on free ports, generates its data from one fixed seed, and stops what it
 //! started whatever happens. `--quick` divides the sizes by 100 and runs loads for 2 s: it checks that
 //! everything works, its figures mean little.
@@ -35,6 +36,9 @@ enum Scenario {
     ProcessPostgres,
     Freshness,
     ProcessMemory,
+    NatsIngestSingle,
+    NatsIngestBatch,
+    NatsProcess,
 }
 
 /// How the freshness scenario generates its background load.
@@ -61,8 +65,8 @@ struct Args {
     #[arg(long, value_enum)]
     only: Vec<Scenario>,
 
-    /// PostgreSQL server for process_postgres (a database eps_bench_<random> is created in it and dropped
-    /// afterwards). Without it process_postgres is skipped. Port 5432 (the machine's shared server) is refused.
+    /// PostgreSQL server for process_postgres and nats_process (databases eps_bench_<random> are created in
+    /// it and dropped afterwards). Without it those two are skipped. Port 5432 (the machine's shared server) is refused.
     #[arg(long)]
     pg_url: Option<String>,
 
@@ -194,6 +198,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
             Scenario::ProcessPostgres => scenarios::process::postgres(&mut ctx),
             Scenario::Freshness => scenarios::freshness::run(&mut ctx),
             Scenario::ProcessMemory => scenarios::process::memory(&mut ctx),
+            Scenario::NatsIngestSingle => scenarios::nats::ingest_single(&mut ctx),
+            Scenario::NatsIngestBatch => scenarios::nats::ingest_batch(&mut ctx),
+            Scenario::NatsProcess => scenarios::nats::process(&mut ctx),
         };
         if let Err(e) = result {
             ctx.report.failed = true;

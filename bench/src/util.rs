@@ -171,6 +171,8 @@ pub struct Run {
     pub wall: Duration,
     /// Peak resident set size of this child alone (wait4's rusage), in bytes.
     pub max_rss: u64,
+    /// CPU time (user + system) of this child alone, in seconds.
+    pub cpu_secs: f64,
     /// Its stdout and stderr.
     pub log: PathBuf,
 }
@@ -231,7 +233,9 @@ pub fn run_measured(cmd: &mut Command, log: &Path, timeout: Duration) -> anyhow:
         bail!("{cmd:?} did not finish within {timeout:?} and was killed; its output ends with:\n{}", tail(log, 20));
     }
     let code = if libc::WIFEXITED(status) { Some(libc::WEXITSTATUS(status)) } else { None };
-    Ok(Run { code, wall, max_rss: usage.ru_maxrss as u64 * 1024, log: log.to_path_buf() })
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let cpu_secs = tv(usage.ru_utime) + tv(usage.ru_stime);
+    Ok(Run { code, wall, max_rss: usage.ru_maxrss as u64 * 1024, cpu_secs, log: log.to_path_buf() })
 }
 
 /// SplitMix64: a tiny, fast, well-mixed PRNG. With a fixed seed every run generates the same data.
@@ -288,6 +292,46 @@ pub fn log_segments(log_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Clock ticks per second of /proc's CPU times.
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// CPU time (user + system) a running process has used so far, in seconds (0 when it is gone).
+pub fn process_cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 (utime) and 15 (stime) of proc(5); `rest` starts at field 3.
+    let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(14) + ticks(15)) as f64 / clock_ticks()
+}
+
+/// CPU time the whole machine has spent busy so far (every CPU; /proc/stat less idle and iowait), in seconds.
+pub fn machine_busy_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return 0.0 };
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else { return 0.0 };
+    let v: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let busy: u64 = [0usize, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum();
+    busy as f64 / clock_ticks()
+}
+
+/// A program by name on PATH, else at one of `fallbacks` (root's sbin directories may be off PATH).
+pub fn find_program(name: &str, fallbacks: &[&str]) -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path.into_iter().chain(fallbacks.iter().map(PathBuf::from)).find(|p| p.is_file())
 }
 
 /// Bytes as mebibytes, for figures.

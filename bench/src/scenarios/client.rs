@@ -3,6 +3,8 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use crate::data::write_client_file;
@@ -19,17 +21,7 @@ pub fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
 
     let data = dir.path().join("eps-data");
     let (server, addr) = start_eps_server(ctx, &data, &dir.path().join("eps-server.log"))?;
-    let mut cmd = ctx.eps_cmd();
-    cmd.arg("client");
-    // Adapt to this eps's flags: the file is positional today (--file if it has one), and "no progress
-    // display" is spelled `quiet` today (`none` if it offers that).
-    let help = client_help(ctx);
-    if help.lines().any(|l| l.trim_start().starts_with("--file ")) {
-        cmd.arg("--file");
-    }
-    let progress_none = progress_values(&help).iter().any(|v| v == "none");
-    cmd.arg(&file).arg("--url").arg(format!("http://{addr}"));
-    cmd.arg("--progress").arg(if progress_none { "none" } else { "quiet" });
+    let mut cmd = client_command(ctx, &file, &format!("http://{addr}"));
     let run = run_measured(&mut cmd, &dir.path().join("client.log"), Duration::from_secs(600))?;
     server.stop();
 
@@ -59,6 +51,23 @@ pub fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     fig.notes = notes;
     ctx.report.figure(fig);
     Ok(())
+}
+
+/// `eps client FILE --url URL` without a progress display, with its defaults otherwise (batches of
+/// 1,000 to POST /events).
+pub(crate) fn client_command(ctx: &Ctx, file: &Path, url: &str) -> Command {
+    let mut cmd = ctx.eps_cmd();
+    cmd.arg("client");
+    // Adapt to this eps's flags: the file is positional today (--file if it has one), and "no progress
+    // display" is spelled `quiet` today (`none` if it offers that).
+    let help = client_help(ctx);
+    if help.lines().any(|l| l.trim_start().starts_with("--file ")) {
+        cmd.arg("--file");
+    }
+    let progress_none = progress_values(&help).iter().any(|v| v == "none");
+    cmd.arg(file).arg("--url").arg(url);
+    cmd.arg("--progress").arg(if progress_none { "none" } else { "quiet" });
+    cmd
 }
 
 /// The text of `eps client --help`.

@@ -8,21 +8,21 @@ use crate::util::{count_log_lines, mib};
 use crate::{wrk, Ctx};
 
 /// The seed's example request body.
-const SEED_BODY: &str = r#"{"userId": "user1", "name": "add_revenue", "value": 100}"#;
+pub(crate) const SEED_BODY: &str = r#"{"userId": "user1", "name": "add_revenue", "value": 100}"#;
 /// Events per /events request in ingest_batch.
-const BATCH_EVENTS: u64 = 1000;
+pub(crate) const BATCH_EVENTS: u64 = 1000;
 
 /// The figures of one wrk run against eps.
-struct EpsRun {
-    wrk: wrk::WrkResult,
+pub(crate) struct EpsRun {
+    pub(crate) wrk: wrk::WrkResult,
     /// Lines in the log once the server stopped.
-    log_lines: u64,
+    pub(crate) log_lines: u64,
     /// VmHWM of the server just before stopping it.
     peak_rss: u64,
 }
 
 /// Runs wrk against a fresh eps server and checks the log afterwards.
-fn wrk_against_eps(ctx: &Ctx, dir: &Path, path: &str, script: &Path, conns: u32, secs: u64) -> anyhow::Result<EpsRun> {
+pub(crate) fn wrk_against_eps(ctx: &Ctx, dir: &Path, path: &str, script: &Path, conns: u32, secs: u64) -> anyhow::Result<EpsRun> {
     let data = dir.join("eps-data");
     let (server, addr) = start_eps_server(ctx, &data, &dir.join("eps-server.log"))?;
     let wrk = wrk::run(&format!("http://{addr}{path}"), script, 2, conns, secs, &dir.join("wrk-eps.txt"))?;
@@ -34,7 +34,7 @@ fn wrk_against_eps(ctx: &Ctx, dir: &Path, path: &str, script: &Path, conns: u32,
 
 /// Checks that the log holds what eps acknowledged: every completed 2xx response stored its events,
 /// plus at most one request per connection that was in flight when wrk stopped.
-fn log_check(run: &EpsRun, events_per_request: u64, conns: u32, notes: &mut Vec<String>) -> bool {
+pub(crate) fn log_check(run: &EpsRun, events_per_request: u64, conns: u32, notes: &mut Vec<String>) -> bool {
     let ok = run.wrk.requests.saturating_sub(run.wrk.non_2xx);
     let low = ok * events_per_request;
     let high = (run.wrk.requests + conns as u64) * events_per_request;

@@ -3,8 +3,10 @@
 pub mod client;
 pub mod freshness;
 pub mod ingest;
+pub mod nats;
 pub mod process;
 
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -14,11 +16,21 @@ use crate::Ctx;
 
 /// A fresh `eps server` on a free port with its data in `data_dir`, ready to take requests.
 pub fn start_eps_server(ctx: &Ctx, data_dir: &Path, log: &Path) -> anyhow::Result<(Proc, SocketAddr)> {
+    start_eps_server_with(ctx, data_dir, log, &[] as &[&OsStr])
+}
+
+/// [`start_eps_server`] with more arguments (e.g. `--log nats://…`).
+pub fn start_eps_server_with<S: AsRef<OsStr>>(
+    ctx: &Ctx,
+    data_dir: &Path,
+    log: &Path,
+    extra: &[S],
+) -> anyhow::Result<(Proc, SocketAddr)> {
     std::fs::create_dir_all(data_dir)?;
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let mut proc = Proc::spawn(
         "eps server",
-        ctx.eps_cmd().arg("server").arg("--listen").arg(addr.to_string()).arg("--data-dir").arg(data_dir),
+        ctx.eps_cmd().arg("server").arg("--listen").arg(addr.to_string()).arg("--data-dir").arg(data_dir).args(extra),
         log,
     )?;
     proc.wait_listening(addr, Duration::from_secs(30))?;

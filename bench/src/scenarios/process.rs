@@ -22,7 +22,7 @@ const SEGMENT_0: &str = "server-events-00000000000000000000.jsonl";
 /// The server's default segment size, used for the 10,000,000-event log.
 const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Longest a single `eps process` may take before it is killed.
-const PROCESS_TIMEOUT: Duration = Duration::from_secs(600);
+pub(crate) const PROCESS_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The 1,000,000-event log shared by process_sqlite and process_postgres, and reference-sum's time on it.
 pub struct ProcessData {
@@ -95,7 +95,7 @@ fn processing_figure(
 }
 
 /// Prints the first differences (all are counted in the figure).
-fn report_mismatches(ctx: &mut Ctx, name: &str, problems: &[String]) {
+pub(crate) fn report_mismatches(ctx: &mut Ctx, name: &str, problems: &[String]) {
     for p in problems.iter().take(10) {
         ctx.report.line(format!("{name:<16} {p}"));
     }
@@ -167,13 +167,50 @@ fn with_database(url: &str, db: &str) -> String {
     format!("{}/{db}{query}", &base[..authority_end])
 }
 
-async fn pg_connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+pub(crate) async fn pg_connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) =
         tokio_postgres::connect(url, tokio_postgres::NoTls).await.with_context(|| format!("cannot connect to {url}"))?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
     Ok(client)
+}
+
+/// A fresh database in the server of `admin_url`, named at random (not from the seed: it must not
+/// collide with a leftover): its name and URL.
+pub(crate) fn create_database(ctx: &Ctx, admin_url: &str) -> anyhow::Result<(String, String)> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
+    let db = format!("eps_bench_{:016x}", crate::util::Rng::new(nanos ^ std::process::id() as u64).next_u64());
+    let db_url = with_database(admin_url, &db);
+    ctx.rt.block_on(async {
+        pg_connect(admin_url).await?.batch_execute(&format!("CREATE DATABASE {db}")).await?;
+        anyhow::Ok(())
+    })?;
+    Ok((db, db_url))
+}
+
+/// Drops a database made by [`create_database`], disconnecting whoever still uses it.
+pub(crate) fn drop_database(ctx: &Ctx, admin_url: &str, db: &str) -> anyhow::Result<()> {
+    ctx.rt
+        .block_on(async {
+            pg_connect(admin_url).await?.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await?;
+            anyhow::Ok(())
+        })
+        .with_context(|| format!("cannot drop the database {db}"))
+}
+
+/// Every row of `users_revenue` in an eps PostgreSQL database, as exact decimals.
+pub(crate) fn read_pg_totals(ctx: &Ctx, db_url: &str) -> anyhow::Result<HashMap<String, Decimal>> {
+    ctx.rt.block_on(async {
+        let client = pg_connect(db_url).await?;
+        let rows = client.query("SELECT user_id::text, revenue::text FROM users_revenue", &[]).await?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (user, revenue): (String, String) = (row.get(0), row.get(1));
+            out.insert(user, Decimal::from_str(&revenue)?);
+        }
+        anyhow::Ok(out)
+    })
 }
 
 /// process_postgres: `eps process --data-dir DIR2 --database-url URL` on a fresh database.
@@ -188,14 +225,7 @@ pub fn postgres(ctx: &mut Ctx) -> anyhow::Result<()> {
     };
     let dir = data_dir_with_log(ctx, "process_postgres", &log_file)?;
 
-    // A fresh database, named at random (not from the seed: it must not collide with a leftover).
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
-    let db = format!("eps_bench_{:016x}", crate::util::Rng::new(nanos ^ std::process::id() as u64).next_u64());
-    let db_url = with_database(&admin_url, &db);
-    ctx.rt.block_on(async {
-        pg_connect(&admin_url).await?.batch_execute(&format!("CREATE DATABASE {db}")).await?;
-        anyhow::Ok(())
-    })?;
+    let (db, db_url) = create_database(ctx, &admin_url)?;
 
     let result = (|| {
         let run = run_measured(
@@ -204,26 +234,14 @@ pub fn postgres(ctx: &mut Ctx) -> anyhow::Result<()> {
             PROCESS_TIMEOUT,
         )?;
         run.check_success("eps process (PostgreSQL)")?;
-        let actual = ctx.rt.block_on(async {
-            let client = pg_connect(&db_url).await?;
-            let rows = client.query("SELECT user_id::text, revenue::text FROM users_revenue", &[]).await?;
-            let mut out = HashMap::new();
-            for row in rows {
-                let (user, revenue): (String, String) = (row.get(0), row.get(1));
-                out.insert(user, Decimal::from_str(&revenue)?);
-            }
-            anyhow::Ok(out)
-        })?;
+        let actual = read_pg_totals(ctx, &db_url)?;
         anyhow::Ok((run, actual))
     })();
 
     // Always drop the database, whatever happened.
-    let dropped = ctx.rt.block_on(async {
-        pg_connect(&admin_url).await?.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await?;
-        anyhow::Ok(())
-    });
+    let dropped = drop_database(ctx, &admin_url, &db);
     let (run, actual) = result?;
-    dropped.with_context(|| format!("cannot drop the database {db}"))?;
+    dropped?;
 
     let problems = ctx.process_data.as_ref().expect("made above").expected.compare(&actual);
     let fig = processing_figure(ctx, "process_postgres", &run, events, reference_secs, problems);
