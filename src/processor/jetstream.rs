@@ -32,9 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
-use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::mpsc;
 
 use super::{excerpt, open_store, user_digest, with_retry, ExactSum, ProcessOptions, ProcessSummary};
 use crate::config::ConfigError;
@@ -45,8 +43,8 @@ use crate::store::{Batch, CommitOutcome, InvalidLine, Store, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct JetStreamProcessOptions {
-    /// `database_url` must name PostgreSQL; `batch_bytes` bounds a round; `poll_interval` is how long a
-    /// round waits for more messages before it commits.
+    /// `database_url` must name PostgreSQL; `batch_bytes` bounds a round (at most 64 MiB of messages);
+    /// `poll_interval` is how long a round waits for more messages before it commits.
     pub process: ProcessOptions,
     pub nats: NatsLogOptions,
     /// How often ownership is checked: the longest a dead processor's partitions wait for a new owner.
@@ -123,29 +121,14 @@ pub async fn run(opts: JetStreamProcessOptions, shutdown: impl Future<Output = (
     processor.run(shutdown).await
 }
 
-/// One message delivered by a partition's reader.
-struct Delivered {
-    partition: u32,
-    /// Which reader of the partition sent it (a restarted reader gets a new generation).
-    generation: u64,
-    seq: u64,
-    /// Messages of the partition after this one, as JetStream counted when delivering it.
-    pending: u64,
-    payload: Bytes,
-}
-
+/// A partition this processor owns: its reader task and what the reader has summed so far.
 struct Owned {
-    generation: u64,
     /// Committed stream sequence: every message of the partition up to it is applied.
     checkpoint: u64,
-    /// Last sequence the reader delivered and this loop took in (window or batch).
-    read_to: u64,
     reader: tokio::task::JoinHandle<()>,
-    seen: SeenIds,
-    batch: PartitionBatch,
+    shared: Arc<Shared>,
     /// Without --follow: the partition's last sequence when it was taken; done once committed.
     target: u64,
-    lag: u64,
 }
 
 impl Drop for Owned {
@@ -154,15 +137,43 @@ impl Drop for Owned {
     }
 }
 
+/// What a partition's reader shares with the main loop. The reader parses and sums each message as
+/// it arrives (readers run on every core); the main loop takes the batch when it commits.
+struct Shared {
+    state: std::sync::Mutex<PartitionState>,
+}
+
+#[derive(Default)]
+struct PartitionState {
+    batch: PartitionBatch,
+    /// Messages of the partition after the last one read, as JetStream counted.
+    lag: u64,
+    /// Events dropped by the de-duplication window since the main loop last looked.
+    duplicates: u64,
+    /// Set when the reader met a message it cannot sum; the run fails with it.
+    failed: Option<String>,
+}
+
 /// What one partition has gathered since its last commit.
 #[derive(Default)]
 struct PartitionBatch {
+    /// Stream sequence of the last message summed (the checkpoint while nothing is).
     to: u64,
     sums: HashMap<String, ExactSum, foldhash::fast::RandomState>,
     events: u64,
     invalid: Vec<InvalidLine>,
-    bytes: usize,
 }
+
+impl PartitionBatch {
+    /// Whether the reader should wait for a commit before summing more (bounds memory).
+    fn is_full(&self) -> bool {
+        self.sums.len() >= MAX_USERS_PER_COMMIT || self.invalid.len() >= MAX_INVALID_PER_COMMIT
+    }
+}
+
+/// A partition's batch is committed before it holds more users or invalid lines than this.
+const MAX_USERS_PER_COMMIT: usize = 200_000;
+const MAX_INVALID_PER_COMMIT: usize = 1_000;
 
 struct Processor {
     opts: JetStreamProcessOptions,
@@ -172,21 +183,16 @@ struct Processor {
     stream: Option<stream::Stream>,
     membership: Option<Membership>,
     owned: BTreeMap<u32, Owned>,
-    generation: u64,
-    tx: mpsc::Sender<Delivered>,
-    rx: mpsc::Receiver<Delivered>,
+    /// Signalled by a reader when it has summed something.
+    work: Arc<tokio::sync::Notify>,
     summary: JetStreamSummary,
     users: HashSet<u64>,
     /// Without --follow: set once this run has taken every partition it could.
     took_partitions: bool,
 }
 
-/// Messages buffered between the readers and the main loop.
-const CHANNEL_MESSAGES: usize = 1024;
-
 impl Processor {
     fn new(opts: JetStreamProcessOptions, database_url: String, store: Arc<dyn Store>, js: jetstream::Context) -> Self {
-        let (tx, rx) = mpsc::channel(CHANNEL_MESSAGES);
         Processor {
             opts,
             database_url,
@@ -195,9 +201,7 @@ impl Processor {
             stream: None,
             membership: None,
             owned: BTreeMap::new(),
-            generation: 0,
-            tx,
-            rx,
+            work: Arc::new(tokio::sync::Notify::new()),
             summary: JetStreamSummary::default(),
             users: HashSet::new(),
             took_partitions: false,
@@ -227,21 +231,13 @@ impl Processor {
                     );
                 }
             }
-            let first = tokio::select! {
-                delivered = self.rx.recv() => delivered,
-                () = tokio::time::sleep_until(next_rebalance.into()) => None,
+            tokio::select! {
+                () = self.work.notified() => {}
+                () = tokio::time::sleep_until(next_rebalance.into()) => continue,
                 () = &mut shutdown => break,
-            };
-            let Some(first) = first else { continue };
-            self.take_in(first)?;
-            // Gather what else arrives within the poll interval, up to a round's worth of bytes.
-            let linger = tokio::time::Instant::now() + self.opts.process.poll_interval;
-            while self.batch_bytes() < self.opts.process.batch_bytes {
-                match tokio::time::timeout_at(linger, self.rx.recv()).await {
-                    Ok(Some(delivered)) => self.take_in(delivered)?,
-                    _ => break,
-                }
             }
+            // Let the readers sum what else arrives within the poll interval, then commit it all.
+            tokio::time::sleep(self.opts.process.poll_interval).await;
             self.commit().await?;
         }
         self.commit().await?;
@@ -251,87 +247,24 @@ impl Processor {
         Ok(self.summary.clone())
     }
 
-    fn batch_bytes(&self) -> usize {
-        self.owned.values().map(|o| o.batch.bytes).sum()
-    }
-
-    /// Takes one delivered message in: into the de-duplication window only if it is at or before the
-    /// checkpoint (read again to rebuild the window), else into the partition's batch.
-    fn take_in(&mut self, d: Delivered) -> anyhow::Result<()> {
-        let Some(owned) = self.owned.get_mut(&d.partition) else { return Ok(()) };
-        if owned.generation != d.generation || d.seq <= owned.read_to {
-            return Ok(());
-        }
-        owned.read_to = d.seq;
-        owned.lag = d.pending;
-        owned.seen.start_message(d.seq);
-        if d.seq <= owned.checkpoint {
-            for (_, line) in lines_of(&d.payload, 0) {
-                if let Some(id) = line.ok().and_then(event_id) {
-                    owned.seen.insert(id_key(&id), d.seq);
-                }
-            }
-            return Ok(());
-        }
-        let subject = self.opts.nats.subject(d.partition);
-        let batch = &mut owned.batch;
-        for (index, (_, line)) in lines_of(&d.payload, 0).enumerate() {
-            let parsed = match line {
-                Ok(line) => match EventRef::parse_canonical_log_line(line) {
-                    Some(event) => Ok(event),
-                    None if line.iter().all(u8::is_ascii_whitespace) => continue,
-                    None => EventRef::parse_log_line(line).map_err(|e| (e.to_string(), line)),
-                },
-                Err(torn) => Err(("line without its newline at the end of a message".to_string(), torn)),
-            };
-            match parsed {
-                Ok(event) => {
-                    if let Some(id) = &event.id {
-                        if owned.seen.insert(id_key(id), d.seq) {
-                            self.summary.duplicates += 1;
-                            metrics::counter!("eps_processor_duplicates_total").increment(1);
-                            continue;
-                        }
-                    }
-                    let slot = match batch.sums.get_mut(event.user_id.as_ref()) {
-                        Some(slot) => slot,
-                        None => batch.sums.entry(event.user_id.to_string()).or_default(),
-                    };
-                    *slot = slot.add(ExactSum::of(event.delta())).ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "the changes to the revenue of user {:?} in partition {} up to stream sequence {} sum to \
-                             more than an exact decimal holds; nothing of this batch was applied",
-                            event.user_id,
-                            d.partition,
-                            d.seq
-                        )
-                    })?;
-                    batch.events += 1;
-                }
-                Err((error, line)) => batch.invalid.push(InvalidLine {
-                    // Unique per line: the message's sequence, then the line's index in it.
-                    position: (d.seq << 20) | (index as u64).min(0xF_FFFF),
-                    segment: subject.clone(),
-                    segment_offset: index as u64,
-                    error,
-                    line: excerpt(line),
-                }),
-            }
-        }
-        batch.to = d.seq;
-        batch.bytes += d.payload.len();
-        Ok(())
-    }
-
     /// Commits every partition's batch, each in its own transaction, all at once.
     async fn commit(&mut self) -> anyhow::Result<()> {
         let stream = &self.opts.nats.stream;
         let mut work = Vec::new();
+        let mut duplicates = 0;
         for (&partition, owned) in self.owned.iter_mut() {
-            if owned.batch.to <= owned.checkpoint {
-                continue;
-            }
-            let taken = std::mem::take(&mut owned.batch);
+            let taken = {
+                let mut state = owned.shared.state.lock().expect("partition state");
+                if let Some(why) = state.failed.take() {
+                    anyhow::bail!(why);
+                }
+                duplicates += std::mem::take(&mut state.duplicates);
+                if state.batch.to <= owned.checkpoint {
+                    continue;
+                }
+                let to = state.batch.to;
+                std::mem::replace(&mut state.batch, PartitionBatch { to, ..Default::default() })
+            };
             let mut deltas = Vec::with_capacity(taken.sums.len());
             for (user, sum) in taken.sums {
                 let delta = sum.to_decimal().ok_or_else(|| {
@@ -345,6 +278,8 @@ impl Processor {
             let batch = Batch { from: owned.checkpoint, to: taken.to, deltas, events: taken.events, invalid: taken.invalid };
             work.push((partition, checkpoint_name(stream, partition), batch));
         }
+        self.summary.duplicates += duplicates;
+        metrics::counter!("eps_processor_duplicates_total").increment(duplicates);
         if work.is_empty() {
             return Ok(());
         }
@@ -397,7 +332,8 @@ impl Processor {
 
     fn record_gauges(&self) {
         metrics::gauge!("eps_processor_partitions_owned").set(self.owned.len() as f64);
-        metrics::gauge!("eps_processor_lag_messages").set(self.owned.values().map(|o| o.lag).sum::<u64>() as f64);
+        let lag: u64 = self.owned.values().map(|o| o.shared.state.lock().map_or(0, |s| s.lag)).sum();
+        metrics::gauge!("eps_processor_lag_messages").set(lag as f64);
     }
 
     /// Joins (or re-joins) the processors, then takes or gives back partitions toward this one's share.
@@ -498,27 +434,24 @@ impl Processor {
 
     /// (Re)starts the partition's reader from its checkpoint, first reading the de-duplication window.
     fn start_partition(&mut self, partition: u32, checkpoint: u64, target: u64) {
-        self.generation += 1;
         let from = checkpoint.saturating_sub(self.opts.dedup_window_messages.saturating_sub(1)).max(1);
-        let stream = self.stream.clone().expect("stream ready");
-        let reader = tokio::spawn(read_partition(
-            stream,
-            self.opts.nats.subject(partition),
-            from,
-            (partition, self.generation),
-            self.tx.clone(),
-        ));
-        let owned = Owned {
-            generation: self.generation,
+        let shared = Arc::new(Shared {
+            state: std::sync::Mutex::new(PartitionState {
+                batch: PartitionBatch { to: checkpoint, ..Default::default() },
+                ..Default::default()
+            }),
+        });
+        let reader = PartitionReader {
+            stream: self.stream.clone().expect("stream ready"),
+            partition,
+            subject: self.opts.nats.subject(partition),
             checkpoint,
-            read_to: from - 1,
-            reader,
             seen: SeenIds::new(self.opts.dedup_window_messages, self.opts.dedup_max_ids),
-            batch: PartitionBatch { to: checkpoint, ..Default::default() },
-            target,
-            lag: 0,
+            shared: shared.clone(),
+            work: self.work.clone(),
         };
-        self.owned.insert(partition, owned);
+        let reader = tokio::spawn(reader.run(from));
+        self.owned.insert(partition, Owned { checkpoint, reader, shared, target });
     }
 }
 
@@ -530,74 +463,175 @@ fn event_id(line: &[u8]) -> Option<String> {
     }
 }
 
-/// Follows one partition's subject from `from`, sending every message to the main loop; re-made after
-/// any error, from the message after the last one sent.
+/// Follows one partition's subject and sums what it reads into the partition's shared batch.
 ///
 /// The consumer is ephemeral, in memory, one replica, without acknowledgements: nothing in JetStream
 /// records this processor's position (the checkpoint in PostgreSQL does). Pull requests carry a 1 s idle
 /// heartbeat, so a consumer lost with its JetStream node is noticed within seconds and re-made on a live
-/// node; a gap in the consumer's own sequence (a delivery lost on the way) re-makes it too.
-async fn read_partition(
+/// node, from the message after the last one read; a gap in the consumer's own sequence (a delivery
+/// lost on the way) re-makes it too.
+struct PartitionReader {
     stream: stream::Stream,
+    partition: u32,
     subject: String,
-    from: u64,
-    (partition, generation): (u32, u64),
-    tx: mpsc::Sender<Delivered>,
-) {
-    let mut next = from;
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let config = consumer::pull::Config {
-            filter_subject: subject.clone(),
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: next },
-            ack_policy: consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(30),
-            memory_storage: true,
-            num_replicas: 1,
-            ..Default::default()
-        };
-        let messages = match stream.create_consumer(config).await {
-            Ok(consumer) => consumer
-                .stream()
-                .max_messages_per_batch(READ_BATCH_MESSAGES)
-                .expires(Duration::from_secs(5))
-                .heartbeat(Duration::from_secs(1))
-                .messages()
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match messages {
-            Ok(mut messages) => {
-                let mut consumer_sequence = 0;
-                while let Some(item) = messages.next().await {
-                    let message = match item {
-                        Ok(message) => message,
-                        Err(e) => {
-                            tracing::warn!(partition, error = %e, "reading the partition failed; resuming");
+    /// Messages up to this sequence were applied: they only fill the de-duplication window.
+    checkpoint: u64,
+    seen: SeenIds,
+    shared: Arc<Shared>,
+    work: Arc<tokio::sync::Notify>,
+}
+
+impl PartitionReader {
+    async fn run(mut self, from: u64) {
+        let partition = self.partition;
+        let mut next = from;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let config = consumer::pull::Config {
+                filter_subject: self.subject.clone(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: next },
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
+                num_replicas: 1,
+                ..Default::default()
+            };
+            let messages = match self.stream.create_consumer(config).await {
+                Ok(consumer) => consumer
+                    .stream()
+                    .max_messages_per_batch(READ_BATCH_MESSAGES)
+                    .expires(Duration::from_secs(5))
+                    .heartbeat(Duration::from_secs(1))
+                    .messages()
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match messages {
+                Ok(mut messages) => {
+                    let mut consumer_sequence = 0;
+                    while let Some(item) = messages.next().await {
+                        let message = match item {
+                            Ok(message) => message,
+                            Err(e) => {
+                                tracing::warn!(partition, error = %e, "reading the partition failed; resuming");
+                                break;
+                            }
+                        };
+                        let Ok(info) = message.info() else { continue };
+                        if info.consumer_sequence != consumer_sequence + 1 {
+                            tracing::warn!(partition, "a delivery was lost on the way; resuming");
                             break;
                         }
-                    };
-                    let Ok(info) = message.info() else { continue };
-                    if info.consumer_sequence != consumer_sequence + 1 {
-                        tracing::warn!(partition, "a delivery was lost on the way; resuming");
-                        break;
+                        consumer_sequence = info.consumer_sequence;
+                        let (seq, pending) = (info.stream_sequence, info.pending);
+                        if seq < next {
+                            continue;
+                        }
+                        if !self.take(seq, pending, &message.payload).await {
+                            return;
+                        }
+                        next = seq + 1;
+                        delay = Duration::from_millis(100);
                     }
-                    consumer_sequence = info.consumer_sequence;
-                    let (seq, pending) = (info.stream_sequence, info.pending);
-                    let delivered = Delivered { partition, generation, seq, pending, payload: message.payload.clone() };
-                    if tx.send(delivered).await.is_err() {
-                        return;
-                    }
-                    next = seq + 1;
-                    delay = Duration::from_millis(100);
                 }
+                Err(e) => tracing::warn!(partition, error = %e, retry_in = ?delay, "cannot read the partition; retrying"),
             }
-            Err(e) => tracing::warn!(partition, error = %e, retry_in = ?delay, "cannot read the partition; retrying"),
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
     }
+
+    /// Sums one message into the shared batch, waiting first while the batch is full. False when the
+    /// partition cannot go on (the main loop fails the run).
+    async fn take(&mut self, seq: u64, pending: u64, payload: &[u8]) -> bool {
+        while self.shared.state.lock().expect("partition state").batch.is_full() {
+            self.work.notify_one();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let mut state = self.shared.state.lock().expect("partition state");
+        state.lag = pending;
+        let result = absorb(&mut self.seen, &mut state.batch, self.checkpoint, self.partition, &self.subject, seq, payload);
+        let ok = match result {
+            Ok(duplicates) => {
+                state.duplicates += duplicates;
+                true
+            }
+            Err(why) => {
+                state.failed = Some(why);
+                false
+            }
+        };
+        drop(state);
+        self.work.notify_one();
+        ok
+    }
+}
+
+/// Takes message `seq` of a partition in: at or before `checkpoint` it only fills the de-duplication
+/// window (it was applied already); after it, its events are summed into `batch`, minus those the
+/// window holds. Returns the duplicates dropped.
+fn absorb(
+    seen: &mut SeenIds,
+    batch: &mut PartitionBatch,
+    checkpoint: u64,
+    partition: u32,
+    subject: &str,
+    seq: u64,
+    payload: &[u8],
+) -> Result<u64, String> {
+    seen.start_message(seq);
+    if seq <= checkpoint {
+        for (_, line) in lines_of(payload, 0) {
+            if let Some(id) = line.ok().and_then(event_id) {
+                seen.insert(id_key(&id), seq);
+            }
+        }
+        return Ok(0);
+    }
+    let mut duplicates = 0;
+    for (index, (_, line)) in lines_of(payload, 0).enumerate() {
+        let parsed = match line {
+            Ok(line) => match EventRef::parse_canonical_log_line(line) {
+                Some(event) => Ok(event),
+                None if line.iter().all(u8::is_ascii_whitespace) => continue,
+                None => EventRef::parse_log_line(line).map_err(|e| (e.to_string(), line)),
+            },
+            Err(torn) => Err(("line without its newline at the end of a message".to_string(), torn)),
+        };
+        match parsed {
+            Ok(event) => {
+                if let Some(id) = &event.id {
+                    if seen.insert(id_key(id), seq) {
+                        duplicates += 1;
+                        continue;
+                    }
+                }
+                let slot = match batch.sums.get_mut(event.user_id.as_ref()) {
+                    Some(slot) => slot,
+                    None => batch.sums.entry(event.user_id.to_string()).or_default(),
+                };
+                *slot = slot.add(ExactSum::of(event.delta())).ok_or_else(|| {
+                    format!(
+                        "the changes to the revenue of user {:?} in partition {partition} up to stream sequence {seq} \
+                         sum to more than an exact decimal holds; nothing of this batch was applied",
+                        event.user_id
+                    )
+                })?;
+                batch.events += 1;
+            }
+            Err((error, line)) => batch.invalid.push(InvalidLine {
+                // Unique per line: the message's sequence, then the line's index in it.
+                position: (seq << 20) | (index as u64).min(0xF_FFFF),
+                segment: subject.to_string(),
+                segment_offset: index as u64,
+                error,
+                line: excerpt(line),
+            }),
+        }
+    }
+    batch.to = seq;
+    Ok(duplicates)
 }
 
 /// Messages asked for per pull request.
