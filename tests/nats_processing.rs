@@ -205,3 +205,58 @@ async fn the_processor_drops_an_event_sent_again_in_another_message() {
     assert!(out.stdout.contains("applied 0 events"), "{}", out.stdout);
     assert_eq!(db.revenues(dir.path()).await.get("dup"), Some(&Decimal::from_str("111").unwrap()));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_line_that_is_not_an_event_is_recorded_once_and_the_rest_applied() {
+    // The server never publishes an invalid line; another publisher on the stream's subjects can.
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(dir.path()).await;
+    let db = TestDb::new(StoreKind::Postgres).await;
+    let mut a = args(&["process", "--log", &nats.url()]);
+    a.extend(db.args());
+    // A first run creates the stream (processors and servers both create it when missing).
+    let out = run_eps(&a, &[]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let payload = concat!(
+        r#"{"userId":"ok","name":"add_revenue","value":2.5}"#,
+        "\n",
+        r#"{"userId":"ok","name":"steal_revenue","value":1}"#,
+        "\n",
+        "not json at all\n",
+        r#"{"userId":"ok","name":"subtract_revenue","value":0.5}"#,
+        "\n"
+    );
+    js.publish("eps.events.3", payload.into()).await.unwrap().await.unwrap();
+
+    let out = run_eps(&a, &[]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains("applied 2 events") && out.stdout.contains("2 invalid lines"), "{}", out.stdout);
+    assert_eq!(db.revenues(dir.path()).await.get("ok"), Some(&Decimal::from_str("2").unwrap()));
+
+    let (pg, connection) = tokio_postgres::connect(db.url.as_deref().unwrap(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let rows = pg
+        .query("SELECT stream, segment, segment_offset, error FROM eps_invalid_lines ORDER BY segment_offset", &[])
+        .await
+        .unwrap();
+    let found: Vec<(String, String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(
+        found,
+        vec![
+            ("jetstream/EPS_EVENTS/3".to_string(), "eps.events.3".to_string(), 1),
+            ("jetstream/EPS_EVENTS/3".to_string(), "eps.events.3".to_string(), 2),
+        ],
+        "each invalid line with its subject and its index in the message"
+    );
+    let error: String = rows[0].get(3);
+    assert!(error.contains("steal_revenue") || error.contains("name"), "{error}");
+
+    // Nothing applied or recorded twice on a second run.
+    let out = run_eps(&a, &[]).await;
+    assert!(out.stdout.contains("applied 0 events") && out.stdout.contains("0 invalid lines"), "{}", out.stdout);
+    let count: i64 = pg.query_one("SELECT count(*) FROM eps_invalid_lines", &[]).await.unwrap().get(0);
+    assert_eq!(count, 2);
+}

@@ -84,7 +84,7 @@ async fn wait_for_jetstream(url: &str, limit: Duration, what: &str) {
 pub async fn stream_info(urls: &str, name: &str) -> Result<stream::Info, String> {
     let js = jetstream::new(connect(urls).await?);
     let mut stream = js.get_stream(name).await.map_err(|e| format!("stream {name}: {e}"))?;
-    stream.info().await.map(|i| i.clone()).map_err(|e| format!("info of stream {name}: {e}"))
+    stream.info().await.cloned().map_err(|e| format!("info of stream {name}: {e}"))
 }
 
 /// Every message of the stream, in order: its subject and the JSON Lines events of its payload.
