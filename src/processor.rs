@@ -422,16 +422,29 @@ impl ExactSum {
     }
 }
 
+/// One line of a log (as [`lines_of`] gives it) as an event: the canonical fast path, else the general
+/// parser; `None` for a blank line (skipped); the error and the line's bytes when it is not an event.
+/// `torn` says what a line without its newline means where it was read. Both logs' processors use it.
+pub(crate) fn parse_line<'a>(
+    line: Result<&'a [u8], &'a [u8]>,
+    torn: &str,
+) -> Option<Result<EventRef<'a>, (String, &'a [u8])>> {
+    Some(match line {
+        Ok(line) => match EventRef::parse_canonical_log_line(line) {
+            Some(event) => Ok(event),
+            None if line.iter().all(u8::is_ascii_whitespace) => return None,
+            None => EventRef::parse_log_line(line).map_err(|e| (e.to_string(), line)),
+        },
+        Err(cut) => Err((torn.to_string(), cut)),
+    })
+}
+
 fn sum_part(data: &[u8], start: u64) -> PartSums<'_> {
     let mut part = PartSums::default();
     for (position, line) in lines_of(data, start) {
-        let parsed = match line {
-            Ok(line) => match EventRef::parse_canonical_log_line(line) {
-                Some(event) => Ok(event),
-                None if line.iter().all(u8::is_ascii_whitespace) => continue,
-                None => EventRef::parse_log_line(line).map_err(|e| (e.to_string(), line)),
-            },
-            Err(torn) => Err(("line without its newline at the end of an older segment (a torn write)".into(), torn)),
+        let Some(parsed) = parse_line(line, "line without its newline at the end of an older segment (a torn write)")
+        else {
+            continue;
         };
         match parsed {
             Ok(event) => {

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 
-use super::{excerpt, open_store, user_digest, with_retry, ExactSum, ProcessOptions, ProcessSummary};
+use super::{excerpt, open_store, parse_line, user_digest, with_retry, ExactSum, ProcessOptions, ProcessSummary};
 use crate::config::ConfigError;
 use crate::event::EventRef;
 use crate::log::nats::{ensure_stream, jetstream_context, NatsLogOptions};
@@ -591,14 +591,7 @@ fn absorb(
     }
     let mut duplicates = 0;
     for (index, (_, line)) in lines_of(payload, 0).enumerate() {
-        let parsed = match line {
-            Ok(line) => match EventRef::parse_canonical_log_line(line) {
-                Some(event) => Ok(event),
-                None if line.iter().all(u8::is_ascii_whitespace) => continue,
-                None => EventRef::parse_log_line(line).map_err(|e| (e.to_string(), line)),
-            },
-            Err(torn) => Err(("line without its newline at the end of a message".to_string(), torn)),
-        };
+        let Some(parsed) = parse_line(line, "line without its newline at the end of a message") else { continue };
         match parsed {
             Ok(event) => {
                 if let Some(id) = &event.id {

@@ -1,6 +1,6 @@
 //! ingest_single and ingest_batch: wrk against the noop reference server, then against eps server.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::report::{Figure, Status};
 use crate::scenarios::{start_eps_server, start_noop_server};
@@ -46,18 +46,29 @@ pub(crate) fn log_check(run: &EpsRun, events_per_request: u64, conns: u32, notes
     true
 }
 
+/// The wrk script posting the seed's body to /liveEvent (written in `dir`), and the noop server's rate
+/// under that load: the reference of every single-event ingest figure.
+pub(crate) fn single_event_reference(
+    ctx: &Ctx,
+    dir: &Path,
+    conns: u32,
+    secs: u64,
+) -> anyhow::Result<(PathBuf, wrk::WrkResult)> {
+    let body = dir.join("body.json");
+    std::fs::write(&body, SEED_BODY)?;
+    let script = dir.join("post.lua");
+    wrk::write_post_script(&script, &body, "application/json")?;
+    let (noop, addr) = start_noop_server(ctx, &dir.join("noop.log"))?;
+    let reference = wrk::run(&format!("http://{addr}/liveEvent"), &script, 2, conns, secs, &dir.join("wrk-noop.txt"))?;
+    noop.stop();
+    Ok((script, reference))
+}
+
 /// ingest_single: the seed's body to POST /liveEvent, `wrk -t2 -c64 -d10s`. Also `server_rss`.
 pub fn single(ctx: &mut Ctx) -> anyhow::Result<()> {
     let dir = ctx.scratch("ingest_single")?;
     let (conns, secs) = (64, ctx.secs(10));
-    let body = dir.path().join("body.json");
-    std::fs::write(&body, SEED_BODY)?;
-    let script = dir.path().join("post.lua");
-    wrk::write_post_script(&script, &body, "application/json")?;
-
-    let (noop, addr) = start_noop_server(ctx, &dir.path().join("noop.log"))?;
-    let reference = wrk::run(&format!("http://{addr}/liveEvent"), &script, 2, conns, secs, &dir.path().join("wrk-noop.txt"))?;
-    noop.stop();
+    let (script, reference) = single_event_reference(ctx, dir.path(), conns, secs)?;
 
     let eps = wrk_against_eps(ctx, dir.path(), "/liveEvent", &script, conns, secs)?;
     let ratio = eps.wrk.rps / reference.rps;

@@ -36,7 +36,7 @@ use crate::report::{Figure, Status};
 use crate::scenarios::client::client_command;
 use crate::scenarios::ingest::{log_check, wrk_against_eps, BATCH_EVENTS, SEED_BODY};
 use crate::scenarios::process::{create_database, drop_database, pg_connect, read_pg_totals, report_mismatches, PROCESS_TIMEOUT};
-use crate::scenarios::{start_eps_server_with, start_noop_server};
+use crate::scenarios::start_eps_server_with;
 use crate::util::{find_program, free_port, machine_busy_secs, process_cpu_secs, run_measured, tail, Proc};
 use crate::{wrk, Ctx};
 
@@ -314,16 +314,9 @@ fn stream_check(run: &NatsIngestRun, events_per_request: u64, conns: u32, notes:
 pub fn ingest_single(ctx: &mut Ctx) -> anyhow::Result<()> {
     let dir = ctx.scratch("nats_ingest_single")?;
     let (conns, secs) = (64, ctx.secs(10));
-    let body = dir.path().join("body.json");
-    std::fs::write(&body, SEED_BODY)?;
-    let script = dir.path().join("post.lua");
-    wrk::write_post_script(&script, &body, "application/json")?;
-
     // The noop reference is measured again here rather than taken from ingest_single: on this shared
     // VM figures drift 10-30 % within minutes, so the reference is taken right before the eps run.
-    let (noop, addr) = start_noop_server(ctx, &dir.path().join("noop.log"))?;
-    let reference = wrk::run(&format!("http://{addr}/liveEvent"), &script, 2, conns, secs, &dir.path().join("wrk-noop.txt"))?;
-    noop.stop();
+    let (script, reference) = super::ingest::single_event_reference(ctx, dir.path(), conns, secs)?;
 
     let run = wrk_against_nats_eps(ctx, dir.path(), "/liveEvent", &script, conns, secs, (SEED_BODY, "application/json", 1))?;
     let ratio = run.wrk.rps / reference.rps;
