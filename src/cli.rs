@@ -277,6 +277,15 @@ pub struct StatusArgs {
     /// Print JSON instead of text.
     #[arg(long, env = "EPS_STATUS_JSON")]
     pub json: bool,
+
+    /// nats://host:port: show the JetStream stream's partitions instead of the file log (each one's
+    /// checkpoint, last sequence and messages not yet applied), and how many processors share them.
+    /// Needs --database-url postgres://….
+    #[arg(long, env = "EPS_LOG")]
+    pub log: Option<String>,
+
+    #[command(flatten)]
+    pub nats: NatsArgs,
 }
 
 #[derive(Debug, clap::Args)]

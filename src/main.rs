@@ -148,6 +148,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(if summary.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Status(args) => {
+            if let Some(url) = args.log.filter(|u| eps::log::nats::is_nats_url(u)) {
+                let nats = nats_options(url, args.nats);
+                let status = processor::jetstream::status(&nats, args.store.database_url.as_deref()).await?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else {
+                    println!("{status}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let status = eps::ops::status(&args.store.data_dir, args.store.database_url.as_deref()).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);

@@ -45,6 +45,15 @@ async fn nats_server(dir: &Path, nats: &str, port: u16, name: &str) -> ServerPro
     ServerProc::start(&a, &[], dir).await
 }
 
+/// `eps status --log URL --json` as JSON.
+async fn jetstream_status(nats: &str, db: &TestDb) -> serde_json::Value {
+    let mut a = args(&["status", "--json", "--log", nats]);
+    a.extend(db.args());
+    let out = run_eps(&a, &[]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout))
+}
+
 fn client_args(file: &Path, urls: &[&str], extra: &[&str]) -> Vec<String> {
     let mut a = args(&["client", &file.display().to_string(), "--progress", "quiet", "--max-attempts", "1000"]);
     for url in urls {
@@ -193,11 +202,32 @@ async fn the_processor_drops_an_event_sent_again_in_another_message() {
     // And "a" once more, alone.
     post(format!("{}\n", line("a", "1"))).await;
 
+    // eps status sees the three messages waiting (no processor has run).
+    let status = jetstream_status(&nats.url(), &db).await;
+    let lag: u64 = status["partitions"].as_array().unwrap().iter().map(|p| p["lag_messages"].as_u64().unwrap()).sum();
+    assert_eq!((lag, status["messages"].as_u64(), status["processors"].as_u64()), (3, Some(3), Some(0)), "{status}");
+
     let mut a = args(&["process", "--log", &nats.url()]);
     a.extend(db.args());
     let out = run_eps(&a, &[]).await;
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     assert!(out.stdout.contains("applied 3 events") && out.stdout.contains("2 duplicates dropped"), "{}", out.stdout);
+
+    // Now nothing is waiting, and the checkpoints count what was applied.
+    let status = jetstream_status(&nats.url(), &db).await;
+    let partitions = status["partitions"].as_array().unwrap();
+    let lag: u64 = partitions.iter().map(|p| p["lag_messages"].as_u64().unwrap()).sum();
+    let applied: u64 = partitions.iter().map(|p| p["events_applied"].as_u64().unwrap()).sum();
+    assert_eq!((lag, applied, status["users"].as_u64()), (0, 3, Some(1)), "{status}");
+    assert_eq!(status["total_revenue"], "111", "{status}");
+    // A running processor is counted.
+    let _follower = follower(dir.path(), &nats.url(), &db, &[]);
+    within(Duration::from_secs(20), "eps status to count the running processor", async {
+        while jetstream_status(&nats.url(), &db).await["processors"] != 1 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
     assert_eq!(db.revenues(dir.path()).await.get("dup"), Some(&Decimal::from_str("111").unwrap()));
 
     // Nothing twice on a second run.

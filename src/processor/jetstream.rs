@@ -455,6 +455,103 @@ impl Processor {
     }
 }
 
+/// What `eps status --log nats://…` shows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JetStreamStatus {
+    pub stream: String,
+    pub replicas: usize,
+    pub messages: u64,
+    pub bytes: u64,
+    /// Processors sharing the stream now (their member locks in PostgreSQL).
+    pub processors: u32,
+    pub partitions: Vec<PartitionStatus>,
+    pub users: u64,
+    /// `None` when the sum of all revenues is beyond the exact decimal range.
+    pub total_revenue: Option<rust_decimal::Decimal>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionStatus {
+    pub partition: u32,
+    /// Stream sequence of the last message applied (0: none).
+    pub checkpoint: u64,
+    pub events_applied: u64,
+    pub invalid_lines: u64,
+    /// Messages of the partition after the checkpoint (not yet applied).
+    pub lag_messages: u64,
+}
+
+impl std::fmt::Display for JetStreamStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "stream           {} ({} replicas): {} messages, {} bytes", self.stream, self.replicas, self.messages, self.bytes)?;
+        writeln!(f, "processors       {}", self.processors)?;
+        writeln!(f, "partition  checkpoint  events applied  invalid lines  lag (messages)")?;
+        for p in &self.partitions {
+            writeln!(f, "{:>9}  {:>10}  {:>14}  {:>13}  {:>14}", p.partition, p.checkpoint, p.events_applied, p.invalid_lines, p.lag_messages)?;
+        }
+        let lag: u64 = self.partitions.iter().map(|p| p.lag_messages).sum();
+        writeln!(f, "lag              {lag} messages")?;
+        writeln!(f, "users            {}", self.users)?;
+        match self.total_revenue {
+            Some(total) => write!(f, "total revenue    {total}"),
+            None => write!(f, "total revenue    beyond the exact decimal range"),
+        }
+    }
+}
+
+/// Reads the stream, every partition's checkpoint and lag, and the processors' count.
+pub async fn status(nats: &NatsLogOptions, database_url: Option<&str>) -> anyhow::Result<JetStreamStatus> {
+    let url = match database_url {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => url,
+        _ => return Err(ConfigError("eps status --log nats://… needs --database-url postgres://…".into()).into()),
+    };
+    let store = crate::store::open(Some(url), std::path::Path::new(".")).await?;
+    let js = jetstream_context(nats, "eps status").await?;
+    let mut stream = js
+        .get_stream(&nats.stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("JetStream stream {}: {e}", nats.stream))?;
+    let info = stream.info().await.map_err(|e| anyhow::anyhow!("JetStream stream {}: {e}", nats.stream))?.clone();
+    let mut partitions = Vec::with_capacity(nats.partitions as usize);
+    for partition in 0..nats.partitions {
+        let progress = store.progress(&checkpoint_name(&nats.stream, partition)).await?;
+        // An ephemeral consumer from the message after the checkpoint counts what is left.
+        let config = consumer::pull::Config {
+            filter_subject: nats.subject(partition),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: progress.position + 1 },
+            ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(5),
+            memory_storage: true,
+            num_replicas: 1,
+            ..Default::default()
+        };
+        let mut consumer = stream.create_consumer(config).await.map_err(|e| anyhow::anyhow!("JetStream: {e}"))?;
+        let lag_messages = consumer.info().await.map_err(|e| anyhow::anyhow!("JetStream: {e}"))?.num_pending;
+        let name = consumer.cached_info().name.clone();
+        let _ = stream.delete_consumer(&name).await;
+        partitions.push(PartitionStatus {
+            partition,
+            checkpoint: progress.position,
+            events_applied: progress.events_applied,
+            invalid_lines: progress.invalid_lines,
+            lag_messages,
+        });
+    }
+    let membership = Membership::observe(url, &nats.stream).await?;
+    let processors = membership.members().await?;
+    let totals = store.totals().await?;
+    Ok(JetStreamStatus {
+        stream: info.config.name,
+        replicas: info.config.num_replicas,
+        messages: info.state.messages,
+        bytes: info.state.bytes,
+        processors,
+        partitions,
+        users: totals.users,
+        total_revenue: totals.revenue,
+    })
+}
+
 /// The event id of a log line, if it has one (for the de-duplication window only).
 fn event_id(line: &[u8]) -> Option<String> {
     match EventRef::parse_canonical_log_line(line) {
@@ -690,6 +787,18 @@ const MAX_MEMBERS: i32 = 1024;
 
 impl Membership {
     async fn join(url: &str, stream: &str) -> Result<Membership, StoreError> {
+        let mut membership = Membership::observe(url, stream).await?;
+        for slot in 0..MAX_MEMBERS {
+            if membership.try_lock(membership.members_key, slot).await? {
+                membership.slot = slot;
+                return Ok(membership);
+            }
+        }
+        Err(StoreError::Other(format!("more than {MAX_MEMBERS} processors on stream {stream}")))
+    }
+
+    /// A session that sees the processors of `stream` without being one of them.
+    async fn observe(url: &str, stream: &str) -> Result<Membership, StoreError> {
         let mut config: tokio_postgres::Config =
             url.parse().map_err(|e| StoreError::Other(format!("invalid PostgreSQL URL: {e}")))?;
         config.application_name("eps process (partition locks)");
@@ -706,14 +815,7 @@ impl Membership {
         });
         // Two 31-bit keys derived from the stream's name: one class for partitions, one for members.
         let base = (crate::log::user_key(stream) & 0x3FFF_FFFF) as i32;
-        let mut membership = Membership { client, partitions_key: base, members_key: base | 0x4000_0000, slot: -1 };
-        for slot in 0..MAX_MEMBERS {
-            if membership.try_lock(membership.members_key, slot).await? {
-                membership.slot = slot;
-                return Ok(membership);
-            }
-        }
-        Err(StoreError::Other(format!("more than {MAX_MEMBERS} processors on stream {stream}")))
+        Ok(Membership { client, partitions_key: base, members_key: base | 0x4000_0000, slot: -1 })
     }
 
     async fn try_lock(&self, key: i32, sub: i32) -> Result<bool, StoreError> {
