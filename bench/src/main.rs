@@ -39,6 +39,7 @@ enum Scenario {
     NatsIngestSingle,
     NatsIngestBatch,
     NatsProcess,
+    ConsoleOverhead,
 }
 
 /// How the freshness scenario generates its background load.
@@ -200,6 +201,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             Scenario::ProcessMemory => scenarios::process::memory(&mut ctx),
             Scenario::NatsIngestSingle => scenarios::nats::ingest_single(&mut ctx),
             Scenario::NatsIngestBatch => scenarios::nats::ingest_batch(&mut ctx),
+            Scenario::ConsoleOverhead => scenarios::console::run(&mut ctx),
             Scenario::NatsProcess => scenarios::nats::process(&mut ctx),
         };
         if let Err(e) = result {

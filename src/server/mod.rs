@@ -24,7 +24,8 @@ use crate::log::nats::{NatsLog, NatsLogOptions};
 use crate::log::{EventLog, FileLog, FileLogOptions, LOG_DIR};
 use crate::store::{self, Store};
 
-pub mod error;
+mod console;
+mod error;
 mod routes;
 pub mod serve;
 
@@ -83,6 +84,7 @@ pub(crate) struct AppState {
     pub(crate) batch_body_limit: usize,
     pub(crate) body_timeout: Duration,
     store: OnceLock<Arc<dyn Store>>,
+    pub(crate) console: console::Console,
 }
 
 impl AppState {
@@ -149,6 +151,7 @@ impl Server {
             batch_body_limit: opts.batch_body_limit,
             body_timeout: opts.body_timeout,
             store: OnceLock::new(),
+            console: console::Console::new(opts.log_url.is_none().then(|| opts.data_dir.join(LOG_DIR))),
         });
         Ok(Server { listener, state, log, opts })
     }
@@ -166,6 +169,11 @@ impl Server {
             .route("/readyz", get(routes::readyz))
             .route("/metrics", get(routes::metrics))
             .route("/openapi.json", get(routes::openapi_json))
+            .route("/", get(console::index))
+            .route("/console/console.css", get(console::css))
+            .route("/console/console.js", get(console::js))
+            .route("/console/summary", get(console::summary))
+            .route("/console/stream", get(console::stream))
             .fallback(routes::not_found)
             .method_not_allowed_fallback(routes::method_not_allowed)
             .layer(DefaultBodyLimit::max(self.opts.body_limit))
@@ -176,10 +184,18 @@ impl Server {
     /// Serves until `shutdown` resolves; returns once every accepted request is answered and synced.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let store_task = tokio::spawn(connect_store(self.state.clone(), self.opts.clone()));
+        let sampler_task = tokio::spawn(console::run_sampler(self.state.clone()));
         let router = self.router();
         tracing::info!(addr = %self.local_addr(), data_dir = %self.opts.data_dir.display(), "eps server listening");
+        // At shutdown the consoles' event streams end first, so the drain does not wait for them.
+        let state = self.state.clone();
+        let shutdown = async move {
+            shutdown.await;
+            state.console.close();
+        };
         serve::serve(self.listener, router, self.opts.limits.clone(), shutdown).await?;
         store_task.abort();
+        sampler_task.abort();
         self.log.shutdown().await;
         tracing::info!("eps server stopped; every acknowledged event is synced");
         Ok(())

@@ -167,10 +167,21 @@ pub(super) async fn live_event(
     require_json(&headers)?;
     let body = body_bytes(&state, body, state.body_limit).await?;
     let event = EventRef::parse_request(&body)?;
+    let ts = crate::log::writer::now_millis();
     let mut batch = LogBatch::with_capacity(1);
-    batch.push(&event, crate::log::writer::now_millis());
+    batch.push(&event, ts);
+    let mut sampler = state.console.sampler();
+    if let Some(sampler) = sampler.as_mut() {
+        sampler.offer(&state.console, 0, &event, ts);
+    }
     let answer = state.log.append(batch).await?;
     let duplicate = answer.first() == Some(&Appended::Duplicate);
+    if !duplicate {
+        state.console.accepted(1);
+    }
+    if let Some(sampler) = sampler {
+        state.console.push_tail(sampler, &answer);
+    }
     Ok(Json(Received { message: "Event received", duplicate }))
 }
 
@@ -244,6 +255,7 @@ pub(super) async fn post_events(
     let ts = crate::log::writer::now_millis();
     let mut batch = LogBatch::with_capacity(body.len() / 64 + 1);
     let mut errors = Vec::new();
+    let mut sampler = state.console.sampler();
     for (index, line) in body.split(|&b| b == b'\n').enumerate() {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -257,7 +269,12 @@ pub(super) async fn post_events(
             .into());
         }
         match EventRef::parse_request(line) {
-            Ok(event) => batch.push(&event, ts),
+            Ok(event) => {
+                if let Some(sampler) = sampler.as_mut() {
+                    sampler.offer(&state.console, batch.len(), &event, ts);
+                }
+                batch.push(&event, ts);
+            }
             Err(e) => errors.push(LineError { line: index + 1, error: e.to_string() }),
         }
     }
@@ -272,6 +289,10 @@ pub(super) async fn post_events(
     }
     let answers = state.log.append(batch).await?;
     let duplicates = answers.iter().filter(|a| **a == Appended::Duplicate).count();
+    state.console.accepted((answers.len() - duplicates) as u64);
+    if let Some(sampler) = sampler {
+        state.console.push_tail(sampler, &answers);
+    }
     Ok(Json(BatchReceived { accepted: answers.len(), duplicates, rejected, errors }))
 }
 
@@ -379,8 +400,9 @@ pub(super) async fn metrics() -> ([(header::HeaderName, &'static str); 1], Strin
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "eps", description = "Event processing system: durable ingest, exactly-once revenue."),
-    paths(live_event, post_events, user_events, healthz, readyz, metrics, openapi_json),
-    components(schemas(Received, BatchReceived, BatchRefused, LineError, UserRevenue, ErrorBody, EventBody, Health, Readiness)),
+    paths(live_event, post_events, user_events, healthz, readyz, metrics, openapi_json, super::console::summary, super::console::stream),
+    components(schemas(Received, BatchReceived, BatchRefused, LineError, UserRevenue, ErrorBody, EventBody, Health, Readiness,
+        super::console::Summary, super::console::Point, super::console::TailEvent, super::console::TopUser, super::console::LogSize)),
     modifiers(&TokenScheme),
 )]
 pub(crate) struct ApiDoc;

@@ -108,6 +108,12 @@ pub trait Store: Send + Sync + 'static {
     /// Number of users and the sum of all revenues (`None` if that sum is beyond the exact range).
     async fn totals(&self) -> Result<Totals, StoreError>;
 
+    /// The `limit` users with the highest revenue, highest first (equal revenues by user id).
+    async fn top_users(&self, limit: usize) -> Result<Vec<(String, Decimal)>, StoreError>;
+
+    /// Events applied so far, over every stream's checkpoint (the file log, or every partition).
+    async fn events_applied(&self) -> Result<u64, StoreError>;
+
     /// Cheap reachability check.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -366,6 +366,28 @@ impl Store for PostgresStore {
         Ok(Totals { users: users as u64, revenue: revenue.map(|d| d.normalize()) })
     }
 
+    async fn top_users(&self, limit: usize) -> Result<Vec<(String, Decimal)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT user_id, revenue FROM users_revenue ORDER BY revenue DESC, user_id LIMIT $1", &[&limit])
+            .await
+            .map_err(|e| pg_error("listing the top users", e))?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(|e| pg_error("listing the top users", e))
+    }
+
+    async fn events_applied(&self) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT COALESCE(SUM(events_applied), 0)::bigint FROM eps_checkpoints", &[])
+            .await
+            .map_err(|e| pg_error("reading the checkpoints", e))?;
+        Ok(row.try_get::<_, i64>(0).map_err(|e| pg_error("reading the checkpoints", e))? as u64)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
         client.simple_query("SELECT 1").await.map_err(|e| pg_error("pinging", e))?;

@@ -322,6 +322,41 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn top_users(&self, limit: usize) -> Result<Vec<(String, Decimal)>, StoreError> {
+        // Revenues are exact decimal text: SQLite orders candidates by their REAL approximation (with a
+        // wide margin), and the exact order is made here from the decimals.
+        let candidates = i64::try_from(limit.saturating_mul(4).saturating_add(16)).unwrap_or(i64::MAX);
+        let mut users = self
+            .with_conn(move |conn| {
+                let mut stmt = conn
+                    .prepare("SELECT user_id, revenue FROM users_revenue ORDER BY CAST(revenue AS REAL) DESC LIMIT ?1")
+                    .map_err(|e| sql_error("listing the top users", e))?;
+                let rows = stmt
+                    .query_map([candidates], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                    .map_err(|e| sql_error("listing the top users", e))?;
+                let mut users = Vec::new();
+                for row in rows {
+                    let (user_id, text) = row.map_err(|e| sql_error("listing the top users", e))?;
+                    let revenue = parse_revenue(&user_id, &text)?;
+                    users.push((user_id, revenue));
+                }
+                Ok(users)
+            })
+            .await?;
+        users.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        users.truncate(limit);
+        Ok(users)
+    }
+
+    async fn events_applied(&self) -> Result<u64, StoreError> {
+        self.with_conn(|conn| {
+            conn.query_row("SELECT COALESCE(SUM(events_applied), 0) FROM eps_checkpoints", [], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+                .map_err(|e| sql_error("reading the checkpoints", e))
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.with_conn(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(|e| sql_error("pinging", e))).await
     }
@@ -369,6 +404,23 @@ pub(crate) mod behaviours {
         assert_eq!(s.users(10).await.unwrap(), vec![("alice".into(), dec("70")), ("bob".into(), dec("2.5"))]);
         assert_eq!(s.users(1).await.unwrap().len(), 1);
         s.ping().await.unwrap();
+    }
+
+    pub async fn top_users_are_ordered_exactly_and_applied_events_summed(s: Arc<dyn Store>) {
+        assert_eq!(s.top_users(3).await.unwrap(), vec![]);
+        assert_eq!(s.events_applied().await.unwrap(), 0);
+        // Two revenues a float cannot tell apart, a negative one, a tie broken by user id.
+        let big = "1000000000000000000.000000002";
+        let bigger = "1000000000000000000.000000003";
+        let b = batch(0, 10, &[("a", big), ("b", bigger), ("c", "-5"), ("d", "7"), ("e", "7")]);
+        assert_eq!(s.commit("one", &b).await.unwrap(), CommitOutcome::Committed);
+        assert_eq!(s.commit("two", &batch(0, 5, &[("f", "1")])).await.unwrap(), CommitOutcome::Committed);
+        let top = s.top_users(4).await.unwrap();
+        let names: Vec<&str> = top.iter().map(|(u, _)| u.as_str()).collect();
+        assert_eq!(names, ["b", "a", "d", "e"]);
+        assert_eq!(top[0].1, dec(bigger));
+        assert_eq!(s.top_users(100).await.unwrap().len(), 6);
+        assert_eq!(s.events_applied().await.unwrap(), 6, "summed over every stream");
     }
 
     pub async fn stale_commit_conflicts_and_changes_nothing(s: Arc<dyn Store>) {
@@ -506,6 +558,7 @@ macro_rules! store_behaviour_tests {
             invalid_lines_are_stored_once,
             overflow_writes_nothing,
             concurrent_processors_apply_each_batch_once,
+            top_users_are_ordered_exactly_and_applied_events_summed,
         );
     };
     (@each $with_store:path; $($name:ident),* $(,)?) => {

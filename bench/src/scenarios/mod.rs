@@ -1,6 +1,7 @@
 //! One module per scenario; each adds its figures to `ctx.report`.
 
 pub mod client;
+pub mod console;
 pub mod freshness;
 pub mod ingest;
 pub mod nats;

@@ -1,0 +1,508 @@
+//! The live console: `GET /` serves a page embedded in the binary; `GET /console/summary` and
+//! `GET /console/stream` (Server-Sent Events) feed it.
+//!
+//! Cost to ingest: with no console open, one relaxed atomic add per request (the accepted counter) and
+//! one atomic load (is a console open?). A sampler task wakes once a second: it records the accepted
+//! counter and the store's applied count (one small query) for the 5-minute chart, and only while a
+//! console is open (a summary or stream was requested in the last 30 s) also computes the rest of the
+//! summary (totals, top users, the log's size and lag) once, shared by every open console. The tail of
+//! accepted events takes at most 20 events a second, and only while a console is open.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::io::{Read, Seek};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::Stream;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::error::ApiError;
+use super::routes::authorize;
+use super::AppState;
+use crate::event::EventRef;
+use crate::log::{list_segments, Appended};
+use crate::log::writer::now_millis;
+use crate::processor::FILE_STREAM;
+
+const INDEX_HTML: &str = include_str!("console/index.html");
+const CONSOLE_CSS: &str = include_str!("console/console.css");
+const CONSOLE_JS: &str = include_str!("console/console.js");
+
+/// Points of the chart: one a second for five minutes.
+const SERIES_POINTS: usize = 300;
+/// Events kept in the tail, and taken into it per second at most.
+const TAIL_EVENTS: usize = 100;
+const TAIL_PER_SECOND: i64 = 20;
+/// Rows of the top users table.
+const TOP_USERS: usize = 20;
+/// A console counts as open this long after its last request (the page polls or streams far more often).
+const OPEN_FOR_MILLIS: u64 = 30_000;
+/// Lag up to this many bytes is counted in lines exactly; beyond, estimated from the lines counted.
+const COUNT_LAG_BYTES: u64 = 1024 * 1024;
+
+/// The console's shared state, in [`AppState`].
+pub(crate) struct Console {
+    accepted: AtomicU64,
+    /// Until when (Unix ms) a console is open.
+    open_until: AtomicU64,
+    tail_budget: AtomicI64,
+    tail_skipped: AtomicBool,
+    tail: Mutex<Tail>,
+    series: Mutex<VecDeque<Point>>,
+    /// The latest summary, for every open page; `None` until one was computed.
+    latest: watch::Sender<Option<Arc<Summary>>>,
+    /// Set at shutdown: streams end so the server can drain.
+    closing: AtomicBool,
+    /// The file log's directory (`None` with the JetStream log).
+    log_dir: Option<PathBuf>,
+}
+
+#[derive(Default)]
+struct Tail {
+    events: VecDeque<TailEvent>,
+    next_seq: u64,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct Point {
+    /// End of the second (Unix ms).
+    t: u64,
+    /// Events the server accepted (stored) during that second.
+    accepted: u64,
+    /// Events the processor applied during that second (`null` while the database was unreachable).
+    applied: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct TailEvent {
+    /// Increasing, to tell new events from ones already shown.
+    seq: u64,
+    #[serde(rename = "userId")]
+    user_id: String,
+    /// `add_revenue` or `subtract_revenue`.
+    name: String,
+    /// The exact decimal, as a string.
+    value: String,
+    /// When the server accepted it (Unix ms).
+    ts: u64,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct TopUser {
+    #[serde(rename = "userId")]
+    user_id: String,
+    /// The exact decimal, as a string.
+    revenue: String,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct LogSize {
+    bytes: u64,
+    segments: u64,
+}
+
+/// Everything the console shows.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct Summary {
+    /// When this summary was made (Unix ms).
+    now: u64,
+    /// Accepted and applied events per second over the last five minutes, oldest first.
+    series: Vec<Point>,
+    /// Events accepted (stored) by this server since it started.
+    accepted_total: u64,
+    /// Events applied by the processor, over all time (`null` while the database is unreachable).
+    applied_total: Option<u64>,
+    /// Events in the log the processor has not applied yet (file log; `null` otherwise or unknown).
+    lag_events: Option<u64>,
+    /// Age of the oldest event not applied yet, in seconds (0 when caught up; `null` when unknown).
+    lag_seconds: Option<f64>,
+    /// The file log's size on disk (`null` with the JetStream log).
+    log: Option<LogSize>,
+    /// Users with a revenue (`null` while the database is unreachable).
+    users: Option<u64>,
+    /// The sum of all revenues, exact (`null` when unknown or beyond the exact decimal range).
+    total_revenue: Option<String>,
+    /// The 20 users with the highest revenue, highest first.
+    top_users: Vec<TopUser>,
+    /// The latest accepted events, oldest first (at most 100).
+    tail: Vec<TailEvent>,
+    /// True when the tail holds a sample: more events arrived than it takes (20 a second).
+    tail_sampled: bool,
+}
+
+impl Console {
+    pub(crate) fn new(log_dir: Option<PathBuf>) -> Console {
+        Console {
+            accepted: AtomicU64::new(0),
+            open_until: AtomicU64::new(0),
+            tail_budget: AtomicI64::new(TAIL_PER_SECOND),
+            tail_skipped: AtomicBool::new(false),
+            tail: Mutex::new(Tail::default()),
+            series: Mutex::new(VecDeque::with_capacity(SERIES_POINTS)),
+            latest: watch::channel(None).0,
+            closing: AtomicBool::new(false),
+            log_dir,
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.open_until.load(Ordering::Relaxed) > now_millis()
+    }
+
+    fn mark_open(&self) {
+        self.open_until.store(now_millis() + OPEN_FOR_MILLIS, Ordering::Relaxed);
+    }
+
+    /// Counts events the log stored.
+    pub(crate) fn accepted(&self, events: u64) {
+        self.accepted.fetch_add(events, Ordering::Relaxed);
+    }
+
+    /// A sampler for one request's events, or `None` (nothing to do) when no console is open.
+    pub(crate) fn sampler(&self) -> Option<TailSampler> {
+        self.is_open().then(TailSampler::default)
+    }
+
+    /// Adds a request's sampled events to the tail once the log answered, those it stored (not the
+    /// duplicates it dropped).
+    pub(crate) fn push_tail(&self, sampler: TailSampler, answers: &[Appended]) {
+        if sampler.events.is_empty() {
+            return;
+        }
+        let mut tail = self.tail.lock().expect("console tail");
+        for (index, mut event) in sampler.events {
+            if answers.get(index) != Some(&Appended::Stored) {
+                continue;
+            }
+            event.seq = tail.next_seq;
+            tail.next_seq += 1;
+            tail.events.push_back(event);
+        }
+        while tail.events.len() > TAIL_EVENTS {
+            tail.events.pop_front();
+        }
+    }
+
+    /// Ends the event streams (at shutdown).
+    pub(crate) fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+        self.latest.send_replace(None);
+    }
+}
+
+/// Takes a request's events into the tail within the per-second budget.
+#[derive(Default)]
+pub(crate) struct TailSampler {
+    /// Each event with its index in the request's batch.
+    events: Vec<(usize, TailEvent)>,
+}
+
+impl TailSampler {
+    /// Offers the request's event number `index` (its place in the batch appended).
+    pub(crate) fn offer(&mut self, console: &Console, index: usize, event: &EventRef<'_>, ts: u64) {
+        // Loads before writes: once the second's budget is spent, requests only read shared state.
+        if console.tail_budget.load(Ordering::Relaxed) <= 0 || console.tail_budget.fetch_sub(1, Ordering::Relaxed) <= 0 {
+            if !console.tail_skipped.load(Ordering::Relaxed) {
+                console.tail_skipped.store(true, Ordering::Relaxed);
+            }
+            return;
+        }
+        self.events.push((
+            index,
+            TailEvent {
+                seq: 0,
+                user_id: event.user_id.to_string(),
+                name: event.kind.as_str().to_string(),
+                value: event.value.normalize().to_string(),
+                ts,
+            },
+        ));
+    }
+}
+
+/// Once a second: a chart point, the tail's budget, and (while a console is open) a new summary.
+pub(crate) async fn run_sampler(state: Arc<AppState>) {
+    let console = &state.console;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<(u64, Option<u64>)> = None;
+    let mut skipped_recently = 0u32;
+    loop {
+        tick.tick().await;
+        if console.closing.load(Ordering::Relaxed) {
+            return;
+        }
+        let accepted = console.accepted.load(Ordering::Relaxed);
+        let applied = match state.store.get() {
+            Some(store) => tokio::time::timeout(Duration::from_millis(800), store.events_applied()).await.ok().and_then(Result::ok),
+            None => None,
+        };
+        if let Some((last_accepted, last_applied)) = last {
+            let point = Point {
+                t: now_millis(),
+                accepted: accepted - last_accepted,
+                applied: match (applied, last_applied) {
+                    (Some(now), Some(before)) => Some(now.saturating_sub(before)),
+                    _ => None,
+                },
+            };
+            let mut series = console.series.lock().expect("console series");
+            if series.len() == SERIES_POINTS {
+                series.pop_front();
+            }
+            series.push_back(point);
+        }
+        last = Some((accepted, applied));
+        // The tail's sample flag stays up for 5 s after events were skipped.
+        skipped_recently = if console.tail_skipped.swap(false, Ordering::Relaxed) { 5 } else { skipped_recently.saturating_sub(1) };
+        console.tail_budget.store(TAIL_PER_SECOND, Ordering::Relaxed);
+        if console.is_open() {
+            let summary = summarize(&state, accepted, applied, skipped_recently > 0).await;
+            console.latest.send_replace(Some(Arc::new(summary)));
+        }
+    }
+}
+
+async fn summarize(state: &AppState, accepted_total: u64, applied_total: Option<u64>, tail_sampled: bool) -> Summary {
+    let console = &state.console;
+    let series: Vec<Point> = console.series.lock().expect("console series").iter().cloned().collect();
+    let tail: Vec<TailEvent> = console.tail.lock().expect("console tail").events.iter().cloned().collect();
+    let mut summary = Summary {
+        now: now_millis(),
+        series,
+        accepted_total,
+        applied_total,
+        lag_events: None,
+        lag_seconds: None,
+        log: None,
+        users: None,
+        total_revenue: None,
+        top_users: Vec::new(),
+        tail,
+        tail_sampled,
+    };
+    let Some(store) = state.store.get() else { return summary };
+    if let Ok(totals) = store.totals().await {
+        summary.users = Some(totals.users);
+        summary.total_revenue = totals.revenue.map(|r| r.normalize().to_string());
+    }
+    if let Ok(top) = store.top_users(TOP_USERS).await {
+        summary.top_users =
+            top.into_iter().map(|(user_id, r)| TopUser { user_id, revenue: r.normalize().to_string() }).collect();
+    }
+    if let Some(dir) = console.log_dir.clone() {
+        if let Ok(progress) = store.progress(FILE_STREAM).await {
+            let view = tokio::task::spawn_blocking(move || file_log_view(&dir, progress.position)).await;
+            if let Ok(Ok(view)) = view {
+                summary.log = Some(LogSize { bytes: view.bytes, segments: view.segments });
+                summary.lag_events = Some(view.lag_events);
+                summary.lag_seconds = Some(view.oldest_unapplied.map_or(0.0, |ts| {
+                    now_millis().saturating_sub(ts) as f64 / 1000.0
+                }));
+            }
+        }
+    }
+    summary
+}
+
+struct LogView {
+    bytes: u64,
+    segments: u64,
+    lag_events: u64,
+    /// `ts` of the first line after the checkpoint, if there is one.
+    oldest_unapplied: Option<u64>,
+}
+
+/// The file log's size, and what lies after the checkpoint: lines (counted up to 1 MiB of lag,
+/// estimated beyond from the lines counted) and the acceptance time of the first one.
+fn file_log_view(dir: &std::path::Path, checkpoint: u64) -> std::io::Result<LogView> {
+    let segments = list_segments(dir)?;
+    let mut view = LogView { bytes: 0, segments: segments.len() as u64, lag_events: 0, oldest_unapplied: None };
+    let mut lag_bytes = 0u64;
+    let (mut counted_bytes, mut counted_lines) = (0u64, 0u64);
+    let mut first_line = Vec::new();
+    for (base, path) in &segments {
+        let len = std::fs::metadata(path)?.len();
+        view.bytes += len;
+        let end = base + len;
+        if end <= checkpoint {
+            continue;
+        }
+        let from = checkpoint.saturating_sub(*base);
+        lag_bytes += len - from;
+        if counted_bytes >= COUNT_LAG_BYTES && !first_line.is_empty() {
+            continue;
+        }
+        let mut file = std::fs::File::open(path)?;
+        file.seek(std::io::SeekFrom::Start(from))?;
+        let mut rest = Vec::new();
+        file.take(COUNT_LAG_BYTES.saturating_sub(counted_bytes).max(4096)).read_to_end(&mut rest)?;
+        if first_line.is_empty() {
+            if let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+                first_line = rest[..nl].to_vec();
+            }
+        }
+        counted_bytes += rest.len() as u64;
+        counted_lines += rest.iter().filter(|&&b| b == b'\n').count() as u64;
+    }
+    view.lag_events = if lag_bytes <= counted_bytes || counted_bytes == 0 {
+        counted_lines
+    } else {
+        (lag_bytes as f64 * counted_lines as f64 / counted_bytes as f64).round() as u64
+    };
+    if !first_line.is_empty() {
+        view.oldest_unapplied = serde_json::from_slice::<serde_json::Value>(&first_line)
+            .ok()
+            .and_then(|line| line.get("ts").and_then(serde_json::Value::as_u64));
+    }
+    Ok(view)
+}
+
+/// The latest summary, made now if none is fresh (the first request of a newly opened console).
+async fn current_summary(state: &AppState) -> Arc<Summary> {
+    let console = &state.console;
+    console.mark_open();
+    if let Some(summary) = console.latest.borrow().clone() {
+        if now_millis().saturating_sub(summary.now) < 2_000 {
+            return summary;
+        }
+    }
+    let accepted = console.accepted.load(Ordering::Relaxed);
+    let applied = match state.store.get() {
+        Some(store) => store.events_applied().await.ok(),
+        None => None,
+    };
+    let sampled = console.tail_skipped.load(Ordering::Relaxed);
+    let summary = Arc::new(summarize(state, accepted, applied, sampled).await);
+    console.latest.send_replace(Some(summary.clone()));
+    summary
+}
+
+#[utoipa::path(
+    get, path = "/console/summary", tag = "console",
+    security(("token" = [])),
+    responses(
+        (status = 200, description = "What the console shows: rates over five minutes, lag, log, users, totals, top users, tail", body = Summary),
+        (status = 401, description = "Missing or wrong token", body = super::routes::ErrorBody),
+    )
+)]
+/// `GET /console/summary`: the console's data now.
+pub(super) async fn summary(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Summary>, ApiError> {
+    authorize(&state, &headers)?;
+    Ok(Json(current_summary(&state).await.as_ref().clone()))
+}
+
+#[utoipa::path(
+    get, path = "/console/stream", tag = "console",
+    security(("token" = [])),
+    responses(
+        (status = 200, description = "Server-Sent Events: an `event: summary` whose data is the JSON of GET /console/summary, about every second, until the server stops",
+         content_type = "text/event-stream", body = String),
+        (status = 401, description = "Missing or wrong token", body = super::routes::ErrorBody),
+    )
+)]
+/// `GET /console/stream`: the summary pushed as Server-Sent Events about every second.
+pub(super) async fn stream(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    authorize(&state, &headers)?;
+    let first = current_summary(&state).await;
+    let rx = state.console.latest.subscribe();
+    let events = futures::stream::unfold((Some(first), rx, state), |(first, mut rx, state)| async move {
+        let summary = match first {
+            Some(summary) => summary,
+            None => {
+                rx.changed().await.ok()?;
+                let next = rx.borrow_and_update().clone()?;
+                next
+            }
+        };
+        state.console.mark_open();
+        let data = serde_json::to_string(summary.as_ref()).unwrap_or_default();
+        Some((Ok(SseEvent::default().event("summary").data(data)), (None, rx, state)))
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+/// `GET /`: the console page (nothing secret in it: the data needs the token).
+pub(super) async fn index() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], INDEX_HTML).into_response()
+}
+
+pub(super) async fn css() -> Response {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], CONSOLE_CSS).into_response()
+}
+
+pub(super) async fn js() -> Response {
+    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], CONSOLE_JS)
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_log(dir: &std::path::Path, lines: &[&str]) {
+        std::fs::create_dir_all(dir).unwrap();
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(dir.join(crate::log::segment_name(0)), text).unwrap();
+    }
+
+    #[test]
+    fn the_log_view_counts_what_is_after_the_checkpoint_and_its_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = r#"{"userId":"a","name":"add_revenue","value":1,"ts":1000}"#;
+        let second = r#"{"userId":"b","name":"add_revenue","value":2,"ts":2000}"#;
+        write_log(dir.path(), &[first, second]);
+        let all = file_log_view(dir.path(), 0).unwrap();
+        assert_eq!((all.segments, all.lag_events, all.oldest_unapplied), (1, 2, Some(1000)));
+        assert_eq!(all.bytes, (first.len() + second.len() + 2) as u64);
+        let after_first = file_log_view(dir.path(), first.len() as u64 + 1).unwrap();
+        assert_eq!((after_first.lag_events, after_first.oldest_unapplied), (1, Some(2000)));
+        let caught_up = file_log_view(dir.path(), all.bytes).unwrap();
+        assert_eq!((caught_up.lag_events, caught_up.oldest_unapplied), (0, None));
+    }
+
+    #[test]
+    fn the_tail_takes_twenty_events_a_second_and_keeps_the_last_hundred() {
+        let console = Console::new(None);
+        assert!(console.sampler().is_none(), "no console open: nothing sampled");
+        console.mark_open();
+        let event = EventRef::parse_request(br#"{"userId":"u","name":"add_revenue","value":1.50}"#).unwrap();
+        let mut sampler = console.sampler().unwrap();
+        for i in 0..30 {
+            sampler.offer(&console, i, &event, 7);
+        }
+        assert!(console.tail_skipped.load(Ordering::Relaxed));
+        // The log dropped event 3 as a duplicate: it is not in the tail.
+        let mut answers = vec![Appended::Stored; 30];
+        answers[3] = Appended::Duplicate;
+        console.push_tail(sampler, &answers);
+        let tail = console.tail.lock().unwrap();
+        assert_eq!(tail.events.len(), 19);
+        assert_eq!((tail.events[0].value.as_str(), tail.events[0].name.as_str()), ("1.5", "add_revenue"));
+        drop(tail);
+        for _ in 0..10 {
+            console.tail_budget.store(TAIL_PER_SECOND, Ordering::Relaxed);
+            let mut sampler = console.sampler().unwrap();
+            for i in 0..20 {
+                sampler.offer(&console, i, &event, 8);
+            }
+            console.push_tail(sampler, &[Appended::Stored; 20]);
+        }
+        let tail = console.tail.lock().unwrap();
+        assert_eq!(tail.events.len(), TAIL_EVENTS);
+        let seqs: Vec<u64> = tail.events.iter().map(|e| e.seq).collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1) && *seqs.last().unwrap() == 218);
+    }
+}
