@@ -150,6 +150,17 @@ impl PostgresStore {
     /// After a CHECK violation the transaction is gone; find the user whose total would leave the
     /// range by re-reading the batch's users. Best effort: another writer may have moved the totals
     /// meanwhile, in which case the first user of the batch is named.
+    /// `(user_id, revenue)` rows of a query taking the row limit as `$1`.
+    async fn user_rows(&self, sql: &str, limit: usize, doing: &str) -> Result<Vec<(String, Decimal)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.client().await?;
+        let rows = client.query(sql, &[&limit]).await.map_err(|e| pg_error(doing, e))?;
+        rows.iter()
+            .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, Decimal>(1)?.normalize())))
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(|e| pg_error(doing, e))
+    }
+
     async fn overflowing_user(&self, deltas: &[(&str, Decimal)]) -> StoreError {
         let first = deltas.first().map_or_else(String::new, |(u, _)| u.to_string());
         let Ok(client) = self.client().await else { return StoreError::Overflow { user_id: first } };
@@ -340,17 +351,8 @@ impl Store for PostgresStore {
     }
 
     async fn users(&self, limit: usize) -> Result<Vec<(String, Decimal)>, StoreError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let client = self.client().await?;
         // Ordered by the primary key's collation (the database default), so the index serves it.
-        let rows = client
-            .query("SELECT user_id, revenue FROM users_revenue ORDER BY user_id LIMIT $1", &[&limit])
-            .await
-            .map_err(|e| pg_error("listing users", e))?;
-        rows.iter()
-            .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, Decimal>(1)?.normalize())))
-            .collect::<Result<_, tokio_postgres::Error>>()
-            .map_err(|e| pg_error("listing users", e))
+        self.user_rows("SELECT user_id, revenue FROM users_revenue ORDER BY user_id LIMIT $1", limit, "listing users").await
     }
 
     async fn totals(&self) -> Result<Totals, StoreError> {
@@ -367,16 +369,8 @@ impl Store for PostgresStore {
     }
 
     async fn top_users(&self, limit: usize) -> Result<Vec<(String, Decimal)>, StoreError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let client = self.client().await?;
-        let rows = client
-            .query("SELECT user_id, revenue FROM users_revenue ORDER BY revenue DESC, user_id LIMIT $1", &[&limit])
-            .await
-            .map_err(|e| pg_error("listing the top users", e))?;
-        rows.iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-            .collect::<Result<_, tokio_postgres::Error>>()
-            .map_err(|e| pg_error("listing the top users", e))
+        let sql = "SELECT user_id, revenue FROM users_revenue ORDER BY revenue DESC, user_id LIMIT $1";
+        self.user_rows(sql, limit, "listing the top users").await
     }
 
     async fn events_applied(&self) -> Result<u64, StoreError> {

@@ -286,19 +286,7 @@ impl Store for SqliteStore {
     async fn users(&self, limit: usize) -> Result<Vec<(String, Decimal)>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with_conn(move |conn| {
-            let mut stmt = conn
-                .prepare("SELECT user_id, revenue FROM users_revenue ORDER BY user_id LIMIT ?1")
-                .map_err(|e| sql_error("listing users", e))?;
-            let rows = stmt
-                .query_map([limit], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-                .map_err(|e| sql_error("listing users", e))?;
-            let mut users = Vec::new();
-            for row in rows {
-                let (user_id, text) = row.map_err(|e| sql_error("listing users", e))?;
-                let revenue = parse_revenue(&user_id, &text)?;
-                users.push((user_id, revenue));
-            }
-            Ok(users)
+            user_rows(conn, "SELECT user_id, revenue FROM users_revenue ORDER BY user_id LIMIT ?1", limit, "listing users")
         })
         .await
     }
@@ -326,23 +314,8 @@ impl Store for SqliteStore {
         // Revenues are exact decimal text: SQLite orders candidates by their REAL approximation (with a
         // wide margin), and the exact order is made here from the decimals.
         let candidates = i64::try_from(limit.saturating_mul(4).saturating_add(16)).unwrap_or(i64::MAX);
-        let mut users = self
-            .with_conn(move |conn| {
-                let mut stmt = conn
-                    .prepare("SELECT user_id, revenue FROM users_revenue ORDER BY CAST(revenue AS REAL) DESC LIMIT ?1")
-                    .map_err(|e| sql_error("listing the top users", e))?;
-                let rows = stmt
-                    .query_map([candidates], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-                    .map_err(|e| sql_error("listing the top users", e))?;
-                let mut users = Vec::new();
-                for row in rows {
-                    let (user_id, text) = row.map_err(|e| sql_error("listing the top users", e))?;
-                    let revenue = parse_revenue(&user_id, &text)?;
-                    users.push((user_id, revenue));
-                }
-                Ok(users)
-            })
-            .await?;
+        let sql = "SELECT user_id, revenue FROM users_revenue ORDER BY CAST(revenue AS REAL) DESC LIMIT ?1";
+        let mut users = self.with_conn(move |conn| user_rows(conn, sql, candidates, "listing the top users")).await?;
         users.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         users.truncate(limit);
         Ok(users)
@@ -360,6 +333,21 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.with_conn(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(|e| sql_error("pinging", e))).await
     }
+}
+
+/// `(user_id, revenue)` rows of a query taking the row limit as `?1`, revenues parsed exactly.
+fn user_rows(conn: &Connection, sql: &str, limit: i64, doing: &str) -> Result<Vec<(String, Decimal)>, StoreError> {
+    let mut stmt = conn.prepare(sql).map_err(|e| sql_error(doing, e))?;
+    let rows = stmt
+        .query_map([limit], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .map_err(|e| sql_error(doing, e))?;
+    let mut users = Vec::new();
+    for row in rows {
+        let (user_id, text) = row.map_err(|e| sql_error(doing, e))?;
+        let revenue = parse_revenue(&user_id, &text)?;
+        users.push((user_id, revenue));
+    }
+    Ok(users)
 }
 
 /// The behaviours every backend must show, written once and run against real databases by each
