@@ -477,9 +477,9 @@ fn catalogue() -> Vec<Case> {
         Req::post(ev("hostile-rejected-route", "1")).path("/userEvents/x"),
         Expect::Error(405, "method"),
     ));
-    for path in
-        ["/liveevent", "/liveEvent/", "/", "/../../etc/passwd", "/userEvents/", "/userEvents/a/b", "/liveEvent%00"]
-    {
+    // `/` is the console page: GET only.
+    cases.push(case("POST /", Req::post(ev("hostile-rejected-route", "1")).path("/"), Expect::Error(405, "method")));
+    for path in ["/liveevent", "/liveEvent/", "/../../etc/passwd", "/userEvents/", "/userEvents/a/b", "/liveEvent%00"] {
         let req = Req::post(ev("hostile-rejected-route", "1")).path(path);
         cases.push(case(format!("POST {path}"), req, Expect::Error(404, "not found")));
     }
