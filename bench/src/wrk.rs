@@ -31,6 +31,16 @@ impl WrkResult {
     }
 }
 
+/// Writes `body` to `dir/body` and a wrk script POSTing it ([`write_post_script`]) to `dir/post.lua`;
+/// returns the script's path.
+pub fn write_post_files(dir: &Path, body: &[u8], content_type: &str) -> anyhow::Result<std::path::PathBuf> {
+    let body_file = dir.join("body");
+    std::fs::write(&body_file, body)?;
+    let script = dir.join("post.lua");
+    write_post_script(&script, &body_file, content_type)?;
+    Ok(script)
+}
+
 /// A wrk Lua script that POSTs the content of `body_file` with the seed's token and `content_type`.
 pub fn write_post_script(script: &Path, body_file: &Path, content_type: &str) -> anyhow::Result<()> {
     // Lua long strings ([==[ ]==]) need no escaping of the path.

@@ -36,7 +36,6 @@ use futures::StreamExt;
 
 use super::{excerpt, open_store, parse_line, user_digest, with_retry, ExactSum, ProcessOptions, ProcessSummary};
 use crate::config::ConfigError;
-use crate::event::EventRef;
 use crate::log::nats::{ensure_stream, jetstream_context, NatsLogOptions};
 use crate::log::{id_key, reader::lines_of, IdKeyHasher};
 use crate::store::{Batch, CommitOutcome, InvalidLine, Store, StoreError};
@@ -554,10 +553,7 @@ pub async fn status(nats: &NatsLogOptions, database_url: Option<&str>) -> anyhow
 
 /// The event id of a log line, if it has one (for the de-duplication window only).
 fn event_id(line: &[u8]) -> Option<String> {
-    match EventRef::parse_canonical_log_line(line) {
-        Some(event) => event.id.map(|id| id.into_owned()),
-        None => EventRef::parse_log_line(line).ok()?.id.map(|id| id.into_owned()),
-    }
+    parse_line(Ok(line), "")?.ok()?.id.map(|id| id.into_owned())
 }
 
 /// Follows one partition's subject and sums what it reads into the partition's shared batch.

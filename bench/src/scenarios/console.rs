@@ -46,10 +46,7 @@ fn open_console(ctx: &Ctx, url: String) -> anyhow::Result<OpenConsole> {
 pub fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     let dir = ctx.scratch("console_overhead")?;
     let (conns, secs) = (64, ctx.secs(10));
-    let body = dir.path().join("body.json");
-    std::fs::write(&body, SEED_BODY)?;
-    let script = dir.path().join("post.lua");
-    wrk::write_post_script(&script, &body, "application/json")?;
+    let script = wrk::write_post_files(dir.path(), SEED_BODY.as_bytes(), "application/json")?;
     let (server, addr) = start_eps_server(ctx, &dir.path().join("eps-data"), &dir.path().join("eps-server.log"))?;
     let url = format!("http://{addr}/liveEvent");
 

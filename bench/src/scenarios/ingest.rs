@@ -54,10 +54,7 @@ pub(crate) fn single_event_reference(
     conns: u32,
     secs: u64,
 ) -> anyhow::Result<(PathBuf, wrk::WrkResult)> {
-    let body = dir.join("body.json");
-    std::fs::write(&body, SEED_BODY)?;
-    let script = dir.join("post.lua");
-    wrk::write_post_script(&script, &body, "application/json")?;
+    let script = wrk::write_post_files(dir, SEED_BODY.as_bytes(), "application/json")?;
     let (noop, addr) = start_noop_server(ctx, &dir.join("noop.log"))?;
     let reference = wrk::run(&format!("http://{addr}/liveEvent"), &script, 2, conns, secs, &dir.join("wrk-noop.txt"))?;
     noop.stop();
@@ -98,11 +95,8 @@ pub fn single(ctx: &mut Ctx) -> anyhow::Result<()> {
 pub fn batch(ctx: &mut Ctx) -> anyhow::Result<()> {
     let dir = ctx.scratch("ingest_batch")?;
     let (conns, secs) = (16, ctx.secs(10));
-    let body = dir.path().join("body.jsonl");
     let body_text = crate::data::batch_body(BATCH_EVENTS);
-    std::fs::write(&body, &body_text)?;
-    let script = dir.path().join("post.lua");
-    wrk::write_post_script(&script, &body, "application/x-ndjson")?;
+    let script = wrk::write_post_files(dir.path(), body_text.as_bytes(), "application/x-ndjson")?;
 
     let (noop, addr) = start_noop_server(ctx, &dir.path().join("noop.log"))?;
     let reference = wrk::run(&format!("http://{addr}/events"), &script, 2, conns, secs, &dir.path().join("wrk-noop.txt"))?;

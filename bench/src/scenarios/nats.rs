@@ -343,11 +343,8 @@ pub fn ingest_single(ctx: &mut Ctx) -> anyhow::Result<()> {
 pub fn ingest_batch(ctx: &mut Ctx) -> anyhow::Result<()> {
     let dir = ctx.scratch("nats_ingest_batch")?;
     let (conns, secs) = (16, ctx.secs(10));
-    let body = dir.path().join("body.jsonl");
     let body_text = crate::data::batch_body(BATCH_EVENTS);
-    std::fs::write(&body, &body_text)?;
-    let script = dir.path().join("post.lua");
-    wrk::write_post_script(&script, &body, "application/x-ndjson")?;
+    let script = wrk::write_post_files(dir.path(), body_text.as_bytes(), "application/x-ndjson")?;
 
     // Reference: the same load against eps on its file log (what ingest_batch measures), right before.
     let file_dir = dir.path().join("file-log");
