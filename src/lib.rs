@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod event;
+pub mod fsutil;
 pub mod log;
 pub mod ops;
 pub mod processor;

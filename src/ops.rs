@@ -171,7 +171,7 @@ fn remove_segment(path: &Path, archive_dir: Option<&Path>) -> anyhow::Result<()>
     let Some(archive) = archive_dir else {
         return std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()));
     };
-    std::fs::create_dir_all(archive)?;
+    crate::fsutil::create_dir_durable(archive)?;
     let target = archive.join(path.file_name().context("segment without a file name")?);
     if std::fs::rename(path, &target).is_err() {
         // Another filesystem: copy, make the copy durable, then remove the original.

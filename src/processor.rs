@@ -25,7 +25,7 @@ use anyhow::Context;
 use rust_decimal::Decimal;
 
 use crate::event::EventRef;
-use crate::log::reader::{lines_of, Chunk, LogReader};
+use crate::log::reader::{lines_of, Chunk, LogReader, ReadError};
 use crate::log::LOG_DIR;
 use crate::store::{self, Batch, CommitOutcome, InvalidLine, Store, StoreError};
 
@@ -130,15 +130,34 @@ pub async fn run_with_store(
     let mut position = with_retry(&opts, || store.progress(FILE_STREAM)).await?.position;
     // For the events-lag estimate; refined by every committed batch.
     let mut bytes_per_event = 100.0;
-    record_lag(&reader, position, bytes_per_event);
+    record_lag(&mut reader, position, bytes_per_event);
     loop {
         // One transaction's worth: chunks until the batch is full or the log has nothing more.
         let mut pending = Pending::new(position);
+        let mut stopping = false;
         while !pending.is_full(opts.batch_bytes) {
-            match tokio::task::block_in_place(|| reader.read(pending.end))? {
-                Some(chunk) => tokio::task::block_in_place(|| pending.absorb(&chunk))?,
-                None => break,
+            match tokio::task::block_in_place(|| reader.read(pending.end)) {
+                Ok(Some(chunk)) => tokio::task::block_in_place(|| pending.absorb(&chunk))?,
+                Ok(None) => break,
+                // A disk error while following: nothing was applied from it; the log is read again
+                // from the checkpoint once the disk answers (a one-shot run reports it and stops).
+                Err(ReadError::Io(e)) if opts.follow => {
+                    metrics::counter!("eps_processor_read_errors_total").increment(1);
+                    tracing::warn!(error = %e, "cannot read the log; retrying from the checkpoint");
+                    pending = Pending::new(position);
+                    tokio::select! {
+                        _ = &mut shutdown => {
+                            stopping = true;
+                            break;
+                        }
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+                Err(e) => return Err(e.into()),
             }
+        }
+        if stopping {
+            break;
         }
         if pending.end == position {
             // Caught up: the lag was recorded after the last commit; a --follow poll every few
@@ -177,7 +196,7 @@ pub async fn run_with_store(
                 position = current;
             }
         }
-        record_lag(&reader, position, bytes_per_event);
+        record_lag(&mut reader, position, bytes_per_event);
         // Between transactions, in both modes: SIGTERM stops a one-shot run cleanly too.
         if futures::poll!(&mut shutdown).is_ready() {
             break;
@@ -189,7 +208,7 @@ pub async fn run_with_store(
     Ok(summary)
 }
 
-fn record_lag(reader: &LogReader, position: u64, bytes_per_event: f64) {
+fn record_lag(reader: &mut LogReader, position: u64, bytes_per_event: f64) {
     let end = reader.end_position().unwrap_or(position);
     let lag = end.saturating_sub(position);
     metrics::gauge!("eps_processor_checkpoint_bytes").set(position as f64);
@@ -501,11 +520,17 @@ impl DeadLetters {
             serde_json::to_writer(&mut out, &record)?;
             out.push(b'\n');
         }
+        let created = !self.path.exists();
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)
             .with_context(|| format!("cannot open the dead-letter file {}", self.path.display()))?;
+        if created {
+            if let Some(dir) = self.path.parent() {
+                crate::fsutil::sync_dir(dir).with_context(|| format!("cannot sync {}", dir.display()))?;
+            }
+        }
         file.write_all(&out)?;
         file.sync_data()?;
         Ok(())

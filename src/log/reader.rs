@@ -6,14 +6,19 @@
 //! cut by the writer's recovery if it was torn by a crash. An older segment can never grow again, so a
 //! line without newline at its end is returned as it is, for the processor to report as invalid.
 //!
-//! Durability: before a chunk is returned its segment is `fdatasync`ed, so the processor never commits
-//! an effect of bytes that a power cut could still take back.
+//! Durability: a reader never reads past the durable end the writer publishes
+//! ([`super::durable_end`]): bytes after it may belong to a group whose append is failing, which the
+//! writer answers 503 and cuts off again. Everything before it was synced by the writer. A log without
+//! a published end (written by hand, or by an older version) is read to its last whole line, and each
+//! chunk's segment is `fdatasync`ed before the chunk is returned, so the processor never commits an
+//! effect of bytes that a power cut could still take back.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::durable_end::DurableEndReader;
 use super::{list_segments, segment_name};
 
 /// A run of whole lines read from one segment.
@@ -60,23 +65,27 @@ pub struct LogReader {
     max_chunk_bytes: usize,
     /// The segment read last, kept open so following the newest segment costs no directory listing.
     open: Option<(u64, File)>,
+    durable_end: DurableEndReader,
 }
 
 impl LogReader {
     pub fn new(dir: impl Into<PathBuf>, max_chunk_bytes: usize) -> LogReader {
-        LogReader { dir: dir.into(), max_chunk_bytes: max_chunk_bytes.max(1), open: None }
+        let dir = dir.into();
+        LogReader { durable_end: DurableEndReader::new(&dir), dir, max_chunk_bytes: max_chunk_bytes.max(1), open: None }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Position just past the last byte of the log (complete line or not).
-    pub fn end_position(&self) -> io::Result<u64> {
-        match list_segments(&self.dir)?.last() {
-            Some((base, path)) => Ok(base + std::fs::metadata(path)?.len()),
-            None => Ok(0),
-        }
+    /// Position just past the last byte a reader may read: the durable end the writer published, or
+    /// without one the end of the newest segment (complete line or not).
+    pub fn end_position(&mut self) -> io::Result<u64> {
+        let end = match list_segments(&self.dir)?.last() {
+            Some((base, path)) => base + std::fs::metadata(path)?.len(),
+            None => 0,
+        };
+        Ok(self.durable_end.read()?.map_or(end, |durable| durable.min(end)))
     }
 
     /// Reads whole lines from `position`, at most about `max_chunk_bytes` (more only when a single line
@@ -89,6 +98,8 @@ impl LogReader {
             // line seen in the length could be taken for the torn end of an older segment.
             let segments = list_segments(&self.dir)?;
             let newest = segments.last().map(|(b, _)| *b);
+            // Read before the segment's length: the writer publishes only after its bytes are written.
+            let durable_end = self.durable_end.read()?;
             let (base, len) = match &self.open {
                 Some((base, file)) if *base <= position => {
                     let len = file.metadata()?.len();
@@ -119,10 +130,16 @@ impl LogReader {
                     None => return Ok(None),
                 }
             }
+            // Bytes past the durable end may be a failing append: not readable (yet, or ever).
+            let readable = durable_end.map_or(len, |end| len.min(end.saturating_sub(base)));
+            if offset >= readable {
+                return Ok(None);
+            }
             // A segment created after the listing above counts as not existing yet: conservative.
-            let is_last = newest.is_none_or(|b| b <= base);
+            let is_last = newest.is_none_or(|b| b <= base) || readable < len;
             let (_, file) = self.open.as_ref().expect("segment opened above");
-            return Ok(read_lines(file, base, offset, len, self.max_chunk_bytes, is_last)?);
+            let sync = durable_end.is_none();
+            return Ok(read_lines(file, base, offset, readable, self.max_chunk_bytes, is_last, sync)?);
         }
     }
 
@@ -145,12 +162,23 @@ impl LogReader {
     fn out_of_range(&self, position: u64) -> ReadError {
         let segments = list_segments(&self.dir).unwrap_or_default();
         let first = segments.first().map_or(0, |(b, _)| *b);
-        let end = self.end_position().unwrap_or(0);
+        let end = match segments.last() {
+            Some((base, path)) => base + std::fs::metadata(path).map_or(0, |m| m.len()),
+            None => 0,
+        };
         ReadError::OutOfRange { position, first, end }
     }
 }
 
-fn read_lines(file: &File, base: u64, offset: u64, len: u64, max: usize, is_last: bool) -> io::Result<Option<Chunk>> {
+fn read_lines(
+    file: &File,
+    base: u64,
+    offset: u64,
+    len: u64,
+    max: usize,
+    is_last: bool,
+    sync: bool,
+) -> io::Result<Option<Chunk>> {
     let available = (len - offset) as usize;
     let mut want = available.min(max);
     loop {
@@ -170,7 +198,9 @@ fn read_lines(file: &File, base: u64, offset: u64, len: u64, max: usize, is_last
             None => want,
         };
         data.truncate(keep);
-        file.sync_data()?;
+        if sync {
+            file.sync_data()?;
+        }
         let start = base + offset;
         return Ok(Some(Chunk {
             start,

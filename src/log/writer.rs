@@ -8,12 +8,20 @@
 //!
 //! Invariants:
 //! - An `Ok` answer is given only after the bytes of all its events are synced.
-//! - The segment on disk always ends at the end of a whole line once a commit returns: a failed write is
-//!   truncated back; if even that fails, the writer refuses all appends until restart (never guessing).
-//! - At start-up a torn last line (a crash mid-write) is cut off: those bytes were never acknowledged.
+//! - Readers never see past the durable end ([`super::durable_end`]), published after each successful
+//!   sync: the bytes of a group that failed are never read, so cutting them off again reuses no
+//!   position anyone holds.
+//! - A failed write or sync is cut off the segment before anything else is written; while the cut
+//!   itself fails, appends are refused (503) and the cut is retried on each new group, so the log
+//!   recovers by itself once the disk does.
+//! - A roll is a decision taken once: after it fails half-way, nothing more goes into the old segment;
+//!   the next group retries the roll first, so two segments never claim the same positions.
+//! - At start-up the newest segment and its directory are synced before anything in them is trusted
+//!   (for de-duplication, or published to readers), and a torn last line is cut off.
 //! - De-duplication: an event whose `id` is already in the log within the window is answered
 //!   [`Appended::Duplicate`] and not written. The window is rebuilt from the log at start-up, so it
-//!   survives restarts and crashes.
+//!   survives restarts and crashes; it expires on the monotonic clock, so a wall clock that steps
+//!   forward forgets nothing.
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -22,13 +30,15 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
+use super::durable_end::DurableEndWriter;
 use super::{id_key, list_segments, segment_name, Appended, EventLog, IdKey, IdKeyHasher, LogBatch, LogError};
+use crate::fsutil::{create_dir_durable, sync_dir, with_path};
 
 /// Most requests one group commit takes from the queue; bounds the size of one write.
 pub const MAX_REQUESTS_PER_COMMIT: usize = 8192;
@@ -90,8 +100,9 @@ impl FileLog {
     /// Opens (or creates) the log: takes the directory's writer lock, repairs a torn tail, rebuilds the
     /// de-duplication window, and starts the writer thread.
     pub fn open(opts: FileLogOptions) -> io::Result<FileLog> {
-        std::fs::create_dir_all(&opts.dir)?;
-        let lock = File::create(opts.dir.join(".writer.lock"))?;
+        create_dir_durable(&opts.dir)?;
+        let lock_path = opts.dir.join(".writer.lock");
+        let lock = File::create(&lock_path).map_err(|e| with_path(e, "cannot create", &lock_path))?;
         lock.try_lock().map_err(|_| {
             io::Error::new(
                 io::ErrorKind::WouldBlock,
@@ -140,27 +151,43 @@ struct Writer {
     _lock: File,
     file: File,
     base: u64,
+    /// Durable length of the open segment: everything before it is synced, nothing after it is valid.
     len: u64,
+    /// Where readers may read up to; published after every successful sync.
+    durable_end: DurableEndWriter,
+    /// Set while bytes of a failed group may remain after `len` (their cut failed): nothing is written
+    /// until a retried cut succeeds.
+    cut_pending: Option<String>,
+    /// Set once a roll was decided: the open segment is closed to writes until the roll succeeds.
+    roll_pending: bool,
     dedup: Dedup,
-    /// Set when a failed write could not be undone: appends are refused until restart.
-    broken: Option<String>,
     stats: Arc<LogStats>,
 }
 
 impl Writer {
     fn recover(opts: FileLogOptions, lock: File, stats: Arc<LogStats>) -> io::Result<Writer> {
+        let durable_end = DurableEndWriter::open(&opts.dir)?;
         let segments = list_segments(&opts.dir)?;
         let (base, path) = match segments.last() {
             Some((base, path)) => (*base, path.clone()),
             None => {
                 let path = opts.dir.join(segment_name(0));
                 File::create(&path)?.sync_all()?;
-                sync_dir(&opts.dir)?;
                 (0, path)
             }
         };
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        if let Some(previous) = durable_end.previous().filter(|p| p.cut_pending()) {
+            cut_failed_group(&file, &path, base, previous.position)?;
+        }
         let len = repair_torn_tail(&file, &path)?;
+        // What a crashed writer wrote but never synced is still only in the page cache: make it durable
+        // before it is trusted (for de-duplication, or shown to readers). Its events were never
+        // acknowledged, but a retry of them will now be answered `duplicate`, which must mean durable.
+        // The directory too: the crash may have come between creating a segment and syncing its entry.
+        file.sync_all().map_err(|e| with_path(e, "cannot sync", &path))?;
+        sync_dir(&opts.dir).map_err(|e| with_path(e, "cannot sync", &opts.dir))?;
+        durable_end.publish(base + len)?;
         let dedup = Dedup::rebuild(&opts, &segments)?;
         stats.end_position.store(base + len, Ordering::Relaxed);
         stats.segments.store(segments.len().max(1) as u64, Ordering::Relaxed);
@@ -170,7 +197,7 @@ impl Writer {
             segment = %path.display(), position = base + len, remembered_ids = dedup.len(),
             "log opened"
         );
-        Ok(Writer { opts, _lock: lock, file, base, len, dedup, broken: None, stats })
+        Ok(Writer { opts, _lock: lock, file, base, len, durable_end, cut_pending: None, roll_pending: false, dedup, stats })
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
@@ -212,7 +239,7 @@ impl Writer {
         if group.is_empty() {
             return;
         }
-        let now = now_millis();
+        let now = self.dedup.clock.now();
         self.dedup.expire(now);
         let mut buf = Vec::with_capacity(group.iter().map(|(batch, _)| batch.bytes()).sum());
         let mut new_ids = HashSet::with_hasher(IdKeyHasher::default());
@@ -242,7 +269,7 @@ impl Writer {
             Ok(()) => {
                 metrics::counter!("eps_events_appended_total").increment(stored);
                 for key in new_ids {
-                    self.dedup.insert(key, now);
+                    self.dedup.insert_seen(key, now);
                 }
                 self.stats.events_stored.fetch_add(stored, Ordering::Relaxed);
                 for ((_, reply), answer) in group.drain(..).zip(answers) {
@@ -261,14 +288,19 @@ impl Writer {
     }
 
     fn write_durably(&mut self, buf: &[u8]) -> Result<(), String> {
-        if let Some(why) = &self.broken {
-            return Err(why.clone());
+        if self.cut_pending.is_some() && !self.cut_tail() {
+            return Err(self.cut_pending.clone().unwrap_or_default());
         }
-        if self.len > 0 && self.len + buf.len() as u64 > self.opts.segment_bytes {
+        if self.roll_pending || (self.len > 0 && self.len + buf.len() as u64 > self.opts.segment_bytes) {
+            // Decided once: until the new segment exists, nothing more goes into this one.
+            self.roll_pending = true;
             if let Err(e) = self.roll() {
-                tracing::error!(error = %e, "cannot start a new log segment");
+                self.stats.failing.store(true, Ordering::Relaxed);
+                metrics::counter!("eps_log_append_errors_total").increment(1);
+                tracing::error!(error = %e, "cannot start a new log segment; retried with the next group");
                 return Err(format!("cannot start a new log segment: {e}"));
             }
+            self.roll_pending = false;
         }
         let started = std::time::Instant::now();
         let written = self.file.write_all_at(buf, self.len).and_then(|()| self.file.sync_data());
@@ -276,28 +308,54 @@ impl Writer {
         match written {
             Ok(()) => {
                 self.len += buf.len() as u64;
+                self.published();
                 self.stats.syncs.fetch_add(1, Ordering::Relaxed);
-                self.stats.end_position.store(self.base + self.len, Ordering::Relaxed);
                 self.stats.failing.store(false, Ordering::Relaxed);
                 metrics::counter!("eps_log_fsync_total").increment(1);
                 metrics::counter!("eps_log_bytes_written_total").increment(buf.len() as u64);
-                metrics::gauge!("eps_log_end_position_bytes").set((self.base + self.len) as f64);
                 Ok(())
             }
             Err(e) => {
                 self.stats.failing.store(true, Ordering::Relaxed);
                 metrics::counter!("eps_log_append_errors_total").increment(1);
                 tracing::error!(error = %e, bytes = buf.len(), "log append failed; nothing in this group was acknowledged");
-                // Undo the partial write so the segment ends at a whole line again.
-                if let Err(undo) = self.file.set_len(self.len).and_then(|()| self.file.sync_all()) {
-                    let why = format!("log append failed ({e}) and could not be undone ({undo}); restart the server");
-                    tracing::error!("{why}");
-                    self.broken = Some(why);
-                    self.stats.failing.store(true, Ordering::Relaxed);
+                // Readers stop at the durable end, so they never saw these bytes; cut them off before
+                // anything else is written. If the cut fails too, say so durably for the next start.
+                let why = format!("log append failed ({e}) and its bytes could not be cut off yet; retrying with each new append");
+                if let Err(mark) = self.durable_end.publish_cut_pending(self.base + self.len) {
+                    tracing::error!(error = %mark, "cannot record the pending cut");
                 }
+                self.cut_pending = Some(why);
+                self.cut_tail();
                 Err(format!("cannot write the log: {e}"))
             }
         }
+    }
+
+    /// Cuts whatever follows the durable length of the open segment; true once done.
+    fn cut_tail(&mut self) -> bool {
+        match self.file.set_len(self.len).and_then(|()| self.file.sync_all()) {
+            Ok(()) => {
+                self.cut_pending = None;
+                self.published();
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot cut a failed group off the log; appends are refused until it can");
+                false
+            }
+        }
+    }
+
+    /// Publishes the durable end (to readers, stats and metrics).
+    fn published(&mut self) {
+        let end = self.base + self.len;
+        if let Err(e) = self.durable_end.publish(end) {
+            // Readers keep the older end: they lag, they never read too far.
+            tracing::warn!(error = %e, "cannot publish the durable end to readers");
+        }
+        self.stats.end_position.store(end, Ordering::Relaxed);
+        metrics::gauge!("eps_log_end_position_bytes").set(end as f64);
     }
 
     fn roll(&mut self) -> io::Result<()> {
@@ -319,6 +377,21 @@ impl Writer {
         tracing::info!(segment = %path.display(), "started a new log segment");
         Ok(())
     }
+}
+
+/// At start-up, when the previous writer could not cut a failed group off: cuts the newest segment at
+/// the durable end it recorded (if that end lies in this segment and before its end).
+fn cut_failed_group(file: &File, path: &Path, base: u64, durable_end: u64) -> io::Result<()> {
+    let len = file.metadata()?.len();
+    if durable_end >= base && durable_end - base < len {
+        tracing::warn!(
+            segment = %path.display(), bytes = len - (durable_end - base),
+            "cut a group whose append failed (it was answered 503) and that the last run could not cut"
+        );
+        file.set_len(durable_end - base)?;
+        file.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Cuts the file after its last newline; returns the new length. Bytes after the last newline are a
@@ -348,20 +421,29 @@ fn repair_torn_tail(file: &File, path: &Path) -> io::Result<u64> {
     Ok(end)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 pub(crate) fn now_millis() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// The ids seen within the window, oldest first.
+/// Milliseconds on the monotonic clock since the window was made: expiry never follows the wall
+/// clock, which an operator or NTP may step by minutes in either direction.
+#[derive(Debug, Clone, Copy)]
+struct MonoClock(Instant);
+
+impl MonoClock {
+    fn now(&self) -> u64 {
+        self.0.elapsed().as_millis() as u64
+    }
+}
+
+/// The ids seen within the window, in the order they were remembered, each with the monotonic time at
+/// which it may be forgotten.
 struct Dedup {
     keys: HashSet<IdKey, IdKeyHasher>,
     order: VecDeque<(u64, IdKey)>,
     window_ms: u64,
     max: usize,
+    clock: MonoClock,
 }
 
 impl Dedup {
@@ -371,10 +453,16 @@ impl Dedup {
             order: VecDeque::new(),
             window_ms: opts.dedup_window.as_millis() as u64,
             max: opts.dedup_max_ids,
+            clock: MonoClock(Instant::now()),
         }
     }
 
     /// Reads the ids of the window's events back from the segments written within the window.
+    ///
+    /// Only here does the wall clock count (the log's `ts` is all a new process knows of an id's age):
+    /// an id is remembered for the rest of its window, measured from its `ts`; an id whose `ts` lies in
+    /// the future (the clock was stepped back) for a whole window. A wall clock stepped forward at the
+    /// very moment of a restart shortens the rebuilt window by the step.
     fn rebuild(opts: &FileLogOptions, segments: &[(u64, PathBuf)]) -> io::Result<Dedup> {
         #[derive(Deserialize)]
         struct IdAndTime<'a> {
@@ -383,7 +471,8 @@ impl Dedup {
             ts: Option<u64>,
         }
         let mut dedup = Dedup::new(opts);
-        let since = now_millis().saturating_sub(dedup.window_ms);
+        let now_wall = now_millis();
+        let since = now_wall.saturating_sub(dedup.window_ms);
         let recent_from = segments
             .iter()
             .rposition(|(_, path)| {
@@ -400,7 +489,8 @@ impl Dedup {
             for line in data[..whole].split(|&b| b == b'\n') {
                 if let Ok(IdAndTime { id: Some(id), ts: Some(ts) }) = serde_json::from_slice(line) {
                     if ts >= since {
-                        dedup.insert(id_key(&id), ts);
+                        let age = now_wall.saturating_sub(ts);
+                        dedup.insert(id_key(&id), dedup.window_ms - age);
                     }
                 }
             }
@@ -416,17 +506,23 @@ impl Dedup {
         self.keys.contains(&key)
     }
 
-    fn insert(&mut self, key: IdKey, ts: u64) {
+    /// Remembers `key` until the monotonic time `expires_at`.
+    fn insert(&mut self, key: IdKey, expires_at: u64) {
         if self.keys.insert(key) {
-            self.order.push_back((ts, key));
+            self.order.push_back((expires_at, key));
             while self.order.len() > self.max {
                 self.pop_oldest();
             }
         }
     }
 
+    /// Remembers `key`, seen at the monotonic time `now`, for one window.
+    fn insert_seen(&mut self, key: IdKey, now: u64) {
+        self.insert(key, now.saturating_add(self.window_ms));
+    }
+
     fn expire(&mut self, now: u64) {
-        while self.order.front().is_some_and(|(ts, _)| ts.saturating_add(self.window_ms) < now) {
+        while self.order.front().is_some_and(|(expires_at, _)| *expires_at < now) {
             self.pop_oldest();
         }
     }

@@ -140,8 +140,11 @@ pub async fn open(database_url: Option<&str>, data_dir: &Path) -> anyhow::Result
         }
         Some(url) => Ok(Arc::new(postgres::PostgresStore::connect(url).await?)),
         None => {
-            std::fs::create_dir_all(data_dir)?;
-            Ok(Arc::new(sqlite::SqliteStore::open(&data_dir.join(SQLITE_FILE)).await?))
+            crate::fsutil::create_dir_durable(data_dir)?;
+            let store = sqlite::SqliteStore::open(&data_dir.join(SQLITE_FILE)).await?;
+            // The database file's own entry: SQLite syncs its journals' directory, not always its own.
+            crate::fsutil::sync_dir(data_dir)?;
+            Ok(Arc::new(store))
         }
     }
 }

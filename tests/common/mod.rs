@@ -10,6 +10,7 @@
 pub mod browser;
 pub mod fault;
 pub mod nats;
+pub mod shim;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -263,6 +264,11 @@ impl Env {
     }
 
     pub async fn server_with(&self, extra: &[&str]) -> ServerProc {
+        self.server_with_env(extra, &[]).await
+    }
+
+    /// Starts `eps server` with extra flags and environment variables (e.g. a fault shim's).
+    pub async fn server_with_env(&self, extra: &[&str], envs: &[(&str, String)]) -> ServerProc {
         let mut args: Vec<String> = vec![
             "server".into(),
             "--listen".into(),
@@ -272,7 +278,7 @@ impl Env {
         ];
         args.extend(self.db.args());
         args.extend(extra.iter().map(|s| s.to_string()));
-        ServerProc::start(&args, &[], self.tmp.path()).await
+        ServerProc::start(&args, envs, self.tmp.path()).await
     }
 
     /// Runs `eps process` on this data directory and database; asserts it exits 0.
