@@ -118,3 +118,36 @@ async fn while_jetstream_is_away_appends_answer_503_and_the_server_recovers_by_i
         .collect();
     assert_eq!(ids, ["e-1", "e-2", "e-3"], "each acknowledged event once, in order");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_larger_than_max_payload_is_refused_with_413_not_503() {
+    // No valid event's log line exceeds 1,391 bytes, so this takes a server configured far below any
+    // sane max_payload (here 1 KiB): the event can never be published, and a retry cannot change that.
+    let env = Env::new(StoreKind::Sqlite).await;
+    let nats = Nats::start_with_config(env.tmp.path(), Some("max_payload: 1024\n")).await;
+    let server = env.server_with(&["--log", &nats.url()]).await;
+    let http = http();
+
+    let (status, answer) = post_event(&http, &server.url, r#"{"userId":"small","name":"add_revenue","value":1,"id":"s-1"}"#).await;
+    assert_eq!(status, 200, "{answer}");
+    // A userId of 255 quotes (each escaped in the log line, 512 bytes with its own quotes) and an id
+    // of 128 control characters (6 bytes each): a line of about 1,360 bytes.
+    let big = format!(
+        r#"{{"userId":"{}","name":"add_revenue","value":1,"id":"{}"}}"#,
+        "\\\"".repeat(255),
+        "\\u0001".repeat(128)
+    );
+    let body = format!("{big}\n{}\n", r#"{"userId":"small","name":"add_revenue","value":1,"id":"s-2"}"#);
+    let (status, answer) = post_batch(&server.url, body.clone()).await;
+    assert_eq!(status, 413, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains("nothing was stored") && error.contains("max_payload"), "{error}");
+    let (status, _) = post_batch(&server.url, body).await;
+    assert_eq!(status, 413, "the same answer on a retry");
+    // Nothing of the refused request reached the stream; the server still takes events.
+    let (status, answer) = post_event(&http, &server.url, r#"{"userId":"small","name":"add_revenue","value":1,"id":"s-3"}"#).await;
+    assert_eq!(status, 200, "{answer}");
+    let ids: Vec<String> =
+        stream_events(&nats.url(), "EPS_EVENTS").await.into_iter().map(|e| e["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids, ["s-1", "s-3"]);
+}

@@ -290,3 +290,103 @@ async fn a_line_that_is_not_an_event_is_recorded_once_and_the_rest_applied() {
     let count: i64 = pg.query_one("SELECT count(*) FROM eps_invalid_lines", &[]).await.unwrap().get(0);
     assert_eq!(count, 2);
 }
+
+/// `POST /events` with an ndjson body; the status and the JSON answer.
+async fn post_events(url: &str, body: &str) -> (u16, serde_json::Value) {
+    let response = http()
+        .post(format!("{url}/events"))
+        .header("Authorization", TOKEN)
+        .header("Content-Type", "application/x-ndjson")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_larger_than_max_payload_is_cut_into_messages_applied_once_and_resent_as_duplicates() {
+    // nats-server refuses any message (headers + payload) above its max_payload, here 64 KiB. One
+    // user's 3,000 events are about 260 KB of log lines in one partition: more than one message holds.
+    const MAX_PAYLOAD: usize = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start_with_config(dir.path(), Some(&format!("max_payload: {MAX_PAYLOAD}\n"))).await;
+    let db = TestDb::new(StoreKind::Postgres).await;
+    let server = nats_server(dir.path(), &nats.url(), 0, "server").await;
+
+    // The expected totals, from the values as written (integers, summed as i64).
+    let mut body = String::new();
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    let mut whale = Vec::new();
+    // Other users, none in the whale's partition (so its group is its lines alone, in order).
+    let partition = |user: &str| eps::log::user_key(user) % 16;
+    let mut minnows = (0..).map(|k| format!("minnow{k}")).filter(|u| partition(u) != partition("whale"));
+    for i in 0..3_000i64 {
+        body.push_str(&format!("{{\"userId\":\"whale\",\"name\":\"add_revenue\",\"value\":{},\"id\":\"w-{i}\"}}\n", i + 1));
+        *expected.entry("whale".into()).or_default() += i + 1;
+        whale.push((format!("w-{i}"), i + 1));
+        if i % 60 == 0 {
+            let user = minnows.next().unwrap();
+            body.push_str(&format!("{{\"userId\":\"{user}\",\"name\":\"add_revenue\",\"value\":7,\"id\":\"m-{i}\"}}\n"));
+            *expected.entry(user).or_default() += 7;
+        }
+    }
+    let events = 3_000 + 50;
+    let expected: BTreeMap<String, Decimal> = expected.into_iter().map(|(u, v)| (u, Decimal::from(v))).collect();
+
+    // The rule, written out independently: the whale's first message is the longest run of its lines
+    // (each as the server writes it, with a 13-digit ts) within max_payload minus the 63 header bytes
+    // of `Nats-Msg-Id`, and its id is the digest of those events' ids. Publishing it first stands for
+    // an earlier attempt of this request of which only that message was acknowledged.
+    let budget = MAX_PAYLOAD - 63;
+    let (mut size, mut first_payload, mut first_ids) = (0, String::new(), Vec::new());
+    for (id, value) in &whale {
+        let line = format!("{{\"userId\":\"whale\",\"name\":\"add_revenue\",\"value\":{value},\"id\":\"{id}\",\"ts\":1764000000000}}\n");
+        if size + line.len() > budget {
+            break;
+        }
+        size += line.len();
+        first_payload.push_str(&line);
+        first_ids.push(id.clone());
+    }
+    let digest_input: Vec<u8> = first_ids.iter().flat_map(|id| eps::log::id_key(id).to_le_bytes()).collect();
+    let first_msg_id = format!("eps-{:032x}", eps::log::digest(&digest_input));
+    let mut opts = eps::log::nats::NatsLogOptions::new(nats.url());
+    opts.timeout = Duration::from_secs(5);
+    let js = eps::log::nats::jetstream_context(&opts, "test").await.unwrap();
+    eps::log::nats::ensure_stream(&js, &opts).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", first_msg_id.as_str());
+    let subject = opts.subject(opts.partition_of(eps::log::user_key("whale")));
+    js.publish_with_headers(subject, headers, first_payload.into()).await.unwrap().await.unwrap();
+
+    // The request is answered 200: the acknowledged message is recognised (its events are duplicates),
+    // the rest is stored.
+    let (status, answer) = post_events(&server.url, &body).await;
+    assert_eq!(status, 200, "{answer}\nnats-server: {}", nats.log());
+    assert_eq!((answer["accepted"].as_u64(), answer["duplicates"].as_u64()), (Some(events), Some(first_ids.len() as u64)), "{answer}");
+    assert!(!nats.log().contains("Maximum Payload"), "{}", nats.log());
+    let messages = common::nats::stream_messages(&nats.url(), "EPS_EVENTS").await;
+    let whale_messages = messages.iter().filter(|(_, lines)| lines.iter().any(|l| l["userId"] == "whale")).count();
+    assert!(whale_messages >= 4, "{whale_messages} messages hold the whale's 260 KB");
+    let stored = messages.len();
+
+    // Applied exactly once.
+    let mut a = args(&["process", "--log", &nats.url()]);
+    a.extend(db.args());
+    let out = run_eps(&a, &[]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains(&format!("applied {events} events")) && out.stdout.contains(" 0 duplicates dropped"), "{}", out.stdout);
+    assert_eq!(db.revenues(dir.path()).await, expected);
+
+    // The same request again: the same messages with the same ids, all dropped by JetStream.
+    let (status, answer) = post_events(&server.url, &body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!((answer["accepted"].as_u64(), answer["duplicates"].as_u64()), (Some(events), Some(events)), "{answer}");
+    assert_eq!(common::nats::stream_messages(&nats.url(), "EPS_EVENTS").await.len(), stored, "the resent request stored a message");
+    let out = run_eps(&a, &[]).await;
+    assert!(out.stdout.contains("applied 0 events"), "{}", out.stdout);
+    assert_eq!(db.revenues(dir.path()).await, expected);
+}

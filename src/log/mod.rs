@@ -42,6 +42,10 @@ pub enum LogError {
     /// The log cannot be written right now (disk full, I/O error, shutting down): retry later.
     #[error("log unavailable: {0}")]
     Unavailable(String),
+    /// The log can never take this batch as it is (an event larger than the log's largest record):
+    /// retrying cannot help.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// Where accepted events go. An `Ok` answer means every event of the batch is on stable storage; the

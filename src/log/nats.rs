@@ -4,15 +4,18 @@
 //! `eps.events.15`). An event goes to partition `user_key(userId) % partitions`, so all of a user's events
 //! are in one partition, in order. A request's events are grouped by partition and each group is published
 //! as one message whose payload is the group's log lines (the file log's line format, JSON Lines), so a
-//! batch of 1,000 events costs about as many publishes as there are partitions, not 1,000.
+//! batch of 1,000 events costs about as many publishes as there are partitions, not 1,000. A group larger
+//! than a message may be (the server's `max_payload`, at most [`MAX_MESSAGE_BYTES`], headers included) is
+//! cut into several, in order, by a rule of the request's content alone ([`plan_messages`]).
 //!
 //! Durability: [`EventLog::append`] returns `Ok` only once JetStream has acknowledged every message of the
 //! request, that is once the stream has stored it as its replicas and sync settings define.
 //!
-//! Idempotency: when every event of a group has an id, the message carries `Nats-Msg-Id`, a digest of
-//! the group's ids in order. A request sent again (the client resends a batch as the same bytes) makes the
-//! same groups with the same ids, and JetStream drops the copy within the stream's duplicate window and
-//! answers `duplicate`, which becomes [`Appended::Duplicate`] for each event of the group.
+//! Idempotency: when every event of a message has an id, the message carries `Nats-Msg-Id`, a digest of
+//! its ids in order. A request sent again (the client resends a batch as the same bytes) makes the
+//! same messages with the same ids, and JetStream drops each copy within the stream's duplicate window and
+//! answers `duplicate`, which becomes [`Appended::Duplicate`] for each event of that message; after a
+//! failure that left only some messages acknowledged, the retry stores exactly the others.
 //!
 //! Availability: the connection is made in the background and re-made by the client library; until
 //! JetStream answers (and after it stops answering), appends fail with [`LogError::Unavailable`], which
@@ -77,8 +80,9 @@ pub fn is_nats_url(url: &str) -> bool {
 pub struct NatsLog {
     js: jetstream::Context,
     opts: NatsLogOptions,
-    /// Set once the stream is known to exist with the expected configuration.
-    stream_ready: OnceCell<()>,
+    /// Set once the stream is known to exist with the expected configuration: the stream's own
+    /// largest message (`max_msg_size`), if it sets one.
+    stream_ready: OnceCell<Option<usize>>,
     /// Set while appends fail, cleared by the next that succeeds (readiness).
     failing: AtomicBool,
 }
@@ -101,8 +105,20 @@ impl NatsLog {
         &self.opts
     }
 
-    async fn ensure_stream(&self) -> Result<(), LogError> {
-        ensure_stream(&self.js, &self.opts).await.map(drop)
+    /// Creates or checks the stream; answers its `max_msg_size` when it has one.
+    async fn ensure_stream(&self) -> Result<Option<usize>, LogError> {
+        let stream = ensure_stream(&self.js, &self.opts).await?;
+        Ok(usize::try_from(stream.cached_info().config.max_message_size).ok().filter(|&max| max > 0))
+    }
+
+    /// The most bytes (headers and payload) one message of this log may have now: the connected
+    /// server's `max_payload` (from its INFO, which a reconnection renews), the stream's `max_msg_size`
+    /// if it sets one, and never more than [`MAX_MESSAGE_BYTES`].
+    fn message_limit(&self, stream_max: Option<usize>) -> usize {
+        let server = self.js.client().server_info().max_payload;
+        // 0: no INFO seen (cannot happen once connected); assume nats-server's default.
+        let server = if server == 0 { MAX_MESSAGE_BYTES } else { server };
+        server.min(stream_max.unwrap_or(usize::MAX)).min(MAX_MESSAGE_BYTES)
     }
 
     async fn publish_all(&self, batch: &LogBatch) -> Result<Vec<Appended>, LogError> {
@@ -120,39 +136,20 @@ impl NatsLog {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.stream_ready.get_or_try_init(|| self.ensure_stream()).await?;
+        let stream_max = *self.stream_ready.get_or_try_init(|| self.ensure_stream()).await?;
 
-        // Group the events by partition, keeping their order within each.
-        let mut groups: Vec<Group> = Vec::new();
-        let mut slot_of = vec![usize::MAX; self.opts.partitions as usize];
-        let mut group_of_event = Vec::with_capacity(batch.len());
-        for (line, id, user) in batch.lines_by_user() {
-            let partition = self.opts.partition_of(user);
-            let slot = &mut slot_of[partition as usize];
-            if *slot == usize::MAX {
-                *slot = groups.len();
-                groups.push(Group { partition, payload: Vec::new(), ids: Vec::new(), all_have_ids: true });
-            }
-            let group = &mut groups[*slot];
-            group.payload.extend_from_slice(line);
-            match id {
-                Some(id) => group.ids.push(id),
-                None => group.all_have_ids = false,
-            }
-            group_of_event.push(*slot);
-        }
-
-        // Publish every group, then wait for every acknowledgement.
-        let mut pending = Vec::with_capacity(groups.len());
-        for group in &mut groups {
+        // Group the events by partition, cut each group into messages JetStream takes, publish every
+        // message, then wait for every acknowledgement.
+        let plan = plan_messages(batch, &self.opts, self.message_limit(stream_max))?;
+        let mut pending = Vec::with_capacity(plan.messages.len());
+        for message in plan.messages {
             let mut headers = async_nats::HeaderMap::new();
-            if group.all_have_ids {
-                headers.insert("Nats-Msg-Id", message_id(&group.ids).as_str());
+            if let Some(id) = &message.msg_id {
+                headers.insert("Nats-Msg-Id", id.as_str());
             }
-            let payload = std::mem::take(&mut group.payload);
             let ack = self
                 .js
-                .publish_with_headers(self.opts.subject(group.partition), headers, payload.into())
+                .publish_with_headers(message.subject, headers, message.payload.into())
                 .await
                 .map_err(|e| unavailable("publishing to JetStream", e))?;
             pending.push(ack);
@@ -162,7 +159,8 @@ impl NatsLog {
             let ack = ack.await.map_err(|e| unavailable("JetStream's acknowledgement", e))?;
             duplicate.push(ack.duplicate);
         }
-        Ok(group_of_event
+        Ok(plan
+            .message_of_event
             .into_iter()
             .map(|g| if duplicate[g] { Appended::Duplicate } else { Appended::Stored })
             .collect())
@@ -211,11 +209,106 @@ pub async fn ensure_stream(js: &jetstream::Context, opts: &NatsLogOptions) -> Re
     Ok(found)
 }
 
-struct Group {
-    partition: u32,
-    payload: Vec<u8>,
-    ids: Vec<IdKey>,
-    all_have_ids: bool,
+/// The largest message eps publishes, headers included, whatever the server allows: nats-server's
+/// default `max_payload` (1 MiB). A server allowing more changes nothing, so on every such server a
+/// request is cut into the same messages (same `Nats-Msg-Id`s) and a retry sent through another eps
+/// server or after a reconnection to another node is still dropped by JetStream.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Header bytes of a message with `Nats-Msg-Id` as the client library writes them
+/// (`NATS/1.0\r\nNats-Msg-Id: eps-<32 hex>\r\n\r\n`). nats-server checks `max_payload` against
+/// headers + payload; every message is cut as if it carried this header, so the cut does not depend on
+/// whether the events have ids.
+pub const MSG_ID_HEADER_BYTES: usize = "NATS/1.0\r\n".len() + "Nats-Msg-Id: ".len() + MSG_ID_LEN + "\r\n\r\n".len();
+
+/// The longest log line a valid event makes, newline included: a userId of 255 bytes that all need
+/// escaping (`"` or `\\`: 510 bytes + quotes), an id of 128 control characters (`\\u0001`: 768 + quotes),
+/// a 30-character value, `subtract_revenue` and a 20-digit `ts` (a test checks it).
+pub const MAX_LOG_LINE_BYTES: usize = 1391;
+
+/// Length of a `Nats-Msg-Id` made by [`message_id`]: `eps-` and 32 hex digits.
+const MSG_ID_LEN: usize = 36;
+
+/// The messages one request becomes.
+#[derive(Debug)]
+pub struct Plan {
+    pub messages: Vec<PlannedMessage>,
+    /// For each event of the batch, in order, the index of its message.
+    pub message_of_event: Vec<usize>,
+}
+
+/// One JetStream message: a partition's events of a request, or a piece of them.
+#[derive(Debug)]
+pub struct PlannedMessage {
+    pub subject: String,
+    /// `Nats-Msg-Id`: a digest of the message's event ids in order, when every event has one.
+    pub msg_id: Option<String>,
+    pub payload: Vec<u8>,
+}
+
+/// Cuts a request into messages of at most `limit` bytes (headers included), a function of the
+/// request's events and `limit` alone:
+///
+/// - events are grouped by partition, groups in the order of their first event, each group keeping
+///   its events' order;
+/// - each group is cut greedily, in order: a message takes the next line while its payload stays
+///   within `limit - MSG_ID_HEADER_BYTES`; a group that fits is one message, exactly as before groups
+///   were ever cut;
+/// - a message's `Nats-Msg-Id` is the digest of its own events' ids, so the same request makes the
+///   same messages with the same ids, and a retry after only some were acknowledged has JetStream
+///   drop exactly those.
+///
+/// A single line that cannot fit is refused ([`LogError::TooLarge`]) before anything is published.
+/// With validated events that needs a `limit` under [`MAX_LOG_LINE_BYTES`] + [`MSG_ID_HEADER_BYTES`]
+/// (about 1.4 KiB), far below any sane `max_payload` (nats-server's default is 1 MiB).
+pub fn plan_messages(batch: &LogBatch, opts: &NatsLogOptions, limit: usize) -> Result<Plan, LogError> {
+    let budget = limit.saturating_sub(MSG_ID_HEADER_BYTES);
+    let lines: Vec<(&[u8], Option<IdKey>, u64)> = batch.lines_by_user().collect();
+    let mut groups: Vec<(u32, Vec<usize>)> = Vec::new();
+    let mut slot_of = vec![usize::MAX; opts.partitions.max(1) as usize];
+    for (index, &(line, _, user)) in lines.iter().enumerate() {
+        if line.len() > budget {
+            return Err(LogError::TooLarge(format!(
+                "event {} is {} bytes as a log line; the JetStream server takes messages of at most {limit} bytes \
+                 ({MSG_ID_HEADER_BYTES} of them headers): raise its max_payload",
+                index + 1,
+                line.len()
+            )));
+        }
+        let partition = opts.partition_of(user);
+        let slot = &mut slot_of[partition as usize];
+        if *slot == usize::MAX {
+            *slot = groups.len();
+            groups.push((partition, Vec::new()));
+        }
+        groups[*slot].1.push(index);
+    }
+    let mut messages: Vec<PlannedMessage> = Vec::new();
+    let mut message_of_event = vec![0; lines.len()];
+    for (partition, events) in groups {
+        let subject = opts.subject(partition);
+        let mut rest = events.as_slice();
+        while !rest.is_empty() {
+            let mut size = 0;
+            let take = rest
+                .iter()
+                .take_while(|&&e| {
+                    size += lines[e].0.len();
+                    size <= budget
+                })
+                .count();
+            let (piece, after) = rest.split_at(take);
+            rest = after;
+            let ids: Option<Vec<IdKey>> = piece.iter().map(|&e| lines[e].1).collect();
+            let mut payload = Vec::with_capacity(size.min(budget));
+            for &e in piece {
+                payload.extend_from_slice(lines[e].0);
+                message_of_event[e] = messages.len();
+            }
+            messages.push(PlannedMessage { subject: subject.clone(), msg_id: ids.map(|ids| message_id(&ids)), payload });
+        }
+    }
+    Ok(Plan { messages, message_of_event })
 }
 
 /// The `Nats-Msg-Id` of a group: a digest of its events' ids in order, so the same events sent again
@@ -269,6 +362,93 @@ mod tests {
         assert_ne!(message_id(&[a, b]), message_id(&[b, a]));
         assert_ne!(message_id(&[a]), message_id(&[a, b]));
         assert!(message_id(&[a]).starts_with("eps-") && message_id(&[a]).len() == 36);
+    }
+
+    fn batch_of(lines: &[String]) -> LogBatch {
+        let events: Vec<_> =
+            lines.iter().map(|l| crate::event::EventRef::parse_request(l.as_bytes()).expect("valid event")).collect();
+        LogBatch::of(events, 1_764_000_000_000)
+    }
+
+    fn events(user: &str, run: &str, n: usize) -> Vec<String> {
+        (0..n).map(|i| format!(r#"{{"userId":"{user}","name":"add_revenue","value":{i}.25,"id":"{run}-{i}"}}"#)).collect()
+    }
+
+    #[test]
+    fn a_group_larger_than_the_limit_is_cut_the_same_way_every_time() {
+        let opts = NatsLogOptions::new("nats://127.0.0.1:4222");
+        let mut lines = events("big", "r", 3_000);
+        lines.extend(events("small", "s", 10));
+        let batch = batch_of(&lines);
+        let limit = 64 * 1024;
+        let plan = plan_messages(&batch, &opts, limit).unwrap();
+        let again = plan_messages(&batch_of(&lines), &opts, limit).unwrap();
+        let summary = |p: &Plan| p.messages.iter().map(|m| (m.subject.clone(), m.msg_id.clone(), m.payload.clone())).collect::<Vec<_>>();
+        assert_eq!(summary(&plan), summary(&again), "the same request makes the same messages");
+        assert!(plan.messages.len() > 3, "{} messages: the big group was not cut", plan.messages.len());
+        let mut ids = std::collections::HashSet::new();
+        for m in &plan.messages {
+            assert!(m.payload.len() + MSG_ID_HEADER_BYTES <= limit, "{} bytes", m.payload.len());
+            assert!(m.payload.ends_with(b"\n"));
+            assert!(ids.insert(m.msg_id.clone().expect("every event has an id")), "message ids are distinct");
+        }
+        // Each group's messages hold its lines, in order, each once; the events map to them.
+        for (user, subject) in [("big", opts.subject(opts.partition_of(super::super::user_key("big")))),
+                                ("small", opts.subject(opts.partition_of(super::super::user_key("small"))))] {
+            let text: Vec<u8> = plan.messages.iter().filter(|m| m.subject == subject).flat_map(|m| m.payload.clone()).collect();
+            let expected: Vec<u8> = batch.lines().map(|(l, _)| l).filter(|l| l.starts_with(format!(r#"{{"userId":"{user}""#).as_bytes())).flatten().copied().collect();
+            assert_eq!(text, expected, "{user}");
+        }
+        // Each message is exactly the lines of the events mapped to it, in order, and its id is the
+        // digest of their ids: a piece is recognised whichever request made it.
+        for (index, m) in plan.messages.iter().enumerate() {
+            let mine: Vec<(&[u8], Option<IdKey>)> =
+                batch.lines().zip(&plan.message_of_event).filter(|(_, &k)| k == index).map(|(l, _)| l).collect();
+            assert_eq!(m.payload, mine.iter().flat_map(|(l, _)| l.iter().copied()).collect::<Vec<u8>>());
+            let ids: Vec<IdKey> = mine.iter().map(|(_, id)| id.unwrap()).collect();
+            assert_eq!(m.msg_id, Some(message_id(&ids)));
+        }
+    }
+
+    #[test]
+    fn a_group_that_fits_is_one_message_with_the_id_it_always_had() {
+        let opts = NatsLogOptions::new("nats://127.0.0.1:4222");
+        let batch = batch_of(&events("one", "r", 100));
+        let plan = plan_messages(&batch, &opts, MAX_MESSAGE_BYTES).unwrap();
+        assert_eq!(plan.messages.len(), 1);
+        let ids: Vec<IdKey> = batch.lines().map(|(_, id)| id.unwrap()).collect();
+        assert_eq!(plan.messages[0].msg_id, Some(message_id(&ids)));
+        assert_eq!(plan.messages[0].payload, batch.data());
+        // Without ids: the same cut, no message id.
+        let plain: Vec<String> = (0..100).map(|i| format!(r#"{{"userId":"one","name":"add_revenue","value":{i}}}"#)).collect();
+        let plan = plan_messages(&batch_of(&plain), &opts, MAX_MESSAGE_BYTES).unwrap();
+        assert_eq!((plan.messages.len(), plan.messages[0].msg_id.clone()), (1, None));
+    }
+
+    #[test]
+    fn an_event_larger_than_a_message_is_refused_before_anything_is_published() {
+        let opts = NatsLogOptions::new("nats://127.0.0.1:4222");
+        let batch = batch_of(&events("u", "r", 3));
+        let line = batch.lines().next().unwrap().0.len();
+        assert!(plan_messages(&batch, &opts, line + MSG_ID_HEADER_BYTES).is_ok());
+        match plan_messages(&batch, &opts, line + MSG_ID_HEADER_BYTES - 1) {
+            Err(LogError::TooLarge(why)) => assert!(why.contains("event 1") && why.contains("max_payload"), "{why}"),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_longest_valid_event_fits_max_log_line_bytes() {
+        let user = "\\\"".repeat(255); // 255 quotes, each escaped in the log line
+        let id = "\\u0001".repeat(128);
+        let body = format!(r#"{{"userId":"{user}","name":"subtract_revenue","value":0.1234567890123456789012345678,"id":"{id}"}}"#);
+        let event = crate::event::EventRef::parse_request(body.as_bytes()).expect("valid at the limits");
+        assert_eq!((event.user_id.len(), event.id.as_deref().map(str::len)), (255, Some(128)));
+        let mut line = Vec::new();
+        event.write_log_line(u64::MAX, &mut line);
+        line.push(b'\n');
+        assert_eq!(line.len(), MAX_LOG_LINE_BYTES);
+        assert_eq!(MSG_ID_HEADER_BYTES, 63);
     }
 
     #[test]

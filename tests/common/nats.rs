@@ -172,15 +172,34 @@ pub struct Nats {
     pub port: u16,
     store: PathBuf,
     log: PathBuf,
+    /// A configuration file given with `-c` (settings the command line has no flag for).
+    config: Option<PathBuf>,
 }
 
 impl Nats {
     /// Starts a server with its store in `dir/nats-store` and waits until JetStream answers.
     pub async fn start(dir: &Path) -> Nats {
+        Nats::start_with_config(dir, None).await
+    }
+
+    /// [`Nats::start`] with `config` (nats-server's configuration syntax, e.g. `max_payload: 65536`)
+    /// written to `dir/nats-server.conf` and given with `-c`; the command line's flags still apply.
+    pub async fn start_with_config(dir: &Path, config: Option<&str>) -> Nats {
         let port = free_ports(1)[0];
-        let mut nats = Nats { child: None, port, store: dir.join("nats-store"), log: dir.join("nats-server.log") };
+        let config = config.map(|text| {
+            let path = dir.join("nats-server.conf");
+            std::fs::write(&path, text).unwrap();
+            path
+        });
+        let mut nats =
+            Nats { child: None, port, store: dir.join("nats-store"), log: dir.join("nats-server.log"), config };
         nats.resume().await;
         nats
+    }
+
+    /// What the server has written to its log so far (to show when something fails).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {
@@ -190,7 +209,7 @@ impl Nats {
     /// Starts the server (again) on the same port and store, and waits until JetStream answers.
     pub async fn resume(&mut self) {
         assert!(self.child.is_none(), "nats-server is already running");
-        let args = vec![
+        let mut args = vec![
             "-js".to_string(),
             "-a".into(),
             "127.0.0.1".into(),
@@ -199,6 +218,9 @@ impl Nats {
             "-sd".into(),
             self.store.display().to_string(),
         ];
+        if let Some(config) = &self.config {
+            args.extend(["-c".to_string(), config.display().to_string()]);
+        }
         self.child = Some(spawn_nats(&args, &self.log));
         wait_for_jetstream(&self.url(), Duration::from_secs(20), "nats-server to answer JetStream requests").await;
     }
