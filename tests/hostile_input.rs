@@ -28,7 +28,10 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-store_tests!(sql_injection_user_ids_are_stored_and_returned_verbatim);
+store_tests!(
+    sql_injection_user_ids_are_stored_and_returned_verbatim,
+    invalid_user_ids_in_the_path_are_400_on_every_store
+);
 
 /// The server's `--request-timeout-secs` in this file.
 const TIMEOUT_SECS: u64 = 1;
@@ -907,4 +910,42 @@ async fn sql_injection_user_ids_are_stored_and_returned_verbatim(store: StoreKin
     assert_eq!(status, 404, "{body}");
     let out = env.process(&[]).await;
     assert_eq!(applied_count(&out.stdout), 0, "{out}");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Invalid userIds in the path: 400 on both stores, never the database's error
+
+/// Issue 14, item 10: `GET /userEvents/%00` reached PostgreSQL, which refused the NUL, and the answer
+/// was 503 with Retry-After: a request that can never succeed was told to retry. Every userId an event
+/// could not carry is a 400 with a JSON error, decided before the store is asked. An event whose userId
+/// holds a NUL (as the JSON escape `\u0000`) is refused at ingest, so none can reach the processor.
+async fn invalid_user_ids_in_the_path_are_400_on_every_store(store: StoreKind) {
+    let env = Env::new(store).await;
+    let server = env.server().await;
+    let http = http();
+    // The store is connected (a valid id of nobody is 404), so a 503 below could only be the id's fault.
+    let (status, body) = get_user(&http, &server.url, "nobody-yet").await;
+    assert_eq!(status, 404, "{body}");
+    let long = "a".repeat(256);
+    let long_multibyte = "%C3%A9".repeat(128);
+    let invalid = ["%00", "a%00b", "%01", "tab%09tab", "%0A", "%7F", "%C2%85", long.as_str(), long_multibyte.as_str()];
+    let mut failures = Vec::new();
+    for path in invalid {
+        let (status, text) = get_user_once(&http, &server.url, path).await;
+        let error = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["error"].as_str().map(str::to_string));
+        if status != 400 || !error.is_some_and(|e| e.contains("userId")) {
+            failures.push(format!("GET /userEvents/{}: {status} {text}", &path[..path.len().min(24)]));
+        }
+    }
+    for body in [
+        r#"{"userId":"a\u0000b","name":"add_revenue","value":1}"#,
+        r#"{"userId":"\u0000","name":"add_revenue","value":1}"#,
+    ] {
+        let (status, answer) = post_event(&http, &server.url, body).await;
+        if status != 400 || !answer["error"].as_str().is_some_and(|e| e.contains("userId")) {
+            failures.push(format!("POST /liveEvent {body}: {status} {answer}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(log_lines(&env.log_dir()).is_empty(), "a refused event reached the log");
 }

@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::event::{EventRef, MAX_USER_ID_BYTES};
+use crate::event::{parse_user_id, EventRef};
 use crate::log::{Appended, LogBatch};
 
 /// Accepts `Authorization: <token>` (what the seed's client sends) and `Authorization: Bearer <token>`.
@@ -320,7 +320,8 @@ impl axum::response::IntoResponse for BatchError {
 #[utoipa::path(
     get, path = "/userEvents/{userId}", tag = "events",
     security(("token" = [])),
-    params(("userId" = String, Path, description = "The user, 1 to 255 bytes")),
+    params(("userId" = String, Path, description = "The user: 1 to 255 bytes of UTF-8, no control characters (the rule of an event's userId)",
+        min_length = 1, max_length = 255, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$")),
     responses(
         (status = 200, description = "The user's revenue as applied by the processor", body = UserRevenue),
         (status = 400, description = "Not a valid userId", body = ErrorBody),
@@ -337,9 +338,11 @@ pub(super) async fn user_events(
 ) -> Result<Json<UserRevenue>, ApiError> {
     authorize(&state, &headers)?;
     let Path(user_id) = user_id.map_err(|r| ApiError::BadRequest(r.body_text()))?;
-    if user_id.is_empty() || user_id.len() > MAX_USER_ID_BYTES {
-        return Err(ApiError::BadRequest(format!("userId must be 1 to {MAX_USER_ID_BYTES} bytes long")));
-    }
+    // The same rule as an event's userId: an id no event can carry is a 400 on every store, and never
+    // reaches the database (PostgreSQL refuses a NUL with an error that would read as an outage).
+    let user_id = parse_user_id(user_id)
+        .map_err(|e| ApiError::BadRequest(format!("invalid userId in the path: {e}")))?
+        .into_owned();
     let store = state.store()?;
     match store.revenue(&user_id).await? {
         Some(revenue) => Ok(Json(UserRevenue { user_id, revenue: revenue.normalize().to_string() })),
