@@ -860,6 +860,70 @@ async fn connections_that_never_send_a_request_are_closed_by_the_request_timeout
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Issue 14, item 4: clients that pipeline requests and never read the answers. With every slot
+/// (`--max-connections 2`) held by such a client the server answered nobody else for as long as they
+/// stayed: hyper's timers cover reading a request's head, and a write to a client that does not read
+/// waits for ever. Now a write that makes no progress for `--send-timeout-secs` fails the connection and
+/// frees its slot, so a third client is answered; and both stalled connections are closed by the server.
+/// (The request timeout is long here, so only the send timeout can free the slots in time; a slow
+/// *writer* of a body is bounded by the request timeout: see "a body sent one byte every 150 ms".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_do_not_read_their_answers_lose_their_connection_slots() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let data_dir = env.data_dir.display().to_string();
+    let server_args = args(&[
+        "server", "--listen", "127.0.0.1:0", "--data-dir", &data_dir, "--max-connections", "2",
+        "--request-timeout-secs", "120",
+    ]);
+    // The send timeout by its variable (EPS_SEND_TIMEOUT_SECS is --send-timeout-secs): a build without
+    // the limit ignores it and starts, so this test fails there for the behaviour, not for a flag.
+    let server = ServerProc::start(&server_args, &[("EPS_SEND_TIMEOUT_SECS", "1".to_string())], env.tmp.path()).await;
+    // Far more answer than fits in the kernel's buffers on both sides (console.js is ~25 KB: ~25 MB).
+    let pipeline = b"GET /console/console.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".repeat(1000);
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        // Set before connecting, so the advertised window is tiny too.
+        socket.set_recv_buffer_size(1024).unwrap();
+        let stream = socket.connect(([127, 0, 0, 1], server.port).into()).await.expect("connect");
+        let (reader, mut writer) = stream.into_split();
+        let pipeline = pipeline.clone();
+        // The requests go out in their own task: the server stops reading them once its writes stall.
+        let writing = tokio::spawn(async move {
+            let _ = writer.write_all(&pipeline).await;
+            std::future::pending::<()>().await;
+            drop(writer);
+        });
+        stalled.push((reader, writing));
+    }
+    // The third client is accepted only once a slot is free; it gets its answer at all only because the
+    // stalled connections were closed (a generous limit: this is not a speed check).
+    let healthz = Req::new("GET", "/healthz").bytes();
+    let answer = exchange_within(server.port, &Send::Whole(healthz), Duration::from_secs(30)).await;
+    assert_eq!(
+        answer.status(),
+        Some(200),
+        "the third client got no answer within {:?} while two clients that do not read held the slots: {:?}",
+        answer.elapsed,
+        answer.text()
+    );
+    // The stalled connections were closed by the server (what they were sent, then EOF or a reset).
+    for (mut reader, writing) in stalled {
+        let mut buf = vec![0u8; 256 * 1024];
+        within(Duration::from_secs(60), "a stalled connection to be closed by the server", async {
+            while let Ok(n) = reader.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        writing.abort();
+    }
+    let mut server = server;
+    assert!(server.child.try_wait().unwrap().is_none(), "the server exited: {}", server.stderr());
+}
+
 // ---------------------------------------------------------------------------------------------------
 // SQL injection strings: data, never SQL, on both stores
 
