@@ -113,6 +113,12 @@ pub struct ServerArgs {
     #[arg(long, env = "EPS_REQUEST_TIMEOUT_SECS", default_value_t = 10)]
     pub request_timeout_secs: u64,
 
+    /// Longest the server waits for a client to take any byte of an answer, in seconds. A connection
+    /// whose answers are not read is closed after it, so clients that stop reading cannot hold the
+    /// --max-connections slots.
+    #[arg(long, env = "EPS_SEND_TIMEOUT_SECS", default_value_t = 30)]
+    pub send_timeout_secs: u64,
+
     /// Most client connections open at once; more wait in the listen backlog.
     #[arg(long, env = "EPS_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,

@@ -306,20 +306,38 @@ fn json_error(e: serde_json::Error, input: &[u8]) -> EventError {
     }
 }
 
-fn check_user_id(user_id: Cow<'_, str>) -> Result<Cow<'_, str>, EventError> {
+/// Why a text is not a `userId`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UserIdError {
+    #[error("userId must not be empty")]
+    Empty,
+    #[error("userId must not contain control characters")]
+    ControlCharacter,
+    #[error("userId is {0} bytes long, the limit is {MAX_USER_ID_BYTES}")]
+    TooLong(usize),
+}
+
+/// The one rule for a `userId`, wherever it comes from: an event's field (HTTP body, client file, log
+/// line) or a URL path (`GET /userEvents/{userId}`). 1 to [`MAX_USER_ID_BYTES`] bytes of UTF-8 and no
+/// control character (Unicode category Cc: U+0000 to U+001F and U+007F to U+009F). The NUL it refuses
+/// is also the one character PostgreSQL's TEXT cannot hold: a userId that passes can always be stored
+/// and looked up on both stores.
+pub fn parse_user_id<'a>(user_id: impl Into<Cow<'a, str>>) -> Result<Cow<'a, str>, UserIdError> {
+    let user_id = user_id.into();
     if user_id.is_empty() {
-        return Err(EventError::invalid("userId must not be empty"));
+        return Err(UserIdError::Empty);
     }
     if user_id.chars().any(char::is_control) {
-        return Err(EventError::invalid("userId must not contain control characters"));
+        return Err(UserIdError::ControlCharacter);
     }
     if user_id.len() > MAX_USER_ID_BYTES {
-        return Err(EventError::invalid(format!(
-            "userId is {} bytes long, the limit is {MAX_USER_ID_BYTES}",
-            user_id.len()
-        )));
+        return Err(UserIdError::TooLong(user_id.len()));
     }
     Ok(user_id)
+}
+
+fn check_user_id(user_id: Cow<'_, str>) -> Result<Cow<'_, str>, EventError> {
+    parse_user_id(user_id).map_err(|e| EventError::invalid(e.to_string()))
 }
 
 fn check_event_id(id: Cow<'_, str>) -> Result<Cow<'_, str>, EventError> {
@@ -569,6 +587,19 @@ mod tests {
                 Ok(e) => panic!("{body} was accepted as {e:?}"),
             }
         }
+    }
+
+    #[test]
+    fn the_user_id_rule_is_one_for_events_and_paths() {
+        assert_eq!(parse_user_id("user 1").unwrap(), "user 1");
+        assert_eq!(parse_user_id(""), Err(UserIdError::Empty));
+        for bad in ["\0", "a\0b", "\u{1}", "a\nb", "\u{7f}", "\u{85}"] {
+            assert_eq!(parse_user_id(bad), Err(UserIdError::ControlCharacter), "{bad:?}");
+            let body = serde_json::json!({"userId": bad, "name": "add_revenue", "value": 1}).to_string();
+            let refused = Event::parse_request(body.as_bytes()).unwrap_err();
+            assert_eq!(refused, EventError::Invalid(UserIdError::ControlCharacter.to_string()), "{body}");
+        }
+        assert_eq!(parse_user_id("é".repeat(128)), Err(UserIdError::TooLong(256)));
     }
 
     #[test]

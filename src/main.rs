@@ -74,6 +74,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 limits: server::serve::Limits {
                     max_connections: args.max_connections,
                     header_read_timeout: Duration::from_secs(args.request_timeout_secs),
+                    send_timeout: Duration::from_secs(args.send_timeout_secs),
                     ..Default::default()
                 },
                 body_timeout: Duration::from_secs(args.request_timeout_secs),

@@ -21,6 +21,7 @@ const FLAGS: &[(&str, &[(&str, &str)])] = &[
             ("--body-limit", "EPS_BODY_LIMIT"),
             ("--batch-body-limit", "EPS_BATCH_BODY_LIMIT"),
             ("--request-timeout-secs", "EPS_REQUEST_TIMEOUT_SECS"),
+            ("--send-timeout-secs", "EPS_SEND_TIMEOUT_SECS"),
             ("--max-connections", "EPS_MAX_CONNECTIONS"),
             ("--segment-bytes", "EPS_SEGMENT_BYTES"),
             ("--dedup-window-secs", "EPS_DEDUP_WINDOW_SECS"),

@@ -28,7 +28,10 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-store_tests!(sql_injection_user_ids_are_stored_and_returned_verbatim);
+store_tests!(
+    sql_injection_user_ids_are_stored_and_returned_verbatim,
+    invalid_user_ids_in_the_path_are_400_on_every_store
+);
 
 /// The server's `--request-timeout-secs` in this file.
 const TIMEOUT_SECS: u64 = 1;
@@ -857,6 +860,70 @@ async fn connections_that_never_send_a_request_are_closed_by_the_request_timeout
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Issue 14, item 4: clients that pipeline requests and never read the answers. With every slot
+/// (`--max-connections 2`) held by such a client the server answered nobody else for as long as they
+/// stayed: hyper's timers cover reading a request's head, and a write to a client that does not read
+/// waits for ever. Now a write that makes no progress for `--send-timeout-secs` fails the connection and
+/// frees its slot, so a third client is answered; and both stalled connections are closed by the server.
+/// (The request timeout is long here, so only the send timeout can free the slots in time; a slow
+/// *writer* of a body is bounded by the request timeout: see "a body sent one byte every 150 ms".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_do_not_read_their_answers_lose_their_connection_slots() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let data_dir = env.data_dir.display().to_string();
+    let server_args = args(&[
+        "server", "--listen", "127.0.0.1:0", "--data-dir", &data_dir, "--max-connections", "2",
+        "--request-timeout-secs", "120",
+    ]);
+    // The send timeout by its variable (EPS_SEND_TIMEOUT_SECS is --send-timeout-secs): a build without
+    // the limit ignores it and starts, so this test fails there for the behaviour, not for a flag.
+    let server = ServerProc::start(&server_args, &[("EPS_SEND_TIMEOUT_SECS", "1".to_string())], env.tmp.path()).await;
+    // Far more answer than fits in the kernel's buffers on both sides (console.js is ~25 KB: ~25 MB).
+    let pipeline = b"GET /console/console.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".repeat(1000);
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        // Set before connecting, so the advertised window is tiny too.
+        socket.set_recv_buffer_size(1024).unwrap();
+        let stream = socket.connect(([127, 0, 0, 1], server.port).into()).await.expect("connect");
+        let (reader, mut writer) = stream.into_split();
+        let pipeline = pipeline.clone();
+        // The requests go out in their own task: the server stops reading them once its writes stall.
+        let writing = tokio::spawn(async move {
+            let _ = writer.write_all(&pipeline).await;
+            std::future::pending::<()>().await;
+            drop(writer);
+        });
+        stalled.push((reader, writing));
+    }
+    // The third client is accepted only once a slot is free; it gets its answer at all only because the
+    // stalled connections were closed (a generous limit: this is not a speed check).
+    let healthz = Req::new("GET", "/healthz").bytes();
+    let answer = exchange_within(server.port, &Send::Whole(healthz), Duration::from_secs(30)).await;
+    assert_eq!(
+        answer.status(),
+        Some(200),
+        "the third client got no answer within {:?} while two clients that do not read held the slots: {:?}",
+        answer.elapsed,
+        answer.text()
+    );
+    // The stalled connections were closed by the server (what they were sent, then EOF or a reset).
+    for (mut reader, writing) in stalled {
+        let mut buf = vec![0u8; 256 * 1024];
+        within(Duration::from_secs(60), "a stalled connection to be closed by the server", async {
+            while let Ok(n) = reader.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        writing.abort();
+    }
+    let mut server = server;
+    assert!(server.child.try_wait().unwrap().is_none(), "the server exited: {}", server.stderr());
+}
+
 // ---------------------------------------------------------------------------------------------------
 // SQL injection strings: data, never SQL, on both stores
 
@@ -907,4 +974,42 @@ async fn sql_injection_user_ids_are_stored_and_returned_verbatim(store: StoreKin
     assert_eq!(status, 404, "{body}");
     let out = env.process(&[]).await;
     assert_eq!(applied_count(&out.stdout), 0, "{out}");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Invalid userIds in the path: 400 on both stores, never the database's error
+
+/// Issue 14, item 10: `GET /userEvents/%00` reached PostgreSQL, which refused the NUL, and the answer
+/// was 503 with Retry-After: a request that can never succeed was told to retry. Every userId an event
+/// could not carry is a 400 with a JSON error, decided before the store is asked. An event whose userId
+/// holds a NUL (as the JSON escape `\u0000`) is refused at ingest, so none can reach the processor.
+async fn invalid_user_ids_in_the_path_are_400_on_every_store(store: StoreKind) {
+    let env = Env::new(store).await;
+    let server = env.server().await;
+    let http = http();
+    // The store is connected (a valid id of nobody is 404), so a 503 below could only be the id's fault.
+    let (status, body) = get_user(&http, &server.url, "nobody-yet").await;
+    assert_eq!(status, 404, "{body}");
+    let long = "a".repeat(256);
+    let long_multibyte = "%C3%A9".repeat(128);
+    let invalid = ["%00", "a%00b", "%01", "tab%09tab", "%0A", "%7F", "%C2%85", long.as_str(), long_multibyte.as_str()];
+    let mut failures = Vec::new();
+    for path in invalid {
+        let (status, text) = get_user_once(&http, &server.url, path).await;
+        let error = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["error"].as_str().map(str::to_string));
+        if status != 400 || !error.is_some_and(|e| e.contains("userId")) {
+            failures.push(format!("GET /userEvents/{}: {status} {text}", &path[..path.len().min(24)]));
+        }
+    }
+    for body in [
+        r#"{"userId":"a\u0000b","name":"add_revenue","value":1}"#,
+        r#"{"userId":"\u0000","name":"add_revenue","value":1}"#,
+    ] {
+        let (status, answer) = post_event(&http, &server.url, body).await;
+        if status != 400 || !answer["error"].as_str().is_some_and(|e| e.contains("userId")) {
+            failures.push(format!("POST /liveEvent {body}: {status} {answer}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(log_lines(&env.log_dir()).is_empty(), "a refused event reached the log");
 }

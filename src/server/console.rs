@@ -401,12 +401,41 @@ pub(super) async fn summary(State(state): State<Arc<AppState>>, headers: HeaderM
     Ok(Json(current_summary(&state).await.as_ref().clone()))
 }
 
+/// One event of `GET /console/stream`, for the OpenAPI document (OpenAPI 3.1 has the schema of a
+/// `text/event-stream` describe each event): `event: summary`, and `data` the JSON text of a [`Summary`]
+/// (`contentMediaType` and `contentSchema` say so, so a checker parses and checks it).
+pub(super) struct SummaryEvent;
+
+impl utoipa::PartialSchema for SummaryEvent {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::extensions::Extensions;
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        let mut content_schema = Extensions::default();
+        content_schema.insert("contentSchema".into(), serde_json::json!({"$ref": "#/components/schemas/Summary"}));
+        ObjectBuilder::new()
+            .property("event", ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["summary"])))
+            .required("event")
+            .property(
+                "data",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .content_media_type("application/json")
+                    .extensions(Some(content_schema))
+                    .description(Some("The JSON of GET /console/summary")),
+            )
+            .required("data")
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for SummaryEvent {}
+
 #[utoipa::path(
     get, path = "/console/stream", tag = "console",
     security(("token" = [])),
     responses(
         (status = 200, description = "Server-Sent Events: an `event: summary` whose data is the JSON of GET /console/summary, about every second, until the server stops",
-         content_type = "text/event-stream", body = String),
+         content_type = "text/event-stream", body = inline(SummaryEvent)),
         (status = 401, description = "Missing or wrong token", body = super::routes::ErrorBody),
     )
 )]

@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::event::{EventRef, MAX_USER_ID_BYTES};
+use crate::event::{parse_user_id, EventRef};
 use crate::log::{Appended, LogBatch};
 
 /// Accepts `Authorization: <token>` (what the seed's client sends) and `Authorization: Bearer <token>`.
@@ -119,12 +119,48 @@ pub(super) struct EventBody {
     user_id: String,
     #[schema(inline, example = "add_revenue")]
     name: crate::event::EventKind,
-    /// A JSON number >= 0 with at most 28 significant digits and 28 decimal places (so below 7.9e28).
-    #[schema(value_type = f64, minimum = 0, exclusive_maximum = 79228162514264337593543950335.0, example = 100)]
+    #[schema(schema_with = value_schema)]
     value: String,
     /// Idempotency key: a repeat within the server's window is answered `duplicate` and not stored.
     #[schema(min_length = 1, max_length = 128, required = false, example = "9f2c4e61a0b3d7e8-1")]
     id: Option<String>,
+}
+
+/// The schema of an event's `value`: exactly the JSON numbers `event::parse_decimal_number` takes, so
+/// a schema-valid value is never refused and a refused one is never schema-valid. The rule is "at
+/// least 0, at most 28 significant digits and 28 decimal places, and a `Decimal` can hold it"; JSON
+/// Schema has no keyword for digits, but a number of magnitude [10^k, 10^(k+1)) has at most 28
+/// significant digits exactly when it is a multiple of 10^(k-27), and at most 28 places exactly when it
+/// is a multiple of 10^-28; so one band per magnitude, each with its `multipleOf`. (`multipleOf` is
+/// about the number's exact value; schemathesis reads it so.) The top band ends at 7.922816251426433e28,
+/// the largest number a double's shortest text writes below `Decimal::MAX`: every number a JSON
+/// encoder writes from a double above it is refused, and only 17-digit-or-longer spellings between
+/// it and `Decimal::MAX` (79228162514264337593543950335) are accepted by the server but not here.
+fn value_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Type};
+    let band = |minimum: f64, exclusive: Option<f64>, maximum: Option<f64>, step: f64| {
+        ObjectBuilder::new()
+            .schema_type(Type::Number)
+            .minimum(Some(minimum))
+            .exclusive_maximum(exclusive)
+            .maximum(maximum)
+            .multiple_of(Some(step))
+    };
+    let mut bands = AnyOfBuilder::new().item(band(0.0, Some(1.0), None, 1e-28));
+    for k in 0..28 {
+        let low: f64 = format!("1e{k}").parse().expect("a power of ten");
+        let high: f64 = format!("1e{}", k + 1).parse().expect("a power of ten");
+        let step: f64 = format!("1e{}", k - 27).parse().expect("a power of ten");
+        bands = bands.item(band(low, Some(high), None, step));
+    }
+    bands = bands.item(band(1e28, None, Some(7.922816251426433e28), 10.0));
+    bands
+        .description(Some(
+            "A JSON number >= 0 with at most 28 significant digits and at most 28 decimal places, below 7.9e28 \
+             (what an exact 96-bit decimal holds): read from the number's text, never through a float.",
+        ))
+        .examples([serde_json::json!(100), serde_json::json!(12.5)])
+        .into()
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -185,6 +221,30 @@ pub(super) async fn live_event(
     Ok(Json(Received { message: "Event received", duplicate }))
 }
 
+/// The body of `POST /events` as its schema describes it (documentation only: parsing is line by line
+/// in [`post_events`]): the lines' JSON values as an array, OpenAPI 3.2's reading of JSON Lines.
+pub(super) struct EventLines;
+
+impl utoipa::PartialSchema for EventLines {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::extensions::Extensions;
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, SchemaType};
+        let mut contains = Extensions::default();
+        contains.insert("contains".into(), serde_json::json!({"$ref": "#/components/schemas/EventBody"}));
+        ArrayBuilder::new()
+            .items(ObjectBuilder::new().schema_type(SchemaType::AnyValue))
+            .max_items(Some(MAX_BATCH_EVENTS))
+            .extensions(Some(contains))
+            .examples([serde_json::json!([
+                {"userId": "user1", "name": "add_revenue", "value": 100, "id": "run7-1"},
+                {"userId": "user2", "name": "add_revenue", "value": 200, "id": "run7-2"},
+            ])])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for EventLines {}
+
 /// Most events one `POST /events` may carry.
 pub const MAX_BATCH_EVENTS: usize = 10_000;
 
@@ -223,12 +283,12 @@ pub(super) struct LineError {
     post, path = "/events", tag = "events",
     security(("token" = [])),
     request_body(
-        description = "JSON Lines: one event per line, each as POST /liveEvent takes it (blank lines are skipped). \
-                       The same body is accepted as text/plain.",
-        content(
-            (String = "application/x-ndjson"),
-            (String = "text/plain", example = json!("{\"userId\":\"user1\",\"name\":\"add_revenue\",\"value\":100,\"id\":\"run7-1\"}\n{\"userId\":\"user2\",\"name\":\"add_revenue\",\"value\":200,\"id\":\"run7-2\"}\n")),
-        ),
+        description = "JSON Lines: one JSON value per line, each line checked as POST /liveEvent checks its body; \
+                       blank lines are skipped. The schema describes the body as an array of the lines' values, \
+                       as OpenAPI 3.2 reads a sequential media type: at most 10,000 lines, at least one a valid \
+                       event (the others are refused line by line, in the answer). The same body is accepted as \
+                       application/jsonl, application/json-lines, application/json, text/plain or without Content-Type.",
+        content((inline(EventLines) = "application/x-ndjson")),
     ),
     responses(
         (status = 200, description = "Every valid line is on stable storage (in one sync); invalid lines are listed in errors and not stored", body = BatchReceived),
@@ -320,7 +380,8 @@ impl axum::response::IntoResponse for BatchError {
 #[utoipa::path(
     get, path = "/userEvents/{userId}", tag = "events",
     security(("token" = [])),
-    params(("userId" = String, Path, description = "The user, 1 to 255 bytes")),
+    params(("userId" = String, Path, description = "The user: 1 to 255 bytes of UTF-8, no control characters (the rule of an event's userId)",
+        min_length = 1, max_length = 255, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$")),
     responses(
         (status = 200, description = "The user's revenue as applied by the processor", body = UserRevenue),
         (status = 400, description = "Not a valid userId", body = ErrorBody),
@@ -337,9 +398,11 @@ pub(super) async fn user_events(
 ) -> Result<Json<UserRevenue>, ApiError> {
     authorize(&state, &headers)?;
     let Path(user_id) = user_id.map_err(|r| ApiError::BadRequest(r.body_text()))?;
-    if user_id.is_empty() || user_id.len() > MAX_USER_ID_BYTES {
-        return Err(ApiError::BadRequest(format!("userId must be 1 to {MAX_USER_ID_BYTES} bytes long")));
-    }
+    // The same rule as an event's userId: an id no event can carry is a 400 on every store, and never
+    // reaches the database (PostgreSQL refuses a NUL with an error that would read as an outage).
+    let user_id = parse_user_id(user_id)
+        .map_err(|e| ApiError::BadRequest(format!("invalid userId in the path: {e}")))?
+        .into_owned();
     let store = state.store()?;
     match store.revenue(&user_id).await? {
         Some(revenue) => Ok(Json(UserRevenue { user_id, revenue: revenue.normalize().to_string() })),

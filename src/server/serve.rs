@@ -5,14 +5,22 @@
 //! - a bound on open connections (a semaphore; at the bound, new connections wait in the kernel's
 //!   backlog instead of costing memory here);
 //! - a first-byte timeout and a header read timeout (a connection that sends nothing, or its headers
-//!   one byte at a time, is closed);
+//!   one byte at a time, is closed; hyper restarts the header timeout when a keep-alive connection
+//!   waits for its next request, so an idle connection is closed too);
+//! - a send timeout ([`Limits::send_timeout`]): a connection whose answers are not read, so that a
+//!   write makes no progress for that long, fails and frees its slot. hyper 1 and hyper-util have no
+//!   write deadline (hyper's timers cover reading the head only), so it is [`SendDeadline`], a wrapper
+//!   of the socket. (A request body is bounded by the handlers' body timeout, 408.)
 //! - HTTP/1.1 only: what the seed's clients speak. hyper-util's HTTP/1-or-2 detection runs before any
 //!   timer applies, and an idle HTTP/2 connection would hold a slot with no request in flight;
 //! - graceful shutdown: on the signal the listener closes, idle keep-alive connections are closed, and
 //!   requests in flight run to completion (bounded by [`Limits::drain_timeout`]).
 
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -20,13 +28,19 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::{Instant, Sleep};
 
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    /// Longest a connection's answer may wait for the client to take any byte of it. A client that
+    /// does not read (its receive window full) makes the server's write stall; after this long without
+    /// progress the connection is closed and its slot freed.
+    pub send_timeout: Duration,
     /// How long shutdown waits for requests in flight before giving up on them.
     pub drain_timeout: Duration,
 }
@@ -36,6 +50,7 @@ impl Default for Limits {
         Limits {
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
         }
     }
@@ -77,6 +92,7 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let first_byte_timeout = limits.header_read_timeout;
+        let send_timeout = limits.send_timeout;
         let mut stopping = stopping.clone();
         tokio::spawn(async move {
             // hyper's header timeout starts with the first byte of a request; until then, this one.
@@ -96,7 +112,8 @@ pub async fn serve(
                     return;
                 }
             }
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let io = TokioIo::new(SendDeadline::new(stream, send_timeout));
+            let connection = builder.serve_connection(io, service);
             if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
@@ -109,4 +126,110 @@ pub async fn serve(
         tracing::warn!(timeout = ?limits.drain_timeout, "requests still in flight at the end of the drain timeout");
     }
     Ok(())
+}
+
+/// A connection's socket whose writes fail with `TimedOut` once one has made no progress for the send
+/// timeout: the deadline starts when a write (or flush) first returns `Pending` and is cleared by any
+/// byte written. A client that reads, however slowly, never meets it; one that has stopped reading
+/// does, whatever hyper is doing (answering, or holding pipelined answers). The clock is tokio's, so
+/// monotonic.
+pub(crate) struct SendDeadline<T> {
+    inner: T,
+    timeout: Duration,
+    /// Armed while a write is stalled; `None` while writes make progress.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<T> SendDeadline<T> {
+    pub(crate) fn new(inner: T, timeout: Duration) -> Self {
+        SendDeadline { inner, timeout, stalled: None }
+    }
+
+    /// After the inner write said `Pending`: arms the deadline if it is not running, and fails once it
+    /// has passed. Polling the timer registers this task's waker, so hyper is woken to see the error
+    /// even if the socket never becomes writable again.
+    fn on_pending<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        let timeout = self.timeout;
+        let timer = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(Instant::now() + timeout)));
+        ready!(timer.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client took no byte of the answer for {timeout:?}"),
+        )))
+    }
+
+    fn on_progress<R>(&mut self, result: Poll<io::Result<R>>, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        match result {
+            Poll::Pending => self.on_pending(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SendDeadline<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SendDeadline<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.on_progress(result, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.on_progress(result, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        self.on_progress(result, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.on_progress(result, cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// The deadline is about progress, not total time: a reader that keeps taking bytes is never cut
+    /// off, one that stops is, and its writer gets `TimedOut` instead of waiting for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_makes_no_progress_fails_after_the_send_timeout() {
+        let (server, mut client) = tokio::io::duplex(64);
+        let mut server = SendDeadline::new(server, Duration::from_secs(5));
+        // A slow reader: 64 bytes every 4 s, always within the 5 s deadline.
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            for _ in 0..8 {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                tokio::io::AsyncReadExt::read_exact(&mut client, &mut buf).await.unwrap();
+            }
+            client // then it stops reading, and keeps the connection open
+        });
+        server.write_all(&[7u8; 64 * 9]).await.expect("a reader that keeps reading is never cut off");
+        let started = Instant::now();
+        let stalled = server.write_all(&[7u8; 64 * 2]).await.expect_err("nobody reads any more");
+        assert_eq!(stalled.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_secs(5), "{:?}", started.elapsed());
+        drop(reader.await.unwrap());
+    }
 }
