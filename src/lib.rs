@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod event;
 pub mod log;
+pub mod money;
 pub mod ops;
 pub mod processor;
 pub mod server;
