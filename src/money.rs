@@ -351,6 +351,12 @@ mod tests {
     }
 
     #[test]
+    fn a_sum_is_as_small_as_the_128_bit_one_it_replaces() {
+        // The processor keeps one per user in a hash map: the spill pointer fits the padding.
+        assert_eq!(std::mem::size_of::<ExactSum>(), 32);
+    }
+
+    #[test]
     fn merged_sums_equal_one_sum() {
         let values = ["100000000000", "0.0000000000000000000000000001", "-3.5", "79228162514264337593543950335"];
         let mut one = ExactSum::default();
