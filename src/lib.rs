@@ -11,6 +11,7 @@ pub mod demo;
 pub mod event;
 pub mod fsutil;
 pub mod log;
+pub mod money;
 pub mod ops;
 pub mod processor;
 pub mod server;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use rust_decimal::Decimal;
+use crate::money::Total;
 use serde::Serialize;
 
 use crate::log::{list_segments, LOG_DIR};
@@ -36,8 +36,8 @@ pub struct Status {
     /// Lines between the checkpoint and the end of the log (counted, not estimated).
     pub lag_events: u64,
     pub users: u64,
-    /// `None` when the sum of all revenues is beyond the exact decimal range.
-    pub total_revenue: Option<Decimal>,
+    /// The exact sum of all revenues.
+    pub total_revenue: Total,
 }
 
 impl std::fmt::Display for Status {
@@ -48,10 +48,7 @@ impl std::fmt::Display for Status {
         writeln!(f, "checkpoint       byte {} ({} events applied, {} invalid lines)", self.checkpoint, self.events_applied, self.invalid_lines)?;
         writeln!(f, "lag              {} events, {} bytes", self.lag_events, self.lag_bytes)?;
         writeln!(f, "users            {}", self.users)?;
-        match self.total_revenue {
-            Some(total) => write!(f, "total revenue    {total}"),
-            None => write!(f, "total revenue    beyond the exact decimal range"),
-        }
+        write!(f, "total revenue    {}", self.total_revenue)
     }
 }
 
@@ -85,7 +82,7 @@ pub async fn status(data_dir: &Path, database_url: Option<&str>) -> anyhow::Resu
         lag_bytes: log_end.saturating_sub(progress.position),
         lag_events,
         users: totals.users,
-        total_revenue: totals.revenue.map(|d| d.normalize()),
+        total_revenue: totals.revenue,
     })
 }
 

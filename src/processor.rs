@@ -22,11 +22,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rust_decimal::Decimal;
 
 use crate::event::EventRef;
 use crate::log::reader::{lines_of, Chunk, LogReader, ReadError};
 use crate::log::LOG_DIR;
+pub(crate) use crate::money::ExactSum;
 use crate::store::{self, Batch, CommitOutcome, InvalidLine, Store, StoreError};
 
 pub mod jetstream;
@@ -137,7 +137,7 @@ pub async fn run_with_store(
         let mut stopping = false;
         while !pending.is_full(opts.batch_bytes) {
             match tokio::task::block_in_place(|| reader.read(pending.end)) {
-                Ok(Some(chunk)) => tokio::task::block_in_place(|| pending.absorb(&chunk))?,
+                Ok(Some(chunk)) => tokio::task::block_in_place(|| pending.absorb(&chunk)),
                 Ok(None) => break,
                 // A disk error while following: nothing was applied from it; the log is read again
                 // from the checkpoint once the disk answers (a one-shot run reports it and stops).
@@ -170,7 +170,7 @@ pub async fn run_with_store(
                 _ = tokio::time::sleep(opts.poll_interval) => continue,
             }
         }
-        let (batch, batch_users) = pending.into_batch()?;
+        let (batch, batch_users) = pending.into_batch();
         let commit_started = Instant::now();
         let outcome = with_retry(&opts, || store.commit(FILE_STREAM, &batch)).await?;
         metrics::histogram!("eps_processor_commit_duration_seconds").record(commit_started.elapsed().as_secs_f64());
@@ -269,15 +269,16 @@ impl Pending {
     }
 
     /// Adds the chunk that starts at `self.end`.
-    fn absorb(&mut self, chunk: &Chunk) -> anyhow::Result<()> {
+    fn absorb(&mut self, chunk: &Chunk) {
         debug_assert_eq!(chunk.start, self.end);
-        let part = summarize(chunk)?;
+        let part = summarize(chunk);
         for (user, sum) in part.sums {
-            let slot = match self.sums.get_mut(user.as_ref()) {
-                Some(slot) => slot,
-                None => self.sums.entry(user.clone().into_owned()).or_default(),
-            };
-            *slot = slot.add(sum).ok_or_else(|| overflow_error(&user, self.from, chunk.end))?;
+            match self.sums.get_mut(user.as_ref()) {
+                Some(slot) => slot.add(sum),
+                None => {
+                    self.sums.insert(user.into_owned(), sum);
+                }
+            }
         }
         self.events += part.events;
         self.invalid.extend(part.invalid.into_iter().map(|(position, error, line)| InvalidLine {
@@ -288,35 +289,26 @@ impl Pending {
             line: excerpt(line),
         }));
         self.end = chunk.end;
-        Ok(())
     }
 
     /// The batch to commit, and a digest of each user touched (for the summary).
-    fn into_batch(self) -> anyhow::Result<(Batch, Vec<u64>)> {
+    fn into_batch(self) -> (Batch, Vec<u64>) {
         let mut digests = Vec::with_capacity(self.sums.len());
         let mut deltas = Vec::with_capacity(self.sums.len());
         for (user, sum) in self.sums {
-            let delta = sum.to_decimal().ok_or_else(|| overflow_error(&user, self.from, self.end))?;
             digests.push(user_digest(&user));
-            deltas.push((user, delta));
+            deltas.push((user, sum.total()));
         }
         let batch = Batch { from: self.from, to: self.end, deltas, events: self.events, invalid: self.invalid };
-        Ok((batch, digests))
+        (batch, digests)
     }
-}
-
-fn overflow_error(user: &str, from: u64, to: u64) -> anyhow::Error {
-    anyhow::anyhow!(
-        "the changes to the revenue of user {user:?} in log bytes {from}..{to} sum to more than an exact decimal \
-         holds (28 digits); nothing of this batch was applied"
-    )
 }
 
 /// Sums one chunk per user.
 ///
 /// Large chunks are cut at line boundaries into one part per core, summed in parallel and merged:
 /// the sums are exact whatever the order, so the result is the same as one pass.
-fn summarize(chunk: &Chunk) -> anyhow::Result<PartSums<'_>> {
+fn summarize(chunk: &Chunk) -> PartSums<'_> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_SUM_THREADS);
     let parts = split_at_lines(&chunk.data, if chunk.data.len() < PARALLEL_MIN_BYTES { 1 } else { threads });
     let partials: Vec<PartSums<'_>> = if parts.len() == 1 {
@@ -332,22 +324,14 @@ fn summarize(chunk: &Chunk) -> anyhow::Result<PartSums<'_>> {
     };
     let mut partials = partials.into_iter();
     let mut total = partials.next().unwrap_or_default();
-    if let Some(overflow) = total.overflow.take() {
-        return Err(overflow.into());
-    }
     for part in partials {
-        if let Some(overflow) = part.overflow {
-            return Err(overflow.into());
-        }
         total.events += part.events;
         total.invalid.extend(part.invalid);
         for (user, sum) in part.sums {
-            if let Some(overflow) = total.add(user, sum) {
-                return Err(SumOverflow { position: chunk.start, ..overflow }.into());
-            }
+            total.add(user, sum);
         }
     }
-    Ok(total)
+    total
 }
 
 /// Summing threads at most, and the chunk size below which one thread does it all.
@@ -378,66 +362,27 @@ struct PartSums<'a> {
     events: u64,
     /// (position, error, line) of each line that is not a valid event.
     invalid: Vec<(u64, String, &'a [u8])>,
-    /// Set when a sum outgrew even the 128-bit accumulator (the part is then abandoned).
-    overflow: Option<SumOverflow>,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "the changes to the revenue of user {user:?} near log byte {position} cannot be summed exactly; nothing \
-     of this batch was applied"
-)]
-struct SumOverflow {
-    user: String,
-    position: u64,
 }
 
 impl<'a> PartSums<'a> {
-    fn add(&mut self, user: Cow<'a, str>, sum: ExactSum) -> Option<SumOverflow> {
-        let slot = match self.sums.get_mut(user.as_ref()) {
-            Some(slot) => slot,
-            None => self.sums.entry(user.clone()).or_default(),
-        };
-        match slot.add(sum) {
-            Some(total) => {
-                *slot = total;
-                None
+    fn add(&mut self, user: Cow<'a, str>, sum: ExactSum) {
+        match self.sums.get_mut(user.as_ref()) {
+            Some(slot) => slot.add(sum),
+            None => {
+                self.sums.insert(user, sum);
             }
-            None => Some(SumOverflow { user: user.into_owned(), position: 0 }),
         }
     }
-}
 
-/// A per-user sum that never rounds: a 128-bit mantissa at the largest scale seen. 28-digit values at
-/// 28 decimal places need 10^56, more than it holds: such sums fail (the batch is refused), never round.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct ExactSum {
-    mantissa: i128,
-    scale: u32,
-}
-
-impl ExactSum {
-    pub(crate) fn of(value: Decimal) -> ExactSum {
-        ExactSum { mantissa: value.mantissa(), scale: value.scale() }
-    }
-
-    pub(crate) fn add(self, other: ExactSum) -> Option<ExactSum> {
-        if self.scale == other.scale {
-            return Some(ExactSum { mantissa: self.mantissa.checked_add(other.mantissa)?, scale: self.scale });
+    /// The hot path: one event's value.
+    #[inline]
+    fn add_event(&mut self, user: Cow<'a, str>, value: rust_decimal::Decimal) {
+        match self.sums.get_mut(user.as_ref()) {
+            Some(slot) => slot.add_decimal(value),
+            None => {
+                self.sums.insert(user, ExactSum::of(value));
+            }
         }
-        let scale = self.scale.max(other.scale);
-        let rescale = |s: ExactSum| s.mantissa.checked_mul(10i128.checked_pow(scale - s.scale)?);
-        Some(ExactSum { mantissa: rescale(self)?.checked_add(rescale(other)?)?, scale })
-    }
-
-    /// The sum as a decimal (trailing zeros dropped), `None` if it needs more than 96 bits.
-    pub(crate) fn to_decimal(self) -> Option<Decimal> {
-        let (mut mantissa, mut scale) = (self.mantissa, self.scale);
-        while scale > 0 && mantissa % 10 == 0 {
-            mantissa /= 10;
-            scale -= 1;
-        }
-        Decimal::try_from_i128_with_scale(mantissa, scale).ok()
     }
 }
 
@@ -467,11 +412,8 @@ fn sum_part(data: &[u8], start: u64) -> PartSums<'_> {
         };
         match parsed {
             Ok(event) => {
-                let sum = ExactSum::of(event.delta());
-                if let Some(overflow) = part.add(event.user_id, sum) {
-                    part.overflow = Some(SumOverflow { position, ..overflow });
-                    return part;
-                }
+                let delta = event.delta();
+                part.add_event(event.user_id, delta);
                 part.events += 1;
             }
             Err((error, line)) => part.invalid.push((position, error, line)),
@@ -540,10 +482,11 @@ impl DeadLetters {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::money::Total;
     use std::str::FromStr;
 
-    fn dec(s: &str) -> Decimal {
-        Decimal::from_str(s).unwrap()
+    fn total(s: &str) -> Total {
+        Total::from_str(s).unwrap()
     }
 
     #[test]
@@ -561,23 +504,6 @@ mod tests {
         }
         // No newline at all: one range.
         assert_eq!(split_at_lines(b"abc", 4), vec![(0, 3)]);
-    }
-
-    #[test]
-    fn exact_sums_never_round() {
-        let sum = |values: &[&str]| {
-            values.iter().fold(Some(ExactSum::default()), |acc, v| acc?.add(ExactSum::of(dec(v)))).and_then(ExactSum::to_decimal)
-        };
-        assert_eq!(sum(&["0.1"; 10]), Some(dec("1")));
-        assert_eq!(sum(&["10", "-10.50", "0.25"]), Some(dec("-0.25")));
-        assert_eq!(sum(&["10", "0.0000000000000000000000000001"]), None, "29 digits do not fit a decimal");
-        // Beyond a decimal on the way, back within it at the end: exact, so accepted.
-        let big = "79228162514264337593543950335";
-        assert_eq!(sum(&[big, big, &format!("-{big}")]), Some(dec(big)));
-        assert_eq!(sum(&[big, "1"]), None);
-        // Even 128 bits run out: 28 digits at 28 places.
-        let e = ExactSum::of(dec("1000000000000000000000000000")).add(ExactSum::of(dec("0.0000000000000000000000000001")));
-        assert_eq!(e, None);
     }
 
     /// A chunk of more than a MiB, mixing canonical lines, lines only the general parser takes (escaped
@@ -604,8 +530,8 @@ mod tests {
         crate::log::segment_name(0)
     }
 
-    fn sorted(part: &PartSums<'_>) -> Vec<(String, Decimal)> {
-        let mut v: Vec<_> = part.sums.iter().map(|(u, s)| (u.to_string(), s.to_decimal().unwrap())).collect();
+    fn sorted(part: &PartSums<'_>) -> Vec<(String, Total)> {
+        let mut v: Vec<_> = part.sums.iter().map(|(u, s)| (u.to_string(), s.clone().total())).collect();
         v.sort();
         v
     }
@@ -613,7 +539,7 @@ mod tests {
     #[test]
     fn parallel_sums_equal_one_pass() {
         let chunk = mixed_chunk();
-        let parallel = summarize(&chunk).unwrap();
+        let parallel = summarize(&chunk);
         let single = sum_part(&chunk.data, chunk.start);
         assert_eq!(sorted(&parallel), sorted(&single));
         assert_eq!(parallel.events, single.events);
@@ -623,7 +549,7 @@ mod tests {
         assert_eq!(parallel.invalid.len(), 40);
         // The escaped userId is summed under its unescaped text.
         let weird = sorted(&single).into_iter().find(|(u, _)| u == "we\"ird0").unwrap();
-        assert_eq!(weird.1, dec("1.5") * Decimal::from(1334));
+        assert_eq!(weird.1, total("2001"), "1334 times 1.5");
     }
 
     #[test]
@@ -631,12 +557,12 @@ mod tests {
         let chunk = mixed_chunk();
         let mut pending = Pending::new(chunk.start);
         assert!(!pending.is_full(usize::MAX));
-        pending.absorb(&chunk).unwrap();
+        pending.absorb(&chunk);
         let next = Chunk { start: chunk.end, end: chunk.end + chunk.data.len() as u64, ..mixed_chunk() };
-        pending.absorb(&next).unwrap();
+        pending.absorb(&next);
         assert!(pending.is_full(chunk.data.len() * 2));
         assert!(!pending.is_full(chunk.data.len() * 2 + 1));
-        let (batch, users) = pending.into_batch().unwrap();
+        let (batch, users) = pending.into_batch();
         assert_eq!((batch.from, batch.to), (chunk.start, next.end));
         assert_eq!(batch.events, 2 * (40_000 - 80));
         assert_eq!(batch.invalid.len(), 80);
@@ -644,6 +570,6 @@ mod tests {
         let single = sorted(&sum_part(&chunk.data, chunk.start));
         let mut doubled: Vec<_> = batch.deltas.clone();
         doubled.sort();
-        assert_eq!(doubled, single.into_iter().map(|(u, d)| (u, d * Decimal::TWO)).collect::<Vec<_>>());
+        assert_eq!(doubled, single.into_iter().map(|(u, d)| (u, d.clone() + d)).collect::<Vec<_>>());
     }
 }

@@ -390,3 +390,54 @@ async fn a_group_larger_than_max_payload_is_cut_into_messages_applied_once_and_r
     assert!(out.stdout.contains("applied 0 events"), "{}", out.stdout);
     assert_eq!(db.revenues(dir.path()).await, expected);
 }
+
+/// Issue 14, item 3 on JetStream: `100000000000` and `1e-28` for one user (each a valid event) sum to a
+/// total no `Decimal` holds; every processor used to exit on it, one after another, and no partition
+/// was applied any more. Expected values are the inputs' text.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sum_no_decimal_holds_is_applied_exactly_and_stops_no_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(dir.path()).await;
+    let db = TestDb::new(StoreKind::Postgres).await;
+    let mut a = args(&["process", "--log", &nats.url()]);
+    a.extend(db.args());
+    // A first run creates the stream.
+    let out = run_eps(&a, &[]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let precise = concat!(
+        r#"{"userId":"precise","name":"add_revenue","value":100000000000,"id":"p-1"}"#,
+        "\n",
+        r#"{"userId":"precise","name":"add_revenue","value":0.0000000000000000000000000001,"id":"p-2"}"#,
+        "\n",
+    );
+    js.publish("eps.events.3", precise.into()).await.unwrap().await.unwrap();
+    let others = concat!(r#"{"userId":"other","name":"add_revenue","value":2.5,"id":"o-1"}"#, "\n");
+    js.publish("eps.events.3", others.into()).await.unwrap().await.unwrap();
+    let elsewhere = concat!(r#"{"userId":"elsewhere","name":"add_revenue","value":4,"id":"e-1"}"#, "\n");
+    js.publish("eps.events.5", elsewhere.into()).await.unwrap().await.unwrap();
+
+    let out = run_eps(&a, &[]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains("applied 4 events"), "{}", out.stdout);
+    let raw = |user: &'static str| {
+        let db = &db;
+        let dir = dir.path().to_path_buf();
+        async move { db.raw_revenue(&dir, user).await }
+    };
+    assert_eq!(raw("precise").await.as_deref(), Some("100000000000.0000000000000000000000000001"));
+    assert_eq!(raw("other").await.as_deref(), Some("2.5"));
+    assert_eq!(raw("elsewhere").await.as_deref(), Some("4"));
+
+    // The partition goes on: a later message for the same user is applied on top, exactly.
+    let more = concat!(r#"{"userId":"precise","name":"subtract_revenue","value":100000000000,"id":"p-3"}"#, "\n");
+    js.publish("eps.events.3", more.into()).await.unwrap().await.unwrap();
+    let out = run_eps(&a, &[]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(raw("precise").await.as_deref(), Some("0.0000000000000000000000000001"));
+    let status = jetstream_status(&nats.url(), &db).await;
+    assert_eq!(status["total_revenue"], "6.5000000000000000000000000001", "{status}");
+}
+

@@ -149,8 +149,6 @@ struct PartitionState {
     lag: u64,
     /// Events dropped by the de-duplication window since the main loop last looked.
     duplicates: u64,
-    /// Set when the reader met a message it cannot sum; the run fails with it.
-    failed: Option<String>,
 }
 
 /// What one partition has gathered since its last commit.
@@ -254,9 +252,6 @@ impl Processor {
         for (&partition, owned) in self.owned.iter_mut() {
             let taken = {
                 let mut state = owned.shared.state.lock().expect("partition state");
-                if let Some(why) = state.failed.take() {
-                    anyhow::bail!(why);
-                }
                 duplicates += std::mem::take(&mut state.duplicates);
                 if state.batch.to <= owned.checkpoint {
                     continue;
@@ -264,16 +259,7 @@ impl Processor {
                 let to = state.batch.to;
                 std::mem::replace(&mut state.batch, PartitionBatch { to, ..Default::default() })
             };
-            let mut deltas = Vec::with_capacity(taken.sums.len());
-            for (user, sum) in taken.sums {
-                let delta = sum.to_decimal().ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "the revenue change of user {user:?} in partition {partition} is beyond an exact decimal; \
-                         nothing of this batch was applied"
-                    )
-                })?;
-                deltas.push((user, delta));
-            }
+            let deltas = taken.sums.into_iter().map(|(user, sum)| (user, sum.total())).collect();
             let batch = Batch { from: owned.checkpoint, to: taken.to, deltas, events: taken.events, invalid: taken.invalid };
             work.push((partition, checkpoint_name(stream, partition), batch));
         }
@@ -465,8 +451,8 @@ pub struct JetStreamStatus {
     pub processors: u32,
     pub partitions: Vec<PartitionStatus>,
     pub users: u64,
-    /// `None` when the sum of all revenues is beyond the exact decimal range.
-    pub total_revenue: Option<rust_decimal::Decimal>,
+    /// The exact sum of all revenues.
+    pub total_revenue: crate::money::Total,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -491,10 +477,7 @@ impl std::fmt::Display for JetStreamStatus {
         let lag: u64 = self.partitions.iter().map(|p| p.lag_messages).sum();
         writeln!(f, "lag              {lag} messages")?;
         writeln!(f, "users            {}", self.users)?;
-        match self.total_revenue {
-            Some(total) => write!(f, "total revenue    {total}"),
-            None => write!(f, "total revenue    beyond the exact decimal range"),
-        }
+        write!(f, "total revenue    {}", self.total_revenue)
     }
 }
 
@@ -621,9 +604,7 @@ impl PartitionReader {
                         if seq < next {
                             continue;
                         }
-                        if !self.take(seq, pending, &message.payload).await {
-                            return;
-                        }
+                        self.take(seq, pending, &message.payload).await;
                         next = seq + 1;
                         delay = Duration::from_millis(100);
                     }
@@ -635,29 +616,18 @@ impl PartitionReader {
         }
     }
 
-    /// Sums one message into the shared batch, waiting first while the batch is full. False when the
-    /// partition cannot go on (the main loop fails the run).
-    async fn take(&mut self, seq: u64, pending: u64, payload: &[u8]) -> bool {
+    /// Sums one message into the shared batch, waiting first while the batch is full. Every valid
+    /// event can be summed (totals are exact at any size), so a message never stops the partition.
+    async fn take(&mut self, seq: u64, pending: u64, payload: &[u8]) {
         while self.shared.state.lock().expect("partition state").batch.is_full() {
             self.work.notify_one();
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let mut state = self.shared.state.lock().expect("partition state");
         state.lag = pending;
-        let result = absorb(&mut self.seen, &mut state.batch, self.checkpoint, self.partition, &self.subject, seq, payload);
-        let ok = match result {
-            Ok(duplicates) => {
-                state.duplicates += duplicates;
-                true
-            }
-            Err(why) => {
-                state.failed = Some(why);
-                false
-            }
-        };
+        state.duplicates += absorb(&mut self.seen, &mut state.batch, self.checkpoint, &self.subject, seq, payload);
         drop(state);
         self.work.notify_one();
-        ok
     }
 }
 
@@ -668,11 +638,10 @@ fn absorb(
     seen: &mut SeenIds,
     batch: &mut PartitionBatch,
     checkpoint: u64,
-    partition: u32,
     subject: &str,
     seq: u64,
     payload: &[u8],
-) -> Result<u64, String> {
+) -> u64 {
     seen.start_message(seq);
     if seq <= checkpoint {
         for (_, line) in lines_of(payload, 0) {
@@ -680,7 +649,7 @@ fn absorb(
                 seen.insert(id_key(&id), seq);
             }
         }
-        return Ok(0);
+        return 0;
     }
     let mut duplicates = 0;
     for (index, (_, line)) in lines_of(payload, 0).enumerate() {
@@ -693,17 +662,13 @@ fn absorb(
                         continue;
                     }
                 }
-                let slot = match batch.sums.get_mut(event.user_id.as_ref()) {
-                    Some(slot) => slot,
-                    None => batch.sums.entry(event.user_id.to_string()).or_default(),
-                };
-                *slot = slot.add(ExactSum::of(event.delta())).ok_or_else(|| {
-                    format!(
-                        "the changes to the revenue of user {:?} in partition {partition} up to stream sequence {seq} \
-                         sum to more than an exact decimal holds; nothing of this batch was applied",
-                        event.user_id
-                    )
-                })?;
+                let delta = event.delta();
+                match batch.sums.get_mut(event.user_id.as_ref()) {
+                    Some(slot) => slot.add_decimal(delta),
+                    None => {
+                        batch.sums.insert(event.user_id.into_owned(), ExactSum::of(delta));
+                    }
+                }
                 batch.events += 1;
             }
             Err((error, line)) => batch.invalid.push(InvalidLine {
@@ -717,7 +682,7 @@ fn absorb(
         }
     }
     batch.to = seq;
-    Ok(duplicates)
+    duplicates
 }
 
 /// Messages asked for per pull request.

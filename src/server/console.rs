@@ -129,7 +129,7 @@ pub(crate) struct Summary {
     log: Option<LogSize>,
     /// Users with a revenue (`null` while the database is unreachable).
     users: Option<u64>,
-    /// The sum of all revenues, exact (`null` when unknown or beyond the exact decimal range).
+    /// The sum of all revenues, exact (`null` while the database is unreachable).
     total_revenue: Option<String>,
     /// The 20 users with the highest revenue, highest first.
     top_users: Vec<TopUser>,
@@ -293,11 +293,11 @@ async fn summarize(state: &AppState, accepted_total: u64, applied_total: Option<
     let Some(store) = state.store.get() else { return summary };
     if let Ok(totals) = store.totals().await {
         summary.users = Some(totals.users);
-        summary.total_revenue = totals.revenue.map(|r| r.normalize().to_string());
+        summary.total_revenue = Some(totals.revenue.to_string());
     }
     if let Ok(top) = store.top_users(TOP_USERS).await {
         summary.top_users =
-            top.into_iter().map(|(user_id, r)| TopUser { user_id, revenue: r.normalize().to_string() }).collect();
+            top.into_iter().map(|(user_id, r)| TopUser { user_id, revenue: r.to_string() }).collect();
     }
     if let Some(dir) = console.log_dir.clone() {
         if let Ok(progress) = store.progress(FILE_STREAM).await {

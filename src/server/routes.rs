@@ -95,7 +95,8 @@ pub(super) struct Received {
 pub(super) struct UserRevenue {
     #[serde(rename = "userId")]
     user_id: String,
-    /// The exact decimal as a string: JSON numbers are read as floats by most clients.
+    /// The exact decimal as a string (JSON numbers are read as floats by most clients), of any size:
+    /// totals are not bounded, only each event's value is.
     #[schema(example = "50")]
     revenue: String,
 }
@@ -405,7 +406,7 @@ pub(super) async fn user_events(
         .into_owned();
     let store = state.store()?;
     match store.revenue(&user_id).await? {
-        Some(revenue) => Ok(Json(UserRevenue { user_id, revenue: revenue.normalize().to_string() })),
+        Some(revenue) => Ok(Json(UserRevenue { user_id, revenue: revenue.to_string() })),
         None => Err(ApiError::UnknownUser(user_id)),
     }
 }

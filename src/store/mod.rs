@@ -13,9 +13,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use rust_decimal::Decimal;
 
 use crate::config::ConfigError;
+use crate::money::Total;
 
 pub mod postgres;
 pub mod sqlite;
@@ -30,8 +30,8 @@ pub struct Batch {
     pub from: u64,
     /// Checkpoint after the batch: always the end of a whole line.
     pub to: u64,
-    /// Summed change per user (each user at most once).
-    pub deltas: Vec<(String, Decimal)>,
+    /// Summed change per user (each user at most once), exact and of any size.
+    pub deltas: Vec<(String, Total)>,
     /// Number of valid events the deltas sum.
     pub events: u64,
     /// Lines in `from..to` that were not valid events.
@@ -71,7 +71,8 @@ pub struct StreamProgress {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Totals {
     pub users: u64,
-    pub revenue: Option<Decimal>,
+    /// The sum of all revenues, exact.
+    pub revenue: Total,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,9 +80,6 @@ pub enum StoreError {
     /// The database cannot be reached or is busy: retry later (HTTP 503).
     #[error("database unavailable: {0}")]
     Unavailable(String),
-    /// A total would leave the exact decimal range; nothing was written.
-    #[error("revenue of user {user_id:?} would leave the exact decimal range; nothing was written")]
-    Overflow { user_id: String },
     #[error("database error: {0}")]
     Other(String),
 }
@@ -100,16 +98,17 @@ pub trait Store: Send + Sync + 'static {
     async fn commit(&self, stream: &str, batch: &Batch) -> Result<CommitOutcome, StoreError>;
 
     /// A user's revenue, or `None` when no event of theirs was ever applied.
-    async fn revenue(&self, user_id: &str) -> Result<Option<Decimal>, StoreError>;
+    async fn revenue(&self, user_id: &str) -> Result<Option<Total>, StoreError>;
 
     /// Users in `user_id` order, at most `limit` of them.
-    async fn users(&self, limit: usize) -> Result<Vec<(String, Decimal)>, StoreError>;
+    async fn users(&self, limit: usize) -> Result<Vec<(String, Total)>, StoreError>;
 
-    /// Number of users and the sum of all revenues (`None` if that sum is beyond the exact range).
+    /// Number of users and the exact sum of all revenues.
     async fn totals(&self) -> Result<Totals, StoreError>;
 
-    /// The `limit` users with the highest revenue, highest first (equal revenues by user id).
-    async fn top_users(&self, limit: usize) -> Result<Vec<(String, Decimal)>, StoreError>;
+    /// The `limit` users with the highest revenue, highest first (equal revenues by user id), ordered
+    /// exactly: revenues that differ in their last digit are told apart whatever their size.
+    async fn top_users(&self, limit: usize) -> Result<Vec<(String, Total)>, StoreError>;
 
     /// Events applied so far, over every stream's checkpoint (the file log, or every partition).
     async fn events_applied(&self) -> Result<u64, StoreError>;

@@ -5,9 +5,11 @@
 //! and the mapping of PostgreSQL errors to [`StoreError`].
 //!
 //! Invariants:
-//! - `revenue` is the seed's unconstrained NUMERIC, so sums are exact in the database; the
-//!   `eps_revenue_exact_range` CHECK keeps every total inside what a `Decimal` holds, so a value
-//!   that could not be read back is never written (it fails the commit as `Overflow` instead).
+//! - `revenue` is the seed's unconstrained NUMERIC, so sums are exact in the database and of any size
+//!   (NUMERIC holds 131,072 integer digits). Totals cross the wire as exact decimal text both ways
+//!   (`$2::text[]` cast to NUMERIC in, `revenue::text` out) into a [`Total`]: no binding to a
+//!   fixed-size decimal narrows them. (Versions 1 and 2 of the schema bounded totals to what a
+//!   `Decimal` holds with the `eps_revenue_exact_range` CHECK; version 3 drops it.)
 //! - `commit` is one transaction whose first act is to lock the stream's checkpoint row
 //!   (`SELECT ... FOR UPDATE`): concurrent processors, in any number of processes, are serialised
 //!   there, and the compare-and-set is decided under the lock.
@@ -22,11 +24,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use rust_decimal::Decimal;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
 use super::{Batch, CommitOutcome, Store, StoreError, StreamProgress, Totals};
+use crate::money::Total;
 
 const POOL_SIZE: usize = 8;
 /// Bound on every wait for a connection: pool slot, new connection, recycle check.
@@ -39,18 +41,13 @@ const MIGRATION_LOCK_KEY: i64 = 0x0065_7073_6d69_6772;
 
 /// Schema versions, applied in order, each exactly once. Statements are idempotent on their own
 /// as well, because version 1 must adopt a `users_revenue` table created by the seed's SQL.
+///
+/// Versions 1 and 2 used to add the `eps_revenue_exact_range` CHECK (totals within a `Decimal`); a
+/// valid pair of events could then stop processing for good. They no longer add it, and version 3
+/// drops it from databases that have it.
 const MIGRATIONS: &[(i32, &str)] = &[(
     1,
     "CREATE TABLE IF NOT EXISTS users_revenue (user_id VARCHAR(255) PRIMARY KEY, revenue NUMERIC NOT NULL);
-     DO $$
-     BEGIN
-         IF NOT EXISTS (SELECT 1 FROM pg_constraint
-                        WHERE conname = 'eps_revenue_exact_range' AND conrelid = 'users_revenue'::regclass) THEN
-             ALTER TABLE users_revenue ADD CONSTRAINT eps_revenue_exact_range
-                 CHECK (revenue > -79228162514264337593543950336 AND revenue < 79228162514264337593543950336);
-         END IF;
-     END
-     $$;
      CREATE TABLE IF NOT EXISTS eps_checkpoints (
          stream TEXT PRIMARY KEY,
          position BIGINT NOT NULL,
@@ -69,13 +66,12 @@ const MIGRATIONS: &[(i32, &str)] = &[(
      );",
 ), (
     2,
-    // Version 1 bounded the magnitude only; a total such as 10.0000000000000000000000000001 passed it
-    // but cannot be read back exactly. A Decimal holds a 96-bit integer mantissa and a scale <= 28.
-    "ALTER TABLE users_revenue DROP CONSTRAINT IF EXISTS eps_revenue_exact_range;
-     ALTER TABLE users_revenue ADD CONSTRAINT eps_revenue_exact_range CHECK (
-         scale(revenue) <= 28
-         AND abs(revenue) * power(10::numeric, scale(revenue)) < 79228162514264337593543950336
-     );",
+    // Narrowed version 1's CHECK to what a Decimal reads back exactly; totals are unbounded now.
+    "ALTER TABLE users_revenue DROP CONSTRAINT IF EXISTS eps_revenue_exact_range;",
+), (
+    3,
+    // Totals are exact decimals of any size: the narrowing CHECK of versions 1 and 2 goes.
+    "ALTER TABLE users_revenue DROP CONSTRAINT IF EXISTS eps_revenue_exact_range;",
 )];
 
 pub struct PostgresStore {
@@ -147,35 +143,19 @@ impl PostgresStore {
         })
     }
 
-    /// After a CHECK violation the transaction is gone; find the user whose total would leave the
-    /// range by re-reading the batch's users. Best effort: another writer may have moved the totals
-    /// meanwhile, in which case the first user of the batch is named.
-    /// `(user_id, revenue)` rows of a query taking the row limit as `$1`.
-    async fn user_rows(&self, sql: &str, limit: usize, doing: &str) -> Result<Vec<(String, Decimal)>, StoreError> {
+    /// `(user_id, revenue::text)` rows of a query taking the row limit as `$1`.
+    async fn user_rows(&self, sql: &str, limit: usize, doing: &str) -> Result<Vec<(String, Total)>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let client = self.client().await?;
         let rows = client.query(sql, &[&limit]).await.map_err(|e| pg_error(doing, e))?;
-        rows.iter()
-            .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, Decimal>(1)?.normalize())))
-            .collect::<Result<_, tokio_postgres::Error>>()
-            .map_err(|e| pg_error(doing, e))
-    }
-
-    async fn overflowing_user(&self, deltas: &[(&str, Decimal)]) -> StoreError {
-        let first = deltas.first().map_or_else(String::new, |(u, _)| u.to_string());
-        let Ok(client) = self.client().await else { return StoreError::Overflow { user_id: first } };
-        let users: Vec<&str> = deltas.iter().map(|(u, _)| *u).collect();
-        let Ok(rows) = client
-            .query("SELECT user_id, revenue FROM users_revenue WHERE user_id = ANY($1::varchar[])", &[&users])
-            .await
-        else {
-            return StoreError::Overflow { user_id: first };
-        };
-        let current: std::collections::HashMap<String, Decimal> =
-            rows.iter().filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?))).collect();
-        let culprit =
-            deltas.iter().find(|(u, d)| crate::event::exact_add(current.get(*u).copied().unwrap_or_default(), *d).is_none());
-        StoreError::Overflow { user_id: culprit.map_or(first, |(u, _)| u.to_string()) }
+        let mut users = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let user_id: String = row.try_get(0).map_err(|e| pg_error(doing, e))?;
+            let text: String = row.try_get(1).map_err(|e| pg_error(doing, e))?;
+            let revenue = parse_revenue(&user_id, &text)?;
+            users.push((user_id, revenue));
+        }
+        Ok(users)
     }
 }
 
@@ -225,6 +205,12 @@ fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| StoreError::Other(format!("{what} {v} does not fit PostgreSQL's BIGINT")))
 }
 
+/// A revenue as `revenue::text` gives it (NUMERIC keeps its inputs' scale: "1.0"; a `Total` is
+/// normalised when shown).
+fn parse_revenue(user_id: &str, text: &str) -> Result<Total, StoreError> {
+    text.parse().map_err(|e| StoreError::Other(format!("stored revenue of user {user_id:?}: {e}")))
+}
+
 /// The URL without its password, for error messages.
 fn redact(url: &str) -> Cow<'_, str> {
     let Some((scheme, rest)) = url.split_once("://") else { return Cow::Borrowed(url) };
@@ -262,9 +248,9 @@ impl Store for PostgresStore {
     async fn commit(&self, stream: &str, batch: &Batch) -> Result<CommitOutcome, StoreError> {
         let to = to_i64(batch.to, "batch end position")?;
         let events = to_i64(batch.events, "event count")?;
-        let mut deltas: Vec<(&str, Decimal)> = batch.deltas.iter().map(|(u, d)| (u.as_str(), *d)).collect();
+        let mut deltas: Vec<(&str, String)> = batch.deltas.iter().map(|(u, d)| (u.as_str(), d.to_string())).collect();
         deltas.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let (users, amounts): (Vec<&str>, Vec<Decimal>) = deltas.iter().copied().unzip();
+        let (users, amounts): (Vec<&str>, Vec<String>) = deltas.into_iter().unzip();
 
         let mut positions = Vec::with_capacity(batch.invalid.len());
         let mut offsets = Vec::with_capacity(batch.invalid.len());
@@ -295,23 +281,16 @@ impl Store for PostgresStore {
             // Dropping `tx` rolls back (and releases the row lock).
             return Ok(CommitOutcome::Conflict { current: current as u64 });
         }
-        if !deltas.is_empty() {
-            let applied = tx
-                .execute(
-                    "INSERT INTO users_revenue (user_id, revenue)
-                     SELECT * FROM UNNEST($1::varchar[], $2::numeric[])
-                     ON CONFLICT (user_id) DO UPDATE SET revenue = users_revenue.revenue + EXCLUDED.revenue",
-                    &[&users, &amounts],
-                )
-                .await;
-            if let Err(e) = applied {
-                if e.code() == Some(&SqlState::CHECK_VIOLATION) {
-                    drop(tx);
-                    drop(client);
-                    return Err(self.overflowing_user(&deltas).await);
-                }
-                return Err(pg_error("updating revenues", e));
-            }
+        if !users.is_empty() {
+            // Exact decimal text, cast by PostgreSQL: NUMERIC takes any size the text has.
+            tx.execute(
+                "INSERT INTO users_revenue (user_id, revenue)
+                 SELECT d.user_id, d.revenue::numeric FROM UNNEST($1::varchar[], $2::text[]) AS d(user_id, revenue)
+                 ON CONFLICT (user_id) DO UPDATE SET revenue = users_revenue.revenue + EXCLUDED.revenue",
+                &[&users, &amounts],
+            )
+            .await
+            .map_err(|e| pg_error("updating revenues", e))?;
         }
         let new_invalid = if batch.invalid.is_empty() {
             0
@@ -338,21 +317,21 @@ impl Store for PostgresStore {
         Ok(CommitOutcome::Committed)
     }
 
-    async fn revenue(&self, user_id: &str) -> Result<Option<Decimal>, StoreError> {
+    async fn revenue(&self, user_id: &str) -> Result<Option<Total>, StoreError> {
         let client = self.client().await?;
         let row = client
-            .query_opt("SELECT revenue FROM users_revenue WHERE user_id = $1", &[&user_id])
+            .query_opt("SELECT revenue::text FROM users_revenue WHERE user_id = $1", &[&user_id])
             .await
             .map_err(|e| pg_error("reading a revenue", e))?;
-        // NUMERIC keeps the scale of its inputs ("1.0" after ten 0.1s); answers are normalised.
-        row.map(|r| r.try_get::<_, Decimal>(0).map(|d| d.normalize()))
-            .transpose()
-            .map_err(|e| pg_error("reading a revenue", e))
+        let Some(row) = row else { return Ok(None) };
+        let text: String = row.try_get(0).map_err(|e| pg_error("reading a revenue", e))?;
+        parse_revenue(user_id, &text).map(Some)
     }
 
-    async fn users(&self, limit: usize) -> Result<Vec<(String, Decimal)>, StoreError> {
+    async fn users(&self, limit: usize) -> Result<Vec<(String, Total)>, StoreError> {
         // Ordered by the primary key's collation (the database default), so the index serves it.
-        self.user_rows("SELECT user_id, revenue FROM users_revenue ORDER BY user_id LIMIT $1", limit, "listing users").await
+        let sql = "SELECT user_id, revenue::text FROM users_revenue ORDER BY user_id LIMIT $1";
+        self.user_rows(sql, limit, "listing users").await
     }
 
     async fn totals(&self) -> Result<Totals, StoreError> {
@@ -361,15 +340,17 @@ impl Store for PostgresStore {
             .query_one("SELECT count(*), COALESCE(sum(revenue), 0)::text FROM users_revenue", &[])
             .await
             .map_err(|e| pg_error("summing revenues", e))?;
-        let users: i64 = row.get(0);
-        let sum: String = row.get(1);
-        // from_str_exact refuses what would need rounding: a sum beyond the exact range is `None`.
-        let revenue = Decimal::from_str_exact(&sum).ok();
-        Ok(Totals { users: users as u64, revenue: revenue.map(|d| d.normalize()) })
+        let users: i64 = row.try_get(0).map_err(|e| pg_error("summing revenues", e))?;
+        let sum: String = row.try_get(1).map_err(|e| pg_error("summing revenues", e))?;
+        Ok(Totals { users: users as u64, revenue: parse_revenue("(all users)", &sum)? })
     }
 
-    async fn top_users(&self, limit: usize) -> Result<Vec<(String, Decimal)>, StoreError> {
-        let sql = "SELECT user_id, revenue FROM users_revenue ORDER BY revenue DESC, user_id LIMIT $1";
+    async fn top_users(&self, limit: usize) -> Result<Vec<(String, Total)>, StoreError> {
+        // NUMERIC orders exactly, at any size. (A full sort per call: PostgreSQL has no index on
+        // revenue; the console asks once a second.) The output column is named apart: ORDER BY
+        // `revenue` would otherwise sort the text.
+        let sql = "SELECT user_id, revenue::text AS revenue_text FROM users_revenue
+                   ORDER BY revenue DESC, user_id LIMIT $1";
         self.user_rows(sql, limit, "listing the top users").await
     }
 
@@ -495,7 +476,52 @@ mod tests {
                 .await
                 .unwrap()
                 .get(0);
-            assert_eq!(checks, 1);
+            assert_eq!(checks, 0, "totals are not bounded");
+        })
+        .await;
+    }
+
+    /// A database an older eps prepared (schema version 2, totals bounded by a CHECK) is upgraded: the
+    /// CHECK goes, and a total no `Decimal` holds commits.
+    #[tokio::test]
+    async fn the_range_check_of_older_schemas_is_dropped() {
+        with_database(|url| async move {
+            let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client
+                .batch_execute(
+                    "CREATE TABLE eps_schema_migrations (version INTEGER PRIMARY KEY);
+                     INSERT INTO eps_schema_migrations VALUES (1), (2);
+                     CREATE TABLE users_revenue (user_id VARCHAR(255) PRIMARY KEY, revenue NUMERIC NOT NULL);
+                     ALTER TABLE users_revenue ADD CONSTRAINT eps_revenue_exact_range CHECK (
+                         scale(revenue) <= 28
+                         AND abs(revenue) * power(10::numeric, scale(revenue)) < 79228162514264337593543950336);
+                     CREATE TABLE eps_checkpoints (stream TEXT PRIMARY KEY, position BIGINT NOT NULL,
+                         events_applied BIGINT NOT NULL DEFAULT 0, invalid_lines BIGINT NOT NULL DEFAULT 0,
+                         updated_at TIMESTAMPTZ);
+                     CREATE TABLE eps_invalid_lines (stream TEXT, position BIGINT, segment TEXT,
+                         segment_offset BIGINT, error TEXT, line TEXT, PRIMARY KEY (stream, position));
+                     INSERT INTO users_revenue VALUES ('old', 100000000000);",
+                )
+                .await
+                .unwrap();
+            let store = PostgresStore::connect(&url).await.unwrap();
+            let checks: i64 = client
+                .query_one("SELECT COUNT(*) FROM pg_constraint WHERE conname = 'eps_revenue_exact_range'", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(checks, 0);
+            let b = Batch {
+                from: 0,
+                to: 1,
+                deltas: vec![("old".into(), dec("0.0000000000000000000000000001"))],
+                events: 1,
+                invalid: vec![],
+            };
+            assert_eq!(store.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+            let got = store.revenue("old").await.unwrap().map(|t| t.to_string());
+            assert_eq!(got.as_deref(), Some("100000000000.0000000000000000000000000001"));
         })
         .await;
     }

@@ -4,9 +4,14 @@
 //! connection pool, and the mapping of SQLite errors to [`StoreError`].
 //!
 //! Invariants:
-//! - Revenue is stored as TEXT holding the normalised decimal string ("100.00" is stored as "100").
-//!   A NUMERIC column would hand 0.1 to SQLite's floating point; TEXT keeps it exact, and all
-//!   arithmetic happens in `eps_dec_add`, a scalar function implemented with `rust_decimal`.
+//! - Revenue is stored as TEXT holding the normalised decimal string ("100.00" is stored as "100"),
+//!   of any size. A NUMERIC column would hand 0.1 to SQLite's floating point; TEXT keeps it exact, and
+//!   all arithmetic happens in `eps_dec_add`, a scalar function that adds with `rust_decimal` when the
+//!   exact sum fits a `Decimal` and with an arbitrary-precision [`Total`] otherwise: it never fails
+//!   on a valid total and never rounds.
+//! - `revenue_key` is maintained with `revenue` in the same statement (`eps_dec_key`, see
+//!   [`crate::money::order_key`]): text whose byte order is the revenue's numeric order, indexed, so
+//!   the top users are read exactly from the index (`limit` rows), never through a REAL approximation.
 //! - Every write is one `BEGIN IMMEDIATE` transaction: the write lock is taken before the checkpoint
 //!   is read, so the compare-and-set of [`Store::commit`] cannot interleave with another writer,
 //!   in this process or another one.
@@ -25,13 +30,12 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use rust_decimal::Decimal;
 
 use super::{Batch, CommitOutcome, Store, StoreError, StreamProgress, Totals};
+use crate::money::{ExactSum, Total};
 
 /// How long a statement waits for another writer's lock before the store reports `Unavailable`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle connections kept open; more are opened on demand and closed when returned to a full pool.
 const MAX_IDLE_CONNECTIONS: usize = 8;
-/// Marker in the error `eps_dec_add` raises, so `commit` can tell overflow from other failures.
-const OVERFLOW_MARKER: &str = "eps_dec_add: result out of the exact decimal range";
 
 /// Schema versions, applied in order, each exactly once (recorded in `eps_schema_migrations`).
 const MIGRATIONS: &[(i64, &str)] = &[(
@@ -56,6 +60,13 @@ const MIGRATIONS: &[(i64, &str)] = &[(
          line TEXT,
          PRIMARY KEY (stream, position)
      );",
+), (
+    2,
+    // The exact order of revenues for the top users (version 1 ordered by CAST(revenue AS REAL), which
+    // cannot tell 10^20 from 10^20 + 1). Existing rows get their key here, once.
+    "ALTER TABLE users_revenue ADD COLUMN revenue_key TEXT;
+     UPDATE users_revenue SET revenue_key = eps_dec_key(revenue);
+     CREATE INDEX users_revenue_top ON users_revenue (revenue_key DESC, user_id);",
 )];
 
 pub struct SqliteStore {
@@ -114,27 +125,31 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
             tracing::warn!(%mode, "SQLite refused WAL mode; readers will wait for writers");
         }
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.create_scalar_function(
-            "eps_dec_add",
-            2,
-            FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
-            |ctx| {
-                let a = parse_decimal_arg(&ctx.get::<String>(0)?)?;
-                let b = parse_decimal_arg(&ctx.get::<String>(1)?)?;
-                match crate::event::exact_add(a, b) {
-                    Some(sum) => Ok(sum.normalize().to_string()),
-                    None => Err(rusqlite::Error::UserFunctionError(OVERFLOW_MARKER.into())),
-                }
-            },
-        )
+        let flags = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC;
+        conn.create_scalar_function("eps_dec_add", 2, flags, |ctx| {
+            dec_add(&ctx.get::<String>(0)?, &ctx.get::<String>(1)?).map_err(function_error)
+        })?;
+        conn.create_scalar_function("eps_dec_key", 1, flags, |ctx| {
+            Ok(Total::from_str(&ctx.get::<String>(0)?).map_err(function_error)?.order_key())
+        })
     };
     setup().map_err(|e| sql_error("configuring the connection", e))?;
     Ok(conn)
 }
 
-fn parse_decimal_arg(text: &str) -> rusqlite::Result<Decimal> {
-    Decimal::from_str(text)
-        .map_err(|e| rusqlite::Error::UserFunctionError(format!("eps_dec_add: {text:?} is not a decimal: {e}").into()))
+/// The exact sum of two decimal texts, as normalised text. `rust_decimal` when the sum fits a
+/// `Decimal` exactly (the common case, no allocation beyond the answer), arbitrary precision otherwise.
+fn dec_add(a: &str, b: &str) -> Result<String, crate::money::ParseTotalError> {
+    if let (Ok(x), Ok(y)) = (Decimal::from_str_exact(a), Decimal::from_str_exact(b)) {
+        if let Some(sum) = crate::event::exact_add(x, y) {
+            return Ok(sum.normalize().to_string());
+        }
+    }
+    Ok((Total::from_str(a)? + Total::from_str(b)?).to_string())
+}
+
+fn function_error(e: crate::money::ParseTotalError) -> rusqlite::Error {
+    rusqlite::Error::UserFunctionError(format!("stored revenue: {e}").into())
 }
 
 /// Applies the pending migrations. `BEGIN IMMEDIATE` holds the write lock from the version check to
@@ -174,18 +189,16 @@ fn commit_batch(conn: &mut Connection, stream: &str, batch: &Batch) -> Result<Co
     {
         let mut upsert = tx
             .prepare(
-                "INSERT INTO users_revenue (user_id, revenue) VALUES (?1, ?2)
-                 ON CONFLICT (user_id) DO UPDATE SET revenue = eps_dec_add(users_revenue.revenue, excluded.revenue)",
+                "INSERT INTO users_revenue (user_id, revenue, revenue_key) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (user_id) DO UPDATE SET
+                     revenue = eps_dec_add(users_revenue.revenue, excluded.revenue),
+                     revenue_key = eps_dec_key(eps_dec_add(users_revenue.revenue, excluded.revenue))",
             )
             .map_err(|e| sql_error("preparing the revenue upsert", e))?;
         for (user_id, delta) in &batch.deltas {
-            upsert.execute((user_id, delta.normalize().to_string())).map_err(|e| {
-                if e.to_string().contains(OVERFLOW_MARKER) {
-                    StoreError::Overflow { user_id: user_id.clone() }
-                } else {
-                    sql_error(&format!("updating the revenue of {user_id:?}"), e)
-                }
-            })?;
+            upsert
+                .execute((user_id, delta.to_string(), delta.order_key()))
+                .map_err(|e| sql_error(&format!("updating the revenue of {user_id:?}"), e))?;
         }
     }
     let mut new_invalid: i64 = 0;
@@ -219,9 +232,8 @@ fn commit_batch(conn: &mut Connection, stream: &str, batch: &Batch) -> Result<Co
     Ok(CommitOutcome::Committed)
 }
 
-fn parse_revenue(user_id: &str, text: &str) -> Result<Decimal, StoreError> {
-    Decimal::from_str(text)
-        .map_err(|e| StoreError::Other(format!("stored revenue {text:?} of user {user_id:?} is not a decimal: {e}")))
+fn parse_revenue(user_id: &str, text: &str) -> Result<Total, StoreError> {
+    Total::from_str(text).map_err(|e| StoreError::Other(format!("stored revenue of user {user_id:?}: {e}")))
 }
 
 fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
@@ -271,7 +283,7 @@ impl Store for SqliteStore {
         self.with_conn(move |conn| commit_batch(conn, &stream, &batch)).await
     }
 
-    async fn revenue(&self, user_id: &str) -> Result<Option<Decimal>, StoreError> {
+    async fn revenue(&self, user_id: &str) -> Result<Option<Total>, StoreError> {
         let user_id = user_id.to_owned();
         self.with_conn(move |conn| {
             let text: Option<String> = conn
@@ -283,7 +295,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn users(&self, limit: usize) -> Result<Vec<(String, Decimal)>, StoreError> {
+    async fn users(&self, limit: usize) -> Result<Vec<(String, Total)>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with_conn(move |conn| {
             user_rows(conn, "SELECT user_id, revenue FROM users_revenue ORDER BY user_id LIMIT ?1", limit, "listing users")
@@ -298,27 +310,27 @@ impl Store for SqliteStore {
             let rows = stmt
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
                 .map_err(|e| sql_error("summing revenues", e))?;
-            let mut totals = Totals { users: 0, revenue: Some(Decimal::ZERO) };
+            let (mut users, mut sum) = (0, ExactSum::default());
             for row in rows {
                 let (user_id, text) = row.map_err(|e| sql_error("summing revenues", e))?;
-                let revenue = parse_revenue(&user_id, &text)?;
-                totals.users += 1;
-                totals.revenue = totals.revenue.and_then(|sum| crate::event::exact_add(sum, revenue));
+                // Most totals fit a Decimal: summed in 128 bits, the rest exactly beside.
+                match Decimal::from_str_exact(&text) {
+                    Ok(revenue) => sum.add_decimal(revenue),
+                    Err(_) => sum.add_total(&parse_revenue(&user_id, &text)?),
+                }
+                users += 1;
             }
-            Ok(totals)
+            Ok(Totals { users, revenue: sum.total() })
         })
         .await
     }
 
-    async fn top_users(&self, limit: usize) -> Result<Vec<(String, Decimal)>, StoreError> {
-        // Revenues are exact decimal text: SQLite orders candidates by their REAL approximation (with a
-        // wide margin), and the exact order is made here from the decimals.
-        let candidates = i64::try_from(limit.saturating_mul(4).saturating_add(16)).unwrap_or(i64::MAX);
-        let sql = "SELECT user_id, revenue FROM users_revenue ORDER BY CAST(revenue AS REAL) DESC LIMIT ?1";
-        let mut users = self.with_conn(move |conn| user_rows(conn, sql, candidates, "listing the top users")).await?;
-        users.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        users.truncate(limit);
-        Ok(users)
+    async fn top_users(&self, limit: usize) -> Result<Vec<(String, Total)>, StoreError> {
+        // `revenue_key` orders exactly (see the module's invariants) and the index users_revenue_top
+        // serves this order as it is: `limit` rows read, whatever the number of users.
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = "SELECT user_id, revenue FROM users_revenue ORDER BY revenue_key DESC, user_id LIMIT ?1";
+        self.with_conn(move |conn| user_rows(conn, sql, limit, "listing the top users")).await
     }
 
     async fn events_applied(&self) -> Result<u64, StoreError> {
@@ -336,7 +348,7 @@ impl Store for SqliteStore {
 }
 
 /// `(user_id, revenue)` rows of a query taking the row limit as `?1`, revenues parsed exactly.
-fn user_rows(conn: &Connection, sql: &str, limit: i64, doing: &str) -> Result<Vec<(String, Decimal)>, StoreError> {
+fn user_rows(conn: &Connection, sql: &str, limit: i64, doing: &str) -> Result<Vec<(String, Total)>, StoreError> {
     let mut stmt = conn.prepare(sql).map_err(|e| sql_error(doing, e))?;
     let rows = stmt
         .query_map([limit], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
@@ -357,12 +369,11 @@ pub(crate) mod behaviours {
     use std::str::FromStr;
     use std::sync::Arc;
 
-    use rust_decimal::Decimal;
+    use crate::money::Total;
+    use crate::store::{Batch, CommitOutcome, InvalidLine, Store, StreamProgress};
 
-    use crate::store::{Batch, CommitOutcome, InvalidLine, Store, StoreError, StreamProgress};
-
-    pub fn dec(s: &str) -> Decimal {
-        Decimal::from_str(s).unwrap()
+    pub fn dec(s: &str) -> Total {
+        Total::from_str(s).unwrap()
     }
 
     fn batch(from: u64, to: u64, deltas: &[(&str, &str)]) -> Batch {
@@ -475,27 +486,62 @@ pub(crate) mod behaviours {
         assert_eq!(s.revenue("frank").await.unwrap(), Some(dec("1")));
     }
 
-    pub async fn overflow_writes_nothing(s: Arc<dyn Store>) {
-        let b = batch(0, 1, &[("rich", "79228162514264337593543950000"), ("grace", "5")]);
+    /// Issue 14, item 3: totals no `Decimal` holds are committed, read back and summed exactly (they
+    /// used to fail the commit, which stopped processing for every user). Expected values are text.
+    pub async fn totals_beyond_a_decimal_are_exact(s: Arc<dyn Store>) {
+        let nines = "9999999999999999999999999999";
+        let b = batch(0, 1, &[("rich", "79228162514264337593543950335"), ("precise", "100000000000"), ("grace", "5")]);
         assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
-        // "aaron" sorts before "rich" and "zoe" after it: neither may be written.
-        let b = batch(1, 2, &[("aaron", "1"), ("rich", "1000"), ("zoe", "1"), ("grace", "1")]);
-        match s.commit("main", &b).await {
-            Err(StoreError::Overflow { user_id }) => assert_eq!(user_id, "rich"),
-            other => panic!("expected Overflow, got {other:?}"),
-        }
-        assert_eq!(s.revenue("rich").await.unwrap(), Some(dec("79228162514264337593543950000")));
-        assert_eq!(s.revenue("grace").await.unwrap(), Some(dec("5")));
-        assert_eq!(s.revenue("aaron").await.unwrap(), None);
-        assert_eq!(s.revenue("zoe").await.unwrap(), None);
+        let b = batch(1, 2, &[("rich", "1000"), ("precise", "0.0000000000000000000000000001"), ("grace", "1")]);
+        assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        let text = |t: Option<Total>| t.map(|t| t.to_string());
+        assert_eq!(text(s.revenue("rich").await.unwrap()).as_deref(), Some("79228162514264337593543951335"));
+        assert_eq!(
+            text(s.revenue("precise").await.unwrap()).as_deref(),
+            Some("100000000000.0000000000000000000000000001")
+        );
+        // A delta of any size, and back across zero.
+        let huge = format!("{nines}{nines}.{nines}");
+        let b = batch(2, 3, &[("huge", &huge)]);
+        assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        let b = batch(3, 4, &[("huge", &format!("-{nines}{nines}.{nines}1"))]);
+        assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        assert_eq!(text(s.revenue("huge").await.unwrap()).as_deref(), Some("-0.00000000000000000000000000001"));
+        let totals = s.totals().await.unwrap();
+        assert_eq!(totals.users, 4);
+        // 79228162514264337593543951335 + 100000000000.0000000000000000000000000001 + 6 - 1e-29
+        assert_eq!(totals.revenue.to_string(), "79228162514264337693543951341.00000000000000000000000000009");
+        let top = s.top_users(2).await.unwrap();
+        assert_eq!(top, vec![("rich".to_string(), dec("79228162514264337593543951335")), ("precise".to_string(), dec("100000000000.0000000000000000000000000001"))]);
+        assert_eq!(s.users(10).await.unwrap().len(), 4);
         assert_eq!(
             s.progress("main").await.unwrap(),
-            StreamProgress { position: 1, events_applied: 2, invalid_lines: 0 }
+            StreamProgress { position: 4, events_applied: 8, invalid_lines: 0 }
         );
-        // The store is still usable afterwards, down to the exact edge of the range.
-        let b = batch(1, 2, &[("rich", "335"), ("grace", "1")]);
+    }
+
+    /// Issue 14, item 8: 500 revenues at 10^20 + k are one and the same double; the top 20 must still
+    /// be the 20 highest, in order. Users are named in an order unrelated to their revenue.
+    pub async fn top_users_are_exact_where_doubles_tie(s: Arc<dyn Store>) {
+        let users: Vec<(String, String)> =
+            (0..500u32).map(|k| (format!("user-{:03}", (k * 317) % 500), format!("1{k:020}"))).collect();
+        let deltas: Vec<(&str, &str)> = users.iter().map(|(u, r)| (u.as_str(), r.as_str())).collect();
+        for (i, part) in deltas.chunks(100).enumerate() {
+            let b = batch(i as u64, i as u64 + 1, part);
+            assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        }
+        let want: Vec<(String, String)> = users.iter().rev().take(20).cloned().collect();
+        assert_eq!(want[0].1, "100000000000000000499");
+        let got: Vec<(String, String)> =
+            s.top_users(20).await.unwrap().into_iter().map(|(u, r)| (u, r.to_string())).collect();
+        assert_eq!(got, want);
+        // A tie at the top is broken by user id.
+        let b = batch(5, 6, &[("a-tie", "499")]);
         assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
-        assert_eq!(s.revenue("rich").await.unwrap(), Some(Decimal::MAX));
+        let b = batch(6, 7, &[("a-tie", "100000000000000000000")]);
+        assert_eq!(s.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        let top2: Vec<String> = s.top_users(2).await.unwrap().into_iter().map(|(u, _)| u).collect();
+        assert_eq!(top2, vec!["a-tie".to_string(), want[0].0.clone()]);
     }
 
     pub async fn concurrent_processors_apply_each_batch_once(s: Arc<dyn Store>) {
@@ -544,7 +590,8 @@ macro_rules! store_behaviour_tests {
             subtraction_can_go_negative,
             unknown_user_has_no_revenue,
             invalid_lines_are_stored_once,
-            overflow_writes_nothing,
+            totals_beyond_a_decimal_are_exact,
+            top_users_are_exact_where_doubles_tie,
             concurrent_processors_apply_each_batch_once,
             top_users_are_ordered_exactly_and_applied_events_summed,
         );
@@ -610,6 +657,28 @@ mod tests {
         assert_eq!(raw, vec![("a".into(), "100".into(), "text".into()), ("b".into(), "0.1".into(), "text".into())]);
         let versions: i64 = conn.query_row("SELECT COUNT(*) FROM eps_schema_migrations", [], |r| r.get(0)).unwrap();
         assert_eq!(versions, MIGRATIONS.len() as i64);
+    }
+
+    /// A file an older eps wrote (schema version 1, no `revenue_key`) gets every row's key once, so its
+    /// top users are exact at once.
+    #[tokio::test]
+    async fn older_files_get_their_order_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eps.sqlite3");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0].1).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE eps_schema_migrations (version INTEGER PRIMARY KEY);
+                 INSERT INTO eps_schema_migrations VALUES (1);
+                 INSERT INTO users_revenue VALUES ('low', '100000000000000000001'), ('high', '100000000000000000002'),
+                                                  ('neg', '-5'), ('mid', '100000000000000000001.5');",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).await.unwrap();
+        let top: Vec<String> = store.top_users(10).await.unwrap().into_iter().map(|(u, _)| u).collect();
+        assert_eq!(top, ["high", "mid", "low", "neg"]);
     }
 
     #[tokio::test]

@@ -178,7 +178,8 @@ impl TestDb {
         }
     }
 
-    /// Every user's revenue, read from the database itself (not through eps).
+    /// Every user's revenue, read from the database itself (not through eps). Exactly: a total a
+    /// `Decimal` cannot hold fails the test here instead of being read rounded (use `raw_revenue`).
     pub async fn revenues(&self, data_dir: &Path) -> BTreeMap<String, Decimal> {
         match self.kind {
             StoreKind::Sqlite => {
@@ -192,7 +193,7 @@ impl TestDb {
                         .unwrap()
                         .map(|r| r.unwrap())
                         .map(|(u, t)| {
-                            let d = Decimal::from_str(&t).unwrap_or_else(|e| panic!("revenue {t:?} of {u:?}: {e}"));
+                            let d = Decimal::from_str_exact(&t).unwrap_or_else(|e| panic!("revenue {t:?} of {u:?}: {e}"));
                             (u, d)
                         })
                         .collect();
@@ -208,7 +209,7 @@ impl TestDb {
                     .map(|r| {
                         let u: String = r.get(0);
                         let t: String = r.get(1);
-                        let d = Decimal::from_str(&t).unwrap_or_else(|e| panic!("revenue {t:?} of {u:?}: {e}"));
+                        let d = Decimal::from_str_exact(&t).unwrap_or_else(|e| panic!("revenue {t:?} of {u:?}: {e}"));
                         (u, d)
                     })
                     .collect()
