@@ -139,7 +139,13 @@ impl World {
     }
 
     async fn totals(&self) -> BTreeMap<String, Decimal> {
-        self.store.users(100_000).await.unwrap().into_iter().collect()
+        self.store
+            .users(100_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(user, total)| (user, total.to_decimal().expect("these tests' totals fit a decimal")))
+            .collect()
     }
 
     /// What the server does at start-up (torn-tail repair, de-duplication window), then `events`
