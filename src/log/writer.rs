@@ -30,7 +30,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::durable_end::DurableEndWriter;
 use super::{id_key, list_segments, segment_name, Appended, EventLog, IdKey, IdKeyHasher, LogBatch, LogError};
+use crate::clock::wall_millis as now_millis;
 use crate::fsutil::{create_dir_durable, sync_dir, with_path};
 
 /// Most requests one group commit takes from the queue; bounds the size of one write.
@@ -421,9 +422,6 @@ fn repair_torn_tail(file: &File, path: &Path) -> io::Result<u64> {
     Ok(end)
 }
 
-pub(crate) fn now_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 /// Milliseconds on the monotonic clock since the window was made: expiry never follows the wall
 /// clock, which an operator or NTP may step by minutes in either direction.

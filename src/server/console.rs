@@ -30,7 +30,7 @@ use super::routes::authorize;
 use super::AppState;
 use crate::event::EventRef;
 use crate::log::{list_segments, Appended};
-use crate::log::writer::now_millis;
+use crate::clock::{mono_millis, wall_millis as now_millis};
 use crate::processor::FILE_STREAM;
 
 const INDEX_HTML: &str = include_str!("console/index.html");
@@ -115,6 +115,9 @@ pub(crate) struct LogSize {
 pub(crate) struct Summary {
     /// When this summary was made (Unix ms).
     now: u64,
+    /// The same moment on the monotonic clock: what freshness is judged by.
+    #[serde(skip)]
+    made_at: u64,
     /// Accepted and applied events per second over the last five minutes, oldest first.
     series: Vec<Point>,
     /// Events accepted (stored) by this server since it started.
@@ -155,11 +158,11 @@ impl Console {
     }
 
     fn is_open(&self) -> bool {
-        self.open_until.load(Ordering::Relaxed) > now_millis()
+        self.open_until.load(Ordering::Relaxed) > mono_millis()
     }
 
     fn mark_open(&self) {
-        self.open_until.store(now_millis() + OPEN_FOR_MILLIS, Ordering::Relaxed);
+        self.open_until.store(mono_millis() + OPEN_FOR_MILLIS, Ordering::Relaxed);
     }
 
     /// Counts events the log stored.
@@ -278,6 +281,7 @@ async fn summarize(state: &AppState, accepted_total: u64, applied_total: Option<
     let tail: Vec<TailEvent> = console.tail.lock().expect("console tail").events.iter().cloned().collect();
     let mut summary = Summary {
         now: now_millis(),
+        made_at: mono_millis(),
         series,
         accepted_total,
         applied_total,
@@ -372,7 +376,7 @@ async fn current_summary(state: &AppState) -> Arc<Summary> {
     let console = &state.console;
     console.mark_open();
     if let Some(summary) = console.latest.borrow().clone() {
-        if now_millis().saturating_sub(summary.now) < 2_000 {
+        if mono_millis().saturating_sub(summary.made_at) < 2_000 {
             return summary;
         }
     }

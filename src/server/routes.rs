@@ -204,7 +204,7 @@ pub(super) async fn live_event(
     require_json(&headers)?;
     let body = body_bytes(&state, body, state.body_limit).await?;
     let event = EventRef::parse_request(&body)?;
-    let ts = crate::log::writer::now_millis();
+    let ts = crate::clock::wall_millis();
     let mut batch = LogBatch::with_capacity(1);
     batch.push(&event, ts);
     let mut sampler = state.console.sampler();
@@ -313,7 +313,7 @@ pub(super) async fn post_events(
     authorize(&state, &headers)?;
     require_json_lines(&headers)?;
     let body = body_bytes(&state, body, state.batch_body_limit).await?;
-    let ts = crate::log::writer::now_millis();
+    let ts = crate::clock::wall_millis();
     let mut batch = LogBatch::with_capacity(body.len() / 64 + 1);
     let mut errors = Vec::new();
     let mut sampler = state.console.sampler();
