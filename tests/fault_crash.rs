@@ -41,6 +41,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::fault::{self, Report, Tally};
+use common::shim::Shim;
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
@@ -589,6 +590,304 @@ async fn server_killed_at_random_while_the_client_retries(scenario: &'static str
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Scenario 1b: kills aimed at the moments random kills rarely hit
+
+/// In a module of its own so that it starts early, beside the other long server scenario.
+mod aimed {
+    /// Kills aimed with the fault shim: while a group's sync is stalled, in the middle of a group's write
+    /// (a torn tail), during start-up's sync of the newest segment, and at random moments of start-up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn server_killed_between_write_and_sync_mid_write_and_during_start_up() {
+        super::server_killed_at_aimed_moments().await
+    }
+}
+
+/// Where an aimed kill lands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Aim {
+    /// A group is written, its fdatasync is stalled: the write is done, the sync is not.
+    StalledSync,
+    /// A group is half written (a prefix ending mid-line) and the write stalls: the tail is torn.
+    TornWrite,
+    /// The restarting server stalls in its start-up sync of the newest segment (recovery).
+    StartUpSync,
+    /// The restarting server is killed at a random moment of its start-up (recovery, the
+    /// de-duplication rebuild), drawn up to the time the last start-up took.
+    DuringStartUp,
+}
+
+/// A stall the test always ends by a kill; its length only bounds a test whose kill never comes.
+const AIMED_STALL_MS: i32 = 120_000;
+
+/// `eps server` spawned without waiting for it to listen (so that it can be killed while starting).
+fn spawn_server(server_args: &[String], shim: &Shim, dir: &Path) -> ChildGuard {
+    let env = shim.env();
+    let envs: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.clone())).collect();
+    ChildGuard::spawn(server_args, &envs, dir)
+}
+
+fn listening(server: &ChildGuard) -> bool {
+    server.stdout().contains("eps server listening on http://")
+}
+
+/// Hang guard for anything the aimed scenario waits for (start-up, a stall under load): generous, it
+/// only turns a hang into a failure.
+const AIMED_WAIT: Duration = Duration::from_secs(120);
+
+/// Waits until `server` listens; panics if it exits first.
+async fn wait_listening(server: &mut ChildGuard) {
+    within(AIMED_WAIT, "the restarted server to listen", async {
+        while !listening(server) {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!("the server exited with {status} while starting\nstderr:\n{}", server.stderr());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+}
+
+/// Waits until the shim reports a stall in `server`; panics if the server exits first.
+async fn wait_stalled(shim: &Shim, server: &mut ChildGuard, what: &str) {
+    within(AIMED_WAIT, what, async {
+        while !shim.stalled() {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!("{what}: the server exited with {status}\nstderr:\n{}", server.stderr());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+}
+
+async fn sigkill(p: &mut ChildGuard) {
+    assert!(kill_or_status(p).await.is_none(), "the server had exited before its kill\nstderr:\n{}", p.stderr());
+}
+
+/// The test is the client: `WORKERS` tasks each take the next batch of events (value 1, each with an id)
+/// and POST it until it is answered 200, whatever happens in between (refused connections while the
+/// server is down, answers lost to a kill, 503s). A kill is due each time the events answered pass the
+/// next threshold, so the kills are spread over the run whatever the speed. After the run: every event
+/// answered 200, each id in the log exactly once, and the totals `eps process` gives equal the test's own
+/// count of events per user.
+async fn server_killed_at_aimed_moments() {
+    const SCENARIO: &str = "server_killed_between_write_and_sync_mid_write_and_during_start_up";
+    const AIMS: [Aim; 4] = [Aim::StalledSync, Aim::TornWrite, Aim::StartUpSync, Aim::DuringStartUp];
+    const BATCH: usize = 20;
+    const WORKERS: usize = 8;
+    let started = Instant::now();
+    let seed = fault::seed(SCENARIO);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let env = Env::new(StoreKind::Sqlite).await;
+    let count = fault::scaled(12_000, 400_000);
+    let rounds = fault::scaled(3, 8);
+    let run = format!("{:016x}", rng.random::<u64>());
+    let mut want: BTreeMap<String, Decimal> = BTreeMap::new();
+    let bodies: Vec<String> = (0..count)
+        .collect::<Vec<_>>()
+        .chunks(BATCH)
+        .map(|batch| {
+            batch
+                .iter()
+                .map(|i| {
+                    let user = format!("a{}", rng.random_range(0..USERS));
+                    *want.entry(user.clone()).or_default() += Decimal::ONE;
+                    format!(
+                        r#"{{"userId":"{user}","name":"add_revenue","value":1,"id":"{run}-{}"}}"#,
+                        i + 1
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .collect();
+
+    let shim = Shim::new(env.tmp.path(), "server-events-");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let server_args = args(&[
+        "server",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+        &env.data_dir.display().to_string(),
+        "--segment-bytes",
+        &fault::scaled(256 * 1024, 8 * 1024 * 1024).to_string(),
+    ]);
+    let mut server = spawn_server(&server_args, &shim, env.tmp.path());
+    wait_listening(&mut server).await;
+
+    let next = AtomicU64::new(0);
+    let answered = AtomicU64::new(0);
+    let duplicates = AtomicU64::new(0);
+    let attempts = AtomicU64::new(0);
+    let worker = || async {
+        let http = http();
+        loop {
+            let b = next.fetch_add(1, Ordering::SeqCst) as usize;
+            let Some(body) = bodies.get(b) else { return };
+            let events = body.lines().count();
+            loop {
+                attempts.fetch_add(1, Ordering::Relaxed);
+                let sent = http
+                    .post(format!("{url}/events"))
+                    .header("Authorization", TOKEN)
+                    .header("Content-Type", "application/x-ndjson")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                if let Ok(response) = sent {
+                    let status = response.status().as_u16();
+                    if let Ok(text) = response.text().await {
+                        if status == 200 {
+                            let answer: serde_json::Value = serde_json::from_str(&text)
+                                .unwrap_or_else(|e| panic!("answer {text:?} is not JSON: {e}"));
+                            assert_eq!(answer["accepted"], events, "batch {b}: {answer}");
+                            duplicates.fetch_add(answer["duplicates"].as_u64().unwrap(), Ordering::SeqCst);
+                            answered.fetch_add(events as u64, Ordering::SeqCst);
+                            break;
+                        }
+                        assert!(status == 503, "batch {b} answered {status}: {text}");
+                    }
+                }
+                // Refused while the server is down, cut by a kill, or 503: the same batch again.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+
+    let kills_due = rounds * AIMS.len();
+    let mut kills: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut torn_tails = 0u64;
+    let mut killed_before_listening = 0u64;
+    let mut last_start_up = Duration::from_millis(100);
+    let killer = async {
+        for k in 0..kills_due {
+            let aim = AIMS[k % AIMS.len()];
+            // Due once this fraction of the events is answered: work is always left for the retries.
+            let threshold = (count as u64) * (k as u64 + 1) / (kills_due as u64 + 2);
+            within(AIMED_WAIT, "the client's progress towards the next kill", async {
+                while answered.load(Ordering::SeqCst) < threshold {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+            .await;
+            match aim {
+                Aim::StalledSync => {
+                    shim.stall_syncs_ms(AIMED_STALL_MS);
+                    wait_stalled(&shim, &mut server, "a sync of the log to stall under load").await;
+                    sigkill(&mut server).await;
+                }
+                Aim::TornWrite => {
+                    shim.stall_after_partial_write_ms(AIMED_STALL_MS);
+                    wait_stalled(&shim, &mut server, "a write of the log to stall half-way").await;
+                    sigkill(&mut server).await;
+                }
+                Aim::StartUpSync => {
+                    sigkill(&mut server).await;
+                    shim.stall_syncs_ms(AIMED_STALL_MS);
+                    let mut starting = spawn_server(&server_args, &shim, env.tmp.path());
+                    wait_stalled(&shim, &mut starting, "the restarting server to sync the newest segment").await;
+                    // The sync is stalled: nothing may be trusted or answered yet.
+                    assert!(
+                        !listening(&starting),
+                        "the server listened before its start-up sync of the newest segment\nstderr:\n{}",
+                        starting.stderr()
+                    );
+                    sigkill(&mut starting).await;
+                    killed_before_listening += 1;
+                }
+                Aim::DuringStartUp => {
+                    sigkill(&mut server).await;
+                    let mut starting = spawn_server(&server_args, &shim, env.tmp.path());
+                    let delay = rng.random_range(Duration::ZERO..last_start_up);
+                    tokio::time::sleep(delay).await;
+                    let before = !listening(&starting);
+                    sigkill(&mut starting).await;
+                    killed_before_listening += u64::from(before);
+                }
+            }
+            shim.disarm();
+            shim.clear_stalled();
+            *kills.entry(format!("{aim:?}").leak()).or_default() += 1;
+            let restart = Instant::now();
+            server = spawn_server(&server_args, &shim, env.tmp.path());
+            wait_listening(&mut server).await;
+            last_start_up = restart.elapsed();
+            if server.stderr().contains("cut a torn last line") {
+                torn_tails += 1;
+            }
+        }
+    };
+    let limit = fault::scaled(Duration::from_secs(300), Duration::from_secs(1800));
+    within(limit, "the aimed kills while the client sends (hang guard)", async {
+        futures::join!(killer, futures::future::join_all((0..WORKERS).map(|_| worker())))
+    })
+    .await;
+    let kills_total: u64 = kills.values().sum();
+    let (duplicates, attempts) = (duplicates.into_inner(), attempts.into_inner());
+    assert_eq!(answered.into_inner(), count as u64);
+    eprintln!(
+        "{SCENARIO}: {kills_total} kills {kills:?}, {killed_before_listening} before the server listened, \
+         {torn_tails} restarts cut a torn last line; {duplicates} events answered as duplicates, {attempts} requests"
+    );
+
+    server.child.start_kill().unwrap();
+    server.child.wait().await.unwrap();
+    let (counts, log_lines) = id_counts(&env.log_dir(), count);
+    let missing: Vec<usize> = (1..=count).filter(|&n| counts[n] == 0).collect();
+    let doubled: Vec<usize> = (1..=count).filter(|&n| counts[n] > 1).collect();
+    let out = env.process(&[]).await;
+    let got = env.revenues().await;
+    let t = fault::tally(&want, &got, Decimal::ONE);
+
+    Report {
+        scenario: SCENARIO,
+        store: "sqlite",
+        seed,
+        events_sent: count as u64,
+        kills: kills_total,
+        events_lost: t.events_lost,
+        events_doubled: t.events_doubled,
+        duration: started.elapsed(),
+        notes: format!(
+            "eps server SIGKILLed {kills_total} times at aimed moments while the test posted {count} events in \
+             batches of {BATCH} with ids, {WORKERS} at a time, retrying each until answered 200: {} while a \
+             group's sync was stalled (written, not synced), {} while a group's write was stalled half-way \
+             ({torn_tails} restarts cut a torn last line), {} while the restarting server's start-up sync was \
+             stalled, {} at random moments of start-up ({killed_before_listening} kills in all before the \
+             server listened); {duplicates} events answered as duplicates; the log held each id exactly once \
+             ({} missing, {} doubled); totals of eps process into SQLite against the test's own count per user",
+            kills.get("StalledSync").unwrap_or(&0),
+            kills.get("TornWrite").unwrap_or(&0),
+            kills.get("StartUpSync").unwrap_or(&0),
+            kills.get("DuringStartUp").unwrap_or(&0),
+            missing.len(),
+            doubled.len()
+        ),
+        ..Report::default()
+    }
+    .write();
+
+    assert!(
+        missing.is_empty() && doubled.is_empty() && log_lines == count,
+        "the log has {log_lines} lines for {count} events: {} ids missing (first {:?}), {} more than once (first {:?})",
+        missing.len(),
+        &missing[..missing.len().min(10)],
+        doubled.len(),
+        &doubled[..doubled.len().min(10)]
+    );
+    assert!(out.stdout.contains(" 0 invalid lines"), "eps process: {out}");
+    assert_eq!(applied_count(&out.stdout), count as u64, "eps process: {out}");
+    assert_exact(SCENARIO, &t, &want, &got);
+    // Each kill in a stalled write left a torn line, and each restart after one must have cut it.
+    let torn_kills = *kills.get("TornWrite").unwrap_or(&0);
+    assert!(torn_kills > 0 && torn_tails == torn_kills, "{torn_tails} restarts cut a torn tail after {torn_kills} kills mid-write");
+    // Groups written but not synced at a kill were unanswered; their retries must have been recognised.
+    assert!(duplicates > 0, "no retry answered as a duplicate after {} kills between write and sync", kills["StalledSync"]);
 }
 
 // ---------------------------------------------------------------------------------------------------
