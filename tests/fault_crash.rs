@@ -7,6 +7,12 @@
 //!   synced but not acknowledged were recognised as duplicates, also across restarts), and `eps process`
 //!   gives exact totals, on SQLite and on PostgreSQL (the kill phase runs once; its log is processed into
 //!   both stores).
+//! - `server_killed_between_write_and_sync_mid_write_and_during_start_up`: the test is the client (batches
+//!   with ids, each retried until answered 200) and aims each SIGKILL with the fault shim: while a group's
+//!   sync is stalled (written, not synced), while a group's write is stalled half-way (a torn tail, which
+//!   every restart after it must report cutting), while the restarting server's start-up sync of the newest
+//!   segment is stalled (which must come before it listens), and at random moments of start-up. Each id in
+//!   the log once, totals equal to the test's own count of events per user.
 //! - `processor_killed_at_random`: a log written by the test is applied by `eps process --batch-bytes 65536`
 //!   SIGKILLed at random moments, restarted each time, then left to finish: exact totals.
 //! - `processor_following_the_log_killed_at_random`: `eps process --follow` SIGKILLed at random moments and

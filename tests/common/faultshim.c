@@ -163,10 +163,11 @@ static ssize_t pwrite_common(ssize_t (*real)(int, const void *, size_t, off_t), 
     }
     int32_t partial_stall = ctl ? __atomic_load_n(&ctl->stall_partial_write_ms, __ATOMIC_SEQ_CST) : 0;
     if (partial_stall > 0 && count > 1 && fd_matches(fd)) {
-        /* A write interrupted half-way: a prefix that does not end in a newline lands, then a stall. */
+        /* A write interrupted half-way: a prefix ending inside a line (neither at nor just before a
+         * newline) lands, then a stall. */
         const char *bytes = buf;
         size_t part = count / 2;
-        while (part > 1 && bytes[part - 1] == '\n') part--;
+        while (part > 1 && (bytes[part - 1] == '\n' || bytes[part] == '\n')) part--;
         ssize_t n = real(fd, buf, part, offset);
         if (n <= 0) return n;
         __atomic_store_n(&ctl->stalled_now, 1, __ATOMIC_SEQ_CST);
