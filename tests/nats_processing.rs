@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use common::fault::{self, Report};
 use common::nats::{follower, wait_for_totals, Nats};
 use common::*;
 use rand::{Rng, SeedableRng};
@@ -65,20 +66,39 @@ fn client_args(file: &Path, urls: &[&str], extra: &[&str]) -> Vec<String> {
 
 /// Waits for a spawned client and checks that it sent every event.
 async fn client_succeeded(client: &mut ChildGuard, events: usize) {
-    let status = within(Duration::from_secs(120), "the client to finish", client.child.wait()).await.unwrap();
+    // Hang guard only (the long JetStream run sends 1,000,000 events).
+    let limit = fault::scaled(Duration::from_secs(300), Duration::from_secs(3600));
+    let status = within(limit, "the client to finish (hang guard)", client.child.wait()).await.unwrap();
     let out = client.stdout();
     assert!(status.success(), "client failed: {status}\nstdout: {out}\nstderr: {}", client.stderr());
     assert!(out.contains(&format!("accepted {events}")) || out.contains(&format!("sent {events}, accepted")), "client output: {out}");
     assert!(out.contains("failed 0"), "client output: {out}");
 }
 
+/// Events the processors have applied so far (0 until they created their tables).
+async fn applied_so_far(db: &TestDb) -> u64 {
+    let Ok((client, connection)) = tokio_postgres::connect(db.url.as_deref().unwrap(), tokio_postgres::NoTls).await
+    else {
+        return 0;
+    };
+    tokio::spawn(connection);
+    let sql = "SELECT COALESCE(SUM(events_applied), 0)::bigint FROM eps_checkpoints WHERE stream LIKE 'jetstream/%'";
+    client.query_one(sql, &[]).await.map_or(0, |row| row.get::<_, i64>(0) as u64)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_servers_and_three_processors_count_every_event_once_through_sigkills() {
+    // The JetStream row of docs/RELIABILITY.md: short here, long (more events, more kills) with
+    // EPS_FAULT_LONG=1 in scripts/fault-suite.
+    const SCENARIO: &str = "jetstream_servers_and_processors_killed_while_the_client_retries";
+    let started = Instant::now();
+    let seed = fault::seed(SCENARIO);
     let dir = tempfile::tempdir().unwrap();
     let nats = Nats::start(dir.path()).await;
     let db = TestDb::new(StoreKind::Postgres).await;
-    let events = 200_000;
-    let (file, expected) = generate(dir.path(), events, 2_000, 8);
+    let events = fault::scaled(200_000, 1_000_000);
+    let rounds: u64 = fault::scaled(2, 20);
+    let (file, expected) = generate(dir.path(), events, 2_000, seed);
 
     let mut servers = [
         nats_server(dir.path(), &nats.url(), 0, "server-a").await,
@@ -86,22 +106,68 @@ async fn two_servers_and_three_processors_count_every_event_once_through_sigkill
     ];
     let mut processors: Vec<ChildGuard> = (0..3).map(|_| follower(dir.path(), &nats.url(), &db, &[])).collect();
     let (url_a, url_b) = (servers[0].url.clone(), servers[1].url.clone());
-    let port_a = servers[0].port;
 
     let mut client = ChildGuard::spawn(&client_args(&file, &[&url_a, &url_b], &["--batch", "50", "--concurrency", "4"]), &[], dir.path());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(client.child.try_wait().unwrap().is_none(), "the client finished before the kills: make the run longer");
-    // SIGKILL one server and one processor mid-run, and restart them a little later.
-    servers[0].kill().await;
-    processors[0].child.start_kill().unwrap();
-    processors[0].child.wait().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert!(client.child.try_wait().unwrap().is_none(), "the client finished during the outage: make the run longer");
-    servers[0] = nats_server(dir.path(), &nats.url(), port_a, "server-a").await;
-    processors[0] = follower(dir.path(), &nats.url(), &db, &[]);
+    // Each round SIGKILLs one server and one processor once the events applied pass the round's point (a
+    // random point in each of equal stretches of the first half of the events: the processors follow
+    // the client closely, so it is still sending), and restarts both once the next requests went to the
+    // other server. Progress decides, not time: no assumption about the machine's speed.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let points: Vec<u64> = (0..rounds)
+        .map(|r| ((r as f64 + rng.random_range(0.0..1.0)) * events as f64 / 2.0 / rounds as f64) as u64)
+        .collect();
+    let (mut kills, mut kills_while_sending) = (0u64, 0u64);
+    for (round, point) in points.iter().enumerate() {
+        within(Duration::from_secs(600), "the events applied to pass the next kill point (hang guard)", async {
+            while applied_so_far(&db).await < *point {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let (s, p) = (round % 2, round % 3);
+        let port = servers[s].port;
+        kills_while_sending += u64::from(client.child.try_wait().unwrap().is_none());
+        servers[s].kill().await;
+        processors[p].child.start_kill().unwrap();
+        processors[p].child.wait().await.unwrap();
+        kills += 2;
+        // The other server and processors carry on meanwhile; a little progress before the restart.
+        let applied = applied_so_far(&db).await;
+        within(Duration::from_secs(600), "progress while a server and a processor are down (hang guard)", async {
+            while applied_so_far(&db).await < applied + 500 && client.child.try_wait().unwrap().is_none() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let name = if s == 0 { "server-a" } else { "server-b" };
+        servers[s] = nats_server(dir.path(), &nats.url(), port, name).await;
+        processors[p] = follower(dir.path(), &nats.url(), &db, &[]);
+    }
+    // The points lie in the first half of the events: the kills landed while the client was sending.
+    assert!(kills_while_sending > 0, "every kill came after the client had finished");
 
     client_succeeded(&mut client, events).await;
+    // Returns only once every user's total is exact and the checkpoints count each event once (it
+    // panics otherwise, and no report is written: the fault suite stops there).
     wait_for_totals(&db, dir.path(), &expected, events as u64, None).await;
+    Report {
+        scenario: SCENARIO,
+        store: "postgres",
+        seed,
+        events_sent: events as u64,
+        kills,
+        events_lost: 0,
+        events_doubled: 0,
+        duration: started.elapsed(),
+        notes: format!(
+            "JetStream log: two eps server and three eps process --follow; {rounds} rounds each SIGKILLed one \
+             server and one processor at a point of progress ({kills_while_sending} of them while eps client \
+             still sent, --batch 50 --concurrency 4 across both servers, retries) and restarted them; totals in \
+             PostgreSQL exact"
+        ),
+        ..Report::default()
+    }
+    .write();
 
     // The three processors share the 16 partitions: each holds some, and together all of them.
     let (pg, connection) = tokio_postgres::connect(db.url.as_deref().unwrap(), tokio_postgres::NoTls).await.unwrap();

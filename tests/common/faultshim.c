@@ -14,6 +14,9 @@
  *  28  int32  stalled_now          1 while a matching sync is stalled (written by the shim)
  *  32  int32  fail_rename          the next N matching renames fail with EIO
  *  36  int32  count_syncs          when 1, syncs_seen counts matching syncs even with no fault armed
+ *  40  int32  stall_partial_write_ms  each matching pwrite writes a part of its bytes (never ending in a
+ *                                  newline, so the file's last line is torn), sets stalled_now and sleeps
+ *                                  this long, then writes the rest: a SIGKILL meanwhile leaves a torn tail
  *  64  char[64] filter             only fds whose path contains this text are affected ("" = all)
  *
  * "Matching" means the file descriptor's path (from /proc/self/fd) contains the filter (a filter ending
@@ -43,7 +46,8 @@ struct ctl {
     int32_t stalled_now;
     int32_t fail_rename;
     int32_t count_syncs;
-    char pad[64 - 40];
+    int32_t stall_partial_write_ms;
+    char pad[64 - 44];
     char filter[64];
 };
 
@@ -69,7 +73,8 @@ static int armed(void) {
                    __atomic_load_n(&ctl->fail_pwrite, __ATOMIC_SEQ_CST) > 0 ||
                    __atomic_load_n(&ctl->stall_sync_ms, __ATOMIC_SEQ_CST) > 0 ||
                    __atomic_load_n(&ctl->fail_rename, __ATOMIC_SEQ_CST) > 0 ||
-                   __atomic_load_n(&ctl->count_syncs, __ATOMIC_SEQ_CST) > 0);
+                   __atomic_load_n(&ctl->count_syncs, __ATOMIC_SEQ_CST) > 0 ||
+                   __atomic_load_n(&ctl->stall_partial_write_ms, __ATOMIC_SEQ_CST) > 0);
 }
 
 static void trace_sync(const char *what, int fd) {
@@ -155,6 +160,22 @@ static ssize_t pwrite_common(ssize_t (*real)(int, const void *, size_t, off_t), 
         pwrite_fail_pending = 0;
         errno = ENOSPC;
         return -1;
+    }
+    int32_t partial_stall = ctl ? __atomic_load_n(&ctl->stall_partial_write_ms, __ATOMIC_SEQ_CST) : 0;
+    if (partial_stall > 0 && count > 1 && fd_matches(fd)) {
+        /* A write interrupted half-way: a prefix ending inside a line (neither at nor just before a
+         * newline) lands, then a stall. */
+        const char *bytes = buf;
+        size_t part = count / 2;
+        while (part > 1 && (bytes[part - 1] == '\n' || bytes[part] == '\n')) part--;
+        ssize_t n = real(fd, buf, part, offset);
+        if (n <= 0) return n;
+        __atomic_store_n(&ctl->stalled_now, 1, __ATOMIC_SEQ_CST);
+        struct timespec ts = {partial_stall / 1000, (long)(partial_stall % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+        __atomic_store_n(&ctl->stalled_now, 0, __ATOMIC_SEQ_CST);
+        ssize_t rest = real(fd, bytes + n, count - (size_t)n, offset + n);
+        return rest < 0 ? n : n + rest;
     }
     if (armed() && count > 1 && fd_matches(fd) && take(&ctl->fail_pwrite)) {
         /* A full disk mid-write: half the bytes land, the rest is refused on the next call. */

@@ -38,6 +38,7 @@ const STALL_SYNC_MS: u64 = 20;
 const SYNCS_SEEN: u64 = 24;
 const STALLED_NOW: u64 = 28;
 const COUNT_SYNCS: u64 = 36;
+const STALL_PARTIAL_WRITE_MS: u64 = 40;
 const FILTER: u64 = 64;
 
 /// One control file; every process started with [`Shim::env`] obeys it.
@@ -96,9 +97,19 @@ impl Shim {
     pub fn stall_syncs_ms(&self, ms: i32) {
         self.set_i32(STALL_SYNC_MS, ms);
     }
-    /// Whether a matching sync is stalled right now.
+    /// Every write of more than one byte to a matching file writes a part of its bytes (a prefix that
+    /// does not end in a newline), then sleeps this long ([`Shim::stalled`] is true meanwhile), then
+    /// writes the rest (0: no stall). A SIGKILL during the stall leaves a torn last line.
+    pub fn stall_after_partial_write_ms(&self, ms: i32) {
+        self.set_i32(STALL_PARTIAL_WRITE_MS, ms);
+    }
+    /// Whether a matching sync (or a partial write, see above) is stalled right now.
     pub fn stalled(&self) -> bool {
         self.get_i32(STALLED_NOW) == 1
+    }
+    /// Forgets a stall whose process was killed during it (the shim had no chance to clear the flag).
+    pub fn clear_stalled(&self) {
+        self.set_i32(STALLED_NOW, 0);
     }
     /// Count matching syncs from now on (reset to zero).
     pub fn count_syncs(&self) {
@@ -114,7 +125,7 @@ impl Shim {
     }
     /// Disarms every fault (the trace and the sync count go on).
     pub fn disarm(&self) {
-        for at in [FAIL_FDATASYNC, FAIL_FSYNC, FAIL_PWRITE, STALL_SYNC_MS] {
+        for at in [FAIL_FDATASYNC, FAIL_FSYNC, FAIL_PWRITE, STALL_SYNC_MS, STALL_PARTIAL_WRITE_MS] {
             self.set_i32(at, 0);
         }
         self.wall_clock_offset_ms(0);
