@@ -83,8 +83,8 @@ impl std::fmt::Display for ProcessSummary {
         let rate = if secs > 0.0 { self.events_applied as f64 / secs } else { 0.0 };
         write!(
             f,
-            "applied {} events for {} users, {} invalid lines, in {:.2}s ({:.0} events/s); checkpoint at byte {}",
-            self.events_applied, self.users_touched, self.invalid_lines, secs, rate, self.position
+            "applied {} events for {} users, {} invalid lines, {} conflicts, in {:.2}s ({:.0} events/s); checkpoint at byte {}",
+            self.events_applied, self.users_touched, self.invalid_lines, self.conflicts, secs, rate, self.position
         )
     }
 }
