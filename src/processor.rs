@@ -83,8 +83,8 @@ impl std::fmt::Display for ProcessSummary {
         let rate = if secs > 0.0 { self.events_applied as f64 / secs } else { 0.0 };
         write!(
             f,
-            "applied {} events for {} users, {} invalid lines, in {:.2}s ({:.0} events/s); checkpoint at byte {}",
-            self.events_applied, self.users_touched, self.invalid_lines, secs, rate, self.position
+            "applied {} events for {} users, {} invalid lines, {} conflicts, in {:.2}s ({:.0} events/s); checkpoint at byte {}",
+            self.events_applied, self.users_touched, self.invalid_lines, self.conflicts, secs, rate, self.position
         )
     }
 }
@@ -483,11 +483,7 @@ impl DeadLetters {
 mod tests {
     use super::*;
     use crate::money::Total;
-    use std::str::FromStr;
-
-    fn total(s: &str) -> Total {
-        Total::from_str(s).unwrap()
-    }
+    use std::collections::BTreeMap;
 
     #[test]
     fn split_at_lines_covers_the_data_and_cuts_after_newlines() {
@@ -509,21 +505,58 @@ mod tests {
     /// A chunk of more than a MiB, mixing canonical lines, lines only the general parser takes (escaped
     /// userId, whitespace, exponent), blank and invalid lines.
     fn mixed_chunk() -> Chunk {
+        mixed_chunk_and_totals().0
+    }
+
+    /// [`mixed_chunk`] and the totals its lines must give, in hundredths, kept here from the numbers each
+    /// line is written with (integer arithmetic: no eps code, no decimal type).
+    fn mixed_chunk_and_totals() -> (Chunk, BTreeMap<String, i128>) {
         let mut data = Vec::new();
+        let mut want = BTreeMap::<String, i128>::new();
         for i in 0..40_000u64 {
-            let line = match i % 10 {
-                0 => format!(r#"{{"userId":"we\"ird{}","name":"add_revenue","value":1.5}}"#, i % 3),
-                1 => format!(r#"{{ "userId": "user{}", "name": "subtract_revenue", "value": 2e-1 }}"#, i % 101),
-                2 if i % 1000 == 2 => "not json".to_string(),
-                3 if i % 1000 == 3 => "   ".to_string(),
-                _ => format!(r#"{{"userId":"user{}","name":"add_revenue","value":{}.{:02},"id":"r-{i}","ts":1}}"#, i % 101, i % 7, i % 100),
+            let (line, change) = match i % 10 {
+                0 => (
+                    format!(r#"{{"userId":"we\"ird{}","name":"add_revenue","value":1.5}}"#, i % 3),
+                    Some((format!("we\"ird{}", i % 3), 150)),
+                ),
+                1 => (
+                    format!(r#"{{ "userId": "user{}", "name": "subtract_revenue", "value": 2e-1 }}"#, i % 101),
+                    Some((format!("user{}", i % 101), -20)),
+                ),
+                2 if i % 1000 == 2 => ("not json".to_string(), None),
+                3 if i % 1000 == 3 => ("   ".to_string(), None),
+                _ => (
+                    format!(
+                        r#"{{"userId":"user{}","name":"add_revenue","value":{}.{:02},"id":"r-{i}","ts":1}}"#,
+                        i % 101,
+                        i % 7,
+                        i % 100
+                    ),
+                    Some((format!("user{}", i % 101), i128::from(i % 7) * 100 + i128::from(i % 100))),
+                ),
             };
             data.extend_from_slice(line.as_bytes());
             data.push(b'\n');
+            if let Some((user, hundredths)) = change {
+                *want.entry(user).or_default() += hundredths;
+            }
         }
         assert!(data.len() > PARALLEL_MIN_BYTES);
         let start = 1_000;
-        Chunk { start, end: start + data.len() as u64, segment: segment_name_for_test(), segment_base: 0, data }
+        let chunk = Chunk { start, end: start + data.len() as u64, segment: segment_name_for_test(), segment_base: 0, data };
+        (chunk, want)
+    }
+
+    /// A total's text (plain, at most two decimal places in these tests) in hundredths, parsed here.
+    fn hundredths(text: &str) -> i128 {
+        let (sign, digits) = text.strip_prefix('-').map_or((1, text), |rest| (-1, rest));
+        let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+        assert!(frac.len() <= 2 && !int.is_empty(), "{text:?}");
+        sign * format!("{int}{frac:0<2}").parse::<i128>().unwrap_or_else(|e| panic!("{text:?}: {e}"))
+    }
+
+    fn in_hundredths(totals: Vec<(String, Total)>) -> BTreeMap<String, i128> {
+        totals.into_iter().map(|(u, t)| (u, hundredths(&t.to_string()))).collect()
     }
 
     fn segment_name_for_test() -> String {
@@ -538,9 +571,13 @@ mod tests {
 
     #[test]
     fn parallel_sums_equal_one_pass() {
-        let chunk = mixed_chunk();
+        let (chunk, want) = mixed_chunk_and_totals();
         let parallel = summarize(&chunk);
         let single = sum_part(&chunk.data, chunk.start);
+        // Against totals kept from the input's numbers (not against sum_part alone, which summarize calls:
+        // a fault in it would be on both sides).
+        assert_eq!(in_hundredths(sorted(&parallel)), want);
+        assert_eq!(in_hundredths(sorted(&single)), want);
         assert_eq!(sorted(&parallel), sorted(&single));
         assert_eq!(parallel.events, single.events);
         assert_eq!(parallel.events, 40_000 - 40 - 40, "every line but the invalid and the blank ones");
@@ -549,12 +586,12 @@ mod tests {
         assert_eq!(parallel.invalid.len(), 40);
         // The escaped userId is summed under its unescaped text.
         let weird = sorted(&single).into_iter().find(|(u, _)| u == "we\"ird0").unwrap();
-        assert_eq!(weird.1, total("2001"), "1334 times 1.5");
+        assert_eq!(weird.1.to_string(), "2001", "1334 times 1.5");
     }
 
     #[test]
     fn a_transaction_gathers_chunks_until_full() {
-        let chunk = mixed_chunk();
+        let (chunk, want) = mixed_chunk_and_totals();
         let mut pending = Pending::new(chunk.start);
         assert!(!pending.is_full(usize::MAX));
         pending.absorb(&chunk);
@@ -567,9 +604,8 @@ mod tests {
         assert_eq!(batch.events, 2 * (40_000 - 80));
         assert_eq!(batch.invalid.len(), 80);
         assert_eq!(users.len(), batch.deltas.len());
-        let single = sorted(&sum_part(&chunk.data, chunk.start));
-        let mut doubled: Vec<_> = batch.deltas.clone();
-        doubled.sort();
-        assert_eq!(doubled, single.into_iter().map(|(u, d)| (u, d.clone() + d)).collect::<Vec<_>>());
+        // The same chunk twice: every total doubled, against totals kept from the input's numbers.
+        let doubled: BTreeMap<String, i128> = want.into_iter().map(|(u, h)| (u, 2 * h)).collect();
+        assert_eq!(in_hundredths(batch.deltas.clone()), doubled);
     }
 }

@@ -44,15 +44,23 @@ async fn four_processors_at_once_apply_100k_events_exactly_once(store: StoreKind
     let want = expected_totals(events.iter().map(|(u, n, v)| (u.as_str(), *n, v.as_str())));
     assert!(want.len() > 990, "{} users", want.len());
 
-    let runs: Vec<_> = (0..4).map(|_| env.process(&["--batch-bytes", "65536"])).collect();
+    // Small batches (16 KiB of a ~6 MB log: hundreds of commits each) and four processors started
+    // together, so they run at the same time. Then contention is certain, not lucky: a processor moves
+    // on from its own commit's end without reading the checkpoint again, so two that run at once keep
+    // trying to commit batches from the same positions, and all but one of each such attempt conflict.
+    // Only processors that never overlapped (each starting after the last finished) would see none.
+    let runs: Vec<_> = (0..4).map(|_| env.process(&["--batch-bytes", "16384"])).collect();
     let outputs = futures::future::join_all(runs).await;
-    let applied: u64 = outputs.iter().map(|o| applied_count(&o.stdout)).sum();
-    assert_eq!(applied, EVENTS as u64, "the four runs together applied {applied} events");
-    let busy = outputs.iter().filter(|o| applied_count(&o.stdout) > 0).count();
-    eprintln!(
-        "{busy} of 4 processors applied events: {:?}",
-        outputs.iter().map(|o| applied_count(&o.stdout)).collect::<Vec<_>>()
+    let applied: Vec<u64> = outputs.iter().map(|o| applied_count(&o.stdout)).collect();
+    let conflicts: Vec<u64> = outputs.iter().map(|o| conflict_count(&o.stdout)).collect();
+    eprintln!("applied per processor: {applied:?}; conflicts per processor: {conflicts:?}");
+    assert_eq!(applied.iter().sum::<u64>(), EVENTS as u64, "the four runs together applied {applied:?} events");
+    assert!(
+        conflicts.iter().sum::<u64>() > 0,
+        "the four processors never contended (conflicts {conflicts:?}): this test showed nothing about concurrency"
     );
+    let busy = applied.iter().filter(|&&n| n > 0).count();
+    assert!(busy >= 2, "only {busy} of 4 processors applied events: {applied:?}");
 
     assert_totals(&env.revenues().await, &want);
 
@@ -65,7 +73,8 @@ async fn four_processors_at_once_apply_100k_events_exactly_once(store: StoreKind
 /// several segments past the one it was reading, and must go on from there (not fail with "position is
 /// not in the log").
 async fn a_processor_that_loses_a_race_goes_on_from_a_checkpoint_several_segments_ahead(store: StoreKind) {
-    // The race is timing-dependent: a few rounds make it all but certain to happen at least once.
+    // Four processors started together on ~2 MB in 64 KiB batches always contend (see the test above);
+    // each round asserts it, so the "checkpoint several segments ahead" path is taken every round.
     for round in 0..3 {
         let env = Env::new(store).await;
         let events: Vec<(String, &str, &str)> =
@@ -79,6 +88,9 @@ async fn a_processor_that_loses_a_race_goes_on_from_a_checkpoint_several_segment
         }
         let applied: u64 = outputs.iter().map(|o| applied_count(&o.stdout)).sum();
         assert_eq!(applied, 40_000);
+        let conflicts: Vec<u64> = outputs.iter().map(|o| conflict_count(&o.stdout)).collect();
+        eprintln!("round {round}: conflicts per processor {conflicts:?}");
+        assert!(conflicts.iter().sum::<u64>() > 0, "round {round}: no processor lost a race: {conflicts:?}");
         let want = expected_totals(events.iter().map(|(u, n, v)| (u.as_str(), *n, *v)));
         assert_totals(&env.revenues().await, &want);
     }

@@ -129,11 +129,17 @@ async fn sigterm_does_not_wait_for_connections_that_sent_nothing() {
     // One request answered, so the server is surely serving (and the silent ones are accepted).
     let (status, _) = post_event(&http(), &server.url, r#"{"userId":"u","name":"add_revenue","value":1}"#).await;
     assert_eq!(status, 200);
-    let asked = std::time::Instant::now();
     server.sigterm().await;
-    let status = server.wait(Duration::from_secs(30)).await;
+    // A server that waited for the silent connections would be held until the end of its drain timeout
+    // (30 s, before their 60 s request timeout) and say so; that message is what is checked. The 40 s
+    // limit only guards against a hang (no speed is asserted).
+    let status = server.wait(Duration::from_secs(40)).await;
     assert_eq!(status.code(), Some(0), "server exit: {status}\nstderr:\n{}", server.stderr());
-    assert!(asked.elapsed() < Duration::from_secs(10), "shutdown took {:?} with 3 silent connections", asked.elapsed());
+    assert!(
+        !server.stderr().contains("still in flight at the end of the drain timeout"),
+        "shutdown waited for 3 silent connections:\n{}",
+        server.stderr()
+    );
     drop(silent);
 }
 

@@ -17,6 +17,10 @@
 //!     nor the ones appended after a restart; its id is not in the de-duplication window, so the
 //!     client's re-send is stored and applied once.
 //!
+//! The oracle is independent of eps: inputs are literal JSON text written here, and expected totals
+//! are summed from that text in fixed-point integers (`units`), compared with the text the store holds.
+//! eps's `Event` is used only where the server would use it, to hand the re-sent events to `FileLog`.
+//!
 //! Every cut runs through the library (`eps::processor::run_with_store` on a `SqliteStore` in a fresh
 //! data directory) with a batch size drawn from the scenario's seed, so chunk ends fall everywhere; a
 //! few sampled cuts run through the real binaries (`eps process`, `eps server`).
@@ -36,7 +40,6 @@ use eps::processor::{run_with_store, ProcessOptions, ProcessSummary};
 use eps::store::sqlite::SqliteStore;
 use eps::store::Store;
 use rand::{Rng as _, SeedableRng as _};
-use rust_decimal::Decimal;
 use serde_json::Value;
 
 /// The `ts` of the prepared lines: now, so their ids are inside the server's de-duplication window
@@ -47,22 +50,60 @@ fn now_ms() -> u64 {
 /// The torn event's idempotency key: the client re-sends it with the same id.
 const TORN_ID: &str = "torn-run-7";
 
-fn event(user: &str, name: &str, value: &str, id: Option<&str>) -> Event {
-    let id = id.map(|id| format!(r#","id":{}"#, serde_json::to_string(id).unwrap())).unwrap_or_default();
-    let body = format!(r#"{{"userId":{},"name":"{name}","value":{value}{id}}}"#, serde_json::to_string(user).unwrap());
-    Event::parse_request(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"))
+/// An event as this test writes it: plain text, not eps's `Event`.
+#[derive(Debug, Clone)]
+struct Ev {
+    user: &'static str,
+    name: &'static str,
+    /// The value's JSON number text, plain and normalised (as the writer writes it).
+    value: &'static str,
+    id: Option<&'static str>,
 }
 
-/// One log line as the writer writes it, with its newline.
-fn line_of(e: &Event) -> Vec<u8> {
-    let mut out = Vec::new();
-    e.write_log_line(now_ms(), &mut out);
-    out.push(b'\n');
-    out
+fn event(user: &'static str, name: &'static str, value: &'static str, id: Option<&'static str>) -> Ev {
+    Ev { user, name, value, id }
+}
+
+/// `,"id":"…"` or nothing.
+fn id_field(e: &Ev) -> String {
+    e.id.map(|id| format!(r#","id":{}"#, serde_json::to_string(id).unwrap())).unwrap_or_default()
+}
+
+/// The request body a client sends for `e`.
+fn request_of(e: &Ev) -> String {
+    format!(r#"{{"userId":{},"name":"{}","value":{}{}}}"#, serde_json::to_string(e.user).unwrap(), e.name, e.value, id_field(e))
+}
+
+/// One log line in the writer's format (ARCHITECTURE.md, `write_log_line`'s documentation), written out
+/// here as literal text, with its newline.
+fn line_of(e: &Ev) -> Vec<u8> {
+    let user = serde_json::to_string(e.user).unwrap();
+    format!(r#"{{"userId":{user},"name":"{}","value":{}{},"ts":{}}}"#, e.name, e.value, id_field(e), now_ms()).into_bytes()
+        .into_iter()
+        .chain([b'\n'])
+        .collect()
+}
+
+/// Decimal places of the fixed-point oracle: every value and total of this test has at most this many.
+const PLACES: usize = 10;
+
+/// Plain decimal text (`-12.5`, `0.0000000001`; no exponent) as a whole number of 10^-PLACES units.
+fn units(text: &str) -> i128 {
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    assert!(
+        !int.is_empty() && int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) && frac.len() <= PLACES,
+        "{text:?} is not plain decimal text with at most {PLACES} places"
+    );
+    let magnitude: i128 = format!("{int}{frac:0<PLACES$}").parse().unwrap();
+    if negative { -magnitude } else { magnitude }
 }
 
 /// The K complete events before the torn line.
-fn complete_events() -> Vec<Event> {
+fn complete_events() -> Vec<Ev> {
     vec![
         event("torn-a", "add_revenue", "100", Some("run-1")),
         event("torn-b", "add_revenue", "2.5", None),
@@ -74,12 +115,12 @@ fn complete_events() -> Vec<Event> {
 
 /// The event whose line is torn: a distinctive user and amount (any trace of it would show), a
 /// multi-byte userId so some cuts fall inside a UTF-8 character.
-fn torn_event() -> Event {
+fn torn_event() -> Ev {
     event("torn-victim-é€😀", "add_revenue", "1000000", Some(TORN_ID))
 }
 
 /// Events of the segment after an older torn segment.
-fn later_events() -> Vec<Event> {
+fn later_events() -> Vec<Ev> {
     vec![
         event("later-a", "add_revenue", "3", None),
         event("torn-a", "add_revenue", "1", Some("run-later-2")),
@@ -87,15 +128,33 @@ fn later_events() -> Vec<Event> {
     ]
 }
 
-fn totals_of<'a>(events: impl IntoIterator<Item = &'a Event>) -> BTreeMap<String, Decimal> {
+/// Expected totals per user, in 10^-PLACES units, summed from the events' text.
+fn totals_of<'a>(events: impl IntoIterator<Item = &'a Ev>) -> BTreeMap<String, i128> {
     let mut totals = BTreeMap::new();
     for e in events {
-        *totals.entry(e.user_id.clone()).or_insert(Decimal::ZERO) += e.delta();
+        let v = units(e.value);
+        let delta = match e.name {
+            "add_revenue" => v,
+            "subtract_revenue" => -v,
+            other => panic!("unknown name {other}"),
+        };
+        *totals.entry(e.user.to_string()).or_insert(0) += delta;
     }
     totals
 }
 
-fn concat_lines<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<u8> {
+/// Every user's total as the SQLite file holds it (its TEXT, read with rusqlite, not through eps), in
+/// 10^-PLACES units.
+fn stored_totals(data_dir: &Path) -> BTreeMap<String, i128> {
+    let path = data_dir.join("eps.sqlite3");
+    let conn = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut stmt = conn.prepare("SELECT user_id, revenue FROM users_revenue").unwrap();
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).unwrap();
+    rows.map(|r| r.unwrap()).map(|(user, text)| (user, units(&text))).collect()
+}
+
+fn concat_lines<'a>(events: impl IntoIterator<Item = &'a Ev>) -> Vec<u8> {
     events.into_iter().flat_map(line_of).collect()
 }
 
@@ -138,20 +197,19 @@ impl World {
         run_with_store(opts, self.store.clone(), std::future::pending()).await.expect("the processor failed")
     }
 
-    async fn totals(&self) -> BTreeMap<String, Decimal> {
-        self.store
-            .users(100_000)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|(user, total)| (user, total.to_decimal().expect("these tests' totals fit a decimal")))
-            .collect()
+    fn totals(&self) -> BTreeMap<String, i128> {
+        stored_totals(&self.data_dir)
     }
 
     /// What the server does at start-up (torn-tail repair, de-duplication window), then `events`
     /// appended as the server would, then a clean stop.
-    async fn restart_and_append(&self, events: Vec<Event>) -> Vec<Appended> {
+    async fn restart_and_append(&self, events: Vec<Ev>) -> Vec<Appended> {
         let log = FileLog::open(FileLogOptions::new(self.log_dir())).expect("FileLog::open");
+        // Parsed as the server's handler does, since the writer takes parsed events.
+        let events: Vec<Event> = events
+            .iter()
+            .map(|e| Event::parse_request(request_of(e).as_bytes()).unwrap_or_else(|err| panic!("{e:?}: {err}")))
+            .collect();
         let answers = log.append(LogBatch::of(events.iter().map(Event::as_ref), now_ms())).await.expect("append after recovery");
         log.shutdown().await;
         answers
@@ -224,10 +282,10 @@ async fn a_newest_segment_torn_at_every_byte_applies_the_complete_events_once_an
         assert_eq!(first.events_applied, complete.len() as u64, "{what}: {first:?}");
         assert_eq!(first.invalid_lines, 0, "{what}: a torn last line of the newest segment was reported: {first:?}");
         assert_eq!(first.position, head.len() as u64, "{what}: checkpoint not at the last whole line");
-        assert_totals(&world.totals().await, &totals_of(&complete));
+        assert_eq!(world.totals(), totals_of(&complete));
         let again = world.process(batch_bytes).await;
         assert_eq!((again.events_applied, again.position), (0, head.len() as u64), "{what}: second run: {again:?}");
-        assert_totals(&world.totals().await, &totals_of(&complete));
+        assert_eq!(world.totals(), totals_of(&complete));
 
         // Crash path: the server's recovery cuts the tail; the client re-sends the torn event (same
         // id: it was never stored, so it is not a duplicate) and a new one comes.
@@ -248,10 +306,10 @@ async fn a_newest_segment_torn_at_every_byte_applies_the_complete_events_once_an
         assert_eq!(applied.invalid_lines, 0, "{what}: after recovery: {applied:?}");
         let mut all = complete.clone();
         all.extend([torn_event(), after.clone()]);
-        assert_totals(&world.totals().await, &totals_of(&all));
+        assert_eq!(world.totals(), totals_of(&all));
         let again = world.process(batch_bytes).await;
         assert_eq!(again.events_applied, 0, "{what}: third run: {again:?}");
-        assert_totals(&world.totals().await, &totals_of(&all));
+        assert_eq!(world.totals(), totals_of(&all));
         assert!(world.dead_letters().is_empty(), "{what}: dead letters {:?}", world.dead_letters());
         tried += 1;
         events += all.len() as u64;
@@ -288,10 +346,10 @@ async fn a_last_line_still_being_written_is_applied_once_when_its_rest_arrives()
         assert_eq!(second.invalid_lines, 0, "{what}: the completed line was read from its middle: {second:?}");
         let mut all = complete.clone();
         all.push(torn_event());
-        assert_totals(&world.totals().await, &totals_of(&all));
+        assert_eq!(world.totals(), totals_of(&all));
         let third = world.process(batch_bytes).await;
         assert_eq!(third.events_applied, 0, "{what}: {third:?}");
-        assert_totals(&world.totals().await, &totals_of(&all));
+        assert_eq!(world.totals(), totals_of(&all));
     }
 }
 
@@ -320,7 +378,7 @@ async fn older_segment_torn_at(cut: usize, batch_bytes: usize) -> Vec<Value> {
     assert_eq!(run.events_applied, applied.len() as u64, "{what}: {run:?}");
     assert_eq!(run.invalid_lines, u64::from(cut > 0), "{what}: {run:?}");
     assert_eq!(run.position, end, "{what}: the torn older segment blocked the later one: {run:?}");
-    assert_totals(&world.totals().await, &totals_of(&applied));
+    assert_eq!(world.totals(), totals_of(&applied));
     let records = world.dead_letters();
     if cut == 0 {
         assert!(records.is_empty(), "{what}: {records:?}");
@@ -354,7 +412,7 @@ async fn older_segment_torn_at(cut: usize, batch_bytes: usize) -> Vec<Value> {
     assert_eq!((run.events_applied, run.invalid_lines), (2, 0), "{what}: {run:?}");
     applied.push(torn_event());
     applied.push(next);
-    assert_totals(&world.totals().await, &totals_of(&applied));
+    assert_eq!(world.totals(), totals_of(&applied));
     records
 }
 
@@ -418,7 +476,7 @@ async fn the_binaries_on_sampled_cuts_of_the_newest_segment() {
 
         let out = env.process(&[]).await;
         assert_eq!(applied_count(&out.stdout), complete.len() as u64, "{what}: {out}");
-        assert_totals(&env.revenues().await, &totals_of(&complete));
+        assert_eq!(stored_totals(&env.data_dir), totals_of(&complete));
         let out = env.process(&[]).await;
         assert_eq!(applied_count(&out.stdout), 0, "{what}: {out}");
 
@@ -427,7 +485,7 @@ async fn the_binaries_on_sampled_cuts_of_the_newest_segment() {
         let http = http();
         let resend = format!(
             r#"{{"userId":{},"name":"add_revenue","value":1000000,"id":"{TORN_ID}"}}"#,
-            serde_json::to_string(&victim.user_id).unwrap()
+            serde_json::to_string(victim.user).unwrap()
         );
         let (status, body) = post_event(&http, &server.url, &resend).await;
         assert_eq!(status, 200, "{what}: {body}");
@@ -444,7 +502,7 @@ async fn the_binaries_on_sampled_cuts_of_the_newest_segment() {
         let mut all = complete.clone();
         all.push(victim.clone());
         all.push(event("after-restart", "add_revenue", "5", None));
-        assert_totals(&env.revenues().await, &totals_of(&all));
+        assert_eq!(stored_totals(&env.data_dir), totals_of(&all));
         let lines = log_lines(&env.log_dir());
         assert_eq!(lines.len(), all.len(), "{what}: {lines:?}");
     }
@@ -471,7 +529,7 @@ async fn the_binary_on_sampled_cuts_of_an_older_segment() {
         assert!(out.stdout.contains(" 1 invalid lines"), "{what}: {out}");
         let mut applied = complete.clone();
         applied.extend(later.iter().cloned());
-        assert_totals(&env.revenues().await, &totals_of(&applied));
+        assert_eq!(stored_totals(&env.data_dir), totals_of(&applied));
         let dead = std::fs::read_to_string(env.data_dir.join("dead-letter.jsonl")).unwrap();
         let records: Vec<Value> = dead.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(records.len(), 1, "{what}: {dead}");

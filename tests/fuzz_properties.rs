@@ -300,14 +300,18 @@ fn the_fuzz_decoder_of_segment_cases_never_makes_an_impossible_log() {
 // ---------------------------------------------------------------------------------------------------
 // Kept inputs: the fuzz seeds, and every crash fuzzing found (fuzz/regressions/<target>/)
 
+/// Every kept input of `target`. Both folders must exist (they are in the repository): a missing one
+/// fails the test instead of silently replaying nothing. `README.md` files are documentation, not inputs.
 fn kept_inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut out = Vec::new();
     for kind in ["seeds", "regressions"] {
-        let Ok(entries) = std::fs::read_dir(root.join(kind).join(target)) else { continue };
+        let dir = root.join(kind).join(target);
+        let entries = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e} (scripts/fuzz saves crashes there; it must exist)", dir.display()));
         for entry in entries {
             let path = entry.unwrap().path();
-            if path.is_file() {
+            if path.is_file() && path.file_name().is_some_and(|n| n != "README.md") {
                 let bytes = std::fs::read(&path).unwrap();
                 out.push((path, bytes));
             }

@@ -187,7 +187,8 @@ async fn two_servers_and_three_processors_count_every_event_once_through_sigkill
         if counts.len() == 3 && counts.iter().sum::<i64>() == 16 && counts.iter().all(|&c| c >= 4) {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "partitions not spread over the 3 processors: {counts:?}");
+        // A guard against never spreading (rebalancing runs every 500 ms), generous for a loaded machine.
+        assert!(started.elapsed() < Duration::from_secs(60), "partitions not spread over the 3 processors: {counts:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop(processors);

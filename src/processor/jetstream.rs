@@ -83,9 +83,10 @@ impl std::fmt::Display for JetStreamSummary {
         let rate = if secs > 0.0 { b.events_applied as f64 / secs } else { 0.0 };
         write!(
             f,
-            "applied {} events for {} users, {} invalid lines, {} duplicates dropped, in {:.2}s ({:.0} events/s); \
-             partitions owned at the end: {:?}",
-            b.events_applied, b.users_touched, b.invalid_lines, self.duplicates, secs, rate, self.partitions_owned
+            "applied {} events for {} users, {} invalid lines, {} duplicates dropped, {} conflicts, in {:.2}s \
+             ({:.0} events/s); partitions owned at the end: {:?}",
+            b.events_applied, b.users_touched, b.invalid_lines, self.duplicates, b.conflicts, secs, rate,
+            self.partitions_owned
         )
     }
 }

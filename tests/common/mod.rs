@@ -697,3 +697,10 @@ pub fn applied_count(summary: &str) -> u64 {
     let rest = summary.split("applied ").nth(1).unwrap_or_else(|| panic!("no 'applied N' in {summary:?}"));
     rest.split_whitespace().next().unwrap().parse().unwrap()
 }
+
+/// The number N in "N conflicts" of a processor summary: batches another processor committed first.
+pub fn conflict_count(summary: &str) -> u64 {
+    let before = summary.split(" conflicts").next().filter(|b| b.len() < summary.len());
+    let before = before.unwrap_or_else(|| panic!("no 'N conflicts' in {summary:?}"));
+    before.rsplit(' ').next().unwrap().parse().unwrap_or_else(|e| panic!("conflicts in {summary:?}: {e}"))
+}
