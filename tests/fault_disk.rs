@@ -200,11 +200,16 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Item 2: a roll that fails at each of its steps (the new segment's sync, the directory's sync) must
-/// not leave two segments claiming the same positions; the next group retries the roll.
+/// Item 2: a roll that fails at any of its steps (creating the new segment, its sync, the directory's
+/// sync) must not leave two segments claiming the same positions; the next group retries the roll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_roll_failing_at_each_step_leaves_a_log_the_reader_continues_from() {
-    for (step, filter) in [("the new segment's sync", "server-events-"), ("the directory's sync", "/log$")] {
+    let steps: [(&str, &str, fn(&Shim)); 3] = [
+        ("the new segment's creation", "server-events-", |shim| shim.fail_create(1)),
+        ("the new segment's sync", "server-events-", |shim| shim.fail_fsync(1)),
+        ("the directory's sync", "/log$", |shim| shim.fail_fsync(1)),
+    ];
+    for (step, filter, arm) in steps {
         let env = Env::new(StoreKind::Sqlite).await;
         let shim = Shim::new(env.tmp.path(), filter);
         let server = env.server_with_env(&["--segment-bytes", "4096"], &shim.env()).await;
@@ -214,8 +219,8 @@ async fn a_roll_failing_at_each_step_leaves_a_log_the_reader_continues_from() {
         let (status, _) = post_lines(&http, &server.url, &lines("u", "first", 25)).await;
         assert_eq!(status, 200);
         acked += 25;
-        // A group that does not fit: the roll's sync fails, the group is refused.
-        shim.fail_fsync(1);
+        // A group that does not fit: the roll fails at this step, the group is refused.
+        arm(&shim);
         let (status, body) = post_lines(&http, &server.url, &lines("ghost", "big", 30)).await;
         assert_eq!(status, 503, "{step}: {body}");
         // Small groups that would still fit the old segment must not go there.

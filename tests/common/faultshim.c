@@ -17,6 +17,7 @@
  *  40  int32  stall_partial_write_ms  each matching pwrite writes a part of its bytes (never ending in a
  *                                  newline, so the file's last line is torn), sets stalled_now and sleeps
  *                                  this long, then writes the rest: a SIGKILL meanwhile leaves a torn tail
+ *  44  int32  fail_create          the next N opens with O_CREAT of a matching path fail with ENOSPC
  *  64  char[64] filter             only fds whose path contains this text are affected ("" = all)
  *
  * "Matching" means the file descriptor's path (from /proc/self/fd) contains the filter (a filter ending
@@ -26,6 +27,7 @@
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <stdarg.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -47,7 +49,8 @@ struct ctl {
     int32_t fail_rename;
     int32_t count_syncs;
     int32_t stall_partial_write_ms;
-    char pad[64 - 44];
+    int32_t fail_create;
+    char pad[64 - 48];
     char filter[64];
 };
 
@@ -74,6 +77,7 @@ static int armed(void) {
                    __atomic_load_n(&ctl->stall_sync_ms, __ATOMIC_SEQ_CST) > 0 ||
                    __atomic_load_n(&ctl->fail_rename, __ATOMIC_SEQ_CST) > 0 ||
                    __atomic_load_n(&ctl->count_syncs, __ATOMIC_SEQ_CST) > 0 ||
+                   __atomic_load_n(&ctl->fail_create, __ATOMIC_SEQ_CST) > 0 ||
                    __atomic_load_n(&ctl->stall_partial_write_ms, __ATOMIC_SEQ_CST) > 0);
 }
 
@@ -228,3 +232,47 @@ int clock_gettime(clockid_t clk, struct timespec *tp) {
     }
     return r;
 }
+
+/* Creating a file: open/open64/openat/openat64 with O_CREAT on a matching path (a full directory). */
+static int create_fault(const char *path, int flags) {
+    if (!(flags & O_CREAT) || !ctl || !armed() || !path_matches(path)) return 0;
+    if (take(&ctl->fail_create)) {
+        errno = ENOSPC;
+        return 1;
+    }
+    return 0;
+}
+
+#define OPEN_WRAPPER(name)                                                   \
+    int name(const char *path, int flags, ...) {                             \
+        static int (*real)(const char *, int, ...);                          \
+        if (!real) real = dlsym(RTLD_NEXT, #name);                           \
+        mode_t mode = 0;                                                     \
+        if (flags & (O_CREAT | O_TMPFILE)) {                                 \
+            va_list ap;                                                      \
+            va_start(ap, flags);                                             \
+            mode = va_arg(ap, mode_t);                                       \
+            va_end(ap);                                                      \
+        }                                                                    \
+        if (create_fault(path, flags)) return -1;                            \
+        return real(path, flags, mode);                                      \
+    }
+OPEN_WRAPPER(open)
+OPEN_WRAPPER(open64)
+
+#define OPENAT_WRAPPER(name)                                                 \
+    int name(int dirfd, const char *path, int flags, ...) {                  \
+        static int (*real)(int, const char *, int, ...);                     \
+        if (!real) real = dlsym(RTLD_NEXT, #name);                           \
+        mode_t mode = 0;                                                     \
+        if (flags & (O_CREAT | O_TMPFILE)) {                                 \
+            va_list ap;                                                      \
+            va_start(ap, flags);                                             \
+            mode = va_arg(ap, mode_t);                                       \
+            va_end(ap);                                                      \
+        }                                                                    \
+        if (create_fault(path, flags)) return -1;                            \
+        return real(dirfd, path, flags, mode);                               \
+    }
+OPENAT_WRAPPER(openat)
+OPENAT_WRAPPER(openat64)

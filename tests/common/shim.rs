@@ -39,6 +39,7 @@ const SYNCS_SEEN: u64 = 24;
 const STALLED_NOW: u64 = 28;
 const COUNT_SYNCS: u64 = 36;
 const STALL_PARTIAL_WRITE_MS: u64 = 40;
+const FAIL_CREATE: u64 = 44;
 const FILTER: u64 = 64;
 
 /// One control file; every process started with [`Shim::env`] obeys it.
@@ -88,6 +89,10 @@ impl Shim {
     /// The next `n` fsync calls on matching files fail with EIO.
     pub fn fail_fsync(&self, n: i32) {
         self.set_i32(FAIL_FSYNC, n);
+    }
+    /// The next `n` creations (open with O_CREAT) of matching paths fail with ENOSPC.
+    pub fn fail_create(&self, n: i32) {
+        self.set_i32(FAIL_CREATE, n);
     }
     /// The next `n` writes to matching files write half their bytes, then fail with ENOSPC.
     pub fn fail_pwrite(&self, n: i32) {
