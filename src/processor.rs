@@ -153,6 +153,27 @@ pub async fn run_with_store(
                         _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
                     }
                 }
+                // Not in the log: `eps compact` removed the segment after another processor applied
+                // it (compaction only removes what is behind the store's checkpoint). Like a
+                // conflict: nothing of this round is committed, go on from the store's checkpoint.
+                // Only a checkpoint that is itself not in the log is an error.
+                Err(ReadError::OutOfRange { position: at, first, end }) => {
+                    let current = with_retry(&opts, || store.progress(FILE_STREAM)).await?.position;
+                    if current == position {
+                        anyhow::bail!(
+                            "the store's checkpoint (byte {current}) is not in the log, which holds bytes {first}..{end}: \
+                             were segments holding unapplied events removed, or the log replaced? (reading byte {at})"
+                        );
+                    }
+                    tracing::info!(
+                        from = at, to = current,
+                        "the log was compacted past this processor's position; continuing from the store's checkpoint"
+                    );
+                    metrics::counter!("eps_processor_conflicts_total").increment(1);
+                    summary.conflicts += 1;
+                    position = current;
+                    pending = Pending::new(position);
+                }
                 Err(e) => return Err(e.into()),
             }
         }
