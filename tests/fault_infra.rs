@@ -1035,3 +1035,46 @@ async fn lost_acknowledgements_with(scenario: &'static str, batch: usize) {
     drop(proxy);
     drop(server);
 }
+
+/// Issue 15, item 10: SIGTERM to `eps process --follow` while PostgreSQL is down (the processor is in
+/// its retry loop, with a batch it cannot commit) stops it cleanly, exit 0, with what was committed.
+/// The limit is a hang guard, not a speed check (the stated time is 5 s, `processor::STOP_GRACE`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_database_is_down() {
+    let pg = PgCluster::start().await;
+    let env = Env::new(StoreKind::Sqlite).await; // a data directory; the database is `pg`
+    let log_dir = env.log_dir();
+    write_log(&log_dir, &[event_line("term-a", "add_revenue", "1")], usize::MAX);
+    let mut processor = env.spawn_process(&["--follow", "--database-url", &pg.url]);
+    within(Duration::from_secs(60), "the first event to be applied", async {
+        while pg.checkpoint().await.is_none_or(|(_, applied)| applied < 1) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let committed = pg.checkpoint().await;
+
+    pg.pause("fast").await;
+    // New lines the processor reads and cannot commit: it is in its retry loop.
+    let base = std::fs::metadata(log_dir.join(segment_name(0))).unwrap().len();
+    std::fs::write(log_dir.join(segment_name(base)), format!("{}\n", event_line("term-a", "add_revenue", "2"))).unwrap();
+    within(Duration::from_secs(60), "the processor to retry the commit", async {
+        while !processor.stderr().contains("nothing was committed, retrying") {
+            assert!(processor.child.try_wait().unwrap().is_none(), "the processor exited: {}", processor.stderr());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    let asked = Instant::now();
+    sigterm(processor.child.id().unwrap()).await;
+    let status = within(Duration::from_secs(20), "the processor to honour SIGTERM while the database is down", processor.child.wait())
+        .await
+        .unwrap();
+    eprintln!("exited {status} {:?} after SIGTERM", asked.elapsed());
+    assert!(status.success(), "{status}: {}", processor.stderr());
+
+    // Nothing half-done: the checkpoint is the one committed before the outage.
+    pg.resume().await;
+    assert_eq!(pg.checkpoint().await, committed);
+}
