@@ -184,7 +184,11 @@ async fn apply(opts: ProcessOptions, store: Arc<dyn Store>, stop: Stop) -> anyho
                 // conflict: nothing of this round is committed, go on from the store's checkpoint.
                 // Only a checkpoint that is itself not in the log is an error.
                 Err(ReadError::OutOfRange { position: at, first, end }) => {
-                    let current = with_retry(&opts, || store.progress(FILE_STREAM)).await?.position;
+                    let Some(progress) = with_retry(&opts, &stop, || store.progress(FILE_STREAM)).await? else {
+                        stopping = true;
+                        break;
+                    };
+                    let current = progress.position;
                     if current == position {
                         anyhow::bail!(
                             "the store's checkpoint (byte {current}) is not in the log, which holds bytes {first}..{end}: \
