@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::log::writer::DEFAULT_DEDUP_WINDOW_SECS;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "eps",
@@ -71,7 +73,8 @@ pub enum Command {
     /// Delete (or archive) log segments the processor has applied, to bound disk use.
     ///
     /// A segment goes only if it is not the newest, every line of it is behind the checkpoint, and it is
-    /// older than --min-age-secs (default: the server's de-duplication window). Oldest first, no holes.
+    /// older than --min-age-secs (default: --dedup-window-secs, the server's de-duplication window, set
+    /// by the same variable and configuration key). Oldest first, no holes.
     Compact(CompactArgs),
 }
 
@@ -128,7 +131,7 @@ pub struct ServerArgs {
     pub segment_bytes: u64,
 
     /// How long an event id is remembered to drop retried duplicates, in seconds.
-    #[arg(long, env = "EPS_DEDUP_WINDOW_SECS", default_value_t = 900)]
+    #[arg(long, env = "EPS_DEDUP_WINDOW_SECS", default_value_t = DEFAULT_DEDUP_WINDOW_SECS)]
     pub dedup_window_secs: u64,
 
     /// Most event ids remembered for de-duplication (the oldest are forgotten first).
@@ -303,9 +306,16 @@ pub struct CompactArgs {
     #[arg(long, env = "EPS_ARCHIVE_DIR")]
     pub archive_dir: Option<PathBuf>,
 
-    /// Keep segments written less than this many seconds ago (match the server's --dedup-window-secs).
-    #[arg(long, env = "EPS_MIN_AGE_SECS", default_value_t = 900)]
-    pub min_age_secs: u64,
+    /// Keep segments written less than this many seconds ago. Default: --dedup-window-secs, the
+    /// server's de-duplication window (a restart rebuilds that window from the recent segments).
+    #[arg(long, env = "EPS_MIN_AGE_SECS")]
+    pub min_age_secs: Option<u64>,
+
+    /// The server's de-duplication window, in seconds: the same setting (and variable) as the
+    /// server's, so a configuration file or environment shared with the server gives both one value.
+    /// Only used as the default of --min-age-secs.
+    #[arg(long, env = "EPS_DEDUP_WINDOW_SECS", default_value_t = DEFAULT_DEDUP_WINDOW_SECS)]
+    pub dedup_window_secs: u64,
 
     /// Print what would be removed, remove nothing.
     #[arg(long, env = "EPS_DRY_RUN")]
@@ -327,6 +337,14 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn compaction_keeps_the_servers_dedup_window_by_default() {
+        let server = Cli::try_parse_from(["eps", "server"]).unwrap();
+        let compact = Cli::try_parse_from(["eps", "compact"]).unwrap();
+        let (Command::Server(server), Command::Compact(compact)) = (server.command, compact.command) else { panic!() };
+        assert_eq!((compact.min_age_secs, compact.dedup_window_secs), (None, server.dedup_window_secs));
     }
 }
 

@@ -172,7 +172,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 data_dir: args.store.data_dir,
                 database_url: args.store.database_url,
                 archive_dir: args.archive_dir,
-                min_age: Duration::from_secs(args.min_age_secs),
+                min_age: Duration::from_secs(args.min_age_secs.unwrap_or(args.dedup_window_secs)),
                 dry_run: args.dry_run,
             })
             .await?;

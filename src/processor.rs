@@ -10,13 +10,15 @@
 //! - memory is bounded by one chunk and its distinct users, whatever the size of the log.
 //!
 //! A line that is not a valid event is not applied; it is recorded in the same transaction (so it is
-//! reported exactly once) and then appended to the dead-letter file with its segment and byte offset.
+//! reported exactly once), and the dead-letter file is brought up to date from those records afterwards
+//! (with its segment and byte offset; see [`DeadLetters`]: a write that fails is retried, never lost).
+//!
+//! A shutdown request ([`Stop`]) is honoured within [`STOP_GRACE`] in every wait and retry loop.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::hash::{Hash, Hasher};
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +32,9 @@ pub(crate) use crate::money::ExactSum;
 use crate::store::{self, Batch, CommitOutcome, InvalidLine, Store, StoreError};
 
 pub mod jetstream;
+pub mod stop;
+
+pub use stop::{Stop, STOP_GRACE};
 
 /// The checkpoint name of the file log.
 pub const FILE_STREAM: &str = "file";
@@ -89,26 +94,35 @@ impl std::fmt::Display for ProcessSummary {
     }
 }
 
-/// Runs until caught up (or, with `follow`, until `shutdown` resolves).
+/// Runs until caught up (or, with `follow`, until `shutdown` resolves). A shutdown is honoured in every
+/// wait and retry loop within [`STOP_GRACE`], and the run returns what was committed.
 pub async fn run(opts: ProcessOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<ProcessSummary> {
     store::check_database_url(opts.database_url.as_deref())?;
-    tokio::pin!(shutdown);
-    let store = tokio::select! {
-        store = open_store(&opts) => store?,
-        () = &mut shutdown => return Ok(ProcessSummary::default()),
-    };
-    run_with_store(opts, store, shutdown).await
+    stop::until(shutdown, |stop| async move {
+        let Some(store) = open_store(&opts, &stop).await? else { return Ok(ProcessSummary::default()) };
+        apply(opts, store, stop).await
+    })
+    .await
 }
 
-pub(crate) async fn open_store(opts: &ProcessOptions) -> anyhow::Result<Arc<dyn Store>> {
+/// Opens the store, retrying while the database is unreachable (forever with `follow`, else for
+/// `retry_for`); `None` when the shutdown was requested first.
+pub(crate) async fn open_store(opts: &ProcessOptions, stop: &Stop) -> anyhow::Result<Option<Arc<dyn Store>>> {
     let deadline = Instant::now() + opts.retry_for;
     let mut delay = Duration::from_millis(100);
     loop {
-        match store::open(opts.database_url.as_deref(), &opts.data_dir).await {
-            Ok(store) => return Ok(store),
+        let opened = tokio::select! {
+            opened = store::open(opts.database_url.as_deref(), &opts.data_dir) => opened,
+            () = stop.requested() => return Ok(None),
+        };
+        match opened {
+            Ok(store) => return Ok(Some(store)),
             Err(e) if opts.follow || Instant::now() < deadline => {
                 tracing::warn!(error = %e, retry_in = ?delay, "database not reachable; retrying");
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stop.requested() => return Ok(None),
+                }
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(e) => return Err(e.context("cannot open the database")),
@@ -121,17 +135,29 @@ pub async fn run_with_store(
     store: Arc<dyn Store>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<ProcessSummary> {
+    stop::until(shutdown, |stop| apply(opts, store, stop)).await
+}
+
+/// The apply loop; returns (with what was committed) once `stop` is requested.
+async fn apply(opts: ProcessOptions, store: Arc<dyn Store>, stop: Stop) -> anyhow::Result<ProcessSummary> {
+    let shutdown = stop.requested();
     tokio::pin!(shutdown);
     let started = Instant::now();
     let mut summary = ProcessSummary::default();
     let mut users = HashSet::new();
     let mut reader = LogReader::new(opts.data_dir.join(LOG_DIR), opts.batch_bytes.min(READ_CHUNK_BYTES));
     let mut dead_letters = DeadLetters::new(opts.data_dir.join(DEAD_LETTER_FILE));
-    let mut position = with_retry(&opts, || store.progress(FILE_STREAM)).await?.position;
+    let Some(progress) = with_retry(&opts, &stop, || store.progress(FILE_STREAM)).await? else {
+        return Ok(summary);
+    };
+    let mut position = progress.position;
+    // Whatever an earlier run committed but could not write to the dead-letter file is written now.
+    dead_letters.catch_up(&*store).await;
     // For the events-lag estimate; refined by every committed batch.
     let mut bytes_per_event = 100.0;
     record_lag(&mut reader, position, bytes_per_event);
     loop {
+        dead_letters.retry_if_due(&*store).await;
         // One transaction's worth: chunks until the batch is full or the log has nothing more.
         let mut pending = Pending::new(position);
         let mut stopping = false;
@@ -153,6 +179,31 @@ pub async fn run_with_store(
                         _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
                     }
                 }
+                // Not in the log: `eps compact` removed the segment after another processor applied
+                // it (compaction only removes what is behind the store's checkpoint). Like a
+                // conflict: nothing of this round is committed, go on from the store's checkpoint.
+                // Only a checkpoint that is itself not in the log is an error.
+                Err(ReadError::OutOfRange { position: at, first, end }) => {
+                    let Some(progress) = with_retry(&opts, &stop, || store.progress(FILE_STREAM)).await? else {
+                        stopping = true;
+                        break;
+                    };
+                    let current = progress.position;
+                    if current == position {
+                        anyhow::bail!(
+                            "the store's checkpoint (byte {current}) is not in the log, which holds bytes {first}..{end}: \
+                             were segments holding unapplied events removed, or the log replaced? (reading byte {at})"
+                        );
+                    }
+                    tracing::info!(
+                        from = at, to = current,
+                        "the log was compacted past this processor's position; continuing from the store's checkpoint"
+                    );
+                    metrics::counter!("eps_processor_conflicts_total").increment(1);
+                    summary.conflicts += 1;
+                    position = current;
+                    pending = Pending::new(position);
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -172,7 +223,10 @@ pub async fn run_with_store(
         }
         let (batch, batch_users) = pending.into_batch();
         let commit_started = Instant::now();
-        let outcome = with_retry(&opts, || store.commit(FILE_STREAM, &batch)).await?;
+        let Some(outcome) = with_retry(&opts, &stop, || store.commit(FILE_STREAM, &batch)).await? else {
+            // Stopped while the database was away: nothing of this batch was committed.
+            break;
+        };
         metrics::histogram!("eps_processor_commit_duration_seconds").record(commit_started.elapsed().as_secs_f64());
         match outcome {
             CommitOutcome::Committed => {
@@ -183,7 +237,15 @@ pub async fn run_with_store(
                 if lines > 0 {
                     bytes_per_event = (batch.to - batch.from) as f64 / lines as f64;
                 }
-                dead_letters.append(&batch.invalid)?;
+                if !batch.invalid.is_empty() {
+                    for line in &batch.invalid {
+                        tracing::warn!(
+                            segment = %line.segment, offset = line.segment_offset, error = %line.error,
+                            "invalid line in the log: not applied, recorded, copied to the dead-letter file"
+                        );
+                    }
+                    dead_letters.catch_up(&*store).await;
+                }
                 summary.events_applied += batch.events;
                 summary.invalid_lines += batch.invalid.len() as u64;
                 summary.batches += 1;
@@ -202,6 +264,17 @@ pub async fn run_with_store(
             break;
         }
     }
+    if dead_letters.behind {
+        dead_letters.catch_up(&*store).await;
+        // A one-shot run that could not write them says so (exit 1); the next run writes them.
+        if dead_letters.behind && !opts.follow && !stop.is_requested() {
+            anyhow::bail!(
+                "cannot write the dead-letter file {}: the invalid lines are recorded in the store \
+                 (eps_invalid_lines) and the next run writes them",
+                dead_letters.path.display()
+            );
+        }
+    }
     summary.users_touched = users.len() as u64;
     summary.position = position;
     summary.elapsed = started.elapsed();
@@ -217,7 +290,10 @@ fn record_lag(reader: &mut LogReader, position: u64, bytes_per_event: f64) {
 }
 
 /// Retries a store call while the database is unavailable: forever with `follow`, else for `retry_for`.
-pub(crate) async fn with_retry<T, F, Fut>(opts: &ProcessOptions, mut call: F) -> anyhow::Result<T>
+/// `None` once the shutdown is requested: the pause between attempts ends at once, and an attempt in
+/// flight gets [`STOP_GRACE`] to finish (its answer is returned if it does; abandoned, it commits
+/// nothing).
+pub(crate) async fn with_retry<T, F, Fut>(opts: &ProcessOptions, stop: &Stop, mut call: F) -> anyhow::Result<Option<T>>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
@@ -225,11 +301,30 @@ where
     let deadline = Instant::now() + opts.retry_for;
     let mut delay = Duration::from_millis(50);
     loop {
-        match call().await {
-            Ok(value) => return Ok(value),
+        let attempt = call();
+        tokio::pin!(attempt);
+        let result = tokio::select! {
+            result = &mut attempt => result,
+            () = stop.requested() => match tokio::time::timeout(STOP_GRACE, &mut attempt).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!("shutdown requested: abandoning a database call that did not finish in time");
+                    return Ok(None);
+                }
+            },
+        };
+        match result {
+            Ok(value) => return Ok(Some(value)),
+            Err(StoreError::Unavailable(e)) if stop.is_requested() => {
+                tracing::warn!(error = %e, "database unavailable at shutdown; stopping with what was committed");
+                return Ok(None);
+            }
             Err(StoreError::Unavailable(e)) if opts.follow || Instant::now() < deadline => {
                 tracing::warn!(error = %e, retry_in = ?delay, "database unavailable; nothing was committed, retrying");
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stop.requested() => return Ok(None),
+                }
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(e) => return Err(e.into()),
@@ -432,40 +527,113 @@ pub(crate) fn user_digest(user: &str) -> u64 {
     h.finish()
 }
 
-/// The dead-letter file: one JSON line per invalid log line, appended after the commit that recorded it.
+/// The dead-letter file: one JSON line per invalid log line, derived from the store.
+///
+/// The store records every invalid line in the transaction that skips it (`eps_invalid_lines`); the file
+/// is a copy of those records, in position order, written after the commit. What the file holds is read
+/// from the file itself (the `position` of its last record), and every recorded line past it is
+/// appended, so a write that failed after its commit (a full disk) is made good by the next attempt, and
+/// no line is written twice: idempotent, whichever run or processor does it (an exclusive lock on the
+/// file serialises processors). A failed attempt is logged and counted
+/// (`eps_processor_dead_letter_errors_total`) and retried (after each commit and, while following, on a
+/// timer); it never holds back the application of events.
 struct DeadLetters {
     path: PathBuf,
+    /// The store holds invalid lines the file may not have (the last attempt failed).
+    behind: bool,
+    retry_delay: Duration,
+    next_retry: Instant,
 }
+
+/// Invalid lines read from the store at a time.
+const DEAD_LETTER_PAGE: usize = 1_000;
 
 impl DeadLetters {
     fn new(path: PathBuf) -> Self {
-        DeadLetters { path }
+        DeadLetters { path, behind: false, retry_delay: Duration::from_secs(1), next_retry: Instant::now() }
     }
 
-    fn append(&mut self, invalid: &[InvalidLine]) -> anyhow::Result<()> {
-        if invalid.is_empty() {
-            return Ok(());
+    /// Retries a failed catch-up once its pause is over.
+    async fn retry_if_due(&mut self, store: &dyn Store) {
+        if self.behind && Instant::now() >= self.next_retry {
+            self.catch_up(store).await;
         }
-        let mut out = Vec::new();
-        for line in invalid {
-            tracing::warn!(
-                segment = %line.segment, offset = line.segment_offset, error = %line.error,
-                "invalid line in the log: not applied, copied to the dead-letter file"
-            );
-            let record = serde_json::json!({
-                "segment": line.segment,
-                "offset": line.segment_offset,
-                "position": line.position,
-                "error": line.error,
-                "line": line.line,
-            });
-            serde_json::to_writer(&mut out, &record)?;
-            out.push(b'\n');
+    }
+
+    /// Appends every invalid line the store recorded past the file's last record; failures are logged,
+    /// counted and left for a retry.
+    async fn catch_up(&mut self, store: &dyn Store) {
+        match self.try_catch_up(store).await {
+            Ok(written) => {
+                if self.behind {
+                    tracing::info!(written, path = %self.path.display(), "the dead-letter file has caught up with the store");
+                }
+                self.behind = false;
+                self.retry_delay = Duration::from_secs(1);
+            }
+            Err(e) => {
+                metrics::counter!("eps_processor_dead_letter_errors_total").increment(1);
+                tracing::warn!(
+                    error = format!("{e:#}"), retry_in = ?self.retry_delay,
+                    "cannot write the dead-letter file; the invalid lines are recorded in the store and will be written on retry"
+                );
+                self.behind = true;
+                self.next_retry = Instant::now() + self.retry_delay;
+                self.retry_delay = (self.retry_delay * 2).min(Duration::from_secs(30));
+            }
         }
+    }
+
+    /// The records written.
+    async fn try_catch_up(&mut self, store: &dyn Store) -> anyhow::Result<u64> {
+        if !self.path.exists() {
+            // Nothing to write yet: no file is created for nothing.
+            let first = store.invalid_lines_after(FILE_STREAM, None, 1).await?;
+            if first.is_empty() {
+                return Ok(0);
+            }
+        }
+        let file = tokio::task::block_in_place(|| self.open_locked())?;
+        let mut end = file.metadata()?.len();
+        let mut held = tokio::task::block_in_place(|| last_record(&file, &mut end))
+            .with_context(|| format!("cannot read {}", self.path.display()))?;
+        let mut written = 0;
+        loop {
+            let lines = store.invalid_lines_after(FILE_STREAM, held, DEAD_LETTER_PAGE).await?;
+            let Some(last) = lines.last() else { break };
+            held = Some(last.position);
+            let mut out = Vec::new();
+            for line in &lines {
+                let record = serde_json::json!({
+                    "segment": line.segment,
+                    "offset": line.segment_offset,
+                    "position": line.position,
+                    "error": line.error,
+                    "line": line.line,
+                });
+                serde_json::to_writer(&mut out, &record)?;
+                out.push(b'\n');
+            }
+            tokio::task::block_in_place(|| {
+                use std::os::unix::fs::FileExt;
+                file.write_all_at(&out, end)?;
+                file.sync_data()
+            })
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
+            end += out.len() as u64;
+            written += lines.len() as u64;
+        }
+        Ok(written)
+    }
+
+    /// The file, created durably if new, under an exclusive lock (released when it is closed).
+    fn open_locked(&self) -> anyhow::Result<std::fs::File> {
         let created = !self.path.exists();
-        let mut file = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .create(true)
-            .append(true)
+            .read(true)
+            .write(true)
+            .truncate(false)
             .open(&self.path)
             .with_context(|| format!("cannot open the dead-letter file {}", self.path.display()))?;
         if created {
@@ -473,9 +641,51 @@ impl DeadLetters {
                 crate::fsutil::sync_dir(dir).with_context(|| format!("cannot sync {}", dir.display()))?;
             }
         }
-        file.write_all(&out)?;
-        file.sync_data()?;
-        Ok(())
+        file.lock().with_context(|| format!("cannot lock {}", self.path.display()))?;
+        Ok(file)
+    }
+}
+
+/// The position of the file's last record (`None`: no record). Bytes after the last newline (a write
+/// cut short by a full disk) are cut off first; `end` becomes the file's length after that.
+fn last_record(file: &std::fs::File, end: &mut u64) -> anyhow::Result<Option<u64>> {
+    use std::os::unix::fs::FileExt;
+    let mut window = 64 * 1024u64;
+    loop {
+        let len = *end;
+        let from = len.saturating_sub(window);
+        let mut tail = vec![0u8; (len - from) as usize];
+        file.read_exact_at(&mut tail, from)?;
+        let whole = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if whole == 0 && from > 0 {
+            window *= 4;
+            continue;
+        }
+        if from + (whole as u64) < len {
+            let cut = from + whole as u64;
+            tracing::warn!(at = cut, dropped = len - cut, "cutting an incomplete last record off the dead-letter file");
+            file.set_len(cut)?;
+            file.sync_data()?;
+            *end = cut;
+        }
+        // The last whole line that is a record with a position (lines cut at the window's start are
+        // never taken: each candidate starts after a newline or at the file's start).
+        let lines: Vec<&[u8]> = tail[..whole].split(|&b| b == b'\n').collect();
+        let usable = if from == 0 { &lines[..] } else { &lines[1.min(lines.len())..] };
+        for line in usable.iter().rev() {
+            if line.is_empty() {
+                continue;
+            }
+            if let Ok(record) = serde_json::from_slice::<serde_json::Value>(line) {
+                if let Some(position) = record.get("position").and_then(|p| p.as_u64()) {
+                    return Ok(Some(position));
+                }
+            }
+        }
+        if from == 0 {
+            return Ok(None);
+        }
+        window *= 4;
     }
 }
 

@@ -165,6 +165,10 @@ fn describe() {
     describe_counter!("eps_processor_commits_total", "Batches committed by this processor");
     describe_counter!("eps_processor_conflicts_total", "Batches another processor committed first");
     describe_counter!("eps_processor_read_errors_total", "Log reads that failed while following (retried from the checkpoint)");
+    describe_counter!(
+        "eps_processor_dead_letter_errors_total",
+        "Failed attempts to write the dead-letter file (retried; the lines are recorded in the store)"
+    );
     describe_histogram!("eps_processor_commit_duration_seconds", Unit::Seconds, "Time to commit one batch");
     describe_gauge!("eps_processor_checkpoint_bytes", "Log position the store's checkpoint has reached");
     describe_gauge!("eps_processor_lag_bytes", "Log bytes not yet applied (log end minus checkpoint)");

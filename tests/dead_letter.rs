@@ -5,12 +5,17 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
+use common::shim::Shim;
 use common::*;
 use rust_decimal::Decimal;
 use serde_json::Value;
 
-store_tests!(invalid_log_lines_are_skipped_counted_and_dead_lettered_with_their_segment_and_offset);
+store_tests!(
+    invalid_log_lines_are_skipped_counted_and_dead_lettered_with_their_segment_and_offset,
+    a_dead_letter_write_refused_after_the_commit_is_written_once_when_the_disk_recovers
+);
 
 async fn invalid_log_lines_are_skipped_counted_and_dead_lettered_with_their_segment_and_offset(store: StoreKind) {
     let env = Env::new(store).await;
@@ -97,4 +102,92 @@ async fn invalid_log_lines_are_skipped_counted_and_dead_lettered_with_their_segm
     assert!(again.stdout.contains("applied 0 events") && again.stdout.contains(" 0 invalid lines"), "{again}");
     assert_eq!(read_records().len(), 4);
     assert_totals(&env.revenues().await, &want);
+}
+
+/// The positions of the dead-letter file's whole records (a torn last line, had one been left, fails).
+fn dead_letter_positions(path: &std::path::Path) -> Vec<u64> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => panic!("{}: {e}", path.display()),
+    };
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| {
+            let record: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("dead-letter record {l:?}: {e}"));
+            record["position"].as_u64().unwrap_or_else(|| panic!("no position: {record}"))
+        })
+        .collect()
+}
+
+/// Issue 15, item 9: the commit records an invalid line, then the dead-letter file refuses the write
+/// (a full disk: the shim lets half the bytes of a write or pwrite land, then ENOSPC). The line is in
+/// the store; the file must get it exactly once when the disk recovers: from the next run, and from a
+/// `--follow` processor that keeps running through the fault.
+async fn a_dead_letter_write_refused_after_the_commit_is_written_once_when_the_disk_recovers(store: StoreKind) {
+    let env = Env::new(store).await;
+    let log_dir = env.log_dir();
+    let first = vec![
+        event_line("dlf-a", "add_revenue", "1"),
+        "not an event {".to_string(),
+        event_line("dlf-a", "add_revenue", "2"),
+    ];
+    write_log(&log_dir, &first, usize::MAX);
+    let bad_at = (first[0].len() + 1) as u64;
+    let dead_letter = env.data_dir.join("dead-letter.jsonl");
+    let shim = Shim::new(env.tmp.path(), "dead-letter.jsonl");
+    let mut args: Vec<String> = vec!["process".into(), "--data-dir".into(), env.data_dir.display().to_string()];
+    args.extend(env.db.args());
+
+    // 1. Every write to the dead-letter file fails: the events are committed, the line is recorded in
+    //    the store only.
+    shim.fail_pwrite(1_000_000);
+    shim.fail_write(1_000_000);
+    let out = run_eps(&args, &shim.env()).await;
+    eprintln!("run with the dead-letter file refusing writes: {out}");
+    assert_eq!(env.revenues().await.get("dlf-a").copied(), Some(Decimal::from(3)), "{out}");
+    assert_eq!(dead_letter_positions(&dead_letter), Vec::<u64>::new(), "{out}");
+
+    // 2. The disk recovers: the next run writes the record, once; a third run writes nothing more.
+    shim.disarm();
+    let out = env.process(&[]).await;
+    assert_eq!(dead_letter_positions(&dead_letter), vec![bad_at], "the rerun did not write the missing record: {out}");
+    let out = env.process(&[]).await;
+    assert_eq!(dead_letter_positions(&dead_letter), vec![bad_at], "a rerun wrote a record twice: {out}");
+
+    // 3. A --follow processor meets the same fault and keeps applying; once the fault clears, the
+    //    same processor writes the record exactly once.
+    shim.fail_pwrite(1_000_000);
+    shim.fail_write(1_000_000);
+    let mut follow_args = args.clone();
+    follow_args.push("--follow".into());
+    let mut follower = ChildGuard::spawn(&follow_args, &shim.env(), env.tmp.path());
+    let base: u64 = segments(&log_dir).iter().map(|(_, p)| std::fs::metadata(p).unwrap().len()).sum();
+    let second = ["another bad line".to_string(), event_line("dlf-b", "add_revenue", "5")];
+    let mut text = second.join("\n");
+    text.push('\n');
+    std::fs::write(log_dir.join(segment_name(base)), text).unwrap();
+    within(Duration::from_secs(30), "the follower to apply the new event", async {
+        while env.revenues().await.get("dlf-b").copied() != Some(Decimal::from(5)) {
+            assert!(follower.child.try_wait().unwrap().is_none(), "the follower exited: {}", follower.stderr());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(dead_letter_positions(&dead_letter), vec![bad_at], "the fault did not hold the write back");
+    assert!(follower.child.try_wait().unwrap().is_none(), "the follower exited on the fault: {}", follower.stderr());
+    shim.disarm();
+    within(Duration::from_secs(60), "the follower to write the missing record", async {
+        while dead_letter_positions(&dead_letter) != vec![bad_at, base] {
+            assert!(follower.child.try_wait().unwrap().is_none(), "the follower exited: {}", follower.stderr());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    sigterm(follower.child.id().unwrap()).await;
+    let status = within(Duration::from_secs(20), "the follower to stop", follower.child.wait()).await.unwrap();
+    assert!(status.success(), "{status}: {}", follower.stderr());
+    assert_eq!(dead_letter_positions(&dead_letter), vec![bad_at, base], "{}", follower.stderr());
+    assert!(follower.stderr().contains("cannot write the dead-letter file"), "the failure was not logged");
 }

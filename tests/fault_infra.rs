@@ -1035,3 +1035,112 @@ async fn lost_acknowledgements_with(scenario: &'static str, batch: usize) {
     drop(proxy);
     drop(server);
 }
+
+/// Issue 15, item 10: SIGTERM to `eps process --follow` while PostgreSQL is down (the processor is in
+/// its retry loop, with a batch it cannot commit) stops it cleanly, exit 0, with what was committed.
+/// The limit is a hang guard, not a speed check (the stated time is 5 s, `processor::STOP_GRACE`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_database_is_down() {
+    let pg = PgCluster::start().await;
+    let env = Env::new(StoreKind::Sqlite).await; // a data directory; the database is `pg`
+    let log_dir = env.log_dir();
+    write_log(&log_dir, &[event_line("term-a", "add_revenue", "1")], usize::MAX);
+    let mut processor = env.spawn_process(&["--follow", "--database-url", &pg.url]);
+    within(Duration::from_secs(60), "the first event to be applied", async {
+        while pg.checkpoint().await.is_none_or(|(_, applied)| applied < 1) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let committed = pg.checkpoint().await;
+
+    pg.pause("fast").await;
+    // New lines the processor reads and cannot commit: it is in its retry loop.
+    let base = std::fs::metadata(log_dir.join(segment_name(0))).unwrap().len();
+    std::fs::write(log_dir.join(segment_name(base)), format!("{}\n", event_line("term-a", "add_revenue", "2"))).unwrap();
+    within(Duration::from_secs(60), "the processor to retry the commit", async {
+        while !processor.stderr().contains("nothing was committed, retrying") {
+            assert!(processor.child.try_wait().unwrap().is_none(), "the processor exited: {}", processor.stderr());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    let asked = Instant::now();
+    sigterm(processor.child.id().unwrap()).await;
+    let status = within(Duration::from_secs(20), "the processor to honour SIGTERM while the database is down", processor.child.wait())
+        .await
+        .unwrap();
+    eprintln!("exited {status} {:?} after SIGTERM", asked.elapsed());
+    assert!(status.success(), "{status}: {}", processor.stderr());
+
+    // Nothing half-done: the checkpoint is the one committed before the outage.
+    pg.resume().await;
+    assert_eq!(pg.checkpoint().await, committed);
+}
+
+/// The same for the JetStream processor: SIGTERM while PostgreSQL is down and a partition's batch waits
+/// to be committed stops it, exit 0, within the hang guard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_database_is_down_jetstream() {
+    let pg = PgCluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let nats = common::nats::Nats::start(dir.path()).await;
+    let a = args(&["process", "--log", &nats.url(), "--database-url", &pg.url, "--follow"]);
+    let mut processor = ChildGuard::spawn(&a, &[], dir.path());
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let publish = |user: &'static str| {
+        let js = js.clone();
+        async move {
+            let line = format!("{}\n", event_line(user, "add_revenue", "1"));
+            within(Duration::from_secs(30), "publishing", async {
+                loop {
+                    // The processor creates the stream when it starts; wait for it.
+                    if let Ok(ack) = js.publish("eps.events.0", line.clone().into()).await {
+                        if ack.await.is_ok() {
+                            break;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+            .await
+        }
+    };
+    publish("term-js-a").await;
+    let watcher = pg.connect().await;
+    within(Duration::from_secs(60), "the first event to be applied", async {
+        loop {
+            let applied: Option<i64> = watcher
+                .query_opt("SELECT sum(events_applied)::bigint FROM eps_checkpoints", &[])
+                .await
+                .ok()
+                .flatten()
+                .and_then(|r| r.get(0));
+            if applied.unwrap_or(0) >= 1 {
+                break;
+            }
+            assert!(processor.child.try_wait().unwrap().is_none(), "the processor exited: {}", processor.stderr());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    drop(watcher);
+
+    pg.pause("fast").await;
+    publish("term-js-b").await;
+    within(Duration::from_secs(60), "the processor to meet the outage", async {
+        while !processor.stderr().contains("nothing was committed, retrying") {
+            assert!(processor.child.try_wait().unwrap().is_none(), "the processor exited: {}", processor.stderr());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let asked = Instant::now();
+    sigterm(processor.child.id().unwrap()).await;
+    let status = within(Duration::from_secs(20), "the JetStream processor to honour SIGTERM while the database is down", processor.child.wait())
+        .await
+        .unwrap();
+    eprintln!("exited {status} {:?} after SIGTERM", asked.elapsed());
+    assert!(status.success(), "{status}: {}", processor.stderr());
+}

@@ -44,6 +44,11 @@ use crate::fsutil::{create_dir_durable, sync_dir, with_path};
 /// Most requests one group commit takes from the queue; bounds the size of one write.
 pub const MAX_REQUESTS_PER_COMMIT: usize = 8192;
 
+/// The default de-duplication window, in seconds: the server's `--dedup-window-secs` and, unless told
+/// otherwise, `eps compact`'s minimum age (compaction must not remove what a restart rebuilds the
+/// window from), so the two can never drift apart.
+pub const DEFAULT_DEDUP_WINDOW_SECS: u64 = 15 * 60;
+
 #[derive(Debug, Clone)]
 pub struct FileLogOptions {
     /// Directory holding the segments (created if missing).
@@ -63,7 +68,7 @@ impl FileLogOptions {
         FileLogOptions {
             dir: dir.into(),
             segment_bytes: 64 * 1024 * 1024,
-            dedup_window: Duration::from_secs(15 * 60),
+            dedup_window: Duration::from_secs(DEFAULT_DEDUP_WINDOW_SECS),
             dedup_max_ids: 1_000_000,
             queue_depth: 16 * 1024,
         }
@@ -167,28 +172,32 @@ struct Writer {
 
 impl Writer {
     fn recover(opts: FileLogOptions, lock: File, stats: Arc<LogStats>) -> io::Result<Writer> {
-        let durable_end = DurableEndWriter::open(&opts.dir)?;
-        let segments = list_segments(&opts.dir)?;
+        // Every error of the start-up names its path: an operator must know which file failed.
+        let durable_end =
+            DurableEndWriter::open(&opts.dir).map_err(|e| with_path(e, "cannot open the durable end in", &opts.dir))?;
+        let segments = list_segments(&opts.dir).map_err(|e| with_path(e, "cannot list the segments of", &opts.dir))?;
         let (base, path) = match segments.last() {
             Some((base, path)) => (*base, path.clone()),
             None => {
                 let path = opts.dir.join(segment_name(0));
-                File::create(&path)?.sync_all()?;
+                File::create(&path).and_then(|f| f.sync_all()).map_err(|e| with_path(e, "cannot create", &path))?;
                 (0, path)
             }
         };
-        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        // The newest segment cannot vanish here: `eps compact` never removes the newest one.
+        let file =
+            OpenOptions::new().read(true).write(true).open(&path).map_err(|e| with_path(e, "cannot open", &path))?;
         if let Some(previous) = durable_end.previous().filter(|p| p.cut_pending()) {
-            cut_failed_group(&file, &path, base, previous.position)?;
+            cut_failed_group(&file, &path, base, previous.position).map_err(|e| with_path(e, "cannot cut", &path))?;
         }
-        let len = repair_torn_tail(&file, &path)?;
+        let len = repair_torn_tail(&file, &path).map_err(|e| with_path(e, "cannot repair", &path))?;
         // What a crashed writer wrote but never synced is still only in the page cache: make it durable
         // before it is trusted (for de-duplication, or shown to readers). Its events were never
         // acknowledged, but a retry of them will now be answered `duplicate`, which must mean durable.
         // The directory too: the crash may have come between creating a segment and syncing its entry.
         file.sync_all().map_err(|e| with_path(e, "cannot sync", &path))?;
         sync_dir(&opts.dir).map_err(|e| with_path(e, "cannot sync", &opts.dir))?;
-        durable_end.publish(base + len)?;
+        durable_end.publish(base + len).map_err(|e| with_path(e, "cannot publish the durable end in", &opts.dir))?;
         let dedup = Dedup::rebuild(&opts, &segments)?;
         stats.end_position.store(base + len, Ordering::Relaxed);
         stats.segments.store(segments.len().max(1) as u64, Ordering::Relaxed);
@@ -461,6 +470,13 @@ impl Dedup {
     /// an id is remembered for the rest of its window, measured from its `ts`; an id whose `ts` lies in
     /// the future (the clock was stepped back) for a whole window. A wall clock stepped forward at the
     /// very moment of a restart shortens the rebuilt window by the step.
+    ///
+    /// `eps compact` may remove segments between the listing and the reading here. A segment that
+    /// vanished is skipped: compaction removes only segments every line of which is applied and whose
+    /// last write is older than its minimum age, by default this very window ([`DEFAULT_DEDUP_WINDOW_SECS`],
+    /// the same setting), so none of its ids could still be in the window (each line's `ts` is at or
+    /// before the segment's last write). An operator who gives a shorter `--min-age-secs` shortens the
+    /// window by that much. Any other error names its path.
     fn rebuild(opts: &FileLogOptions, segments: &[(u64, PathBuf)]) -> io::Result<Dedup> {
         #[derive(Deserialize)]
         struct IdAndTime<'a> {
@@ -481,7 +497,19 @@ impl Dedup {
             .map_or(0, |older| older + 1);
         for (_, path) in &segments[recent_from..] {
             let mut data = Vec::new();
-            File::open(path)?.read_to_end(&mut data)?;
+            // Once open, the file stays readable even if it is removed meanwhile.
+            let mut file = match File::open(path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    tracing::info!(
+                        segment = %path.display(),
+                        "segment removed by compaction during start-up; its ids were older than the window"
+                    );
+                    continue;
+                }
+                Err(e) => return Err(with_path(e, "cannot open", path)),
+            };
+            file.read_to_end(&mut data).map_err(|e| with_path(e, "cannot read", path))?;
             // Only whole lines: bytes after the last newline are a torn write, never an event.
             let whole = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
             for line in data[..whole].split(|&b| b == b'\n') {

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 
-use super::{excerpt, open_store, parse_line, user_digest, with_retry, ExactSum, ProcessOptions, ProcessSummary};
+use super::{excerpt, open_store, parse_line, user_digest, with_retry, ExactSum, ProcessOptions, ProcessSummary, Stop};
 use crate::config::ConfigError;
 use crate::log::nats::{ensure_stream, jetstream_context, NatsLogOptions};
 use crate::log::{id_key, reader::lines_of, IdKeyHasher};
@@ -111,14 +111,16 @@ pub async fn run(opts: JetStreamProcessOptions, shutdown: impl Future<Output = (
     if opts.nats.partitions == 0 {
         return Err(ConfigError("--nats-partitions must be at least 1".into()).into());
     }
-    tokio::pin!(shutdown);
-    let store = tokio::select! {
-        store = open_store(&opts.process) => store?,
-        () = &mut shutdown => return Ok(JetStreamSummary::default()),
-    };
-    let js = jetstream_context(&opts.nats, "eps process").await?;
-    let mut processor = Processor::new(opts, url, store, js);
-    processor.run(shutdown).await
+    super::stop::until(shutdown, |stop| async move {
+        let Some(store) = open_store(&opts.process, &stop).await? else { return Ok(JetStreamSummary::default()) };
+        let js = tokio::select! {
+            js = jetstream_context(&opts.nats, "eps process") => js?,
+            () = stop.requested() => return Ok(JetStreamSummary::default()),
+        };
+        let mut processor = Processor::new(opts, url, store, js, stop);
+        processor.run().await
+    })
+    .await
 }
 
 /// A partition this processor owns: its reader task and what the reader has summed so far.
@@ -187,10 +189,18 @@ struct Processor {
     users: HashSet<u64>,
     /// Without --follow: set once this run has taken every partition it could.
     took_partitions: bool,
+    /// The shutdown request, watched by every wait and retry loop.
+    stop: Stop,
 }
 
 impl Processor {
-    fn new(opts: JetStreamProcessOptions, database_url: String, store: Arc<dyn Store>, js: jetstream::Context) -> Self {
+    fn new(
+        opts: JetStreamProcessOptions,
+        database_url: String,
+        store: Arc<dyn Store>,
+        js: jetstream::Context,
+        stop: Stop,
+    ) -> Self {
         Processor {
             opts,
             database_url,
@@ -203,10 +213,13 @@ impl Processor {
             summary: JetStreamSummary::default(),
             users: HashSet::new(),
             took_partitions: false,
+            stop,
         }
     }
 
-    async fn run(&mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<JetStreamSummary> {
+    async fn run(&mut self) -> anyhow::Result<JetStreamSummary> {
+        let stop = self.stop.clone();
+        let shutdown = stop.requested();
         tokio::pin!(shutdown);
         let started = Instant::now();
         let mut next_rebalance = Instant::now();
@@ -271,16 +284,23 @@ impl Processor {
         }
         let store = &self.store;
         let process = &self.opts.process;
+        let stop = &self.stop;
         let outcomes = futures::future::join_all(work.iter().map(|(_, name, batch)| async move {
             let started = Instant::now();
-            let outcome = with_retry(process, || store.commit(name, batch)).await;
+            let outcome = with_retry(process, stop, || store.commit(name, batch)).await;
             metrics::histogram!("eps_processor_commit_duration_seconds").record(started.elapsed().as_secs_f64());
             outcome
         }))
         .await;
         let mut restart = Vec::new();
         for ((partition, _, batch), outcome) in work.into_iter().zip(outcomes) {
-            match outcome? {
+            let Some(outcome) = outcome? else {
+                // Stopping while the database is away: this batch was not committed; the next owner
+                // reads it again from the checkpoint.
+                tracing::warn!(partition, "shutdown while the database is away: the partition's batch was not committed");
+                continue;
+            };
+            match outcome {
                 CommitOutcome::Committed => {
                     metrics::counter!("eps_processor_commits_total").increment(1);
                     metrics::counter!("eps_processor_events_applied_total").increment(batch.events);
@@ -393,8 +413,12 @@ impl Processor {
                 continue;
             }
             let name = checkpoint_name(&self.opts.nats.stream, partition);
-            let checkpoint = match with_retry(&self.opts.process, || self.store.progress(&name)).await {
-                Ok(progress) => progress.position,
+            let checkpoint = match with_retry(&self.opts.process, &self.stop, || self.store.progress(&name)).await {
+                Ok(Some(progress)) => progress.position,
+                Ok(None) => {
+                    membership.release(partition).await?;
+                    return Err(StoreError::Unavailable("shutdown requested".into()));
+                }
                 Err(e) => {
                     membership.release(partition).await?;
                     return Err(StoreError::Unavailable(e.to_string()));

@@ -223,10 +223,14 @@ async fn connect_store(state: Arc<AppState>, opts: ServerOptions) {
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when the future
 /// is first polled, so a signal that arrives during start-up is not lost (nor fatal).
+///
+/// SIGHUP is ignored (eps has no configuration to reload): its default action would kill the process
+/// without the graceful drain, so a handler is installed here too, which logs each one and does nothing.
 pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate()).ok();
     let int = signal(SignalKind::interrupt()).ok();
+    ignore_hangup();
     async move {
         let wait = |s: Option<tokio::signal::unix::Signal>| async move {
             match s {
@@ -241,5 +245,23 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
             _ = wait(int) => {},
         }
         tracing::info!("shutdown requested: finishing what is in flight");
+    }
+}
+
+/// Replaces SIGHUP's default action (terminate, no drain) with a log line. Idempotent enough: each call
+/// adds a listener; the binary calls it once per command.
+pub fn ignore_hangup() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!(
+                        "SIGHUP received and ignored (eps reloads no configuration; SIGTERM or SIGINT stop it gracefully)"
+                    );
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot install the SIGHUP handler; a SIGHUP would stop eps without its drain"),
     }
 }

@@ -115,6 +115,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Cheap reachability check.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The invalid lines recorded for `stream` after position `after` (all of them for `None`), in
+    /// position order, at most `limit`: what the dead-letter file is derived from.
+    async fn invalid_lines_after(
+        &self,
+        stream: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<InvalidLine>, StoreError>;
 }
 
 /// Refuses, up front, a database URL no backend can use (a configuration error, not an outage).

@@ -27,7 +27,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
-use super::{Batch, CommitOutcome, Store, StoreError, StreamProgress, Totals};
+use super::{Batch, CommitOutcome, InvalidLine, Store, StoreError, StreamProgress, Totals};
 use crate::money::Total;
 
 const POOL_SIZE: usize = 8;
@@ -367,6 +367,41 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         client.simple_query("SELECT 1").await.map_err(|e| pg_error("pinging", e))?;
         Ok(())
+    }
+
+    async fn invalid_lines_after(
+        &self,
+        stream: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<InvalidLine>, StoreError> {
+        let after = match after {
+            Some(p) => to_i64(p, "invalid line position")?,
+            None => -1,
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let doing = "listing invalid lines";
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT position, segment, segment_offset, error, line FROM eps_invalid_lines
+                 WHERE stream = $1 AND position > $2 ORDER BY position LIMIT $3",
+                &[&stream, &after, &limit],
+            )
+            .await
+            .map_err(|e| pg_error(doing, e))?;
+        rows.iter()
+            .map(|r| {
+                Ok(InvalidLine {
+                    position: r.try_get::<_, i64>(0)? as u64,
+                    segment: r.try_get(1)?,
+                    segment_offset: r.try_get::<_, i64>(2)? as u64,
+                    error: r.try_get(3)?,
+                    line: r.try_get(4)?,
+                })
+            })
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            .map_err(|e| pg_error(doing, e))
     }
 }
 

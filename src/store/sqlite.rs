@@ -29,7 +29,7 @@ use rusqlite::functions::FunctionFlags;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use rust_decimal::Decimal;
 
-use super::{Batch, CommitOutcome, Store, StoreError, StreamProgress, Totals};
+use super::{Batch, CommitOutcome, InvalidLine, Store, StoreError, StreamProgress, Totals};
 use crate::money::{ExactSum, Total};
 
 /// How long a statement waits for another writer's lock before the store reports `Unavailable`.
@@ -345,6 +345,42 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.with_conn(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(|e| sql_error("pinging", e))).await
     }
+
+    async fn invalid_lines_after(
+        &self,
+        stream: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<InvalidLine>, StoreError> {
+        let stream = stream.to_owned();
+        let after = match after {
+            Some(p) => to_i64(p, "invalid line position")?,
+            None => -1,
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with_conn(move |conn| {
+            let doing = "listing invalid lines";
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT position, segment, segment_offset, error, line FROM eps_invalid_lines
+                     WHERE stream = ?1 AND position > ?2 ORDER BY position LIMIT ?3",
+                )
+                .map_err(|e| sql_error(doing, e))?;
+            let rows = stmt
+                .query_map(rusqlite::params![stream, after, limit], |r| {
+                    Ok(InvalidLine {
+                        position: r.get::<_, i64>(0)? as u64,
+                        segment: r.get(1)?,
+                        segment_offset: r.get::<_, i64>(2)? as u64,
+                        error: r.get(3)?,
+                        line: r.get(4)?,
+                    })
+                })
+                .map_err(|e| sql_error(doing, e))?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(|e| sql_error(doing, e))
+        })
+        .await
+    }
 }
 
 /// `(user_id, revenue)` rows of a query taking the row limit as `?1`, revenues parsed exactly.
@@ -484,6 +520,16 @@ pub(crate) mod behaviours {
             StreamProgress { position: 60, events_applied: 1, invalid_lines: 3 }
         );
         assert_eq!(s.revenue("frank").await.unwrap(), Some(dec("1")));
+        // Listed in position order, after a position, paged, per stream (the dead-letter file's source).
+        let pg_line = |position: u64| InvalidLine { line: "{\"userId\": \u{fffd}".into(), ..line(position) };
+        let stored = s.invalid_lines_after("main", None, 10).await.unwrap();
+        let want = |l: InvalidLine| if s.backend() == "postgres" { pg_line(l.position) } else { l };
+        assert_eq!(stored, vec![want(line(0)), want(line(20)), want(line(40))]);
+        let positions = |v: Vec<InvalidLine>| v.into_iter().map(|l| l.position).collect::<Vec<_>>();
+        assert_eq!(positions(s.invalid_lines_after("main", Some(0), 1).await.unwrap()), vec![20]);
+        assert_eq!(positions(s.invalid_lines_after("main", Some(20), 10).await.unwrap()), vec![40]);
+        assert_eq!(positions(s.invalid_lines_after("main", Some(40), 10).await.unwrap()), Vec::<u64>::new());
+        assert_eq!(positions(s.invalid_lines_after("other", None, 10).await.unwrap()), Vec::<u64>::new());
     }
 
     /// Issue 14, item 3: totals no `Decimal` holds are committed, read back and summed exactly (they

@@ -18,6 +18,9 @@
  *                                  newline, so the file's last line is torn), sets stalled_now and sleeps
  *                                  this long, then writes the rest: a SIGKILL meanwhile leaves a torn tail
  *  44  int32  fail_create          the next N opens with O_CREAT of a matching path fail with ENOSPC
+ *  48  int32  fail_write           the next N matching write(2) calls write half and then fail (ENOSPC), as
+ *                                  fail_pwrite does for pwrite (for files written with write, such as the
+ *                                  dead-letter file of versions that appended to it)
  *  64  char[64] filter             only fds whose path contains this text are affected ("" = all)
  *
  * "Matching" means the file descriptor's path (from /proc/self/fd) contains the filter (a filter ending
@@ -50,12 +53,14 @@ struct ctl {
     int32_t count_syncs;
     int32_t stall_partial_write_ms;
     int32_t fail_create;
-    char pad[64 - 48];
+    int32_t fail_write;
+    char pad[64 - 52];
     char filter[64];
 };
 
 static struct ctl *ctl;
 static __thread int pwrite_fail_pending;
+static __thread int write_fail_pending_fd = -1;
 static int trace_fd = -1;
 
 __attribute__((constructor)) static void shim_init(void) {
@@ -78,6 +83,7 @@ static int armed(void) {
                    __atomic_load_n(&ctl->fail_rename, __ATOMIC_SEQ_CST) > 0 ||
                    __atomic_load_n(&ctl->count_syncs, __ATOMIC_SEQ_CST) > 0 ||
                    __atomic_load_n(&ctl->fail_create, __ATOMIC_SEQ_CST) > 0 ||
+                   __atomic_load_n(&ctl->fail_write, __ATOMIC_SEQ_CST) > 0 ||
                    __atomic_load_n(&ctl->stall_partial_write_ms, __ATOMIC_SEQ_CST) > 0);
 }
 
@@ -201,6 +207,25 @@ ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset) {
     static ssize_t (*real)(int, const void *, size_t, off_t);
     if (!real) real = dlsym(RTLD_NEXT, "pwrite");
     return pwrite_common(real, fd, buf, count, offset);
+}
+
+/* write(2): a full disk mid-write, as for pwrite; the refusal of the rest goes to the same fd only (other
+ * writes of the thread, such as log lines to stderr, are untouched). */
+ssize_t write(int fd, const void *buf, size_t count) {
+    static ssize_t (*real)(int, const void *, size_t);
+    if (!real) real = dlsym(RTLD_NEXT, "write");
+    if (write_fail_pending_fd >= 0 && write_fail_pending_fd == fd) {
+        write_fail_pending_fd = -1;
+        errno = ENOSPC;
+        return -1;
+    }
+    if (armed() && count > 1 && fd_matches(fd) && take(&ctl->fail_write)) {
+        ssize_t n = real(fd, buf, count / 2);
+        if (n > 0) write_fail_pending_fd = fd;
+        else errno = ENOSPC;
+        return n > 0 ? n : -1;
+    }
+    return real(fd, buf, count);
 }
 
 int rename(const char *from, const char *to) {

@@ -40,6 +40,7 @@ const STALLED_NOW: u64 = 28;
 const COUNT_SYNCS: u64 = 36;
 const STALL_PARTIAL_WRITE_MS: u64 = 40;
 const FAIL_CREATE: u64 = 44;
+const FAIL_WRITE: u64 = 48;
 const FILTER: u64 = 64;
 
 /// One control file; every process started with [`Shim::env`] obeys it.
@@ -98,6 +99,11 @@ impl Shim {
     pub fn fail_pwrite(&self, n: i32) {
         self.set_i32(FAIL_PWRITE, n);
     }
+    /// The next `n` write(2) calls (not pwrite) to matching files write half their bytes, then fail with
+    /// ENOSPC (control word at byte 48, see faultshim.c).
+    pub fn fail_write(&self, n: i32) {
+        self.set_i32(FAIL_WRITE, n);
+    }
     /// Every sync of a matching file first sleeps this long (0: no stall).
     pub fn stall_syncs_ms(&self, ms: i32) {
         self.set_i32(STALL_SYNC_MS, ms);
@@ -130,7 +136,7 @@ impl Shim {
     }
     /// Disarms every fault (the trace and the sync count go on).
     pub fn disarm(&self) {
-        for at in [FAIL_FDATASYNC, FAIL_FSYNC, FAIL_PWRITE, STALL_SYNC_MS, STALL_PARTIAL_WRITE_MS] {
+        for at in [FAIL_FDATASYNC, FAIL_FSYNC, FAIL_PWRITE, FAIL_WRITE, STALL_SYNC_MS, STALL_PARTIAL_WRITE_MS] {
             self.set_i32(at, 0);
         }
         self.wall_clock_offset_ms(0);
