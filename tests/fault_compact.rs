@@ -64,13 +64,6 @@ fn backdate(path: &Path, ago: Duration) {
     file.set_modified(SystemTime::now() - ago).unwrap();
 }
 
-fn store_name(kind: StoreKind) -> &'static str {
-    match kind {
-        StoreKind::Sqlite => "sqlite",
-        StoreKind::Postgres => "postgres",
-    }
-}
-
 /// Item 7: processor A follows, is stopped (SIGSTOP) at its position; processor B applies everything
 /// after it; `eps compact` removes the segments holding A's position; A resumes. Before the fix A died
 /// with "position … is not in the log"; now it re-reads the store's checkpoint and goes on following.
@@ -126,7 +119,7 @@ async fn a_processor_behind_a_compacted_segment_goes_on_from_the_checkpoint(kind
     let t = tally(&want(&sent), &got, UNIT.parse().unwrap());
     Report {
         scenario,
-        store: store_name(kind),
+        store: kind.name(),
         seed,
         events_sent: sent.len() as u64,
         events_lost: t.events_lost,

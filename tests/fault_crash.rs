@@ -75,13 +75,6 @@ fn unit() -> Decimal {
     Decimal::from_str(UNIT).unwrap()
 }
 
-fn store_name(kind: StoreKind) -> &'static str {
-    match kind {
-        StoreKind::Sqlite => "sqlite",
-        StoreKind::Postgres => "postgres",
-    }
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Events and exactness
 
@@ -925,7 +918,7 @@ async fn processor_killed_at_random(store: StoreKind) {
     .await;
     eprintln!(
         "{SCENARIO} ({}): {kills} kills in {:.1?}, {:.1}% applied before the final run",
-        store_name(store),
+        store.name(),
         started.elapsed(),
         done * 100.0
     );
@@ -935,7 +928,7 @@ async fn processor_killed_at_random(store: StoreKind) {
     eprintln!("{SCENARIO}: finished in {:.1?}", started.elapsed());
     Report {
         scenario: SCENARIO,
-        store: store_name(store),
+        store: store.name(),
         seed,
         events_sent: count as u64,
         kills,
@@ -1067,14 +1060,14 @@ async fn processor_following_the_log_killed_at_random(store: StoreKind) {
     assert_exit_0(status, &p, "eps process --follow after SIGTERM");
     eprintln!(
         "{SCENARIO} ({}): {kills} kills while {appended} events were appended; the last follower caught up in {catch_up:?}",
-        store_name(store)
+        store.name()
     );
     let t = check_processed(&env, SCENARIO, &events, end).await;
 
     eprintln!("{SCENARIO}: finished in {:.1?}", started.elapsed());
     Report {
         scenario: SCENARIO,
-        store: store_name(store),
+        store: store.name(),
         seed,
         events_sent: events.lines.len() as u64,
         kills,
@@ -1148,7 +1141,7 @@ async fn four_processors_killed_and_restarted_at_random(store: StoreKind) {
     let kills: u64 = per_processor.iter().sum();
     eprintln!(
         "{SCENARIO} ({}): {kills} kills {per_processor:?} in {:.1?}, {:.1}% applied before the final run",
-        store_name(store),
+        store.name(),
         started.elapsed(),
         done * 100.0
     );
@@ -1158,7 +1151,7 @@ async fn four_processors_killed_and_restarted_at_random(store: StoreKind) {
     eprintln!("{SCENARIO}: finished in {:.1?}", started.elapsed());
     Report {
         scenario: SCENARIO,
-        store: store_name(store),
+        store: store.name(),
         seed,
         events_sent: count as u64,
         kills,

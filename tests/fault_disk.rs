@@ -23,21 +23,7 @@ use rust_decimal::Decimal;
 
 /// Posts NDJSON lines to `POST /events`; the status (0 when the request itself failed).
 async fn post_lines(http: &reqwest::Client, url: &str, lines: &[String]) -> (u16, serde_json::Value) {
-    let body = lines.join("\n") + "\n";
-    let response = http
-        .post(format!("{url}/events"))
-        .header("Authorization", TOKEN)
-        .header("Content-Type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await;
-    match response {
-        Ok(r) => {
-            let status = r.status().as_u16();
-            (status, r.json().await.unwrap_or(serde_json::Value::Null))
-        }
-        Err(_) => (0, serde_json::Value::Null),
-    }
+    post_ndjson(http, url, lines.join("\n") + "\n").await
 }
 
 fn line(user: &str, id: &str) -> String {
@@ -412,10 +398,7 @@ async fn random_disk_faults_under_load_with_followers(kind: StoreKind) {
         + refused.load(std::sync::atomic::Ordering::Relaxed);
     Report {
         scenario,
-        store: match kind {
-            StoreKind::Sqlite => "sqlite",
-            StoreKind::Postgres => "postgres",
-        },
+        store: kind.name(),
         seed,
         events_sent: sent,
         kills: injected,

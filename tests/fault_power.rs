@@ -93,20 +93,10 @@ fn batch(tag: &str, user: &str, n: usize) -> String {
     (0..n).map(|i| format!("{{\"userId\":\"{user}\",\"name\":\"add_revenue\",\"value\":1,\"id\":\"{tag}-{i}\"}}\n")).collect()
 }
 
+/// The answer to a batch, if it was 200.
 async fn post(http: &reqwest::Client, url: &str, body: &str) -> Option<serde_json::Value> {
-    let response = http
-        .post(format!("{url}/events"))
-        .header("Authorization", TOKEN)
-        .header("Content-Type", "application/x-ndjson")
-        .body(body.to_string())
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?;
-    if response.status() != 200 {
-        return None;
-    }
-    response.json().await.ok()
+    let (status, answer) = post_ndjson(http, url, body).await;
+    (status == 200).then_some(answer)
 }
 
 async fn power_cuts_under_load_lose_no_acknowledged_event(kind: StoreKind) {
@@ -203,10 +193,7 @@ async fn power_cuts_under_load_lose_no_acknowledged_event(kind: StoreKind) {
     let exited = follower.child.try_wait().unwrap();
     Report {
         scenario,
-        store: match kind {
-            StoreKind::Sqlite => "sqlite",
-            StoreKind::Postgres => "postgres",
-        },
+        store: kind.name(),
         seed,
         events_sent: sent.load(Ordering::Relaxed),
         kills: u64::from(fs.cuts),

@@ -107,16 +107,7 @@ async fn extreme_values_mixed_per_user_are_applied_exactly(kind: StoreKind) {
             body.push('\n');
             lines.push((user, add, value));
         }
-        let response = http
-            .post(format!("{}/events", server.url))
-            .header("Authorization", TOKEN)
-            .header("Content-Type", "application/x-ndjson")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let answer: serde_json::Value = response.json().await.unwrap();
+        let (status, answer) = post_ndjson(&http, &server.url, body).await;
         assert_eq!((status, &answer["accepted"]), (200, &serde_json::json!(100)), "valid edge values refused: {answer}");
         sent.extend(lines);
     }
@@ -137,10 +128,7 @@ async fn extreme_values_mixed_per_user_are_applied_exactly(kind: StoreKind) {
     drop(follower);
     Report {
         scenario,
-        store: match kind {
-            StoreKind::Sqlite => "sqlite",
-            StoreKind::Postgres => "postgres",
-        },
+        store: kind.name(),
         seed,
         events_sent: sent.len() as u64,
         events_lost: if mismatches.is_empty() { 0 } else { mismatches.lines().count() as u64 },

@@ -81,10 +81,7 @@ impl LogReader {
     /// Position just past the last byte a reader may read: the durable end the writer published, or
     /// without one the end of the newest segment (complete line or not).
     pub fn end_position(&mut self) -> io::Result<u64> {
-        let end = match list_segments(&self.dir)?.last() {
-            Some((base, path)) => base + std::fs::metadata(path)?.len(),
-            None => 0,
-        };
+        let end = raw_end(&list_segments(&self.dir)?)?;
         Ok(self.durable_end.read()?.map_or(end, |durable| durable.min(end)))
     }
 
@@ -162,11 +159,16 @@ impl LogReader {
     fn out_of_range(&self, position: u64) -> ReadError {
         let segments = list_segments(&self.dir).unwrap_or_default();
         let first = segments.first().map_or(0, |(b, _)| *b);
-        let end = match segments.last() {
-            Some((base, path)) => base + std::fs::metadata(path).map_or(0, |m| m.len()),
-            None => 0,
-        };
+        let end = raw_end(&segments).unwrap_or(0);
         ReadError::OutOfRange { position, first, end }
+    }
+}
+
+/// Position just past the last byte of the newest segment, whole line or not.
+fn raw_end(segments: &[(u64, PathBuf)]) -> io::Result<u64> {
+    match segments.last() {
+        Some((base, path)) => Ok(base + std::fs::metadata(path)?.len()),
+        None => Ok(0),
     }
 }
 

@@ -66,6 +66,16 @@ pub enum StoreKind {
     Postgres,
 }
 
+impl StoreKind {
+    /// The store's name in fault reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::Sqlite => "sqlite",
+            StoreKind::Postgres => "postgres",
+        }
+    }
+}
+
 /// Waits for `fut`, failing the test with `what` if it takes longer than `limit`.
 pub async fn within<T>(limit: Duration, what: &str, fut: impl std::future::Future<Output = T>) -> T {
     match tokio::time::timeout(limit, fut).await {
@@ -514,6 +524,25 @@ impl Drop for ChildGuard {
 /// A reqwest client that never uses a proxy (everything is on 127.0.0.1).
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+/// `POST /events` with the default token and a JSON Lines body; status and JSON answer (status 0 and
+/// `null` when the request itself failed or timed out after 30 s: a killed or unreachable server).
+pub async fn post_ndjson(http: &reqwest::Client, url: &str, body: impl Into<String>) -> (u16, Value) {
+    let sent = http
+        .post(format!("{url}/events"))
+        .header("Authorization", TOKEN)
+        .header("Content-Type", "application/x-ndjson")
+        .body(body.into())
+        .send()
+        .await;
+    match sent {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            (status, response.json().await.unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
+    }
 }
 
 /// `POST /liveEvent` with the default token and a JSON body; returns status and the JSON answer.
