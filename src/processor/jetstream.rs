@@ -800,9 +800,11 @@ pub const SERVER_KEEPALIVE_COUNT: u32 = 3;
 /// `tcp_user_timeout`: the backend gives up when what it sent stays unacknowledged this long, and
 /// (Linux) when a keepalive probe is due this long after the last packet received.
 pub const SERVER_USER_TIMEOUT: Duration = Duration::from_secs(10);
-/// When the backend of a vanished processor gives up, counted from the last packet it received: the
-/// probe after [`SERVER_USER_TIMEOUT`] (5 + 2 + 2 + 2 s), which is also idle + count × interval. The
-/// locks go with the backend; the survivors take them at their next rebalance.
+/// The latest the backend of a vanished processor gives up, counted from the last packet it received:
+/// the first probe due after [`SERVER_USER_TIMEOUT`] (5 + 2 + 2 + 2 s), which is also idle + count ×
+/// interval where the user timeout does not apply (Linux clamps the probes to the user timeout: about
+/// 10 s there; tests/fault_netcut.rs measures it). The locks go with the backend; the survivors take
+/// them at their next rebalance.
 pub const SERVER_GIVES_UP_AFTER: Duration = Duration::from_secs(11);
 /// The least `idle_session_timeout` of the membership session.
 pub const IDLE_SESSION_TIMEOUT_MIN: Duration = Duration::from_secs(60);
