@@ -5,9 +5,19 @@
 //! session-level advisory lock per partition it owns, plus one "member" lock so the processors can
 //! count each other. Every `--rebalance-ms` a processor computes its share, `ceil(partitions /
 //! members)`, releases partitions above it and tries to lock free ones below it. A processor that dies
-//! loses its session, PostgreSQL releases its locks at once, and the survivors lock the partitions at
-//! their next rebalance: takeover takes one rebalance interval plus the reading of the de-duplication
-//! window (below).
+//! loses its session, PostgreSQL releases its locks, and the survivors lock the partitions at their
+//! next rebalance: takeover takes one rebalance interval plus the reading of the de-duplication window
+//! (below) after PostgreSQL ended the session.
+//!
+//! When the session ends: at once if the processor's machine closes the socket (the process died); if
+//! the machine or its network vanished instead, the *server* must notice, since nothing is left on the
+//! processor's side to close anything. So the membership session sets PostgreSQL's own TCP settings on
+//! its backend's socket ([`SERVER_KEEPALIVE_IDLE`] and the constants after it): the backend gives up
+//! about [`SERVER_GIVES_UP_AFTER`] after the last packet it received from the processor, instead of the
+//! kernel's two hours. `idle_session_timeout` ([`idle_session_timeout`]) also ends a session whose
+//! processor is reachable but stopped querying (frozen); every rebalance queries the session, and a
+//! long commit pings it, so a working processor never reaches it. A processor whose session ended finds
+//! out at its next rebalance, drops all its partitions and joins again.
 //!
 //! Exactly once: for each owned partition a reader task follows the partition's subject from its
 //! checkpoint (an ordered pull consumer: no acknowledgements, nothing stored in JetStream on our
@@ -285,13 +295,17 @@ impl Processor {
         let store = &self.store;
         let process = &self.opts.process;
         let stop = &self.stop;
-        let outcomes = futures::future::join_all(work.iter().map(|(_, name, batch)| async move {
+        let commits = futures::future::join_all(work.iter().map(|(_, name, batch)| async move {
             let started = Instant::now();
             let outcome = with_retry(process, stop, || store.commit(name, batch)).await;
             metrics::histogram!("eps_processor_commit_duration_seconds").record(started.elapsed().as_secs_f64());
             outcome
-        }))
-        .await;
+        }));
+        // A long commit (a slow database, retries) must not make the membership session look idle.
+        let outcomes = match &self.membership {
+            Some(membership) => membership.kept_busy_during(self.opts.rebalance_interval, commits).await,
+            None => commits.await,
+        };
         let mut restart = Vec::new();
         for ((partition, _, batch), outcome) in work.into_iter().zip(outcomes) {
             let Some(outcome) = outcome? else {
@@ -354,7 +368,8 @@ impl Processor {
             }
         }
         if self.membership.is_none() {
-            match Membership::join(&self.database_url, &self.opts.nats.stream).await {
+            let idle = idle_session_timeout(self.opts.rebalance_interval, self.opts.process.poll_interval);
+            match Membership::join(&self.database_url, &self.opts.nats.stream, idle).await {
                 Ok(m) => {
                     tracing::info!(slot = m.slot, "joined the processors of the stream");
                     self.membership = Some(m);
@@ -389,8 +404,11 @@ impl Processor {
 
     async fn balance_with(&mut self, membership: &Membership) -> Result<(), StoreError> {
         let partitions = self.opts.nats.partitions;
+        // Asked on every rebalance, also by a one-shot run that already owns everything: the query is
+        // what tells a processor that its session (and every lock in it) is gone, and what keeps a
+        // working processor's session from looking idle to PostgreSQL.
+        let members = membership.members().await?.max(1);
         let share = if self.opts.process.follow {
-            let members = membership.members().await?.max(1);
             partitions.div_ceil(members)
         } else {
             // A one-shot run takes every partition nobody else holds.
@@ -771,9 +789,38 @@ struct Membership {
 /// Most processors that can share one stream.
 const MAX_MEMBERS: i32 = 1024;
 
+/// PostgreSQL's `tcp_keepalives_idle` on the membership session: the backend's socket sends its first
+/// keepalive probe after this long without a packet from the processor.
+pub const SERVER_KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+/// `tcp_keepalives_interval`: then one probe every this long.
+pub const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// `tcp_keepalives_count`: the backend gives up after this many unanswered probes (Linux: when no
+/// `tcp_user_timeout` is in force).
+pub const SERVER_KEEPALIVE_COUNT: u32 = 3;
+/// `tcp_user_timeout`: the backend gives up when what it sent stays unacknowledged this long, and
+/// (Linux) when a keepalive probe is due this long after the last packet received.
+pub const SERVER_USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The latest the backend of a vanished processor gives up, counted from the last packet it received:
+/// the first probe due after [`SERVER_USER_TIMEOUT`] (5 + 2 + 2 + 2 s), which is also idle + count ×
+/// interval where the user timeout does not apply (Linux clamps the probes to the user timeout: about
+/// 10 s there; tests/fault_netcut.rs measures it). The locks go with the backend; the survivors take
+/// them at their next rebalance.
+pub const SERVER_GIVES_UP_AFTER: Duration = Duration::from_secs(11);
+/// The least `idle_session_timeout` of the membership session.
+pub const IDLE_SESSION_TIMEOUT_MIN: Duration = Duration::from_secs(60);
+
+/// `idle_session_timeout` of the membership session: a processor queries its session at every
+/// rebalance (and pings it during commits), so only one that stopped working (frozen, hung) stays
+/// idle this long; PostgreSQL then ends the session and frees the partitions. At least
+/// [`IDLE_SESSION_TIMEOUT_MIN`], and 20 rebalance rounds.
+pub fn idle_session_timeout(rebalance_interval: Duration, poll_interval: Duration) -> Duration {
+    IDLE_SESSION_TIMEOUT_MIN.max((rebalance_interval + poll_interval) * 20)
+}
+
 impl Membership {
-    async fn join(url: &str, stream: &str) -> Result<Membership, StoreError> {
+    async fn join(url: &str, stream: &str, idle_session_timeout: Duration) -> Result<Membership, StoreError> {
         let mut membership = Membership::observe(url, stream).await?;
+        membership.make_server_give_up(idle_session_timeout).await?;
         for slot in 0..MAX_MEMBERS {
             if membership.try_lock(membership.members_key, slot).await? {
                 membership.slot = slot;
@@ -789,9 +836,11 @@ impl Membership {
             url.parse().map_err(|e| StoreError::Other(format!("invalid PostgreSQL URL: {e}")))?;
         config.application_name("eps process (partition locks)");
         config.connect_timeout(Duration::from_secs(5));
-        // A dead network must end the session (and free the partitions) within seconds.
-        config.keepalives(true).keepalives_idle(Duration::from_secs(5));
-        config.tcp_user_timeout(Duration::from_secs(10));
+        // This side's socket: a dead network ends the session for the processor within seconds, so it
+        // stops believing it owns its partitions. The server's side is set in `make_server_give_up`.
+        config.keepalives(true).keepalives_idle(SERVER_KEEPALIVE_IDLE);
+        config.keepalives_interval(SERVER_KEEPALIVE_INTERVAL).keepalives_retries(SERVER_KEEPALIVE_COUNT);
+        config.tcp_user_timeout(SERVER_USER_TIMEOUT);
         let (client, connection) =
             config.connect(tokio_postgres::NoTls).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
         tokio::spawn(async move {
@@ -802,6 +851,69 @@ impl Membership {
         // Two 31-bit keys derived from the stream's name: one class for partitions, one for members.
         let base = (crate::log::user_key(stream) & 0x3FFF_FFFF) as i32;
         Ok(Membership { client, partitions_key: base, members_key: base | 0x4000_0000, slot: -1 })
+    }
+
+    /// Sets, on the session's backend, when PostgreSQL ends it if the processor stops answering (see
+    /// [`SERVER_KEEPALIVE_IDLE`] and after), then reads them back from the session and logs what is in
+    /// force. A setting the server does not know (older than PostgreSQL 12 for `tcp_user_timeout`, 14
+    /// for `idle_session_timeout`) is reported and skipped. Over a Unix socket the TCP settings read 0:
+    /// they do not apply there (the processor is on the database's machine; its socket closes with it).
+    async fn make_server_give_up(&self, idle_session_timeout: Duration) -> Result<(), StoreError> {
+        let wanted: [(&str, u128, &str); 5] = [
+            ("tcp_keepalives_idle", SERVER_KEEPALIVE_IDLE.as_secs().into(), "s"),
+            ("tcp_keepalives_interval", SERVER_KEEPALIVE_INTERVAL.as_secs().into(), "s"),
+            ("tcp_keepalives_count", SERVER_KEEPALIVE_COUNT.into(), ""),
+            ("tcp_user_timeout", SERVER_USER_TIMEOUT.as_millis(), "ms"),
+            ("idle_session_timeout", idle_session_timeout.as_millis(), "ms"),
+        ];
+        for (name, value, _) in wanted {
+            if let Err(e) = self.client.batch_execute(&format!("SET {name} = {value}")).await {
+                if self.client.is_closed() {
+                    return Err(StoreError::Unavailable(format!("setting {name} on the partition-lock session: {e}")));
+                }
+                tracing::warn!(setting = name, error = %e, "PostgreSQL does not take this setting of the partition-lock session");
+            }
+        }
+        let names: Vec<&str> = wanted.iter().map(|(name, _, _)| *name).collect();
+        let rows = self
+            .client
+            .query("SELECT name, setting FROM pg_settings WHERE name = ANY($1)", &[&names])
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("reading the partition-lock session's settings: {e}")))?;
+        let shown: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let in_force = wanted
+            .iter()
+            .map(|(name, _, unit)| format!("{name}={}{unit}", shown.get(*name).map_or("(unknown)", String::as_str)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if shown.get("tcp_keepalives_idle").map(String::as_str) == Some("0") {
+            tracing::info!(settings = %in_force, "the partition-lock session is over a Unix socket: PostgreSQL's TCP \
+                settings do not apply (a process that dies closes it at once)");
+        } else if wanted.iter().all(|(name, value, _)| shown.get(*name) == Some(&value.to_string())) {
+            tracing::info!(settings = %in_force, gives_up_after = ?SERVER_GIVES_UP_AFTER,
+                "PostgreSQL ends the partition-lock session when this processor stops answering");
+        } else {
+            tracing::warn!(settings = %in_force, "PostgreSQL did not take every setting of the partition-lock session: \
+                a vanished processor may keep its partitions until the server's own TCP timeouts");
+        }
+        Ok(())
+    }
+
+    /// Runs `work`, querying the session every `every` meanwhile so PostgreSQL does not count it idle.
+    /// A failed ping is left to the next rebalance, which finds the session gone.
+    async fn kept_busy_during<T>(&self, every: Duration, work: impl Future<Output = T>) -> T {
+        let pings = async {
+            loop {
+                tokio::time::sleep(every).await;
+                if self.client.simple_query("SELECT 1").await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            out = work => out,
+            () = pings => unreachable!("the pings never end"),
+        }
     }
 
     async fn try_lock(&self, key: i32, sub: i32) -> Result<bool, StoreError> {

@@ -335,7 +335,19 @@ impl Env {
 /// A command for the binary under test, with no `EPS_*`, `DATABASE_URL` or proxy variable inherited
 /// from the environment of whoever runs the tests.
 pub fn eps_command(args: &[String], envs: &[(&str, String)]) -> Command {
-    let mut cmd = Command::new(eps_bin());
+    eps_command_via(&[], args, envs)
+}
+
+/// [`eps_command`] run through `wrapper` (`wrapper[0] wrapper[1..] eps ARGS`, e.g. `ip netns exec NAME`).
+pub fn eps_command_via(wrapper: &[&str], args: &[String], envs: &[(&str, String)]) -> Command {
+    let mut cmd = match wrapper.split_first() {
+        None => Command::new(eps_bin()),
+        Some((program, rest)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(rest).arg(eps_bin());
+            cmd
+        }
+    };
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
         if k.starts_with("EPS_") || k == "DATABASE_URL" || k.to_ascii_lowercase().ends_with("_proxy") {
@@ -492,10 +504,16 @@ pub struct ChildGuard {
 impl ChildGuard {
     /// Spawns `eps ARGS` in `dir`, its stdout and stderr going to files there.
     pub fn spawn(args: &[String], envs: &[(&str, String)], dir: &Path) -> ChildGuard {
+        ChildGuard::spawn_via(&[], args, envs, dir)
+    }
+
+    /// [`ChildGuard::spawn`] through `wrapper` (see [`eps_command_via`]); the wrapper must exec eps, so
+    /// that killing the child kills eps.
+    pub fn spawn_via(wrapper: &[&str], args: &[String], envs: &[(&str, String)], dir: &Path) -> ChildGuard {
         let tag = format!("{:08x}", rand::rng().random::<u32>());
         let stdout_path = dir.join(format!("child-{tag}.stdout"));
         let stderr_path = dir.join(format!("child-{tag}.stderr"));
-        let mut cmd = eps_command(args, envs);
+        let mut cmd = eps_command_via(wrapper, args, envs);
         cmd.current_dir(dir)
             .stdout(Stdio::from(std::fs::File::create(&stdout_path).unwrap()))
             .stderr(Stdio::from(std::fs::File::create(&stderr_path).unwrap()));

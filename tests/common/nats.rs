@@ -169,6 +169,8 @@ fn kill_child(child: &mut Option<Child>) {
 /// A private `nats-server -js`, killed when dropped.
 pub struct Nats {
     child: Option<Child>,
+    /// The address it listens on (127.0.0.1 unless started with [`Nats::start_on`]).
+    pub host: String,
     pub port: u16,
     store: PathBuf,
     log: PathBuf,
@@ -185,6 +187,16 @@ impl Nats {
     /// [`Nats::start`] with `config` (nats-server's configuration syntax, e.g. `max_payload: 65536`)
     /// written to `dir/nats-server.conf` and given with `-c`; the command line's flags still apply.
     pub async fn start_with_config(dir: &Path, config: Option<&str>) -> Nats {
+        Nats::start_on_with_config(dir, "127.0.0.1", config).await
+    }
+
+    /// [`Nats::start`] listening on `host` (an address of this machine) instead of loopback, on a port
+    /// free on loopback.
+    pub async fn start_on(dir: &Path, host: &str) -> Nats {
+        Nats::start_on_with_config(dir, host, None).await
+    }
+
+    async fn start_on_with_config(dir: &Path, host: &str, config: Option<&str>) -> Nats {
         let port = free_ports(1)[0];
         let config = config.map(|text| {
             let path = dir.join("nats-server.conf");
@@ -192,7 +204,7 @@ impl Nats {
             path
         });
         let mut nats =
-            Nats { child: None, port, store: dir.join("nats-store"), log: dir.join("nats-server.log"), config };
+            Nats { child: None, host: host.to_string(), port, store: dir.join("nats-store"), log: dir.join("nats-server.log"), config };
         nats.resume().await;
         nats
     }
@@ -203,7 +215,7 @@ impl Nats {
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}:{}", self.host, self.port)
     }
 
     /// Starts the server (again) on the same port and store, and waits until JetStream answers.
@@ -212,7 +224,7 @@ impl Nats {
         let mut args = vec![
             "-js".to_string(),
             "-a".into(),
-            "127.0.0.1".into(),
+            self.host.clone(),
             "-p".into(),
             self.port.to_string(),
             "-sd".into(),
