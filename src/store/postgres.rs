@@ -308,7 +308,8 @@ fn adoption_problems(table: &PgTable, ours: Option<&str>) -> (Vec<SchemaProblem>
         ),
         Some(c) => {
             let why = if c.is_domain {
-                Some("a domain, which may narrow NUMERIC with a precision or a CHECK; eps needs plain NUMERIC".to_owned())
+                let why = "a domain, which may narrow NUMERIC with a precision or a CHECK; eps needs plain NUMERIC";
+                Some(why.to_owned())
             } else {
                 match c.type_name.as_str() {
                     "numeric" if c.typmod == -1 => None,
@@ -322,9 +323,9 @@ fn adoption_problems(table: &PgTable, ours: Option<&str>) -> (Vec<SchemaProblem>
                             precision - scale
                         ))
                     }
-                    "smallint" | "integer" | "bigint" => {
-                        Some("it rounds every amount to a whole number (10.5 would become 11, 0.3 would become 0)".into())
-                    }
+                    "smallint" | "integer" | "bigint" => Some(
+                        "it rounds every amount to a whole number (10.5 would become 11, 0.3 would become 0)".to_owned(),
+                    ),
                     "real" | "double precision" => {
                         Some("binary floating point cannot hold most decimals exactly (0.1 + 0.2 is not 0.3)".into())
                     }
@@ -390,7 +391,9 @@ fn adoption_problems(table: &PgTable, ours: Option<&str>) -> (Vec<SchemaProblem>
                     Some("user_id"),
                     &c.declared,
                     why,
-                    format!("ALTER TABLE users_revenue ALTER COLUMN user_id TYPE VARCHAR({MAX_USER_ID_BYTES}){collate};"),
+                    format!(
+                        "ALTER TABLE users_revenue ALTER COLUMN user_id TYPE VARCHAR({MAX_USER_ID_BYTES}){collate};"
+                    ),
                 );
             } else if !c.deterministic {
                 let statement = format!(
@@ -879,6 +882,158 @@ mod tests {
                 other => panic!("expected None or Unavailable, got {other:?}"),
             }
             assert_eq!(store.revenue("x").await.unwrap(), None);
+        })
+        .await;
+    }
+
+    fn column(name: &str, declared: &str, type_name: &str, typmod: i32) -> PgColumn {
+        PgColumn {
+            name: name.into(),
+            declared: declared.into(),
+            type_name: type_name.into(),
+            is_domain: false,
+            typmod,
+            not_null: true,
+            filled: false,
+            deterministic: true,
+        }
+    }
+
+    /// The seed's table (`VARCHAR(255) PRIMARY KEY`, `NUMERIC NOT NULL`), with `revenue` and `user_id`
+    /// replaced as given.
+    fn seed_with(user_id: PgColumn, revenue: PgColumn) -> PgTable {
+        PgTable { columns: vec![user_id, revenue], user_id_unique: true, checks: vec![] }
+    }
+
+    fn seed_user_id() -> PgColumn {
+        column("user_id", "character varying(255)", "character varying", 255 + TYPMOD_HEADER)
+    }
+
+    fn seed_revenue() -> PgColumn {
+        column("revenue", "numeric", "numeric", -1)
+    }
+
+    /// The fix statements for a table, or none when it is exact.
+    fn fix_for(table: &PgTable) -> Vec<String> {
+        let (problems, fix) = adoption_problems(table, None);
+        assert_eq!(problems.is_empty(), fix.is_empty(), "{problems:?} {fix:?}");
+        fix
+    }
+
+    #[test]
+    fn only_columns_that_hold_every_total_and_id_exactly_are_adopted() {
+        let alter_revenue = vec!["ALTER TABLE users_revenue ALTER COLUMN revenue TYPE NUMERIC;".to_string()];
+        assert_eq!(fix_for(&seed_with(seed_user_id(), seed_revenue())), Vec::<String>::new());
+        // NUMERIC(12,2): typmod (12 << 16 | 2) + 4.
+        let narrowed = column("revenue", "numeric(12,2)", "numeric", (12 << 16 | 2) + TYPMOD_HEADER);
+        let (problems, fix) = adoption_problems(&seed_with(seed_user_id(), narrowed), None);
+        assert_eq!(fix, alter_revenue);
+        assert!(problems[0].why.contains("2 decimal places") && problems[0].why.contains("10 integer digits"));
+        for (declared, type_name) in
+            [("integer", "integer"), ("bigint", "bigint"), ("double precision", "double precision"), ("money", "money")]
+        {
+            assert_eq!(fix_for(&seed_with(seed_user_id(), column("revenue", declared, type_name, -1))), alter_revenue);
+        }
+        assert_eq!(
+            fix_for(&seed_with(seed_user_id(), column("revenue", "text", "text", -1))),
+            ["ALTER TABLE users_revenue ALTER COLUMN revenue TYPE NUMERIC USING revenue::numeric;"]
+        );
+        let domain = PgColumn { is_domain: true, ..column("revenue", "cents", "cents", -1) };
+        assert_eq!(fix_for(&seed_with(seed_user_id(), domain)), alter_revenue);
+        let nullable = PgColumn { not_null: false, ..seed_revenue() };
+        assert_eq!(
+            fix_for(&seed_with(seed_user_id(), nullable)),
+            ["ALTER TABLE users_revenue ALTER COLUMN revenue SET NOT NULL;"]
+        );
+
+        // user_id: long enough for MAX_USER_ID_BYTES characters, or unbounded text.
+        let varchar = |n: i32| column("user_id", &format!("character varying({n})"), "character varying", n + 4);
+        let alter_user_id = vec!["ALTER TABLE users_revenue ALTER COLUMN user_id TYPE VARCHAR(255);".to_string()];
+        assert_eq!(fix_for(&seed_with(varchar(64), seed_revenue())), alter_user_id);
+        assert_eq!(fix_for(&seed_with(varchar(254), seed_revenue())), alter_user_id);
+        for exact in [
+            varchar(255),
+            varchar(1000),
+            column("user_id", "character varying", "character varying", -1),
+            column("user_id", "text", "text", -1),
+        ] {
+            assert_eq!(fix_for(&seed_with(exact.clone(), seed_revenue())), Vec::<String>::new(), "{exact:?}");
+        }
+        let padded = column("user_id", "character(255)", "character", 259);
+        assert_eq!(fix_for(&seed_with(padded, seed_revenue())), alter_user_id);
+        let caseless = PgColumn { deterministic: false, ..column("user_id", "text", "text", -1) };
+        assert_eq!(
+            fix_for(&seed_with(caseless, seed_revenue())),
+            ["ALTER TABLE users_revenue ALTER COLUMN user_id TYPE TEXT COLLATE \"default\";"]
+        );
+
+        // The table: a unique index for ON CONFLICT, no CHECK but the one a migration drops, no
+        // other column eps's INSERT would leave NULL against a NOT NULL.
+        let mut table = seed_with(seed_user_id(), seed_revenue());
+        table.user_id_unique = false;
+        table.checks = vec![
+            ("eps_revenue_exact_range".into(), "CHECK (scale(revenue) <= 28)".into()),
+            ("Positive".into(), "CHECK ((revenue >= (0)::numeric))".into()),
+        ];
+        table.columns.push(column("note", "text", "text", -1));
+        table.columns.push(PgColumn { filled: true, ..column("created", "timestamp", "timestamp", -1) });
+        table.columns.push(PgColumn { not_null: false, ..column("memo", "text", "text", -1) });
+        let (problems, fix) = adoption_problems(&table, Some("eps_revenue_exact_range"));
+        assert_eq!(
+            fix,
+            [
+                "CREATE UNIQUE INDEX users_revenue_user_id_key ON users_revenue (user_id);",
+                "ALTER TABLE users_revenue DROP CONSTRAINT \"Positive\";",
+                "ALTER TABLE users_revenue ALTER COLUMN note DROP NOT NULL;",
+            ]
+        );
+        assert_eq!(problems.len(), 3);
+        assert_eq!(adoption_problems(&table, None).1.len(), 4, "a version-3 database keeps no CHECK of its own");
+    }
+
+    /// The catalog as eps reads it: the tables eps creates pass, and a table whose domain, collation
+    /// and missing index would change what eps stores is refused as a configuration error, untouched,
+    /// until the printed statements are run.
+    #[tokio::test]
+    async fn the_catalog_is_read_as_the_rules_expect() {
+        with_database(|url| async move {
+            let store = PostgresStore::connect(&url).await.unwrap();
+            let mut client = store.client().await.unwrap();
+            let tx = client.transaction().await.unwrap();
+            let ours = inspect_users_revenue(&tx).await.unwrap().expect("eps created users_revenue");
+            assert_eq!(ours, seed_with(seed_user_id(), seed_revenue()));
+            drop(tx);
+            drop((client, store));
+
+            let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client
+                .batch_execute(
+                    "DROP TABLE users_revenue; DROP TABLE eps_schema_migrations;
+                     CREATE DOMAIN cents AS NUMERIC(12,2) CHECK (VALUE >= 0);
+                     CREATE COLLATION caseless (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+                     CREATE TABLE users_revenue (user_id TEXT COLLATE caseless, revenue cents NOT NULL);
+                     INSERT INTO users_revenue VALUES ('kept', 1.25);",
+                )
+                .await
+                .unwrap();
+            let err = PostgresStore::connect(&url).await.err().expect("the table was adopted");
+            assert!(err.downcast_ref::<ConfigError>().is_some(), "not a configuration error: {err:#}");
+            let message = format!("{err:#}");
+            for part in ["column revenue is cents: a domain", "nondeterministic collation", "no unique index"] {
+                assert!(message.contains(part), "{part:?} missing from {message}");
+            }
+            let versions: Option<u32> =
+                client.query_one("SELECT to_regclass('eps_schema_migrations')::oid", &[]).await.unwrap().get(0);
+            assert_eq!(versions, None, "the refusal changed the database");
+            let fix: Vec<&str> = message.lines().filter_map(|l| l.strip_prefix("    ")).collect();
+            client.batch_execute(&fix.join("\n")).await.unwrap();
+            let store = PostgresStore::connect(&url).await.unwrap();
+            assert_eq!(store.revenue("kept").await.unwrap(), Some(dec("1.25")));
+            let b = Batch { from: 0, to: 1, deltas: vec![("Kept".into(), dec("0.001"))], events: 1, invalid: vec![] };
+            assert_eq!(store.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+            assert_eq!(store.revenue("kept").await.unwrap(), Some(dec("1.25")), "\"Kept\" is another user");
+            assert_eq!(store.revenue("Kept").await.unwrap(), Some(dec("0.001")));
         })
         .await;
     }

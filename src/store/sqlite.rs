@@ -363,7 +363,8 @@ fn adoption_problems(table: &SqliteTable) -> (Vec<SchemaProblem>, Vec<String>) {
         );
     }
     if table.has_check {
-        problem(None, "a CHECK constraint".into(), "it may refuse a total or an id eps must store, which halts processing");
+        let why = "it may refuse a total or an id eps must store, which halts processing";
+        problem(None, "a CHECK constraint".into(), why);
     }
     for c in &table.columns {
         let ours = ["user_id", "revenue", "revenue_key"].iter().any(|n| c.name.eq_ignore_ascii_case(n));
@@ -978,6 +979,129 @@ mod tests {
         let store = SqliteStore::open(&path).await.unwrap();
         let top: Vec<String> = store.top_users(10).await.unwrap().into_iter().map(|(u, _)| u).collect();
         assert_eq!(top, ["high", "mid", "low", "neg"]);
+    }
+
+    #[test]
+    fn affinity_follows_sqlites_rules_in_their_order() {
+        use Affinity::*;
+        for (declared, want) in [
+            ("TEXT", Text),
+            ("VARCHAR(64)", Text),
+            ("CLOB", Text),
+            ("", Blob),
+            ("BLOB", Blob),
+            ("INTEGER", Integer),
+            ("BIGINT", Integer),
+            ("POINT", Integer), // contains INT
+            ("CHARINT", Integer), // INT wins over CHAR
+            ("REAL", Real),
+            ("DOUBLE PRECISION", Real),
+            ("FLOAT", Real),
+            ("NUMERIC", Numeric),
+            ("DECIMAL(12,2)", Numeric),
+            ("STRING", Numeric), // the classic trap: not TEXT
+            ("MONEY", Numeric),
+        ] {
+            assert_eq!(affinity(declared), want, "{declared:?}");
+        }
+    }
+
+    #[test]
+    fn check_constraints_are_found_outside_quotes_only() {
+        assert!(has_check_constraint("CREATE TABLE t (a TEXT CHECK (length(a) < 64))"));
+        assert!(has_check_constraint("create table t (a text, constraint c check(a <> ''))"));
+        assert!(!has_check_constraint("CREATE TABLE users_revenue (user_id TEXT PRIMARY KEY, revenue TEXT NOT NULL)"));
+        assert!(!has_check_constraint("CREATE TABLE t (a TEXT DEFAULT 'check (x)', \"check\" TEXT, recheck TEXT)"));
+        assert!(!has_check_constraint("CREATE TABLE t ([check(] TEXT, `check (` TEXT, check_col TEXT)"));
+    }
+
+    /// The columns of a fresh table `users_revenue (COLUMNS)`, as start-up inspects them.
+    fn inspected(columns: &str) -> SqliteTable {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(&format!("CREATE TABLE users_revenue ({columns})")).unwrap();
+        inspect_users_revenue(&conn).unwrap().expect("the table exists")
+    }
+
+    #[test]
+    fn only_tables_that_keep_the_text_eps_stores_are_adopted() {
+        let problems = |columns: &str| {
+            let (problems, fix) = adoption_problems(&inspected(columns));
+            assert_eq!(problems.is_empty(), fix.is_empty());
+            problems.into_iter().map(|p| format!("{}: {}", p.column.unwrap_or_default(), p.found)).collect::<Vec<_>>()
+        };
+        let none = Vec::<String>::new();
+        // eps's own version-1 table, the seed's, and a BLOB-affinity (untyped) one keep text as given.
+        assert_eq!(problems("user_id TEXT PRIMARY KEY, revenue TEXT NOT NULL"), none);
+        assert_eq!(problems("user_id VARCHAR(255) PRIMARY KEY, revenue TEXT NOT NULL"), none);
+        assert_eq!(problems("user_id PRIMARY KEY, revenue NOT NULL, note TEXT NOT NULL DEFAULT ''"), none);
+        assert_eq!(problems("user_id TEXT NOT NULL, revenue TEXT NOT NULL, UNIQUE (user_id)"), none);
+        let revenue = |declared: &str| problems(&format!("user_id TEXT PRIMARY KEY, revenue {declared} NOT NULL"));
+        assert_eq!(revenue("INTEGER"), ["revenue: INTEGER (Integer affinity)"]);
+        assert_eq!(revenue("REAL"), ["revenue: REAL (Real affinity)"]);
+        assert_eq!(revenue("DECIMAL"), ["revenue: DECIMAL (Numeric affinity)"]);
+        assert_eq!(
+            problems("user_id INT PRIMARY KEY, revenue TEXT"),
+            ["revenue: TEXT (Text affinity) without NOT NULL", "user_id: INT (Integer affinity)"]
+        );
+        let no_index = ": no unique index on user_id alone with the BINARY collation";
+        assert_eq!(problems("user_id TEXT, revenue TEXT NOT NULL"), [no_index]);
+        assert_eq!(problems("user_id TEXT COLLATE NOCASE PRIMARY KEY, revenue TEXT NOT NULL"), [no_index]);
+        assert_eq!(problems("user_id TEXT, revenue TEXT NOT NULL, PRIMARY KEY (user_id, revenue)"), [no_index]);
+        assert_eq!(
+            problems("user_id TEXT PRIMARY KEY, revenue TEXT NOT NULL CHECK (revenue NOT LIKE '-%')"),
+            [": a CHECK constraint"]
+        );
+        assert_eq!(
+            problems("user_id TEXT PRIMARY KEY, revenue TEXT NOT NULL, \"Note\" TEXT NOT NULL"),
+            ["\"Note\": TEXT (Text affinity) NOT NULL without a default"]
+        );
+    }
+
+    /// A file an older eps migrated whose users_revenue was later rebuilt by hand with REAL totals: the
+    /// refusal leaves it as it was, the printed statements (run as printed) rebuild it with its order
+    /// keys and other columns, and eps then computes the keys, so the top users are exact.
+    #[tokio::test]
+    async fn a_refused_file_is_untouched_and_the_printed_rebuild_makes_it_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eps.sqlite3");
+        drop(SqliteStore::open(&path).await.unwrap());
+        {
+            let conn = Connection::open(&path).unwrap();
+            let ours = inspect_users_revenue(&conn).unwrap().expect("eps created users_revenue");
+            assert_eq!(adoption_problems(&ours), (vec![], vec![]), "eps's own table is exact");
+            conn.execute_batch(
+                "DROP TABLE users_revenue;
+                 CREATE TABLE users_revenue (user_id TEXT PRIMARY KEY, revenue REAL NOT NULL, revenue_key TEXT,
+                                             region TEXT DEFAULT 'eu');
+                 INSERT INTO users_revenue (user_id, revenue, region) VALUES ('a', 10.5, 'us'), ('b', 2, NULL);",
+            )
+            .unwrap();
+        }
+        let err = SqliteStore::open(&path).await.err().expect("the REAL column was adopted");
+        assert!(err.downcast_ref::<ConfigError>().is_some(), "not a configuration error: {err:#}");
+        let message = format!("{err:#}");
+        assert!(message.contains("column revenue is REAL (Real affinity)"), "{message}");
+        let conn = Connection::open(&path).unwrap();
+        let keys: i64 = conn.query_row("SELECT count(revenue_key) FROM users_revenue", [], |r| r.get(0)).unwrap();
+        assert_eq!(keys, 0, "the refusal wrote to the table");
+        let fix: Vec<&str> = message.lines().filter_map(|l| l.strip_prefix("    ")).collect();
+        conn.execute_batch(&fix.join("\n")).unwrap();
+        let store = SqliteStore::open(&path).await.unwrap();
+        let b = Batch { from: 0, to: 1, deltas: vec![("b".into(), dec("0.1"))], events: 1, invalid: vec![] };
+        assert_eq!(store.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        assert_eq!(store.top_users(5).await.unwrap(), vec![("a".into(), dec("10.5")), ("b".into(), dec("2.1"))]);
+        let rows: Vec<(String, String, Option<String>)> = conn
+            .prepare("SELECT user_id, typeof(revenue), region FROM users_revenue ORDER BY user_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, [("a".into(), "text".into(), Some("us".into())), ("b".into(), "text".into(), None)]);
+        let index: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'users_revenue_top'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(index, 1);
     }
 
     #[tokio::test]
