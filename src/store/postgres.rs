@@ -5,6 +5,10 @@
 //! and the mapping of PostgreSQL errors to [`StoreError`].
 //!
 //! Invariants:
+//! - An existing `users_revenue` is adopted only where exact (see `adoption_problems`): its catalog
+//!   entry is read in the migration transaction before any migration runs, and a table that would round,
+//!   truncate or refuse is refused with the `ALTER TABLE` statements that fix it, the transaction
+//!   rolled back.
 //! - `revenue` is the seed's unconstrained NUMERIC, so sums are exact in the database and of any size
 //!   (NUMERIC holds 131,072 integer digits). Totals cross the wire as exact decimal text both ways
 //!   (`$2::text[]` cast to NUMERIC in, `revenue::text` out) into a [`Total`]: no binding to a

@@ -4,6 +4,9 @@
 //! connection pool, and the mapping of SQLite errors to [`StoreError`].
 //!
 //! Invariants:
+//! - An existing `users_revenue` (a `sqlite://` file made before eps) is adopted only where its
+//!   columns keep the text eps stores (see `adoption_problems`); otherwise opening fails with the
+//!   statements that rebuild it, before anything was written.
 //! - Revenue is stored as TEXT holding the normalised decimal string ("100.00" is stored as "100"),
 //!   of any size. A NUMERIC column would hand 0.1 to SQLite's floating point; TEXT keeps it exact, and
 //!   all arithmetic happens in `eps_dec_add`, a scalar function that adds with `rust_decimal` when the
