@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::config::ConfigError;
 use crate::event::EventRef;
 use crate::log::reader::{lines_of, Chunk, LogReader, ReadError};
 use crate::log::LOG_DIR;
@@ -106,7 +107,8 @@ pub async fn run(opts: ProcessOptions, shutdown: impl Future<Output = ()>) -> an
 }
 
 /// Opens the store, retrying while the database is unreachable (forever with `follow`, else for
-/// `retry_for`); `None` when the shutdown was requested first.
+/// `retry_for`); `None` when the shutdown was requested first. A configuration error (a refused
+/// `users_revenue`, see [`store`]) is returned at once: waiting cannot fix it.
 pub(crate) async fn open_store(opts: &ProcessOptions, stop: &Stop) -> anyhow::Result<Option<Arc<dyn Store>>> {
     let deadline = Instant::now() + opts.retry_for;
     let mut delay = Duration::from_millis(100);
@@ -117,6 +119,8 @@ pub(crate) async fn open_store(opts: &ProcessOptions, stop: &Stop) -> anyhow::Re
         };
         match opened {
             Ok(store) => return Ok(Some(store)),
+            // A refused table (or URL) stays refused: no retry, exit code 2 at once.
+            Err(e) if e.downcast_ref::<ConfigError>().is_some() => return Err(e),
             Err(e) if opts.follow || Instant::now() < deadline => {
                 tracing::warn!(error = %e, retry_in = ?delay, "database not reachable; retrying");
                 tokio::select! {

@@ -19,6 +19,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 
 use crate::log::nats::{NatsLog, NatsLogOptions};
 use crate::log::{EventLog, FileLog, FileLogOptions, LOG_DIR};
@@ -182,15 +183,28 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves; returns once every accepted request is answered and synced.
+    ///
+    /// A store refused as misconfigured (a `users_revenue` that would round, see [`store`]) stops the
+    /// server the same graceful way, and `run` returns that configuration error (exit code 2): a
+    /// `GET /userEvents` answering 503 forever would hide it.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let store_task = tokio::spawn(connect_store(self.state.clone(), self.opts.clone()));
+        let (refused_tx, refused_rx) = oneshot::channel();
+        let store_task = tokio::spawn(connect_store(self.state.clone(), self.opts.clone(), refused_tx));
         let sampler_task = tokio::spawn(console::run_sampler(self.state.clone()));
         let router = self.router();
         tracing::info!(addr = %self.local_addr(), data_dir = %self.opts.data_dir.display(), "eps server listening");
         // At shutdown the consoles' event streams end first, so the drain does not wait for them.
         let state = self.state.clone();
+        let refused = Arc::new(std::sync::Mutex::new(None));
+        let refusal = refused.clone();
         let shutdown = async move {
-            shutdown.await;
+            tokio::select! {
+                () = shutdown => {}
+                Ok(e) = refused_rx => {
+                    tracing::error!("the database is misconfigured; stopping the server");
+                    *refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                }
+            }
             state.console.close();
         };
         serve::serve(self.listener, router, self.opts.limits.clone(), shutdown).await?;
@@ -198,18 +212,24 @@ impl Server {
         sampler_task.abort();
         self.log.shutdown().await;
         tracing::info!("eps server stopped; every acknowledged event is synced");
-        Ok(())
+        let refused = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
+        refused.map_or(Ok(()), Err)
     }
 }
 
 /// Opens the store, retrying until it works: the server takes events whether the database is up or not.
-async fn connect_store(state: Arc<AppState>, opts: ServerOptions) {
+/// A configuration error is not retried: it goes to `refused`, which stops the server.
+async fn connect_store(state: Arc<AppState>, opts: ServerOptions, refused: oneshot::Sender<anyhow::Error>) {
     let mut delay = Duration::from_millis(200);
     loop {
         match store::open(opts.database_url.as_deref(), &opts.data_dir).await {
             Ok(store) => {
                 tracing::info!(backend = store.backend(), "database connected");
                 let _ = state.store.set(store);
+                return;
+            }
+            Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+                let _ = refused.send(e);
                 return;
             }
             Err(e) => {

@@ -8,6 +8,14 @@
 //! checkpoint is still where the caller read it (compare-and-set). A processor that crashes before the
 //! commit leaves no trace; one that loses the race to another processor gets [`CommitOutcome::Conflict`]
 //! and reads again from the new checkpoint.
+//!
+//! Invariant (the adoption rule): eps uses an existing `users_revenue` (the seed's SQL creates one,
+//! an operator may have made their own) only if its columns hold exactly what eps stores: every
+//! userId eps accepts, as itself, and every total, unrounded, of any size. Each backend inspects the
+//! table at start-up, in its migration transaction, before it changes anything; a table that would
+//! round, truncate, convert or refuse is a configuration error ([`schema_refusal`], exit code 2) that
+//! names the column, its type, why, and the statements that fix it. The tables eps creates itself
+//! always pass (tested).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -135,6 +143,53 @@ pub fn check_database_url(database_url: Option<&str>) -> Result<(), ConfigError>
             "unsupported database URL {:?}: use postgres://... or sqlite://PATH",
             url.split_once("://").map_or(url, |(scheme, _)| scheme)
         ))),
+    }
+}
+
+/// One reason an existing `users_revenue` cannot hold exactly what eps stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaProblem {
+    /// The column concerned, or `None` for the table as a whole (a missing index, a CHECK).
+    pub column: Option<String>,
+    /// What the database declares (a type, a constraint), as it spells it.
+    pub found: String,
+    /// Why eps cannot use it: what would happen to the money or to processing.
+    pub why: String,
+}
+
+/// The refusal of an adopted `users_revenue`: the table, each problem, and the statements that fix
+/// it. A configuration error (exit code 2, no retry): waiting cannot change a column's type.
+pub fn schema_refusal(store: &str, problems: &[SchemaProblem], fix: &[String]) -> ConfigError {
+    let mut message = format!(
+        "the existing table users_revenue in the {store} store cannot hold exactly what eps stores, so eps \
+         refuses to use it (no table was changed):"
+    );
+    for p in problems {
+        match &p.column {
+            Some(column) => message.push_str(&format!("\n  - column {column} is {}: {}", p.found, p.why)),
+            None => message.push_str(&format!("\n  - {}: {}", p.found, p.why)),
+        }
+    }
+    message.push_str(
+        "\nRun these statements on the database, then start eps again (amounts the table already rounded \
+         stay rounded):",
+    );
+    for statement in fix {
+        message.push_str("\n    ");
+        message.push_str(statement);
+    }
+    ConfigError(message)
+}
+
+/// `name` as an SQL identifier (both dialects): bare when it is a plain lower-case name, otherwise
+/// double-quoted with inner quotes doubled.
+pub(crate) fn quote_ident(name: &str) -> String {
+    let plain = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        name.to_owned()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
     }
 }
 

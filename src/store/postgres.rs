@@ -5,6 +5,10 @@
 //! and the mapping of PostgreSQL errors to [`StoreError`].
 //!
 //! Invariants:
+//! - An existing `users_revenue` is adopted only where exact (see `adoption_problems`): its catalog
+//!   entry is read in the migration transaction before any migration runs, and a table that would round,
+//!   truncate or refuse is refused with the `ALTER TABLE` statements that fix it, the transaction
+//!   rolled back.
 //! - `revenue` is the seed's unconstrained NUMERIC, so sums are exact in the database and of any size
 //!   (NUMERIC holds 131,072 integer digits). Totals cross the wire as exact decimal text both ways
 //!   (`$2::text[]` cast to NUMERIC in, `revenue::text` out) into a [`Total`]: no binding to a
@@ -27,7 +31,12 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
-use super::{Batch, CommitOutcome, InvalidLine, Store, StoreError, StreamProgress, Totals};
+use super::{
+    quote_ident, schema_refusal, Batch, CommitOutcome, InvalidLine, SchemaProblem, Store, StoreError, StreamProgress,
+    Totals,
+};
+use crate::config::ConfigError;
+use crate::event::MAX_USER_ID_BYTES;
 use crate::money::Total;
 
 const POOL_SIZE: usize = 8;
@@ -107,11 +116,19 @@ impl PostgresStore {
             .build()
             .context("cannot build the PostgreSQL connection pool")?;
         let store = PostgresStore { pool };
-        store.migrate().await.with_context(|| format!("cannot prepare the PostgreSQL store at {}", redact(url)))?;
-        Ok(store)
+        let doing = || format!("cannot prepare the PostgreSQL store at {}", redact(url));
+        match store.migrate().await {
+            Ok(Ok(())) => Ok(store),
+            // A ConfigError under the context: main exits 2 and the retry loops give up at once.
+            Ok(Err(refused)) => Err(anyhow::Error::new(refused).context(doing())),
+            Err(e) => Err(anyhow::Error::new(e).context(doing())),
+        }
     }
 
-    async fn migrate(&self) -> Result<(), StoreError> {
+    /// Applies the pending migrations, after checking an existing `users_revenue` (see
+    /// [`adoption_problems`]). The outer error is the database's; the inner one refuses the table,
+    /// and then the whole transaction is rolled back: nothing in the database changes.
+    async fn migrate(&self) -> Result<Result<(), ConfigError>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| pg_error("starting the migration", e))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
@@ -125,13 +142,23 @@ impl PostgresStore {
             .await
             .and_then(|row| row.try_get(0))
             .map_err(|e| pg_error("reading the schema version", e))?;
+        if let Some(table) = inspect_users_revenue(&tx).await? {
+            // Versions 1 and 2 added this CHECK themselves; version 3 drops it.
+            let ours = if current < 3 { Some("eps_revenue_exact_range") } else { None };
+            let (problems, fix) = adoption_problems(&table, ours);
+            if !problems.is_empty() {
+                // Dropping `tx` rolls back: not even eps_schema_migrations is created.
+                return Ok(Err(schema_refusal("PostgreSQL", &problems, &fix)));
+            }
+        }
         for &(version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
             tx.batch_execute(sql).await.map_err(|e| pg_error(&format!("applying migration {version}"), e))?;
             tx.execute("INSERT INTO eps_schema_migrations (version) VALUES ($1)", &[&version])
                 .await
                 .map_err(|e| pg_error(&format!("recording migration {version}"), e))?;
         }
-        tx.commit().await.map_err(|e| pg_error("committing the migrations", e))
+        tx.commit().await.map_err(|e| pg_error("committing the migrations", e))?;
+        Ok(Ok(()))
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
@@ -157,6 +184,267 @@ impl PostgresStore {
         }
         Ok(users)
     }
+}
+
+/// A column of an existing `users_revenue`, as the catalog describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PgColumn {
+    name: String,
+    /// `format_type`: "numeric(12,2)", "character varying(64)", a domain's name.
+    declared: String,
+    /// The type itself, without modifier (`regtype`): "numeric", "character varying", a domain's name.
+    type_name: String,
+    is_domain: bool,
+    /// -1 when unconstrained; otherwise the length or precision/scale, plus 4.
+    typmod: i32,
+    not_null: bool,
+    /// Has a default, or is generated or an identity: eps's INSERT need not name it.
+    filled: bool,
+    /// The column's collation tells equal only what is byte for byte equal.
+    deterministic: bool,
+}
+
+/// What start-up checks of an existing `users_revenue`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PgTable {
+    columns: Vec<PgColumn>,
+    /// A valid, immediate, non-partial unique index on exactly `user_id`: what `ON CONFLICT (user_id)`
+    /// needs.
+    user_id_unique: bool,
+    /// CHECK constraints: (name, definition).
+    checks: Vec<(String, String)>,
+}
+
+/// The `users_revenue` the unqualified statements of eps would use (the search path's), if any.
+async fn inspect_users_revenue(tx: &tokio_postgres::Transaction<'_>) -> Result<Option<PgTable>, StoreError> {
+    let doing = "inspecting the existing users_revenue";
+    let oid: Option<u32> = tx
+        .query_one("SELECT to_regclass('users_revenue')::oid", &[])
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(|e| pg_error(doing, e))?;
+    let Some(oid) = oid else { return Ok(None) };
+    let rows = tx
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid::regtype::text,
+                    t.typtype = 'd', a.atttypmod, a.attnotnull,
+                    a.atthasdef OR a.attgenerated <> '' OR a.attidentity <> '',
+                    COALESCE(c.collisdeterministic, true)
+             FROM pg_attribute a
+             JOIN pg_type t ON t.oid = a.atttypid
+             LEFT JOIN pg_collation c ON c.oid = a.attcollation
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| pg_error(doing, e))?;
+    let columns = rows
+        .iter()
+        .map(|r| {
+            Ok(PgColumn {
+                name: r.try_get(0)?,
+                declared: r.try_get(1)?,
+                type_name: r.try_get(2)?,
+                is_domain: r.try_get(3)?,
+                typmod: r.try_get(4)?,
+                not_null: r.try_get(5)?,
+                filled: r.try_get(6)?,
+                deterministic: r.try_get(7)?,
+            })
+        })
+        .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+        .map_err(|e| pg_error(doing, e))?;
+    let user_id_unique: bool = tx
+        .query_one(
+            "SELECT EXISTS (
+                 SELECT 1 FROM pg_index i
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                 WHERE i.indrelid = $1 AND i.indisunique AND i.indimmediate AND i.indisvalid
+                   AND i.indnkeyatts = 1 AND i.indpred IS NULL AND i.indexprs IS NULL
+                   AND a.attname = 'user_id')",
+            &[&oid],
+        )
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(|e| pg_error(doing, e))?;
+    let checks = tx
+        .query(
+            "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint
+             WHERE conrelid = $1 AND contype = 'c' ORDER BY conname",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| pg_error(doing, e))?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+        .map_err(|e| pg_error(doing, e))?;
+    Ok(Some(PgTable { columns, user_id_unique, checks }))
+}
+
+/// PostgreSQL's typmod header (VARHDRSZ): a modifier is stored as its value plus 4.
+const TYPMOD_HEADER: i32 = 4;
+
+/// What in `table` would round, truncate, convert or refuse what eps stores, and the statements that
+/// fix it. Exact means:
+/// - `revenue`: NUMERIC without precision or scale (any size, any scale), NOT NULL (NULL + x is NULL).
+/// - `user_id`: TEXT, or VARCHAR without a length or with one of at least [`MAX_USER_ID_BYTES`]
+///   characters (a userId has at most that many bytes, so at most that many characters), with a
+///   deterministic collation (one that tells "A" from "a"), and a unique index on it alone.
+/// - no CHECK constraint (one could refuse a total or an id eps must store), except `ours`, which a
+///   pending migration drops; and no other column eps's INSERT would leave NULL against a NOT NULL.
+fn adoption_problems(table: &PgTable, ours: Option<&str>) -> (Vec<SchemaProblem>, Vec<String>) {
+    let (mut problems, mut fix) = (Vec::new(), Vec::new());
+    let mut problem = |column: Option<&str>, found: &str, why: String, statement: String| {
+        problems.push(SchemaProblem { column: column.map(str::to_owned), found: found.to_owned(), why });
+        if !fix.contains(&statement) {
+            fix.push(statement);
+        }
+    };
+    let column = |name: &str| table.columns.iter().find(|c| c.name == name);
+    match column("revenue") {
+        None => problem(
+            None,
+            "no column revenue",
+            "eps keeps each user's total there".into(),
+            "ALTER TABLE users_revenue ADD COLUMN revenue NUMERIC NOT NULL DEFAULT 0;".into(),
+        ),
+        Some(c) => {
+            let why = if c.is_domain {
+                let why = "a domain, which may narrow NUMERIC with a precision or a CHECK; eps needs plain NUMERIC";
+                Some(why.to_owned())
+            } else {
+                match c.type_name.as_str() {
+                    "numeric" if c.typmod == -1 => None,
+                    "numeric" => {
+                        let scale = (c.typmod - TYPMOD_HEADER) & 0xffff;
+                        let precision = ((c.typmod - TYPMOD_HEADER) >> 16) & 0xffff;
+                        Some(format!(
+                            "it rounds every amount to {scale} decimal places (0.004 + 0.004 would depend on the \
+                             batching) and refuses totals of more than {} integer digits; eps stores exact \
+                             decimals of any scale and size",
+                            precision - scale
+                        ))
+                    }
+                    "smallint" | "integer" | "bigint" => Some(
+                        "it rounds every amount to a whole number (10.5 would become 11, 0.3 would become 0)".to_owned(),
+                    ),
+                    "real" | "double precision" => {
+                        Some("binary floating point cannot hold most decimals exactly (0.1 + 0.2 is not 0.3)".into())
+                    }
+                    "money" => Some("it rounds every amount to the currency's fraction digits".into()),
+                    _ => Some("not a NUMERIC: eps adds totals with exact NUMERIC arithmetic".into()),
+                }
+            };
+            if let Some(why) = why {
+                let numeric_like = c.is_domain
+                    || matches!(
+                        c.type_name.as_str(),
+                        "numeric" | "smallint" | "integer" | "bigint" | "real" | "double precision" | "money"
+                    );
+                let using = if numeric_like { "" } else { " USING revenue::numeric" };
+                problem(
+                    Some("revenue"),
+                    &c.declared,
+                    why,
+                    format!("ALTER TABLE users_revenue ALTER COLUMN revenue TYPE NUMERIC{using};"),
+                );
+            }
+            if !c.not_null {
+                problem(
+                    Some("revenue"),
+                    &format!("{} without NOT NULL", c.declared),
+                    "a NULL total swallows every amount added to it (NULL + x is NULL)".into(),
+                    "ALTER TABLE users_revenue ALTER COLUMN revenue SET NOT NULL;".into(),
+                );
+            }
+        }
+    }
+    match column("user_id") {
+        None => problem(
+            None,
+            "no column user_id",
+            "eps keys each total by userId".into(),
+            format!("ALTER TABLE users_revenue ADD COLUMN user_id VARCHAR({MAX_USER_ID_BYTES});"),
+        ),
+        Some(c) => {
+            let long_enough = |typmod: i32| typmod == -1 || typmod - TYPMOD_HEADER >= MAX_USER_ID_BYTES as i32;
+            let why = if c.is_domain {
+                Some("a domain, which may narrow the text with a length or a CHECK".to_owned())
+            } else {
+                match c.type_name.as_str() {
+                    "text" => None,
+                    "character varying" if long_enough(c.typmod) => None,
+                    "character varying" => Some(format!(
+                        "it refuses a userId longer than {} characters, and eps accepts userIds of up to \
+                         {MAX_USER_ID_BYTES} bytes: processing would halt on the first such event",
+                        c.typmod - TYPMOD_HEADER
+                    )),
+                    "character" => Some(
+                        "CHAR pads ids with spaces and ignores trailing ones, so \"a\" and \"a \" would share \
+                         one total"
+                            .into(),
+                    ),
+                    _ => Some("not a text type: eps stores each userId as text, as it is".into()),
+                }
+            };
+            let collate = if c.deterministic { "" } else { " COLLATE \"default\"" };
+            if let Some(why) = why {
+                problem(
+                    Some("user_id"),
+                    &c.declared,
+                    why,
+                    format!(
+                        "ALTER TABLE users_revenue ALTER COLUMN user_id TYPE VARCHAR({MAX_USER_ID_BYTES}){collate};"
+                    ),
+                );
+            } else if !c.deterministic {
+                let statement = format!(
+                    "ALTER TABLE users_revenue ALTER COLUMN user_id TYPE {}{collate};",
+                    if c.type_name == "text" { "TEXT".to_owned() } else { c.declared.to_uppercase() }
+                );
+                problem(
+                    Some("user_id"),
+                    &format!("{} with a nondeterministic collation", c.declared),
+                    "ids it deems equal (\"A\" and \"a\", say) would share one total".into(),
+                    statement,
+                );
+            }
+        }
+    }
+    if column("user_id").is_some() && !table.user_id_unique {
+        problem(
+            None,
+            "no unique index on user_id alone",
+            "eps adds to a user's row with INSERT ... ON CONFLICT (user_id), which needs one (processing \
+             would halt at the first commit)"
+                .into(),
+            "CREATE UNIQUE INDEX users_revenue_user_id_key ON users_revenue (user_id);".into(),
+        );
+    }
+    for (name, definition) in &table.checks {
+        if Some(name.as_str()) == ours {
+            continue;
+        }
+        problem(
+            None,
+            &format!("the constraint {name} {definition}"),
+            "a CHECK may refuse a total or an id eps must store, which halts processing for everyone".into(),
+            format!("ALTER TABLE users_revenue DROP CONSTRAINT {};", quote_ident(name)),
+        );
+    }
+    for c in &table.columns {
+        if c.name != "user_id" && c.name != "revenue" && c.not_null && !c.filled {
+            problem(
+                Some(&quote_ident(&c.name)),
+                &format!("{} NOT NULL without a default", c.declared),
+                "eps's INSERT does not name it, so adding a new user would fail".into(),
+                format!("ALTER TABLE users_revenue ALTER COLUMN {} DROP NOT NULL;", quote_ident(&c.name)),
+            );
+        }
+    }
+    (problems, fix)
 }
 
 /// Connection-class failures (the server is down, restarting, out of connections, or our socket
@@ -598,6 +886,158 @@ mod tests {
                 other => panic!("expected None or Unavailable, got {other:?}"),
             }
             assert_eq!(store.revenue("x").await.unwrap(), None);
+        })
+        .await;
+    }
+
+    fn column(name: &str, declared: &str, type_name: &str, typmod: i32) -> PgColumn {
+        PgColumn {
+            name: name.into(),
+            declared: declared.into(),
+            type_name: type_name.into(),
+            is_domain: false,
+            typmod,
+            not_null: true,
+            filled: false,
+            deterministic: true,
+        }
+    }
+
+    /// The seed's table (`VARCHAR(255) PRIMARY KEY`, `NUMERIC NOT NULL`), with `revenue` and `user_id`
+    /// replaced as given.
+    fn seed_with(user_id: PgColumn, revenue: PgColumn) -> PgTable {
+        PgTable { columns: vec![user_id, revenue], user_id_unique: true, checks: vec![] }
+    }
+
+    fn seed_user_id() -> PgColumn {
+        column("user_id", "character varying(255)", "character varying", 255 + TYPMOD_HEADER)
+    }
+
+    fn seed_revenue() -> PgColumn {
+        column("revenue", "numeric", "numeric", -1)
+    }
+
+    /// The fix statements for a table, or none when it is exact.
+    fn fix_for(table: &PgTable) -> Vec<String> {
+        let (problems, fix) = adoption_problems(table, None);
+        assert_eq!(problems.is_empty(), fix.is_empty(), "{problems:?} {fix:?}");
+        fix
+    }
+
+    #[test]
+    fn only_columns_that_hold_every_total_and_id_exactly_are_adopted() {
+        let alter_revenue = vec!["ALTER TABLE users_revenue ALTER COLUMN revenue TYPE NUMERIC;".to_string()];
+        assert_eq!(fix_for(&seed_with(seed_user_id(), seed_revenue())), Vec::<String>::new());
+        // NUMERIC(12,2): typmod (12 << 16 | 2) + 4.
+        let narrowed = column("revenue", "numeric(12,2)", "numeric", (12 << 16 | 2) + TYPMOD_HEADER);
+        let (problems, fix) = adoption_problems(&seed_with(seed_user_id(), narrowed), None);
+        assert_eq!(fix, alter_revenue);
+        assert!(problems[0].why.contains("2 decimal places") && problems[0].why.contains("10 integer digits"));
+        for (declared, type_name) in
+            [("integer", "integer"), ("bigint", "bigint"), ("double precision", "double precision"), ("money", "money")]
+        {
+            assert_eq!(fix_for(&seed_with(seed_user_id(), column("revenue", declared, type_name, -1))), alter_revenue);
+        }
+        assert_eq!(
+            fix_for(&seed_with(seed_user_id(), column("revenue", "text", "text", -1))),
+            ["ALTER TABLE users_revenue ALTER COLUMN revenue TYPE NUMERIC USING revenue::numeric;"]
+        );
+        let domain = PgColumn { is_domain: true, ..column("revenue", "cents", "cents", -1) };
+        assert_eq!(fix_for(&seed_with(seed_user_id(), domain)), alter_revenue);
+        let nullable = PgColumn { not_null: false, ..seed_revenue() };
+        assert_eq!(
+            fix_for(&seed_with(seed_user_id(), nullable)),
+            ["ALTER TABLE users_revenue ALTER COLUMN revenue SET NOT NULL;"]
+        );
+
+        // user_id: long enough for MAX_USER_ID_BYTES characters, or unbounded text.
+        let varchar = |n: i32| column("user_id", &format!("character varying({n})"), "character varying", n + 4);
+        let alter_user_id = vec!["ALTER TABLE users_revenue ALTER COLUMN user_id TYPE VARCHAR(255);".to_string()];
+        assert_eq!(fix_for(&seed_with(varchar(64), seed_revenue())), alter_user_id);
+        assert_eq!(fix_for(&seed_with(varchar(254), seed_revenue())), alter_user_id);
+        for exact in [
+            varchar(255),
+            varchar(1000),
+            column("user_id", "character varying", "character varying", -1),
+            column("user_id", "text", "text", -1),
+        ] {
+            assert_eq!(fix_for(&seed_with(exact.clone(), seed_revenue())), Vec::<String>::new(), "{exact:?}");
+        }
+        let padded = column("user_id", "character(255)", "character", 259);
+        assert_eq!(fix_for(&seed_with(padded, seed_revenue())), alter_user_id);
+        let caseless = PgColumn { deterministic: false, ..column("user_id", "text", "text", -1) };
+        assert_eq!(
+            fix_for(&seed_with(caseless, seed_revenue())),
+            ["ALTER TABLE users_revenue ALTER COLUMN user_id TYPE TEXT COLLATE \"default\";"]
+        );
+
+        // The table: a unique index for ON CONFLICT, no CHECK but the one a migration drops, no
+        // other column eps's INSERT would leave NULL against a NOT NULL.
+        let mut table = seed_with(seed_user_id(), seed_revenue());
+        table.user_id_unique = false;
+        table.checks = vec![
+            ("eps_revenue_exact_range".into(), "CHECK (scale(revenue) <= 28)".into()),
+            ("Positive".into(), "CHECK ((revenue >= (0)::numeric))".into()),
+        ];
+        table.columns.push(column("note", "text", "text", -1));
+        table.columns.push(PgColumn { filled: true, ..column("created", "timestamp", "timestamp", -1) });
+        table.columns.push(PgColumn { not_null: false, ..column("memo", "text", "text", -1) });
+        let (problems, fix) = adoption_problems(&table, Some("eps_revenue_exact_range"));
+        assert_eq!(
+            fix,
+            [
+                "CREATE UNIQUE INDEX users_revenue_user_id_key ON users_revenue (user_id);",
+                "ALTER TABLE users_revenue DROP CONSTRAINT \"Positive\";",
+                "ALTER TABLE users_revenue ALTER COLUMN note DROP NOT NULL;",
+            ]
+        );
+        assert_eq!(problems.len(), 3);
+        assert_eq!(adoption_problems(&table, None).1.len(), 4, "a version-3 database keeps no CHECK of its own");
+    }
+
+    /// The catalog as eps reads it: the tables eps creates pass, and a table whose domain, collation
+    /// and missing index would change what eps stores is refused as a configuration error, untouched,
+    /// until the printed statements are run.
+    #[tokio::test]
+    async fn the_catalog_is_read_as_the_rules_expect() {
+        with_database(|url| async move {
+            let store = PostgresStore::connect(&url).await.unwrap();
+            let mut client = store.client().await.unwrap();
+            let tx = client.transaction().await.unwrap();
+            let ours = inspect_users_revenue(&tx).await.unwrap().expect("eps created users_revenue");
+            assert_eq!(ours, seed_with(seed_user_id(), seed_revenue()));
+            drop(tx);
+            drop((client, store));
+
+            let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client
+                .batch_execute(
+                    "DROP TABLE users_revenue; DROP TABLE eps_schema_migrations;
+                     CREATE DOMAIN cents AS NUMERIC(12,2) CHECK (VALUE >= 0);
+                     CREATE COLLATION caseless (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+                     CREATE TABLE users_revenue (user_id TEXT COLLATE caseless, revenue cents NOT NULL);
+                     INSERT INTO users_revenue VALUES ('kept', 1.25);",
+                )
+                .await
+                .unwrap();
+            let err = PostgresStore::connect(&url).await.err().expect("the table was adopted");
+            assert!(err.downcast_ref::<ConfigError>().is_some(), "not a configuration error: {err:#}");
+            let message = format!("{err:#}");
+            for part in ["column revenue is cents: a domain", "nondeterministic collation", "no unique index"] {
+                assert!(message.contains(part), "{part:?} missing from {message}");
+            }
+            let versions: Option<u32> =
+                client.query_one("SELECT to_regclass('eps_schema_migrations')::oid", &[]).await.unwrap().get(0);
+            assert_eq!(versions, None, "the refusal changed the database");
+            let fix: Vec<&str> = message.lines().filter_map(|l| l.strip_prefix("    ")).collect();
+            client.batch_execute(&fix.join("\n")).await.unwrap();
+            let store = PostgresStore::connect(&url).await.unwrap();
+            assert_eq!(store.revenue("kept").await.unwrap(), Some(dec("1.25")));
+            let b = Batch { from: 0, to: 1, deltas: vec![("Kept".into(), dec("0.001"))], events: 1, invalid: vec![] };
+            assert_eq!(store.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+            assert_eq!(store.revenue("kept").await.unwrap(), Some(dec("1.25")), "\"Kept\" is another user");
+            assert_eq!(store.revenue("Kept").await.unwrap(), Some(dec("0.001")));
         })
         .await;
     }

@@ -4,6 +4,9 @@
 //! connection pool, and the mapping of SQLite errors to [`StoreError`].
 //!
 //! Invariants:
+//! - An existing `users_revenue` (a `sqlite://` file made before eps) is adopted only where its
+//!   columns keep the text eps stores (see `adoption_problems`); otherwise opening fails with the
+//!   statements that rebuild it, before anything was written.
 //! - Revenue is stored as TEXT holding the normalised decimal string ("100.00" is stored as "100"),
 //!   of any size. A NUMERIC column would hand 0.1 to SQLite's floating point; TEXT keeps it exact, and
 //!   all arithmetic happens in `eps_dec_add`, a scalar function that adds with `rust_decimal` when the
@@ -23,13 +26,16 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use async_trait::async_trait;
 use rusqlite::functions::FunctionFlags;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use rust_decimal::Decimal;
 
-use super::{Batch, CommitOutcome, InvalidLine, Store, StoreError, StreamProgress, Totals};
+use super::{
+    quote_ident, schema_refusal, Batch, CommitOutcome, InvalidLine, SchemaProblem, Store, StoreError, StreamProgress,
+    Totals,
+};
+use crate::config::ConfigError;
 use crate::money::{ExactSum, Total};
 
 /// How long a statement waits for another writer's lock before the store reports `Unavailable`.
@@ -40,7 +46,8 @@ const MAX_IDLE_CONNECTIONS: usize = 8;
 /// Schema versions, applied in order, each exactly once (recorded in `eps_schema_migrations`).
 const MIGRATIONS: &[(i64, &str)] = &[(
     1,
-    "CREATE TABLE users_revenue (
+    // IF NOT EXISTS: a users_revenue made before eps is adopted (when `adoption_problems` finds it exact).
+    "CREATE TABLE IF NOT EXISTS users_revenue (
          user_id TEXT PRIMARY KEY,
          revenue TEXT NOT NULL
      );
@@ -83,8 +90,13 @@ impl SqliteStore {
     pub async fn open(path: &Path) -> anyhow::Result<Self> {
         let inner = Arc::new(Inner { path: path.to_path_buf(), idle: Mutex::new(Vec::new()) });
         let store = SqliteStore { inner };
-        store.with_conn(migrate).await.with_context(|| format!("cannot open the SQLite store {}", path.display()))?;
-        Ok(store)
+        let doing = || format!("cannot open the SQLite store {}", path.display());
+        match store.with_conn(migrate).await {
+            Ok(Ok(())) => Ok(store),
+            // A ConfigError under the context: main exits 2 and the retry loops give up at once.
+            Ok(Err(refused)) => Err(anyhow::Error::new(refused).context(doing())),
+            Err(e) => Err(anyhow::Error::new(e).context(doing())),
+        }
     }
 
     /// Runs `f` on a pooled connection in a blocking thread. A connection is returned to the pool
@@ -152,12 +164,22 @@ fn function_error(e: crate::money::ParseTotalError) -> rusqlite::Error {
     rusqlite::Error::UserFunctionError(format!("stored revenue: {e}").into())
 }
 
-/// Applies the pending migrations. `BEGIN IMMEDIATE` holds the write lock from the version check to
-/// the last migration, so two processes opening a new file at once cannot both apply version 1.
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+/// Applies the pending migrations, after checking an existing `users_revenue` (see
+/// [`adoption_problems`]). `BEGIN IMMEDIATE` holds the write lock from the check and the version
+/// check to the last migration, so two processes opening a new file at once cannot both apply version
+/// 1. The outer error is the database's; the inner one refuses the table, and then nothing was written.
+fn migrate(conn: &mut Connection) -> Result<Result<(), ConfigError>, StoreError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(|e| sql_error("starting the migration", e))?;
+    let existing = inspect_users_revenue(&tx).map_err(|e| sql_error("inspecting the existing users_revenue", e))?;
+    if let Some(table) = existing {
+        let (problems, fix) = adoption_problems(&table);
+        if !problems.is_empty() {
+            // Dropping `tx` rolls back; the check itself wrote nothing.
+            return Ok(Err(schema_refusal("SQLite", &problems, &fix)));
+        }
+    }
     tx.execute_batch("CREATE TABLE IF NOT EXISTS eps_schema_migrations (version INTEGER PRIMARY KEY)")
         .map_err(|e| sql_error("creating eps_schema_migrations", e))?;
     let current: i64 = tx
@@ -168,7 +190,242 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tx.execute("INSERT INTO eps_schema_migrations (version) VALUES (?1)", [version])
             .map_err(|e| sql_error(&format!("recording migration {version}"), e))?;
     }
-    tx.commit().map_err(|e| sql_error("committing the migrations", e))
+    // A row without its order key (a table rebuilt by the statements `adoption_problems` prints, or a
+    // row inserted by hand) gets it here; the index finds them without a scan.
+    tx.execute("UPDATE users_revenue SET revenue_key = eps_dec_key(revenue) WHERE revenue_key IS NULL", [])
+        .map_err(|e| sql_error("filling missing order keys", e))?;
+    tx.commit().map_err(|e| sql_error("committing the migrations", e))?;
+    Ok(Ok(()))
+}
+
+/// A column of an existing `users_revenue`, as `pragma table_info` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SqliteColumn {
+    name: String,
+    /// The declared type, as written ("" when none).
+    declared: String,
+    not_null: bool,
+    /// The DEFAULT expression's text, if any.
+    default: Option<String>,
+}
+
+/// What start-up checks of an existing `users_revenue`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SqliteTable {
+    columns: Vec<SqliteColumn>,
+    /// A non-partial unique index on exactly `user_id` with the BINARY collation (a primary key
+    /// counts): what `ON CONFLICT (user_id)` needs, telling "A" from "a".
+    user_id_unique: bool,
+    /// The CREATE TABLE statement has a CHECK constraint.
+    has_check: bool,
+}
+
+fn inspect_users_revenue(conn: &Connection) -> rusqlite::Result<Option<SqliteTable>> {
+    let sql: Option<String> = conn
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'users_revenue' COLLATE NOCASE",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(sql) = sql else { return Ok(None) };
+    let columns = conn
+        .prepare("SELECT name, type, \"notnull\", dflt_value FROM pragma_table_info('users_revenue') ORDER BY cid")?
+        .query_map([], |r| {
+            Ok(SqliteColumn { name: r.get(0)?, declared: r.get(1)?, not_null: r.get(2)?, default: r.get(3)? })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let unique_indexes = conn
+        .prepare("SELECT name FROM pragma_index_list('users_revenue') WHERE \"unique\" AND NOT partial")?
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut user_id_unique = false;
+    for index in unique_indexes {
+        let keys = conn
+            .prepare("SELECT name, coll FROM pragma_index_xinfo(?1) WHERE key")?
+            .query_map([&index], |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, Option<String>>(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        user_id_unique |= matches!(keys.as_slice(),
+            [(Some(name), Some(coll))] if name.eq_ignore_ascii_case("user_id") && coll.eq_ignore_ascii_case("BINARY"));
+    }
+    Ok(Some(SqliteTable { columns, user_id_unique, has_check: has_check_constraint(&sql) }))
+}
+
+/// SQLite's type affinity of a declared type (the rules of section 3.1 of "Datatypes In SQLite", in
+/// their order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Affinity {
+    Integer,
+    Text,
+    Blob,
+    Real,
+    Numeric,
+}
+
+fn affinity(declared: &str) -> Affinity {
+    let t = declared.to_ascii_uppercase();
+    if t.contains("INT") {
+        Affinity::Integer
+    } else if ["CHAR", "CLOB", "TEXT"].iter().any(|s| t.contains(s)) {
+        Affinity::Text
+    } else if t.contains("BLOB") || t.trim().is_empty() {
+        Affinity::Blob
+    } else if ["REAL", "FLOA", "DOUB"].iter().any(|s| t.contains(s)) {
+        Affinity::Real
+    } else {
+        Affinity::Numeric
+    }
+}
+
+/// Whether a CREATE TABLE statement has a CHECK constraint: the keyword CHECK followed by "(", outside
+/// string literals and quoted identifiers.
+fn has_check_constraint(sql: &str) -> bool {
+    // The statement with every quoted token blanked out and words upper-cased.
+    let mut plain = String::with_capacity(sql.len());
+    let mut chars = sql.chars();
+    while let Some(c) = chars.next() {
+        let close = match c {
+            '\'' => '\'',
+            '"' => '"',
+            '`' => '`',
+            '[' => ']',
+            _ => {
+                plain.push(c.to_ascii_uppercase());
+                continue;
+            }
+        };
+        // A doubled quote inside just closes and reopens the token: blank either way.
+        for q in chars.by_ref() {
+            if q == close {
+                break;
+            }
+        }
+        plain.push(' ');
+    }
+    let word = |c: char| c.is_alphanumeric() || c == '_' || c == '$';
+    plain.match_indices("CHECK").any(|(at, _)| {
+        let before = plain[..at].chars().next_back();
+        let after = plain[at + "CHECK".len()..].trim_start();
+        !before.is_some_and(word) && after.starts_with('(')
+    })
+}
+
+/// What in `table` would convert, narrow or refuse what eps stores, and the statements that fix it.
+/// SQLite keeps a value as given only in a column of TEXT or BLOB affinity; INTEGER, REAL and NUMERIC
+/// affinity turn the decimal text eps stores into a number (0.1 into a binary fraction, "007" into 7).
+/// Exact means: `user_id` and `revenue` (and `revenue_key`, when present) of TEXT or BLOB affinity,
+/// `revenue` NOT NULL, a BINARY unique index on `user_id` alone, no CHECK, and no other column NOT NULL
+/// without a default. SQLite has no ALTER COLUMN TYPE: the fix rebuilds the table, keeping its rows and
+/// other columns.
+fn adoption_problems(table: &SqliteTable) -> (Vec<SchemaProblem>, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut problem = |column: Option<&str>, found: String, why: &str| {
+        problems.push(SchemaProblem { column: column.map(str::to_owned), found, why: why.to_owned() })
+    };
+    let column = |name: &str| table.columns.iter().find(|c| c.name.eq_ignore_ascii_case(name));
+    let shown = |c: &SqliteColumn| {
+        let declared = if c.declared.is_empty() { "(no type)" } else { c.declared.as_str() };
+        format!("{declared} ({:?} affinity)", affinity(&c.declared))
+    };
+    let converts = |c: &SqliteColumn| !matches!(affinity(&c.declared), Affinity::Text | Affinity::Blob);
+    match column("revenue") {
+        None => problem(None, "no column revenue".into(), "eps keeps each user's total there"),
+        Some(c) => {
+            if converts(c) {
+                problem(
+                    Some("revenue"),
+                    shown(c),
+                    "it converts the exact decimal text eps stores to a number (REAL keeps 15 significant \
+                     digits and 0.1 becomes a binary fraction; INTEGER loses the fraction of 10.5), and eps \
+                     cannot add such totals",
+                );
+            }
+            if !c.not_null {
+                problem(Some("revenue"), format!("{} without NOT NULL", shown(c)), "a NULL total cannot be added to");
+            }
+        }
+    }
+    match column("user_id") {
+        None => problem(None, "no column user_id".into(), "eps keys each total by userId"),
+        Some(c) if converts(c) => problem(
+            Some("user_id"),
+            shown(c),
+            "it converts ids that look like numbers (\"007\" would be stored as 7 and share a total with \"7\")",
+        ),
+        Some(_) => {}
+    }
+    if let Some(c) = column("revenue_key").filter(|c| converts(c)) {
+        problem(Some("revenue_key"), shown(c), "eps keeps each total's order key there as text");
+    }
+    if column("user_id").is_some() && !table.user_id_unique {
+        problem(
+            None,
+            "no unique index on user_id alone with the BINARY collation".into(),
+            "eps adds to a user's row with INSERT ... ON CONFLICT (user_id), which needs one, and a NOCASE \
+             one would let \"A\" and \"a\" share one total",
+        );
+    }
+    if table.has_check {
+        let why = "it may refuse a total or an id eps must store, which halts processing";
+        problem(None, "a CHECK constraint".into(), why);
+    }
+    for c in &table.columns {
+        let ours = ["user_id", "revenue", "revenue_key"].iter().any(|n| c.name.eq_ignore_ascii_case(n));
+        if !ours && c.not_null && c.default.is_none() {
+            problem(
+                Some(&quote_ident(&c.name)),
+                format!("{} NOT NULL without a default", shown(c)),
+                "eps's INSERT does not name it, so adding a new user would fail",
+            );
+        }
+    }
+    if problems.is_empty() {
+        return (problems, Vec::new());
+    }
+    (problems, rebuild_statements(table))
+}
+
+/// The statements that rebuild `users_revenue` as eps declares it, keeping its rows (converted to
+/// text) and its other columns (their type and default; no NOT NULL, CHECK or index). Order keys are
+/// left NULL: eps computes them when it next opens the file.
+fn rebuild_statements(table: &SqliteTable) -> Vec<String> {
+    let ours = |name: &str| ["user_id", "revenue", "revenue_key"].iter().any(|n| name.eq_ignore_ascii_case(n));
+    let has = |name: &str| table.columns.iter().any(|c| c.name.eq_ignore_ascii_case(name));
+    let mut definitions = vec!["user_id TEXT PRIMARY KEY".to_owned(), "revenue TEXT NOT NULL".to_owned()];
+    let mut names = vec!["user_id".to_owned(), "revenue".to_owned()];
+    let mut values = vec![
+        if has("user_id") { "CAST(user_id AS TEXT)" } else { "NULL" }.to_owned(),
+        if has("revenue") { "CAST(revenue AS TEXT)" } else { "'0'" }.to_owned(),
+    ];
+    if has("revenue_key") {
+        definitions.push("revenue_key TEXT".into());
+    }
+    for c in table.columns.iter().filter(|c| !ours(&c.name)) {
+        let name = quote_ident(&c.name);
+        let mut definition = format!("{name} {}", c.declared);
+        if let Some(default) = &c.default {
+            definition.push_str(&format!(" DEFAULT {default}"));
+        }
+        definitions.push(definition.trim_end().to_owned());
+        names.push(name.clone());
+        values.push(name);
+    }
+    let mut statements = vec![
+        "BEGIN;".to_owned(),
+        format!("CREATE TABLE eps_users_revenue_rebuilt ({});", definitions.join(", ")),
+        format!(
+            "INSERT INTO eps_users_revenue_rebuilt ({}) SELECT {} FROM users_revenue;",
+            names.join(", "),
+            values.join(", ")
+        ),
+        "DROP TABLE users_revenue;".to_owned(),
+        "ALTER TABLE eps_users_revenue_rebuilt RENAME TO users_revenue;".to_owned(),
+    ];
+    if has("revenue_key") {
+        statements.push("CREATE INDEX users_revenue_top ON users_revenue (revenue_key DESC, user_id);".into());
+    }
+    statements.push("COMMIT;".into());
+    statements
 }
 
 fn commit_batch(conn: &mut Connection, stream: &str, batch: &Batch) -> Result<CommitOutcome, StoreError> {
@@ -725,6 +982,129 @@ mod tests {
         let store = SqliteStore::open(&path).await.unwrap();
         let top: Vec<String> = store.top_users(10).await.unwrap().into_iter().map(|(u, _)| u).collect();
         assert_eq!(top, ["high", "mid", "low", "neg"]);
+    }
+
+    #[test]
+    fn affinity_follows_sqlites_rules_in_their_order() {
+        use Affinity::*;
+        for (declared, want) in [
+            ("TEXT", Text),
+            ("VARCHAR(64)", Text),
+            ("CLOB", Text),
+            ("", Blob),
+            ("BLOB", Blob),
+            ("INTEGER", Integer),
+            ("BIGINT", Integer),
+            ("POINT", Integer), // contains INT
+            ("CHARINT", Integer), // INT wins over CHAR
+            ("REAL", Real),
+            ("DOUBLE PRECISION", Real),
+            ("FLOAT", Real),
+            ("NUMERIC", Numeric),
+            ("DECIMAL(12,2)", Numeric),
+            ("STRING", Numeric), // the classic trap: not TEXT
+            ("MONEY", Numeric),
+        ] {
+            assert_eq!(affinity(declared), want, "{declared:?}");
+        }
+    }
+
+    #[test]
+    fn check_constraints_are_found_outside_quotes_only() {
+        assert!(has_check_constraint("CREATE TABLE t (a TEXT CHECK (length(a) < 64))"));
+        assert!(has_check_constraint("create table t (a text, constraint c check(a <> ''))"));
+        assert!(!has_check_constraint("CREATE TABLE users_revenue (user_id TEXT PRIMARY KEY, revenue TEXT NOT NULL)"));
+        assert!(!has_check_constraint("CREATE TABLE t (a TEXT DEFAULT 'check (x)', \"check\" TEXT, recheck TEXT)"));
+        assert!(!has_check_constraint("CREATE TABLE t ([check(] TEXT, `check (` TEXT, check_col TEXT)"));
+    }
+
+    /// The columns of a fresh table `users_revenue (COLUMNS)`, as start-up inspects them.
+    fn inspected(columns: &str) -> SqliteTable {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(&format!("CREATE TABLE users_revenue ({columns})")).unwrap();
+        inspect_users_revenue(&conn).unwrap().expect("the table exists")
+    }
+
+    #[test]
+    fn only_tables_that_keep_the_text_eps_stores_are_adopted() {
+        let problems = |columns: &str| {
+            let (problems, fix) = adoption_problems(&inspected(columns));
+            assert_eq!(problems.is_empty(), fix.is_empty());
+            problems.into_iter().map(|p| format!("{}: {}", p.column.unwrap_or_default(), p.found)).collect::<Vec<_>>()
+        };
+        let none = Vec::<String>::new();
+        // eps's own version-1 table, the seed's, and a BLOB-affinity (untyped) one keep text as given.
+        assert_eq!(problems("user_id TEXT PRIMARY KEY, revenue TEXT NOT NULL"), none);
+        assert_eq!(problems("user_id VARCHAR(255) PRIMARY KEY, revenue TEXT NOT NULL"), none);
+        assert_eq!(problems("user_id PRIMARY KEY, revenue NOT NULL, note TEXT NOT NULL DEFAULT ''"), none);
+        assert_eq!(problems("user_id TEXT NOT NULL, revenue TEXT NOT NULL, UNIQUE (user_id)"), none);
+        let revenue = |declared: &str| problems(&format!("user_id TEXT PRIMARY KEY, revenue {declared} NOT NULL"));
+        assert_eq!(revenue("INTEGER"), ["revenue: INTEGER (Integer affinity)"]);
+        assert_eq!(revenue("REAL"), ["revenue: REAL (Real affinity)"]);
+        assert_eq!(revenue("DECIMAL"), ["revenue: DECIMAL (Numeric affinity)"]);
+        assert_eq!(
+            problems("user_id INT PRIMARY KEY, revenue TEXT"),
+            ["revenue: TEXT (Text affinity) without NOT NULL", "user_id: INT (Integer affinity)"]
+        );
+        let no_index = ": no unique index on user_id alone with the BINARY collation";
+        assert_eq!(problems("user_id TEXT, revenue TEXT NOT NULL"), [no_index]);
+        assert_eq!(problems("user_id TEXT COLLATE NOCASE PRIMARY KEY, revenue TEXT NOT NULL"), [no_index]);
+        assert_eq!(problems("user_id TEXT, revenue TEXT NOT NULL, PRIMARY KEY (user_id, revenue)"), [no_index]);
+        assert_eq!(
+            problems("user_id TEXT PRIMARY KEY, revenue TEXT NOT NULL CHECK (revenue NOT LIKE '-%')"),
+            [": a CHECK constraint"]
+        );
+        assert_eq!(
+            problems("user_id TEXT PRIMARY KEY, revenue TEXT NOT NULL, \"Note\" TEXT NOT NULL"),
+            ["\"Note\": TEXT (Text affinity) NOT NULL without a default"]
+        );
+    }
+
+    /// A file an older eps migrated whose users_revenue was later rebuilt by hand with REAL totals: the
+    /// refusal leaves it as it was, the printed statements (run as printed) rebuild it with its order
+    /// keys and other columns, and eps then computes the keys, so the top users are exact.
+    #[tokio::test]
+    async fn a_refused_file_is_untouched_and_the_printed_rebuild_makes_it_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eps.sqlite3");
+        drop(SqliteStore::open(&path).await.unwrap());
+        {
+            let conn = Connection::open(&path).unwrap();
+            let ours = inspect_users_revenue(&conn).unwrap().expect("eps created users_revenue");
+            assert_eq!(adoption_problems(&ours), (vec![], vec![]), "eps's own table is exact");
+            conn.execute_batch(
+                "DROP TABLE users_revenue;
+                 CREATE TABLE users_revenue (user_id TEXT PRIMARY KEY, revenue REAL NOT NULL, revenue_key TEXT,
+                                             region TEXT DEFAULT 'eu');
+                 INSERT INTO users_revenue (user_id, revenue, region) VALUES ('a', 10.5, 'us'), ('b', 2, NULL);",
+            )
+            .unwrap();
+        }
+        let err = SqliteStore::open(&path).await.err().expect("the REAL column was adopted");
+        assert!(err.downcast_ref::<ConfigError>().is_some(), "not a configuration error: {err:#}");
+        let message = format!("{err:#}");
+        assert!(message.contains("column revenue is REAL (Real affinity)"), "{message}");
+        let conn = Connection::open(&path).unwrap();
+        let keys: i64 = conn.query_row("SELECT count(revenue_key) FROM users_revenue", [], |r| r.get(0)).unwrap();
+        assert_eq!(keys, 0, "the refusal wrote to the table");
+        let fix: Vec<&str> = message.lines().filter_map(|l| l.strip_prefix("    ")).collect();
+        conn.execute_batch(&fix.join("\n")).unwrap();
+        let store = SqliteStore::open(&path).await.unwrap();
+        let b = Batch { from: 0, to: 1, deltas: vec![("b".into(), dec("0.1"))], events: 1, invalid: vec![] };
+        assert_eq!(store.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        assert_eq!(store.top_users(5).await.unwrap(), vec![("a".into(), dec("10.5")), ("b".into(), dec("2.1"))]);
+        let rows: Vec<(String, String, Option<String>)> = conn
+            .prepare("SELECT user_id, typeof(revenue), region FROM users_revenue ORDER BY user_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, [("a".into(), "text".into(), Some("us".into())), ("b".into(), "text".into(), None)]);
+        let index: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'users_revenue_top'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(index, 1);
     }
 
     #[tokio::test]
