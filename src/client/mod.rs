@@ -410,7 +410,7 @@ pub(crate) async fn run_with(
         match prefix {
             Some(hash) if hash.hex() == cp.prefix_hash => {
                 start = Mark { line: cp.line, offset: cp.offset, hash };
-                resumed_after = Some(cp.line);
+                resumed_after = (cp.line > 0).then_some(cp.line);
             }
             _ => anyhow::bail!(
                 "{} has changed since it was last sent: it no longer begins with the {} bytes (lines 1 to {}) \
