@@ -142,7 +142,9 @@ async fn a_client_stopped_again_and_again_and_run_again_stores_every_event_once(
     let mut kills = 0;
     for round in 0..rounds {
         let target = (round + 1) * n / (rounds + 2);
-        let kind = ["-INT", "-TERM", "-KILL"][rng.random_range(0..3)];
+        // Each kind at least once, then at random.
+        let kinds = ["-INT", "-KILL", "-TERM"];
+        let kind = if round < kinds.len() { kinds[round] } else { kinds[rng.random_range(0..3)] };
         let resumes = checkpoint_line(&state) > 0;
         let mut cmd = eps_command(&a, &[]);
         cmd.current_dir(env.tmp.path()).stdout(Stdio::piped()).stderr(Stdio::piped());

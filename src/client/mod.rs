@@ -11,11 +11,20 @@
 //! # Idempotency (the client's half of exactly-once)
 //!
 //! Every event is sent with an `id`. A line that carries its own `id` keeps it; otherwise the id is
-//! `<run-id>-<line number>`, where the run-id is 16 random hex characters drawn once per run and the
-//! line number is the 1-based physical line of the file (blank lines count). Every retry of an event
-//! carries the same id and the same body, so the server, which de-duplicates ids within a window and
-//! answers a repeat with `200 {"duplicate":true}`, stores the event once however often it is retried.
-//! A new run of the client draws a new run-id: running it again on the same file is a new send.
+//! `<producer>-<line number>`, where the producer is the file's fingerprint (or, after `--new-run`,
+//! a random number kept in the checkpoint; see [`state`]) and the line number is the 1-based physical
+//! line of the file (blank lines count). Every retry of an event carries the same id and the same body,
+//! and so do a resumed run and a re-send of the same file, so the server, which de-duplicates ids
+//! within a window and answers a repeat with `200 {"duplicate":true}`, stores the event once.
+//!
+//! # Checkpoint and stopping
+//!
+//! With a state directory, the run starts after the file's checkpoint and moves it as requests are
+//! answered ([`state::Frontier`]: the contiguous prefix of done lines), writing it every second and
+//! at the end. The run stops early on the `stop` future of [`run_until`] (the binary's SIGINT and
+//! SIGTERM) or when every server has failed for `give_up_after`: no new request, no more retries, the
+//! requests in flight get the request timeout (plus a second) and are then abandoned; their lines stay
+//! after the checkpoint, for the next run.
 //!
 //! The body is the validated event re-serialised as `{"userId":..,"name":..,"value":..,"id":..}`;
 //! the value is the decimal's own text written as a raw JSON number (`0.1` stays `0.1`, `1e3` becomes
@@ -45,9 +54,9 @@
 //! log (JetStream) store it once; servers with logs of their own store it again only if the first one
 //! stored it without its answer arriving. The summary counts the events each server accepted.
 //!
-//! Invalid lines are reported as `line N: <error>` and not sent. Rejections and failures that repeat
-//! the same message (a wrong token rejects every event alike) are reported a few times each, then
-//! summarised, so a bad run does not print ten million lines.
+//! Invalid lines are reported as `line N: <error>` (the first ten, then counted) and not sent.
+//! Rejections and failures that repeat the same message (a wrong token rejects every event alike) are
+//! reported a few times each, then summarised, so a bad run does not print ten million lines.
 
 pub mod state;
 
