@@ -2411,6 +2411,62 @@ mod tests {
     }
 
     #[test]
+    fn every_server_down_is_timed_from_the_last_one_to_fail_until_any_answer() {
+        let pool = ServerPool::new(2, DOWN);
+        let t0 = Instant::now();
+        assert!(pool.failed(0, t0));
+        assert_eq!(pool.unreachable_for(t0 + Duration::from_secs(9)), None, "one is still up");
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(pool.failed(1, t1));
+        assert_eq!(pool.unreachable_for(t1 + Duration::from_secs(3)), Some(Duration::from_secs(3)));
+        // Further failures do not restart the clock; an answer stops it.
+        assert!(!pool.failed(0, t1 + Duration::from_secs(2)));
+        assert_eq!(pool.unreachable_for(t1 + Duration::from_secs(4)), Some(Duration::from_secs(4)));
+        pool.succeeded(0);
+        assert_eq!(pool.unreachable_for(t1 + Duration::from_secs(5)), None);
+    }
+
+    #[test]
+    fn the_resume_command_is_the_command_line_less_the_one_time_flags() {
+        let args: Vec<std::ffi::OsString> = [
+            "eps", "client", "my events.jsonl", "--new-run", "--url", "http://a:1,http://b:2", "--from-start=true",
+            "--token", "it's",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        assert_eq!(
+            resume_command(&args),
+            r#"eps client 'my events.jsonl' --url http://a:1,http://b:2 --token 'it'\''s'"#
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stop_ends_the_run_without_sending_the_rest_and_without_retrying() {
+        // Every request fails (503): without the stop the run would retry each for a long time.
+        let rec = Recorder::new(|_| {
+            Box::pin(async { (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "busy"}))).into_response() })
+        });
+        let url = serve(&rec).await;
+        let file = events(1000);
+        let opts = ClientOptions { max_attempts: 1000, concurrency: 2, ..options(&file, &url) };
+        let capture = Arc::new(Mutex::new(Vec::new()));
+        let tuning = Tuning { capture: Some(Arc::clone(&capture)), ..Tuning::default() };
+        let stop = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Stopped::Signal(2)
+        };
+        let summary = within_secs(60, run_with(opts, tuning, stop)).await.unwrap();
+        assert_eq!(summary.stopped, Some(Stopped::Signal(2)));
+        assert_eq!(summary.accepted + summary.failed, 0);
+        assert_eq!(summary.interrupted, summary.sent);
+        assert!(summary.sent <= 2, "no request after the stop: {summary}");
+        assert!(!summary.ok());
+        assert_eq!(Stopped::Signal(2).exit_code(), 130);
+        assert_eq!(Stopped::Signal(15).exit_code(), 143);
+    }
+
+    #[test]
     fn a_down_servers_backoff_doubles_up_to_the_cap() {
         let pool = ServerPool::new(2, DOWN);
         let mut now = Instant::now();
