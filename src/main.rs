@@ -216,7 +216,6 @@ fn client_stop_signal() -> impl std::future::Future<Output = client::Stopped> + 
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate()).ok();
     let int = signal(SignalKind::interrupt()).ok();
-    server::ignore_hangup();
     async move {
         let (Some(mut term), Some(mut int)) = (term, int) else {
             return std::future::pending().await;
