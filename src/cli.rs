@@ -61,8 +61,12 @@ pub enum Command {
     Process(ProcessArgs),
     /// Send every event of a JSON Lines file to the server.
     ///
-    /// Each event carries an id, so a retried request is stored once. Exits non-zero when any line was
-    /// invalid, rejected by the server, or could not be delivered.
+    /// Each event carries an id derived from the file's content and its line number, so a retried
+    /// request, a resumed run and a re-sent file are stored once. Keeps a checkpoint per file (see
+    /// --state-dir): a re-run continues after the last acknowledged line. On SIGINT or SIGTERM it stops
+    /// sending, waits for the requests in flight, saves the checkpoint, prints the command that resumes,
+    /// and exits 130 or 143. Exits 1 when any line was invalid, rejected by the server, or could not be
+    /// delivered.
     Client(ClientArgs),
     /// Run server, client and processor on sample events in a temporary directory, and print the result.
     Demo(DemoArgs),
@@ -268,6 +272,41 @@ pub struct ClientArgs {
     /// Progress display: a bar on a terminal (auto), always a bar, plain lines, or nothing.
     #[arg(long, env = "EPS_PROGRESS", value_enum, default_value_t = ProgressArg::Auto)]
     pub progress: ProgressArg,
+
+    /// Directory of the checkpoints, one per input file [default: $XDG_STATE_HOME/eps/client, else
+    /// ~/.local/state/eps/client].
+    ///
+    /// A file is known by a fingerprint of its first 64 KiB (of all of it when shorter), not by its
+    /// name. Its checkpoint is the last line such that it and every line before it were acknowledged
+    /// (or refused for their content, or invalid); a new run of the same file continues after it,
+    /// once it has checked that the file still begins with the bytes sent, so a file that grew by
+    /// appends sends only its new lines. Interrupted at any moment, even by SIGKILL, a run loses
+    /// nothing and the next one stores nothing twice: the ids are <fingerprint>-<line number>, the
+    /// same on every run and on every machine, so the server recognises what it already has.
+    #[arg(long, env = "EPS_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Send from the first line, ignoring the checkpoint. The ids are unchanged: events the server
+    /// already has are answered as duplicates and not stored again.
+    #[arg(long, env = "EPS_FROM_START")]
+    pub from_start: bool,
+
+    /// Send the file as new events (fresh ids), for a deliberate second send. The new ids are kept in
+    /// the checkpoint: a later run without the flag resumes this send. Do not leave EPS_NEW_RUN set.
+    #[arg(long, env = "EPS_NEW_RUN", conflicts_with = "from_start")]
+    pub new_run: bool,
+
+    /// Stop once every server has failed every request for this many seconds (0: never), saving the
+    /// checkpoint and printing the command that resumes. Exit code 1.
+    #[arg(long, env = "EPS_GIVE_UP_AFTER_SECS", default_value_t = 30)]
+    pub give_up_after: u64,
+
+    /// Write every line that was invalid, refused by the server or not delivered to this file, one per
+    /// line, to be fixed and sent again. Invalid and refused lines are written unchanged; undelivered
+    /// lines with the id they were sent with added, so that sending them again and resuming the run
+    /// store them once. Emptied at the start of a send, appended to by a resumed run.
+    #[arg(long, env = "EPS_FAILED_OUT")]
+    pub failed_out: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

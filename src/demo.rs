@@ -49,6 +49,8 @@ pub async fn run(generated_events: usize) -> anyhow::Result<()> {
             max_attempts: 10,
             timeout: Duration::from_secs(10),
             progress: Progress::Quiet,
+            // The demo's files live in its temporary directory: no checkpoint to keep.
+            ..Default::default()
         })
         .await?;
         println!("client ({label}): {summary}");

@@ -140,11 +140,33 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     ProgressArg::Plain => client::Progress::Plain,
                     ProgressArg::Quiet => client::Progress::Quiet,
                 },
+                state_dir: Some(args.state_dir.unwrap_or_else(client::state::StateDir::default_dir)),
+                from_start: args.from_start,
+                new_run: args.new_run,
+                give_up_after: (args.give_up_after > 0).then(|| Duration::from_secs(args.give_up_after)),
+                failed_out: args.failed_out,
             };
-            let summary = client::run(opts).await?;
+            let file = opts.file.clone();
+            let summary = client::run_until(opts, client_stop_signal()).await?;
             println!("{summary}");
             if let Some(per_server) = summary.per_server_line() {
                 println!("{per_server}");
+            }
+            if summary.failed_out > 0 {
+                eprintln!("eps client: {} lines written to --failed-out", summary.failed_out);
+            }
+            if let Some(stopped) = &summary.stopped {
+                eprintln!("eps client: {stopped}");
+                if let Some((line, path)) = &summary.checkpoint {
+                    eprintln!(
+                        "eps client: lines 1 to {line} of {} are done; checkpoint saved in {}",
+                        file.display(),
+                        path.display()
+                    );
+                }
+                let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+                eprintln!("eps client: to resume, run: {}", client::resume_command(&args));
+                return Ok(ExitCode::from(stopped.exit_code()));
             }
             Ok(if summary.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
@@ -184,6 +206,33 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             demo::run(args.events).await?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// The client's stop: the first SIGINT or SIGTERM ends the run gracefully (see `client::run_until`);
+/// a second one ends the process at once, with the same exit code (the checkpoint saved so far stays
+/// valid: it only ever covers acknowledged lines).
+fn client_stop_signal() -> impl std::future::Future<Output = client::Stopped> + Send + 'static {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate()).ok();
+    let int = signal(SignalKind::interrupt()).ok();
+    async move {
+        let (Some(mut term), Some(mut int)) = (term, int) else {
+            return std::future::pending().await;
+        };
+        let first = tokio::select! {
+            _ = int.recv() => 2,
+            _ = term.recv() => 15,
+        };
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            eprintln!("eps client: second signal: stopping now, without waiting for the requests in flight");
+            std::process::exit(128 + first);
+        });
+        client::Stopped::Signal(first)
     }
 }
 

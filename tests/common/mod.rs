@@ -355,6 +355,13 @@ pub fn eps_command_via(wrapper: &[&str], args: &[String], envs: &[(&str, String)
         }
     }
     cmd.args(args).envs(envs.iter().map(|(k, v)| (k, v))).stdin(Stdio::null()).kill_on_drop(true);
+    // `eps client` keeps a checkpoint per file content in its state directory: a test that does not
+    // choose one gets a fresh one, so that two tests sending files of the same content (or the user's
+    // own state) never resume each other's sends.
+    if args.first().is_some_and(|a| a == "client") && !envs.iter().any(|(k, _)| *k == "EPS_STATE_DIR") {
+        let dir = std::env::temp_dir().join("eps-tests-client-state").join(format!("{:016x}", rand::rng().random::<u64>()));
+        cmd.env("EPS_STATE_DIR", dir);
+    }
     cmd
 }
 

@@ -11,11 +11,20 @@
 //! # Idempotency (the client's half of exactly-once)
 //!
 //! Every event is sent with an `id`. A line that carries its own `id` keeps it; otherwise the id is
-//! `<run-id>-<line number>`, where the run-id is 16 random hex characters drawn once per run and the
-//! line number is the 1-based physical line of the file (blank lines count). Every retry of an event
-//! carries the same id and the same body, so the server, which de-duplicates ids within a window and
-//! answers a repeat with `200 {"duplicate":true}`, stores the event once however often it is retried.
-//! A new run of the client draws a new run-id: running it again on the same file is a new send.
+//! `<producer>-<line number>`, where the producer is the file's fingerprint (or, after `--new-run`,
+//! a random number kept in the checkpoint; see [`state`]) and the line number is the 1-based physical
+//! line of the file (blank lines count). Every retry of an event carries the same id and the same body,
+//! and so do a resumed run and a re-send of the same file, so the server, which de-duplicates ids
+//! within a window and answers a repeat with `200 {"duplicate":true}`, stores the event once.
+//!
+//! # Checkpoint and stopping
+//!
+//! With a state directory, the run starts after the file's checkpoint and moves it as requests are
+//! answered ([`state::Frontier`]: the contiguous prefix of done lines), writing it every second and
+//! at the end. The run stops early on the `stop` future of [`run_until`] (the binary's SIGINT and
+//! SIGTERM) or when every server has failed for `give_up_after`: no new request, no more retries, the
+//! requests in flight get the request timeout (plus a second) and are then abandoned; their lines stay
+//! after the checkpoint, for the next run.
 //!
 //! The body is the validated event re-serialised as `{"userId":..,"name":..,"value":..,"id":..}`;
 //! the value is the decimal's own text written as a raw JSON number (`0.1` stays `0.1`, `1e3` becomes
@@ -45,16 +54,19 @@
 //! log (JetStream) store it once; servers with logs of their own store it again only if the first one
 //! stored it without its answer arriving. The summary counts the events each server accepted.
 //!
-//! Invalid lines are reported as `line N: <error>` and not sent. Rejections and failures that repeat
-//! the same message (a wrong token rejects every event alike) are reported a few times each, then
-//! summarised, so a bad run does not print ten million lines.
+//! Invalid lines are reported as `line N: <error>` (the first ten, then counted) and not sent.
+//! Rejections and failures that repeat the same message (a wrong token rejects every event alike) are
+//! reported a few times each, then summarised, so a bad run does not print ten million lines.
+
+pub mod state;
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::Future;
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,10 +77,11 @@ use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt as _, AsyncSeekExt as _, BufReader};
 use tokio::task::{JoinError, JoinSet};
 
 use crate::event::{Event, EventKind};
+use state::{Checkpoint, Frontier, Mark, PrefixHash, FINGERPRINT_BYTES};
 
 /// Events per request by default.
 pub const DEFAULT_BATCH: usize = 1000;
@@ -85,6 +98,11 @@ pub fn default_concurrency(batch: usize) -> usize {
         8
     }
 }
+
+/// How long every server may fail before the run gives up, by default.
+pub const DEFAULT_GIVE_UP_AFTER: Duration = Duration::from_secs(30);
+/// How many invalid lines are shown before they are only counted.
+const INVALID_SHOWN: u64 = 10;
 
 /// Longest input line the client buffers; a longer line is reported invalid without being read whole.
 pub const MAX_LINE_BYTES: usize = 1024 * 1024;
@@ -122,6 +140,17 @@ pub struct ClientOptions {
     pub timeout: Duration,
     /// How progress is shown on stderr.
     pub progress: Progress,
+    /// Where the checkpoint of each input file is kept; `None` keeps none (every run reads the file
+    /// from its start; the ids are the same all the same).
+    pub state_dir: Option<PathBuf>,
+    /// Send from the first line whatever the checkpoint says (same ids).
+    pub from_start: bool,
+    /// Send the file as new events: a new random producer for the ids, recorded in the checkpoint.
+    pub new_run: bool,
+    /// Stop once every server has failed every request for this long (`None`: never).
+    pub give_up_after: Option<Duration>,
+    /// Write every invalid, refused or undelivered line here.
+    pub failed_out: Option<PathBuf>,
 }
 
 impl Default for ClientOptions {
@@ -135,6 +164,11 @@ impl Default for ClientOptions {
             max_attempts: 10,
             timeout: Duration::from_secs(10),
             progress: Progress::Auto,
+            state_dir: None,
+            from_start: false,
+            new_run: false,
+            give_up_after: Some(DEFAULT_GIVE_UP_AFTER),
+            failed_out: None,
         }
     }
 }
@@ -170,16 +204,34 @@ pub struct ClientSummary {
     pub invalid: u64,
     /// Events still not accepted after `max_attempts` attempts.
     pub failed: u64,
+    /// Events whose requests were not answered when the run stopped (a signal, or giving up); the
+    /// next run sends them again.
+    pub interrupted: u64,
     pub elapsed: Duration,
     /// With more than one server: each server's URL (as given, less a trailing `/`) and the events it
     /// accepted, in the order given. Empty with a single server.
     pub per_server: Vec<(String, u64)>,
+    /// Why the run stopped before the end of the file, if it did.
+    pub stopped: Option<Stopped>,
+    /// The run continued a checkpoint: after this line.
+    pub resumed_after: Option<u64>,
+    /// The checkpoint at the end: every line up to this one is done; where it is kept.
+    pub checkpoint: Option<(u64, PathBuf)>,
+    /// Lines written to `--failed-out`.
+    pub failed_out: u64,
+    /// Writing `--failed-out` failed.
+    pub failed_out_error: bool,
 }
 
 impl ClientSummary {
-    /// Whether every line was a valid event the server accepted.
+    /// Whether every line was a valid event the server accepted (and the run went to the end).
     pub fn ok(&self) -> bool {
-        self.rejected == 0 && self.invalid == 0 && self.failed == 0
+        self.rejected == 0
+            && self.invalid == 0
+            && self.failed == 0
+            && self.interrupted == 0
+            && self.stopped.is_none()
+            && !self.failed_out_error
     }
 
     /// `per server: http://a:8000 → 600, http://b:8000 → 400` with more than one server (printed
@@ -216,7 +268,11 @@ impl fmt::Display for ClientSummary {
             self.failed,
             self.elapsed.as_secs_f64(),
             self.events_per_sec()
-        )
+        )?;
+        if self.interrupted > 0 {
+            write!(f, "; {} unanswered when the run stopped", self.interrupted)?;
+        }
+        Ok(())
     }
 }
 
@@ -225,7 +281,40 @@ impl fmt::Display for ClientSummary {
 /// Errors only for what stops the whole run: the file cannot be opened or read, the URL or token is
 /// unusable. Per-event problems are counted in the summary and reported on stderr.
 pub async fn run(opts: ClientOptions) -> anyhow::Result<ClientSummary> {
-    run_with(opts, Tuning::default()).await
+    run_until(opts, std::future::pending()).await
+}
+
+/// [`run`], stopped early when `stop` completes (the binary passes SIGINT and SIGTERM): no new
+/// request is sent, the requests in flight get up to the request timeout (plus a second) to be
+/// answered, the checkpoint is saved, and the summary says why it stopped.
+pub async fn run_until(
+    opts: ClientOptions,
+    stop: impl Future<Output = Stopped> + Send + 'static,
+) -> anyhow::Result<ClientSummary> {
+    run_with(opts, Tuning::default(), stop).await
+}
+
+/// The command line to run to continue a stopped run: the same arguments, less `--from-start` and
+/// `--new-run` (the checkpoint holds the new run's ids), quoted for a POSIX shell.
+pub fn resume_command(args: &[std::ffi::OsString]) -> String {
+    let once = |a: &str| {
+        ["--from-start", "--new-run"].iter().any(|flag| a == *flag || a.strip_prefix(flag).is_some_and(|r| r.starts_with('=')))
+    };
+    args.iter()
+        .map(|a| a.to_string_lossy())
+        .filter(|a| !once(a))
+        .map(|a| shell_quote(&a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn shell_quote(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./,:=@%+".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg.to_owned()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
 }
 
 /// Internal knobs: the backoffs (tests shorten them) and where error reports go (tests capture them).
@@ -281,37 +370,157 @@ impl Backoff {
     }
 }
 
-pub(crate) async fn run_with(opts: ClientOptions, tuning: Tuning) -> anyhow::Result<ClientSummary> {
+pub(crate) async fn run_with(
+    opts: ClientOptions,
+    tuning: Tuning,
+    stop_signal: impl Future<Output = Stopped> + Send + 'static,
+) -> anyhow::Result<ClientSummary> {
     let started = Instant::now();
-    let sender = Arc::new(Sender::new(&opts, &tuning)?);
-    let file = tokio::fs::File::open(&opts.file)
+    let stop = Arc::new(Stop::default());
+    let sender = Arc::new(Sender::new(&opts, &tuning, Arc::clone(&stop))?);
+    let mut file = tokio::fs::File::open(&opts.file)
         .await
         .with_context(|| format!("cannot open the input file {}", opts.file.display()))?;
-    let size = match file.metadata().await {
-        Ok(m) if m.is_file() => m.len(),
-        _ => 0,
+    let (size, regular) = match file.metadata().await {
+        Ok(m) if m.is_file() => (m.len(), true),
+        _ => (0, false),
     };
-    let mut reader = BufReader::with_capacity(256 * 1024, file);
 
-    let run_id = format!("{:016x}", rand::random::<u64>());
+    // The file's first bytes: its fingerprint, and where its checkpoint is found.
+    let mut head = Vec::with_capacity(FINGERPRINT_BYTES.min(size as usize).max(4096));
+    (&mut file)
+        .take(FINGERPRINT_BYTES as u64)
+        .read_to_end(&mut head)
+        .await
+        .with_context(|| format!("reading {}", opts.file.display()))?;
+    let fp = state::fingerprint(&head);
+    let state_dir = opts.state_dir.clone().filter(|_| regular).map(|dir| state::StateDir { dir });
+    let found = match &state_dir {
+        Some(dir) => {
+            let dir = dir.clone();
+            let head = head.clone();
+            tokio::task::spawn_blocking(move || dir.find(&head)).await?.context("reading the client's state")?
+        }
+        None => None,
+    };
+    let producer = if opts.new_run {
+        state::hex64(rand::random::<u64>())
+    } else {
+        found.as_ref().map_or_else(|| state::hex64(fp), |f| f.checkpoint.producer.clone())
+    };
+    let mut start = Mark::default();
+    let mut resumed_after = None;
+    if let Some(found) = found.as_ref().filter(|_| !opts.from_start && !opts.new_run) {
+        let cp = &found.checkpoint;
+        let (path, offset) = (opts.file.clone(), cp.offset);
+        let prefix = tokio::task::spawn_blocking(move || state::hash_prefix(&path, offset))
+            .await?
+            .with_context(|| format!("reading {}", opts.file.display()))?;
+        match prefix {
+            Some(hash) if hash.hex() == cp.prefix_hash => {
+                start = Mark { line: cp.line, offset: cp.offset, hash };
+                resumed_after = (cp.line > 0).then_some(cp.line);
+            }
+            _ => anyhow::bail!(
+                "{} has changed since it was last sent: it no longer begins with the {} bytes (lines 1 to {}) \
+                 acknowledged then (checkpoint {}). Run again with --from-start to send it from its first line \
+                 with the same ids (what the server already has is recognised as duplicates), or with --new-run \
+                 to send every line as a new event",
+                opts.file.display(),
+                cp.offset,
+                cp.line,
+                found.path.display()
+            ),
+        }
+    }
+    let checkpoint_path = match (&found, &state_dir) {
+        (Some(found), _) => Some(found.path.clone()),
+        (None, Some(dir)) => Some(dir.path_for(fp, head.len() as u64)),
+        (None, None) => None,
+    };
+    let mut saver = checkpoint_path.map(|path| Saver {
+        template: Checkpoint {
+            version: 1,
+            file: std::path::absolute(&opts.file).unwrap_or_else(|_| opts.file.clone()).display().to_string(),
+            fingerprint: found.as_ref().map_or_else(|| state::hex64(fp), |f| f.checkpoint.fingerprint.clone()),
+            fingerprint_bytes: found.as_ref().map_or(head.len() as u64, |f| f.checkpoint.fingerprint_bytes),
+            producer: producer.clone(),
+            line: 0,
+            offset: 0,
+            prefix_hash: String::new(),
+            updated_ms: 0,
+        },
+        saved: found
+            .as_ref()
+            .filter(|f| f.checkpoint.producer == producer)
+            .map(|f| (f.checkpoint.line, f.checkpoint.offset)),
+        last: Instant::now(),
+        path,
+        error_shown: false,
+    });
+
+    // Reading starts after the checkpoint (a regular file), or at the start, the head first.
+    let source: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if regular {
+        file.seek(std::io::SeekFrom::Start(start.offset))
+            .await
+            .with_context(|| format!("reading {}", opts.file.display()))?;
+        Box::new(file)
+    } else {
+        Box::new(std::io::Cursor::new(head).chain(file))
+    };
+    let mut reader = BufReader::with_capacity(256 * 1024, source);
+
     let urls = sender.servers.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
-    tracing::info!(run_id, file = %opts.file.display(), urls, "client run starts");
+    tracing::info!(producer, file = %opts.file.display(), urls, resumed_after, "client run starts");
 
     let counters = Arc::new(Counters::new(sender.servers.len()));
+    counters.bytes.store(start.offset, Ordering::Relaxed);
     let console = Console::start(opts.progress, size, Arc::clone(&counters), started, tuning.capture);
-    let mut reports = Reports::default();
+    if let (Some(line), Some(saver)) = (resumed_after, &saver) {
+        console.report(&format!(
+            "eps client: resuming {} after line {line}, the last acknowledged (checkpoint {}); --from-start sends it \
+             from its first line again",
+            opts.file.display(),
+            saver.path.display()
+        ));
+    }
+    let failed_out = match &opts.failed_out {
+        Some(path) => Some(FailedOut::open(path, resumed_after.is_some())?),
+        None => None,
+    };
+    let mut books = Books {
+        counters: Arc::clone(&counters),
+        reports: Reports::default(),
+        console,
+        frontier: Frontier::new(start.clone()),
+        failed_out,
+        producer: producer.clone(),
+    };
     let concurrency = opts.concurrency.max(1);
+    let watcher = tokio::spawn(watch_for_stop(stop_signal, Arc::clone(&stop), Arc::clone(&sender), opts.give_up_after));
 
     let batch_size = opts.batch.max(1);
-    let mut in_flight: JoinSet<(Vec<u64>, Outcome)> = JoinSet::new();
+    let keep_originals = books.failed_out.is_some();
+    let mut in_flight: JoinSet<(Request, Outcome)> = JoinSet::new();
     let mut pending = Pending::default();
     let mut buf = Vec::with_capacity(4096);
-    let mut line_no: u64 = 0;
+    let Mark { line: mut line_no, mut offset, mut hash } = start;
     let read_result: anyhow::Result<()> = loop {
         while let Some(done) = in_flight.try_join_next() {
-            tally(done, &counters, &mut reports, &console);
+            books.tally(done);
         }
-        let read = match read_line(&mut reader, &mut buf, MAX_LINE_BYTES).await {
+        if let Some(saver) = saver.as_mut() {
+            saver.maybe_save(&books.frontier, &books.console, false).await;
+        }
+        if stop.is_set() {
+            break Ok(());
+        }
+        let read = tokio::select! {
+            biased;
+            () = stop.wait() => break Ok(()),
+            read = read_line(&mut reader, &mut buf, MAX_LINE_BYTES, &mut hash) => read,
+        };
+        let read = match read {
             Ok(Some(read)) => read,
             Ok(None) => break Ok(()),
             Err(e) => {
@@ -321,6 +530,7 @@ pub(crate) async fn run_with(opts: ClientOptions, tuning: Tuning) -> anyhow::Res
             }
         };
         line_no += 1;
+        offset += read.bytes;
         counters.bytes.fetch_add(read.bytes, Ordering::Relaxed);
         let mut line = trim_line(&buf);
         if line_no == 1 {
@@ -333,32 +543,75 @@ pub(crate) async fn run_with(opts: ClientOptions, tuning: Tuning) -> anyhow::Res
         let prepared = if read.too_long {
             Err(format!("line is longer than {MAX_LINE_BYTES} bytes"))
         } else if batch_size == 1 {
-            prepare(line, line_no, &run_id).map(|body| pending.add(&body, line_no))
+            prepare(line, line_no, &producer).map(|(body, own_id)| {
+                pending.body.extend_from_slice(&body);
+                own_id
+            })
         } else {
-            prepare_line(line, line_no, &run_id, &mut pending.body).map(|()| pending.lines.push(line_no))
+            prepare_line(line, line_no, &producer, &mut pending.body)
         };
-        if let Err(message) = prepared {
-            counters.invalid.fetch_add(1, Ordering::Relaxed);
-            console.report(&format!("line {line_no}: {message}"));
-            continue;
+        let own_id = match prepared {
+            Ok(own_id) => own_id,
+            Err(message) => {
+                counters.invalid.fetch_add(1, Ordering::Relaxed);
+                books.reports.invalid(&books.console, line_no, &message);
+                if let Some(out) = books.failed_out.as_mut() {
+                    if read.too_long {
+                        books.console.report(&format!("line {line_no} is too long to be written to --failed-out"));
+                    } else {
+                        out.write(&buf);
+                    }
+                }
+                continue;
+            }
+        };
+        pending.lines.push(line_no);
+        if keep_originals {
+            pending.originals.push((trim_line(&buf).to_vec(), own_id));
         }
         if pending.lines.len() >= batch_size || pending.body.len() >= MAX_BATCH_BYTES {
-            wait_for_room(&mut in_flight, concurrency, &counters, &mut reports, &console).await;
-            pending.send(&sender, &counters, &mut in_flight);
+            if !wait_for_room(&mut in_flight, concurrency, &mut books, &stop).await {
+                break Ok(());
+            }
+            let seq = books.frontier.issue(Mark { line: line_no, offset, hash: hash.clone() });
+            pending.send(seq, &sender, &counters, &mut in_flight);
         }
     };
-    if !pending.lines.is_empty() {
-        wait_for_room(&mut in_flight, concurrency, &counters, &mut reports, &console).await;
-        pending.send(&sender, &counters, &mut in_flight);
+    if read_result.is_ok() && !stop.is_set() {
+        if !pending.lines.is_empty() && wait_for_room(&mut in_flight, concurrency, &mut books, &stop).await {
+            let seq = books.frontier.issue(Mark { line: line_no, offset, hash: hash.clone() });
+            pending.send(seq, &sender, &counters, &mut in_flight);
+        }
+        if !stop.is_set() {
+            // The end of the file: blank or invalid lines after the last request are done too.
+            let seq = books.frontier.issue(Mark { line: line_no, offset, hash: hash.clone() });
+            books.frontier.complete(seq, true);
+        }
     }
-    while let Some(done) = in_flight.join_next().await {
-        tally(done, &counters, &mut reports, &console);
-    }
-    // Events of a sending task that panicked were counted as sent but never answered: failed.
+    drain(&mut in_flight, &mut books, &stop, opts.timeout + STOP_GRACE_EXTRA).await;
+    watcher.abort();
+    let stopped = stop.cause();
+    // Events of a sending task that panicked or was abandoned were counted as sent but never
+    // answered: failed, or interrupted when the run was stopped.
     let unanswered = counters.sent.load(Ordering::Relaxed).saturating_sub(counters.done());
-    counters.failed.fetch_add(unanswered, Ordering::Relaxed);
-    reports.finish(&console);
-    console.finish();
+    let unanswered_to = if stopped.is_some() { &counters.interrupted } else { &counters.failed };
+    unanswered_to.fetch_add(unanswered, Ordering::Relaxed);
+    books.reports.finish(&books.console);
+    let mut failed_out_error = false;
+    let mut failed_out_lines = 0;
+    if let Some(out) = books.failed_out.as_mut() {
+        failed_out_lines = out.lines;
+        if let Err(e) = out.finish() {
+            failed_out_error = true;
+            books.console.report(&format!("eps client: error: writing {}: {e}", out.path.display()));
+        }
+    }
+    let mut checkpoint = None;
+    if let Some(saver) = saver.as_mut() {
+        saver.maybe_save(&books.frontier, &books.console, true).await;
+        checkpoint = Some((books.frontier.done().line, saver.path.clone()));
+    }
+    books.console.finish();
     read_result?;
 
     let mut summary = counters.summary(started.elapsed());
@@ -370,77 +623,349 @@ pub(crate) async fn run_with(opts: ClientOptions, tuning: Tuning) -> anyhow::Res
             .map(|(server, n)| (server.name.clone(), n.load(Ordering::Relaxed)))
             .collect();
     }
-    tracing::info!(run_id, %summary, per_server = summary.per_server_line(), "client run ends");
+    summary.stopped = stopped;
+    summary.resumed_after = resumed_after;
+    summary.checkpoint = checkpoint;
+    summary.failed_out = failed_out_lines;
+    summary.failed_out_error = failed_out_error;
+    tracing::info!(producer, %summary, per_server = summary.per_server_line(), "client run ends");
     Ok(summary)
 }
 
-/// Waits until fewer than `concurrency` requests are in flight, counting those that end.
-async fn wait_for_room(
-    in_flight: &mut JoinSet<(Vec<u64>, Outcome)>,
-    concurrency: usize,
-    counters: &Counters,
-    reports: &mut Reports,
-    console: &Console,
-) {
-    while in_flight.len() >= concurrency {
-        match in_flight.join_next().await {
-            Some(done) => tally(done, counters, reports, console),
-            None => break,
+/// How much longer than one request's timeout a stopping run waits for the requests in flight.
+const STOP_GRACE_EXTRA: Duration = Duration::from_secs(1);
+/// How often the checkpoint is written while the run goes on (and once at its end).
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// How often the client checks whether every server has been failing for `give_up_after`.
+const GIVE_UP_CHECK: Duration = Duration::from_millis(200);
+
+/// Why a run stopped before the end of its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stopped {
+    /// A signal, by number: 2 (SIGINT) or 15 (SIGTERM).
+    Signal(i32),
+    /// Every server failed every request for `after`.
+    GaveUp { after: Duration, urls: Vec<String> },
+}
+
+impl Stopped {
+    /// 128 + the signal's number (130 for SIGINT, 143 for SIGTERM); 1 when the client gave up.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Stopped::Signal(n) => u8::try_from(128 + n).unwrap_or(1),
+            Stopped::GaveUp { .. } => 1,
         }
     }
 }
 
-/// The request being filled: its body and the file line number of each event in it.
+impl fmt::Display for Stopped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stopped::Signal(2) => write!(f, "interrupted (SIGINT)"),
+            Stopped::Signal(15) => write!(f, "stopped (SIGTERM)"),
+            Stopped::Signal(n) => write!(f, "stopped by signal {n}"),
+            Stopped::GaveUp { after, urls } => write!(
+                f,
+                "giving up: no server has taken a request for {}s ({})",
+                after.as_secs(),
+                urls.join(", ")
+            ),
+        }
+    }
+}
+
+/// The run's stop switch: set once, by a signal or by giving up; the reading loop, the waits and the
+/// sending tasks' retries watch it.
+#[derive(Default)]
+struct Stop {
+    set: AtomicBool,
+    cause: Mutex<Option<Stopped>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Stop {
+    fn trigger(&self, cause: Stopped) {
+        let mut current = self.cause.lock().unwrap_or_else(|p| p.into_inner());
+        if current.is_none() {
+            *current = Some(cause);
+            self.set.store(true, Ordering::SeqCst);
+            self.notify.notify_waiters();
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        self.set.load(Ordering::Relaxed)
+    }
+
+    fn cause(&self) -> Option<Stopped> {
+        self.cause.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Returns once the stop is set.
+    async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.set.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Sets the stop on `signal`, or once every server has been failing for `give_up_after`.
+async fn watch_for_stop(
+    signal: impl Future<Output = Stopped>,
+    stop: Arc<Stop>,
+    sender: Arc<Sender>,
+    give_up_after: Option<Duration>,
+) {
+    tokio::pin!(signal);
+    let mut every = tokio::time::interval(GIVE_UP_CHECK);
+    loop {
+        tokio::select! {
+            cause = &mut signal => {
+                stop.trigger(cause);
+                return;
+            }
+            _ = every.tick() => {
+                let Some(limit) = give_up_after else { continue };
+                if sender.pool.unreachable_for(Instant::now()).is_some_and(|d| d >= limit) {
+                    let urls = sender.servers.iter().map(|s| s.name.clone()).collect();
+                    stop.trigger(Stopped::GaveUp { after: limit, urls });
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What the reading loop keeps about the requests' fates: counts, reports, the frontier of done
+/// lines, the file of failed lines.
+struct Books {
+    counters: Arc<Counters>,
+    reports: Reports,
+    console: Console,
+    frontier: Frontier,
+    failed_out: Option<FailedOut>,
+    producer: String,
+}
+
+/// Writes the checkpoint: every `SAVE_EVERY` while the frontier moves, and at the end.
+struct Saver {
+    path: PathBuf,
+    template: Checkpoint,
+    /// (line, offset) last written (or found, for the same producer).
+    saved: Option<(u64, u64)>,
+    last: Instant,
+    error_shown: bool,
+}
+
+impl Saver {
+    async fn maybe_save(&mut self, frontier: &Frontier, console: &Console, force: bool) {
+        if !force && self.last.elapsed() < SAVE_EVERY {
+            return;
+        }
+        let done = frontier.done();
+        if self.saved == Some((done.line, done.offset)) {
+            return;
+        }
+        self.last = Instant::now();
+        let checkpoint = Checkpoint {
+            line: done.line,
+            offset: done.offset,
+            prefix_hash: done.hash.hex(),
+            updated_ms: crate::clock::wall_millis(),
+            ..self.template.clone()
+        };
+        let path = self.path.clone();
+        let saved = tokio::task::spawn_blocking(move || state::save(&path, &checkpoint)).await;
+        match saved {
+            Ok(Ok(())) => self.saved = Some((done.line, done.offset)),
+            Ok(Err(e)) if !self.error_shown => {
+                self.error_shown = true;
+                console.report(&format!(
+                    "eps client: cannot save the checkpoint (a re-run will send again what it does not cover): {e}"
+                ));
+            }
+            Ok(Err(_)) => {}
+            Err(e) => console.report(&format!("eps client: saving the checkpoint failed: {e}")),
+        }
+    }
+}
+
+/// `--failed-out`: every invalid, refused or undelivered line, one per line.
+struct FailedOut {
+    path: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+    lines: u64,
+    error: Option<std::io::Error>,
+}
+
+impl FailedOut {
+    /// Created (emptied) for a new send; appended to when the run resumes one.
+    fn open(path: &std::path::Path, append: bool) -> anyhow::Result<FailedOut> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(path)
+            .with_context(|| format!("cannot open --failed-out {}", path.display()))?;
+        Ok(FailedOut { path: path.to_owned(), out: std::io::BufWriter::new(file), lines: 0, error: None })
+    }
+
+    fn write(&mut self, line: &[u8]) {
+        use std::io::Write as _;
+        if self.error.is_some() {
+            return;
+        }
+        match self.out.write_all(line).and_then(|()| self.out.write_all(b"\n")) {
+            Ok(()) => self.lines += 1,
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    fn finish(&mut self) -> std::io::Result<()> {
+        use std::io::Write as _;
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        self.out.flush()?;
+        self.out.get_ref().sync_all()
+    }
+}
+
+/// `line` (a valid event, as read) with `"id":"<producer>-<line_no>",` after its opening brace, unless
+/// it has an id of its own: the line as it was sent.
+fn with_id(line: &[u8], own_id: bool, producer: &str, line_no: u64) -> Vec<u8> {
+    let Some(brace) = line.iter().position(|&b| b == b'{').filter(|_| !own_id) else { return line.to_vec() };
+    let mut out = Vec::with_capacity(line.len() + 40);
+    out.extend_from_slice(&line[..=brace]);
+    out.extend_from_slice(format!("\"id\":\"{producer}-{line_no}\",").as_bytes());
+    out.extend_from_slice(&line[brace + 1..]);
+    out
+}
+
+/// Waits until fewer than `concurrency` requests are in flight, counting those that end. False if the
+/// run was stopped meanwhile.
+async fn wait_for_room(
+    in_flight: &mut JoinSet<(Request, Outcome)>,
+    concurrency: usize,
+    books: &mut Books,
+    stop: &Stop,
+) -> bool {
+    while in_flight.len() >= concurrency {
+        tokio::select! {
+            biased;
+            () = stop.wait() => return false,
+            done = in_flight.join_next() => match done {
+                Some(done) => books.tally(done),
+                None => break,
+            },
+        }
+    }
+    !stop.is_set()
+}
+
+/// Waits for the requests in flight. Once the run is stopped they get `grace` more (their retries
+/// stop at once; an attempt under way may take up to the request timeout); those still out then are
+/// abandoned.
+async fn drain(in_flight: &mut JoinSet<(Request, Outcome)>, books: &mut Books, stop: &Stop, grace: Duration) {
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        if deadline.is_none() && stop.is_set() {
+            deadline = Some(tokio::time::Instant::now() + grace);
+        }
+        let done = match deadline {
+            None => tokio::select! {
+                () = stop.wait() => continue,
+                done = in_flight.join_next() => done,
+            },
+            Some(deadline) => match tokio::time::timeout_at(deadline, in_flight.join_next()).await {
+                Ok(done) => done,
+                Err(_) => {
+                    in_flight.abort_all();
+                    // The abandoned tasks end as cancelled: their lines are not done.
+                    while let Some(done) = in_flight.join_next().await {
+                        books.tally(done);
+                    }
+                    return;
+                }
+            },
+        };
+        match done {
+            Some(done) => books.tally(done),
+            None => return,
+        }
+    }
+}
+
+/// One request handed to a sending task: its frontier ticket, the file line of each event, and (with
+/// `--failed-out`) each line as read, with whether it had an id of its own.
+struct Request {
+    seq: u64,
+    lines: Vec<u64>,
+    originals: Vec<(Vec<u8>, bool)>,
+}
+
+/// The request being filled: its body, the file line number of each event in it, and (with
+/// `--failed-out`) each line as read.
 #[derive(Default)]
 struct Pending {
     body: Vec<u8>,
     lines: Vec<u64>,
+    originals: Vec<(Vec<u8>, bool)>,
 }
 
 impl Pending {
-    fn add(&mut self, body: &[u8], line_no: u64) {
-        self.body.extend_from_slice(body);
-        self.lines.push(line_no);
-    }
-
     /// Hands the request to a sending task and starts an empty one.
-    fn send(&mut self, sender: &Arc<Sender>, counters: &Counters, in_flight: &mut JoinSet<(Vec<u64>, Outcome)>) {
-        let Pending { body, lines } = std::mem::take(self);
+    fn send(
+        &mut self,
+        seq: u64,
+        sender: &Arc<Sender>,
+        counters: &Counters,
+        in_flight: &mut JoinSet<(Request, Outcome)>,
+    ) {
+        let Pending { body, lines, originals } = std::mem::take(self);
         counters.sent.fetch_add(lines.len() as u64, Ordering::Relaxed);
         let sender = Arc::clone(sender);
         in_flight.spawn(async move {
             let outcome = sender.deliver(body).await;
-            (lines, outcome)
+            (Request { seq, lines, originals }, outcome)
         });
     }
 }
 
 /// Validates one line and appends it to a batch body, with its id: a line without one gets
-/// `"id":"<run>-<line>",` inserted after its opening brace, so the rest of the line is sent as written.
-fn prepare_line(line: &[u8], line_no: u64, run_id: &str, body: &mut Vec<u8>) -> Result<(), String> {
+/// `"id":"<producer>-<line>",` inserted after its opening brace, so the rest of the line is sent as
+/// written. True if the line has an id of its own.
+fn prepare_line(line: &[u8], line_no: u64, producer: &str, body: &mut Vec<u8>) -> Result<bool, String> {
     let event = crate::event::EventRef::parse_request(line).map_err(|e| e.to_string())?;
     // A valid event is a JSON object with at least one field: its first non-blank byte is `{`.
     let brace = line.iter().position(|&b| b == b'{').ok_or("an event must be a JSON object")?;
     let line = &line[brace..];
-    if event.id.is_some() {
+    let own_id = event.id.is_some();
+    if own_id {
         body.extend_from_slice(line);
     } else {
         body.push(b'{');
-        body.extend_from_slice(format!("\"id\":\"{run_id}-{line_no}\",").as_bytes());
+        body.extend_from_slice(format!("\"id\":\"{producer}-{line_no}\",").as_bytes());
         body.extend_from_slice(&line[1..]);
     }
     body.push(b'\n');
-    Ok(())
+    Ok(own_id)
 }
 
-/// Validates one line and builds the body to send, or says why the line is invalid.
-fn prepare(line: &[u8], line_no: u64, run_id: &str) -> Result<Vec<u8>, String> {
+/// Validates one line and builds the body to send (and whether the line has an id of its own), or
+/// says why the line is invalid.
+fn prepare(line: &[u8], line_no: u64, producer: &str) -> Result<(Vec<u8>, bool), String> {
     let event = Event::parse_request(line).map_err(|e| e.to_string())?;
     let id = match &event.id {
         Some(id) => id.clone(),
-        None => format!("{run_id}-{line_no}"),
+        None => format!("{producer}-{line_no}"),
     };
-    body(&event, &id)
+    Ok((body(&event, &id)?, event.id.is_some()))
 }
 
 /// `{"userId":..,"name":..,"value":<decimal text>,"id":..}`.
@@ -467,11 +992,13 @@ struct LineRead {
 }
 
 /// Reads the next line (without its `\n`) into `buf`, keeping at most `max` bytes of it; the rest of
-/// a longer line is skipped. `None` at the end of the input.
+/// a longer line is skipped. Every byte taken from the reader goes into `hash`. `None` at the end of
+/// the input.
 async fn read_line<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     buf: &mut Vec<u8>,
     max: usize,
+    hash: &mut PrefixHash,
 ) -> std::io::Result<Option<LineRead>> {
     buf.clear();
     let mut read = LineRead { bytes: 0, too_long: false };
@@ -492,6 +1019,7 @@ async fn read_line<R: AsyncBufRead + Unpin>(
                 buf.extend_from_slice(chunk);
             }
         }
+        hash.write(&available[..used]);
         read.bytes += used as u64;
         reader.consume(used);
         if end {
@@ -513,6 +1041,8 @@ enum Outcome {
     /// The whole request was refused.
     Rejected { status: StatusCode, error: String, lines: Vec<(usize, String)> },
     Failed { attempts: u32, error: String },
+    /// The run was stopped before the request was answered: its retries were not made.
+    Interrupted,
 }
 
 /// What the sending tasks share.
@@ -526,6 +1056,8 @@ struct Sender {
     timeout: Duration,
     max_attempts: u32,
     backoff: Backoff,
+    /// Set when the run stops: no retry is made after it.
+    stop: Arc<Stop>,
 }
 
 /// One server: its URL as given (for messages and the summary) and where requests go.
@@ -535,7 +1067,7 @@ struct Server {
 }
 
 impl Sender {
-    fn new(opts: &ClientOptions, tuning: &Tuning) -> anyhow::Result<Sender> {
+    fn new(opts: &ClientOptions, tuning: &Tuning, stop: Arc<Stop>) -> anyhow::Result<Sender> {
         let path = if opts.batch <= 1 { "liveEvent" } else { "events" };
         let mut servers = Vec::new();
         for url in opts.urls.iter().map(|u| u.trim()).filter(|u| !u.is_empty()) {
@@ -575,6 +1107,7 @@ impl Sender {
             timeout: opts.timeout,
             max_attempts: opts.max_attempts.max(1),
             backoff: tuning.backoff,
+            stop,
         })
     }
 
@@ -600,6 +1133,9 @@ impl Sender {
             if attempt >= self.max_attempts {
                 return Outcome::Failed { attempts: attempt, error };
             }
+            if self.stop.is_set() {
+                return Outcome::Interrupted;
+            }
             let mut next = self.pool.pick_after(server, Instant::now());
             if next.all_down {
                 let pause = match retry_after {
@@ -607,7 +1143,10 @@ impl Sender {
                     None => self.backoff.delay(attempt),
                 };
                 tracing::debug!(attempt, ?pause, error, "retrying a request");
-                tokio::time::sleep(pause).await;
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = self.stop.wait() => return Outcome::Interrupted,
+                }
                 // A server may have come back, or be due for a probe, after the sleep.
                 next = self.pool.pick_after(server, Instant::now());
             } else {
@@ -672,6 +1211,8 @@ struct PoolState {
     /// Where the round-robin of new requests continues.
     next: usize,
     servers: Vec<Health>,
+    /// Since when every server has been down (failing, with no success since).
+    all_down_since: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -697,7 +1238,7 @@ impl ServerPool {
     /// `servers` servers (at least one), all up.
     pub(crate) fn new(servers: usize, down: Backoff) -> ServerPool {
         let health = Health { down_until: None, backoff: down.base, probing: false };
-        let state = PoolState { next: 0, servers: vec![health; servers.max(1)] };
+        let state = PoolState { next: 0, servers: vec![health; servers.max(1)], all_down_since: None };
         ServerPool { state: Mutex::new(state), down }
     }
 
@@ -726,6 +1267,7 @@ impl ServerPool {
     pub(crate) fn succeeded(&self, server: usize) -> bool {
         let base = self.down.base;
         let mut state = self.lock();
+        state.all_down_since = None;
         let Some(health) = state.servers.get_mut(server) else { return false };
         let was_down = health.down_until.is_some();
         *health = Health { down_until: None, backoff: base, probing: false };
@@ -739,9 +1281,10 @@ impl ServerPool {
     pub(crate) fn failed(&self, server: usize, now: Instant) -> bool {
         let Backoff { base, cap } = self.down;
         let mut state = self.lock();
+        let state = &mut *state;
         let Some(health) = state.servers.get_mut(server) else { return false };
         health.probing = false;
-        match health.down_until {
+        let was_up = match health.down_until {
             None => {
                 health.backoff = base;
                 health.down_until = Some(now + base);
@@ -753,7 +1296,16 @@ impl ServerPool {
                 false
             }
             Some(_) => false,
+        };
+        if state.all_down_since.is_none() && state.servers.iter().all(|h| h.down_until.is_some()) {
+            state.all_down_since = Some(now);
         }
+        was_up
+    }
+
+    /// How long every server has been down (each failed, none answered since), if they all are.
+    pub(crate) fn unreachable_for(&self, now: Instant) -> Option<Duration> {
+        self.lock().all_down_since.map(|since| now.saturating_duration_since(since))
     }
 }
 
@@ -887,6 +1439,7 @@ struct Counters {
     rejected: AtomicU64,
     invalid: AtomicU64,
     failed: AtomicU64,
+    interrupted: AtomicU64,
     /// Events accepted by each server, in the order of `ClientOptions::urls`.
     per_server: Vec<AtomicU64>,
 }
@@ -906,65 +1459,112 @@ impl Counters {
             rejected: get(&self.rejected),
             invalid: get(&self.invalid),
             failed: get(&self.failed),
+            interrupted: get(&self.interrupted),
             elapsed,
-            per_server: Vec::new(),
+            ..Default::default()
         }
     }
 
     fn done(&self) -> u64 {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        get(&self.accepted) + get(&self.rejected) + get(&self.failed)
+        get(&self.accepted) + get(&self.rejected) + get(&self.failed) + get(&self.interrupted)
     }
 }
 
-fn tally(done: Result<(Vec<u64>, Outcome), JoinError>, counters: &Counters, reports: &mut Reports, console: &Console) {
-    // The file line of the request's `n`-th event (1-based); a position the request does not have
-    // (a confused server) is reported against the request's first line.
-    let file_line = |lines: &[u64], n: usize| lines.get(n.wrapping_sub(1)).or(lines.first()).copied().unwrap_or(0);
-    match done {
-        Ok((lines, Outcome::Accepted { server, duplicates, rejected })) => {
-            let refused = (rejected.len() as u64).min(lines.len() as u64);
-            counters.accepted.fetch_add(lines.len() as u64 - refused, Ordering::Relaxed);
-            if let Some(n) = counters.per_server.get(server) {
-                n.fetch_add(lines.len() as u64 - refused, Ordering::Relaxed);
-            }
-            counters.duplicates.fetch_add(duplicates, Ordering::Relaxed);
-            counters.rejected.fetch_add(refused, Ordering::Relaxed);
-            for (n, error) in rejected {
-                reports.report(console, file_line(&lines, n), format!("HTTP 200, line refused: {error}"));
-            }
-        }
-        Ok((lines, Outcome::Rejected { status, error, lines: per_line })) => {
-            counters.rejected.fetch_add(lines.len() as u64, Ordering::Relaxed);
-            if per_line.is_empty() {
-                for line in lines {
-                    reports.report(console, line, format!("HTTP {status}: {error}"));
+impl Books {
+    /// Counts what became of one request, reports its errors, moves the frontier past it if every
+    /// line of it is done, and writes its failed lines to `--failed-out`.
+    fn tally(&mut self, done: Result<(Request, Outcome), JoinError>) {
+        let counters = &self.counters;
+        // The file line of the request's `n`-th event (1-based); a position the request does not have
+        // (a confused server) is reported against the request's first line.
+        let file_line = |lines: &[u64], n: usize| lines.get(n.wrapping_sub(1)).or(lines.first()).copied().unwrap_or(0);
+        let (request, outcome) = match done {
+            Ok(done) => done,
+            Err(e) => {
+                // A sending task panicked or was abandoned: its events are not known to be delivered. (The
+                // line numbers and ticket went down with the task; the whole count is kept by `sent`.)
+                self.frontier.block();
+                if !e.is_cancelled() {
+                    self.console.report(&format!("a request was lost by a failed sending task: {e}"));
                 }
-            } else {
-                for (n, error) in per_line {
-                    reports.report(console, file_line(&lines, n), format!("HTTP {status}: {error}"));
+                return;
+            }
+        };
+        let Request { seq, lines, originals } = request;
+        let mut failed_lines: Vec<usize> = Vec::new();
+        let mut undelivered = false;
+        let done = match outcome {
+            Outcome::Accepted { server, duplicates, rejected } => {
+                let refused = (rejected.len() as u64).min(lines.len() as u64);
+                counters.accepted.fetch_add(lines.len() as u64 - refused, Ordering::Relaxed);
+                if let Some(n) = counters.per_server.get(server) {
+                    n.fetch_add(lines.len() as u64 - refused, Ordering::Relaxed);
+                }
+                counters.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+                counters.rejected.fetch_add(refused, Ordering::Relaxed);
+                for (n, error) in rejected {
+                    self.reports.report(&self.console, file_line(&lines, n), format!("HTTP 200, line refused: {error}"));
+                    failed_lines.push(n);
+                }
+                true
+            }
+            Outcome::Rejected { status, error, lines: per_line } => {
+                counters.rejected.fetch_add(lines.len() as u64, Ordering::Relaxed);
+                if per_line.is_empty() {
+                    for &line in &lines {
+                        self.reports.report(&self.console, line, format!("HTTP {status}: {error}"));
+                    }
+                    failed_lines.extend(1..=lines.len());
+                } else {
+                    for (n, error) in per_line {
+                        self.reports.report(&self.console, file_line(&lines, n), format!("HTTP {status}: {error}"));
+                        failed_lines.push(n);
+                    }
+                }
+                // A verdict on the lines themselves (400, 422) is final: sending them again changes
+                // nothing. Any other refusal (a wrong token or URL, 413) leaves them to be sent again.
+                status == StatusCode::BAD_REQUEST || status == StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Outcome::Failed { attempts, error } => {
+                counters.failed.fetch_add(lines.len() as u64, Ordering::Relaxed);
+                for &line in &lines {
+                    self.reports.report(&self.console, line, format!("failed after {attempts} attempts: {error}"));
+                }
+                failed_lines.extend(1..=lines.len());
+                undelivered = true;
+                false
+            }
+            Outcome::Interrupted => {
+                counters.interrupted.fetch_add(lines.len() as u64, Ordering::Relaxed);
+                false
+            }
+        };
+        self.frontier.complete(seq, done);
+        if let Some(out) = self.failed_out.as_mut() {
+            for n in failed_lines {
+                let (Some((original, own_id)), Some(&line_no)) = (originals.get(n.wrapping_sub(1)), lines.get(n.wrapping_sub(1)))
+                else {
+                    continue;
+                };
+                if undelivered {
+                    // As it was sent, with its id: sending it again, and a resumed run, store it once.
+                    out.write(&with_id(original, *own_id, &self.producer, line_no));
+                } else {
+                    out.write(original);
                 }
             }
-        }
-        Ok((lines, Outcome::Failed { attempts, error })) => {
-            counters.failed.fetch_add(lines.len() as u64, Ordering::Relaxed);
-            for line in lines {
-                reports.report(console, line, format!("failed after {attempts} attempts: {error}"));
-            }
-        }
-        Err(e) => {
-            // A sending task panicked or was cancelled: its events are not known to be delivered. (The
-            // line numbers went down with the task; the whole count is kept by `sent`.)
-            console.report(&format!("a request was lost by a failed sending task: {e}"));
         }
     }
 }
 
-/// Rate-limits repeated rejection and failure messages.
+/// Rate-limits repeated rejection and failure messages, and invalid-line messages.
 #[derive(Default)]
 struct Reports {
     seen: HashMap<String, u64>,
     suppressed: u64,
+    invalid_shown: u64,
+    invalid_suppressed: u64,
 }
 
 impl Reports {
@@ -988,10 +1588,27 @@ impl Reports {
         }
     }
 
+    /// An invalid line: the first [`INVALID_SHOWN`] are shown (their messages differ in details such
+    /// as a column), the rest counted.
+    fn invalid(&mut self, console: &Console, line: u64, message: &str) {
+        if self.invalid_shown < INVALID_SHOWN {
+            self.invalid_shown += 1;
+            console.report(&format!("line {line}: {message}"));
+            if self.invalid_shown == INVALID_SHOWN {
+                console.report("(further invalid lines are counted, not shown)");
+            }
+        } else {
+            self.invalid_suppressed += 1;
+        }
+    }
+
     fn finish(&self, console: &Console) {
         if self.suppressed > 0 {
             console
                 .report(&format!("({} more errors repeating a message shown above were not shown)", self.suppressed));
+        }
+        if self.invalid_suppressed > 0 {
+            console.report(&format!("({} more invalid lines were not shown)", self.invalid_suppressed));
         }
     }
 }
@@ -1228,6 +1845,7 @@ mod tests {
             max_attempts: 5,
             timeout: Duration::from_secs(5),
             progress: Progress::Quiet,
+            ..Default::default()
         }
     }
 
@@ -1246,7 +1864,7 @@ mod tests {
             capture: Some(Arc::clone(&capture)),
             ..Tuning::default()
         };
-        let summary = run_with(opts, tuning).await.unwrap();
+        let summary = run_with(opts, tuning, std::future::pending()).await.unwrap();
         let reports = capture.lock().unwrap().clone();
         (summary, reports)
     }
@@ -1378,12 +1996,20 @@ mod tests {
         let first = received.iter().find(|r| r.id == format!("{run}-1")).unwrap();
         assert_eq!(first.body, format!(r#"{{"userId":"u1","name":"add_revenue","value":100,"id":"{run}-1"}}"#));
 
-        // A second run is a new send: a new run id.
+        // A second run (no checkpoint kept here) sends the same ids: the producer is the file's
+        // fingerprint, so a server recognises the events it has.
         let (again, _) = run_fast(options(&file, &url)).await;
         assert_eq!(again.accepted, 3);
         let received = rec.received();
         let second_run = run_id_of(&received[3..].iter().find(|r| r.id != "mine-7").unwrap().id).to_owned();
-        assert_ne!(second_run, run);
+        assert_eq!(second_run, run);
+        assert_eq!(run, state::hex64(state::fingerprint(&std::fs::read(file.path()).unwrap())));
+        // --new-run draws another.
+        let (third, _) = run_fast(ClientOptions { new_run: true, ..options(&file, &url) }).await;
+        assert_eq!(third.accepted, 3);
+        let received = rec.received();
+        let third_run = run_id_of(&received[6..].iter().find(|r| r.id != "mine-7").unwrap().id).to_owned();
+        assert_ne!(third_run, run);
     }
 
     #[tokio::test]
@@ -1634,9 +2260,13 @@ mod tests {
         let mut reader = BufReader::with_capacity(4, data.as_slice());
         let mut buf = Vec::new();
         let mut lines = Vec::new();
-        while let Some(read) = read_line(&mut reader, &mut buf, 8).await.unwrap() {
+        let mut hash = PrefixHash::default();
+        while let Some(read) = read_line(&mut reader, &mut buf, 8, &mut hash).await.unwrap() {
             lines.push((trim_line(&buf).to_vec(), read.bytes, read.too_long));
         }
+        let mut whole = PrefixHash::default();
+        whole.write(&data);
+        assert_eq!(hash.hex(), whole.hex(), "every byte read, skipped ones included, is hashed");
         assert_eq!(
             lines,
             vec![
@@ -1696,7 +2326,7 @@ mod tests {
             invalid: 1,
             failed: 0,
             elapsed: Duration::from_millis(1500),
-            per_server: Vec::new(),
+            ..Default::default()
         };
         assert_eq!(
             s.to_string(),
@@ -1781,6 +2411,62 @@ mod tests {
     }
 
     #[test]
+    fn every_server_down_is_timed_from_the_last_one_to_fail_until_any_answer() {
+        let pool = ServerPool::new(2, DOWN);
+        let t0 = Instant::now();
+        assert!(pool.failed(0, t0));
+        assert_eq!(pool.unreachable_for(t0 + Duration::from_secs(9)), None, "one is still up");
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(pool.failed(1, t1));
+        assert_eq!(pool.unreachable_for(t1 + Duration::from_secs(3)), Some(Duration::from_secs(3)));
+        // Further failures do not restart the clock; an answer stops it.
+        assert!(!pool.failed(0, t1 + Duration::from_secs(2)));
+        assert_eq!(pool.unreachable_for(t1 + Duration::from_secs(4)), Some(Duration::from_secs(4)));
+        pool.succeeded(0);
+        assert_eq!(pool.unreachable_for(t1 + Duration::from_secs(5)), None);
+    }
+
+    #[test]
+    fn the_resume_command_is_the_command_line_less_the_one_time_flags() {
+        let args: Vec<std::ffi::OsString> = [
+            "eps", "client", "my events.jsonl", "--new-run", "--url", "http://a:1,http://b:2", "--from-start=true",
+            "--token", "it's",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        assert_eq!(
+            resume_command(&args),
+            r#"eps client 'my events.jsonl' --url http://a:1,http://b:2 --token 'it'\''s'"#
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stop_ends_the_run_without_sending_the_rest_and_without_retrying() {
+        // Every request fails (503): without the stop the run would retry each for a long time.
+        let rec = Recorder::new(|_| {
+            Box::pin(async { (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "busy"}))).into_response() })
+        });
+        let url = serve(&rec).await;
+        let file = events(1000);
+        let opts = ClientOptions { max_attempts: 1000, concurrency: 2, ..options(&file, &url) };
+        let capture = Arc::new(Mutex::new(Vec::new()));
+        let tuning = Tuning { capture: Some(Arc::clone(&capture)), ..Tuning::default() };
+        let stop = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Stopped::Signal(2)
+        };
+        let summary = within_secs(60, run_with(opts, tuning, stop)).await.unwrap();
+        assert_eq!(summary.stopped, Some(Stopped::Signal(2)));
+        assert_eq!(summary.accepted + summary.failed, 0);
+        assert_eq!(summary.interrupted, summary.sent);
+        assert!(summary.sent <= 2, "no request after the stop: {summary}");
+        assert!(!summary.ok());
+        assert_eq!(Stopped::Signal(2).exit_code(), 130);
+        assert_eq!(Stopped::Signal(15).exit_code(), 143);
+    }
+
+    #[test]
     fn a_down_servers_backoff_doubles_up_to_the_cap() {
         let pool = ServerPool::new(2, DOWN);
         let mut now = Instant::now();
@@ -1838,7 +2524,7 @@ mod tests {
         // The default backoffs: 500 ms before a probe of the failing server.
         let tuning = Tuning { capture: Some(Arc::clone(&capture)), ..Tuning::default() };
         let started = Instant::now();
-        let summary = run_with(opts, tuning).await.unwrap();
+        let summary = run_with(opts, tuning, std::future::pending()).await.unwrap();
         let elapsed = started.elapsed();
         assert!(summary.ok(), "{summary} {:?}", capture.lock().unwrap());
         assert_eq!(summary.accepted, 300);
