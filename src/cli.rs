@@ -199,6 +199,14 @@ pub struct ProcessArgs {
     #[arg(long, env = "EPS_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// The store's checkpoints are bound to the log they count (the file log's id; the JetStream
+    /// stream's creation time and partition count), and a processor refuses a log other than that one.
+    /// With this flag it instead re-binds them to the log as it is now, from its first event, and
+    /// reports how far the old log had been applied (what the old log held after that is gone). Use it
+    /// once, after a stream was deleted and recreated or a log replaced on purpose (docs/SCALING.md).
+    #[arg(long)]
+    pub adopt_new_log: bool,
+
     /// Where events are read from: nats://host:port (several servers separated by commas) for a NATS
     /// JetStream stream, which needs --database-url postgres://…; without it, the file log in the data
     /// directory. With JetStream any number of processors may run: they share the partitions (each owned

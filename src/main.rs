@@ -99,6 +99,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 batch_bytes: args.batch_bytes,
                 poll_interval: Duration::from_millis(args.poll_ms),
                 retry_for: Duration::from_secs(args.retry_secs),
+                adopt_new_log: args.adopt_new_log,
             };
             match args.log {
                 Some(url) if eps::log::nats::is_nats_url(&url) => {
