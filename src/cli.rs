@@ -203,8 +203,9 @@ pub struct ProcessArgs {
     /// stream's creation time and partition count), and a processor refuses a log other than that one.
     /// With this flag it instead re-binds them to the log as it is now, from its first event, and
     /// reports how far the old log had been applied (what the old log held after that is gone). Use it
-    /// once, after a stream was deleted and recreated or a log replaced on purpose (docs/SCALING.md).
-    #[arg(long)]
+    /// once, after a stream was deleted and recreated or a log replaced on purpose (docs/SCALING.md);
+    /// do not leave the variable set, or the next replaced log is adopted too.
+    #[arg(long, env = "EPS_ADOPT_NEW_LOG")]
     pub adopt_new_log: bool,
 
     /// Where events are read from: nats://host:port (several servers separated by commas) for a NATS

@@ -45,6 +45,7 @@ const FLAGS: &[(&str, &[(&str, &str)])] = &[
             ("--batch-bytes", "EPS_BATCH_BYTES"),
             ("--poll-ms", "EPS_POLL_MS"),
             ("--retry-secs", "EPS_RETRY_SECS"),
+            ("--adopt-new-log", "EPS_ADOPT_NEW_LOG"),
         ],
     ),
     (
