@@ -170,6 +170,21 @@ pub struct NatsArgs {
     /// How long JetStream remembers message ids to drop a retried publish, in seconds.
     #[arg(long, env = "EPS_NATS_DUPLICATE_WINDOW_SECS", default_value_t = 900)]
     pub nats_duplicate_window_secs: u64,
+
+    /// The stream's retention by age, in seconds (0: keep everything). JetStream removes older
+    /// messages whether they were applied or not; processors report those they had not applied as lost.
+    /// Like every stream setting it is recorded in the stream and must be the same on every server and
+    /// processor.
+    #[arg(long, env = "EPS_NATS_MAX_AGE_SECS", default_value_t = 0)]
+    pub nats_max_age_secs: u64,
+
+    /// The stream's retention by size, in bytes (0: unlimited); as --nats-max-age-secs.
+    #[arg(long, env = "EPS_NATS_MAX_BYTES", default_value_t = 0)]
+    pub nats_max_bytes: i64,
+
+    /// The stream's retention by message count (0: unlimited); as --nats-max-age-secs.
+    #[arg(long, env = "EPS_NATS_MAX_MSGS", default_value_t = 0)]
+    pub nats_max_msgs: i64,
 }
 
 #[derive(Debug, clap::Args)]

@@ -209,6 +209,9 @@ fn nats_options(url: String, args: eps::cli::NatsArgs) -> eps::log::nats::NatsLo
         partitions: args.nats_partitions,
         replicas: args.nats_replicas,
         duplicate_window: Duration::from_secs(args.nats_duplicate_window_secs),
+        max_age: Duration::from_secs(args.nats_max_age_secs),
+        max_bytes: args.nats_max_bytes,
+        max_messages: args.nats_max_msgs,
         ..eps::log::nats::NatsLogOptions::new(url)
     }
 }

@@ -212,7 +212,7 @@ async fn a_reconfigured_stream_is_refused_and_messages_removed_before_they_were_
     js.update_stream(config.clone()).await.unwrap();
     let out = process(&nats.url(), &db, &[]).await;
     assert_ne!(out.code(), Some(0), "{out}");
-    assert!(out.stderr.contains("max_msgs: the stream has 5, this process expects unlimited"), "{out}");
+    assert!(out.stderr.contains("max_msgs (--nats-max-msgs): the stream has 5, this process expects unlimited"), "{out}");
     let started = Instant::now();
     loop {
         let (status, _) = post_ndjson(&http(), &server.url, event("u1", 1, "refused")).await;
@@ -222,7 +222,7 @@ async fn a_reconfigured_stream_is_refused_and_messages_removed_before_they_were_
         assert!(started.elapsed() < Duration::from_secs(30), "the server still appends to the reconfigured stream");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(server.stderr().contains("max_msgs: the stream has 5"), "{}", server.stderr());
+    assert!(server.stderr().contains("max_msgs (--nats-max-msgs): the stream has 5"), "{}", server.stderr());
     // (Probes stored before the server looked again are among the messages the purge below removes.)
     config.max_messages = -1;
     js.update_stream(config).await.unwrap();
@@ -282,6 +282,37 @@ async fn a_reconfigured_stream_is_refused_and_messages_removed_before_they_were_
     // Reported once: a second processor finds it recorded and says nothing more.
     let out = process(&nats.url(), &db, &[]).await;
     assert!(out.code() == Some(0) && !out.stderr.contains("LOST"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_eps_was_told_is_recorded_and_what_it_removes_unapplied_is_reported() {
+    // The case: 11 events acknowledged on a stream keeping 5 messages, "applied 5 events",
+    // exit 0, nothing said. The limit is now an eps setting, recorded in the stream and checked.
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(dir.path()).await;
+    let db = TestDb::new(StoreKind::Postgres).await;
+    let limit = ["--nats-max-msgs", "5"];
+    let server = nats_server(dir.path(), &nats.url(), "server", &limit).await;
+    for i in 0..11 {
+        post_until_accepted(&server.url, &event("u1", 1, &format!("e-{i}")), Duration::from_secs(20)).await;
+    }
+    // A processor not told the limit refuses, with both values.
+    let out = process(&nats.url(), &db, &[]).await;
+    assert!(out.code().is_some_and(|c| c != 0), "{out}");
+    assert!(out.stderr.contains("max_msgs (--nats-max-msgs): the stream has 5, this process expects unlimited"), "{out}");
+    // One told it applies what is left and reports what is not, in its log and in the store.
+    let out = process(&nats.url(), &db, &limit).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains("applied 5 events"), "{out}");
+    assert!(out.stderr.contains("LOST") && out.stderr.contains("stream sequences 1..=6"), "{out}");
+    let status = status_json(&nats.url(), &db, &limit).await;
+    let partition = eps::log::user_key("u1") % 16;
+    let lost = status["lost"].as_array().unwrap();
+    assert!(
+        lost.iter().any(|l| (l["partition"].as_u64(), l["first"].as_u64(), l["last"].as_u64())
+            == (Some(partition), Some(1), Some(6))),
+        "{status}"
+    );
 }
 
 /// `eps server` on the file log in `data`, with the store at `store`.

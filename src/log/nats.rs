@@ -52,6 +52,11 @@ pub struct NatsLogOptions {
     pub duplicate_window: Duration,
     /// How long an append waits for JetStream before it fails (503).
     pub timeout: Duration,
+    /// The stream's retention limits (0: none): messages older, or beyond that many bytes or messages,
+    /// are removed by JetStream whether applied or not. Recorded in the stream; every process checks them.
+    pub max_age: Duration,
+    pub max_bytes: i64,
+    pub max_messages: i64,
 }
 
 impl NatsLogOptions {
@@ -64,6 +69,9 @@ impl NatsLogOptions {
             replicas: 1,
             duplicate_window: Duration::from_secs(15 * 60),
             timeout: Duration::from_secs(2),
+            max_age: Duration::ZERO,
+            max_bytes: 0,
+            max_messages: 0,
         }
     }
 
@@ -292,8 +300,8 @@ pub fn is_stream_not_found(e: &(impl std::fmt::Display + std::fmt::Debug)) -> bo
     text.contains("10059") || text.contains("stream not found") || text.contains("no stream found")
 }
 
-/// The stream eps makes: its subjects, replicas, duplicate window and partition count, and no limits
-/// (nothing is removed before a processor applied it).
+/// The stream eps makes: its subjects, replicas, duplicate window and partition count, and the limits
+/// it was told (none by default: nothing is removed before a processor applied it).
 fn wanted_config(opts: &NatsLogOptions) -> stream::Config {
     stream::Config {
         name: opts.stream.clone(),
@@ -304,8 +312,9 @@ fn wanted_config(opts: &NatsLogOptions) -> stream::Config {
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
         discard: stream::DiscardPolicy::Old,
-        max_messages: -1,
-        max_bytes: -1,
+        max_messages: if opts.max_messages > 0 { opts.max_messages } else { -1 },
+        max_bytes: if opts.max_bytes > 0 { opts.max_bytes } else { -1 },
+        max_age: opts.max_age,
         max_messages_per_subject: -1,
         ..Default::default()
     }
@@ -337,14 +346,11 @@ pub fn settings_mismatches(found: &stream::Config, opts: &NatsLogOptions) -> Vec
     check("storage", format!("{:?}", found.storage), format!("{:?}", wanted.storage));
     check("retention", format!("{:?}", found.retention), format!("{:?}", wanted.retention));
     check("discard", format!("{:?}", found.discard), format!("{:?}", wanted.discard));
-    check("max_msgs", limit(found.max_messages), limit(wanted.max_messages));
-    check("max_bytes", limit(found.max_bytes), limit(wanted.max_bytes));
+    let age = |d: Duration| if d.is_zero() { "unlimited".to_string() } else { format!("{d:?}") };
+    check("max_msgs (--nats-max-msgs)", limit(found.max_messages), limit(wanted.max_messages));
+    check("max_bytes (--nats-max-bytes)", limit(found.max_bytes), limit(wanted.max_bytes));
+    check("max_age (--nats-max-age-secs)", age(found.max_age), age(wanted.max_age));
     check("max_msgs_per_subject", limit(found.max_messages_per_subject), limit(wanted.max_messages_per_subject));
-    check(
-        "max_age",
-        if found.max_age.is_zero() { "unlimited".into() } else { format!("{:?}", found.max_age) },
-        "unlimited".into(),
-    );
     out
 }
 
