@@ -101,6 +101,8 @@ pub struct NatsLog {
     stream_ready: std::sync::Mutex<Option<(Instant, Option<usize>)>>,
     /// The last settings mismatch logged (logged again only when it changes).
     last_mismatch: std::sync::Mutex<Option<String>>,
+    /// Held while the stream is being checked.
+    checking: tokio::sync::Mutex<()>,
     /// Set while appends fail, cleared by the next that succeeds (readiness).
     failing: AtomicBool,
 }
@@ -121,6 +123,7 @@ impl NatsLog {
             opts,
             stream_ready: std::sync::Mutex::new(None),
             last_mismatch: std::sync::Mutex::new(None),
+            checking: tokio::sync::Mutex::new(()),
             failing: AtomicBool::new(true),
         })
     }
@@ -132,11 +135,25 @@ impl NatsLog {
     /// Creates or checks the stream (at most every [`STREAM_RECHECK`]); answers its `max_msg_size`
     /// when it has one.
     async fn ensure_stream(&self) -> Result<Option<usize>, LogError> {
-        if let Some((checked, max)) = *self.stream_ready.lock().expect("stream state") {
+        let cached = *self.stream_ready.lock().expect("stream state");
+        if let Some((checked, max)) = cached {
             if checked.elapsed() < STREAM_RECHECK {
                 return Ok(max);
             }
         }
+        // One check at a time: while one runs, appends go on with the last answer if there is one,
+        // or wait for it (and then use it) if there is none.
+        let _checking = match (self.checking.try_lock(), cached) {
+            (Ok(guard), _) => guard,
+            (Err(_), Some((_, max))) => return Ok(max),
+            (Err(_), None) => {
+                let guard = self.checking.lock().await;
+                if let Some((_, max)) = *self.stream_ready.lock().expect("stream state") {
+                    return Ok(max);
+                }
+                guard
+            }
+        };
         match ensure_stream(&self.js, &self.opts).await {
             Ok(stream) => {
                 let max = usize::try_from(stream.cached_info().config.max_message_size).ok().filter(|&max| max > 0);
