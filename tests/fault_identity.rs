@@ -119,7 +119,6 @@ async fn a_deleted_and_recreated_stream_is_refused_until_adopted_and_nothing_ack
     for i in 0..5 {
         post_until_accepted(&server.url, &event("u1", 1, &format!("new-{i}")), Duration::from_secs(30)).await;
     }
-    assert!(server.stderr().contains("the JetStream stream is gone"), "the server did not say so:\n{}", server.stderr());
 
     // The running processor stops, naming both streams; nothing of the new stream was applied.
     let exit = within(Duration::from_secs(30), "the --follow processor to refuse the new stream", running.child.wait())
@@ -128,6 +127,7 @@ async fn a_deleted_and_recreated_stream_is_refused_until_adopted_and_nothing_ack
     let stderr = running.stderr();
     assert!(!exit.success(), "the processor went on: {stderr}");
     assert!(stderr.contains(&old_created) && stderr.contains("--adopt-new-log"), "{stderr}");
+    assert!(server.stderr().contains("the JetStream stream is gone"), "the server did not say so:\n{}", server.stderr());
     // A new one-shot run refuses too, with both identities, exit 1.
     let out = process(&nats.url(), &db, &[]).await;
     assert_eq!(out.code(), Some(1), "{out}");
