@@ -155,12 +155,20 @@ async fn apply(opts: ProcessOptions, store: Arc<dyn Store>, stop: Stop) -> anyho
     // data directory) rather than read it from positions that mean nothing in it. A log not made yet
     // has nothing to read.
     let log_dir = opts.data_dir.join(LOG_DIR);
-    if log_dir.is_dir() {
-        let identity = crate::log::identity::ensure(&log_dir).context("the log's identity")?;
-        let first = crate::log::list_segments(&log_dir)?.first().map_or(0, |(base, _)| *base);
-        if bind_log_identity(&opts, &stop, &*store, FILE_STREAM, &identity, first).await?.is_none() {
-            return Ok(summary);
+    match crate::log::identity::read(&log_dir).context("the log's identity")? {
+        Some(identity) => {
+            let first = crate::log::list_segments(&log_dir)?.first().map_or(0, |(base, _)| *base);
+            if bind_log_identity(&opts, &stop, &*store, FILE_STREAM, &identity, first).await?.is_none() {
+                return Ok(summary);
+            }
         }
+        // Made by the server when it opens the log; a log an older server is still writing has none
+        // until that server restarts.
+        None if !crate::log::list_segments(&log_dir)?.is_empty() => {
+            tracing::warn!(log = %log_dir.display(), "the log has no identity yet (the server makes it when it opens \
+                the log): the checkpoint is not checked against it in this run");
+        }
+        None => {}
     }
     let Some(progress) = with_retry(&opts, &stop, || store.progress(FILE_STREAM)).await? else {
         return Ok(summary);

@@ -6,9 +6,9 @@
 //! (see `processor::bind_log_identity`), so a processor refuses a log whose id is not the one its
 //! checkpoint counts.
 //!
-//! The id is made when the log is first opened (by the server, or by a processor finding a log without
-//! one, e.g. made by an older eps): written to a temporary file, synced, then linked into place, which
-//! fails if another process linked its own first; then everybody reads the one that won.
+//! The id is made when the log is opened by its writer (the server, holding the directory's writer
+//! lock) and has none: a new log, or one an older eps made. Written to a temporary file, synced, renamed
+//! into place, the directory synced: after a crash it is whole or absent.
 
 use std::io::{self, Write as _};
 use std::path::Path;
@@ -36,27 +36,25 @@ pub fn read(dir: &Path) -> io::Result<Option<String>> {
     }
 }
 
-/// The log's identity, made (durably) if the existing directory `dir` has none yet.
+/// The log's identity, made (durably) if the existing directory `dir` has none yet. Only the log's
+/// writer calls it, holding the directory's writer lock, so no two processes make one at once.
 pub fn ensure(dir: &Path) -> io::Result<String> {
     if let Some(id) = read(dir)? {
         return Ok(id);
     }
     let id = format!("{:032x}", rand::rng().random::<u128>());
-    let tmp = dir.join(format!(".{LOG_ID_FILE}.{id}.tmp"));
-    let result = (|| {
+    let tmp = dir.join(format!(".{LOG_ID_FILE}.tmp"));
+    let path = dir.join(LOG_ID_FILE);
+    (|| {
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(format!("{id}\n").as_bytes())?;
         file.sync_all()?;
-        match std::fs::hard_link(&tmp, dir.join(LOG_ID_FILE)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(e),
-        }
-    })();
-    let _ = std::fs::remove_file(&tmp);
-    result.map_err(|e| crate::fsutil::with_path(e, "writing", &dir.join(LOG_ID_FILE)))?;
+        // Whole or absent: a crash leaves at most the temporary file, replaced next time.
+        std::fs::rename(&tmp, &path)
+    })()
+    .map_err(|e| crate::fsutil::with_path(e, "writing", &path))?;
     crate::fsutil::sync_dir(dir)?;
-    read(dir)?.ok_or_else(|| io::Error::other(format!("{} vanished", dir.join(LOG_ID_FILE).display())))
+    read(dir)?.ok_or_else(|| io::Error::other(format!("{} vanished", path.display())))
 }
 
 #[cfg(test)]

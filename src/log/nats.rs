@@ -103,6 +103,8 @@ pub struct NatsLog {
     last_mismatch: std::sync::Mutex<Option<String>>,
     /// Held while the stream is being checked.
     checking: tokio::sync::Mutex<()>,
+    /// The identity of the stream last found ([`stream_identity`]): another one means it was recreated.
+    known_identity: std::sync::Mutex<Option<String>>,
     /// Set while appends fail, cleared by the next that succeeds (readiness).
     failing: AtomicBool,
 }
@@ -124,6 +126,7 @@ impl NatsLog {
             stream_ready: std::sync::Mutex::new(None),
             last_mismatch: std::sync::Mutex::new(None),
             checking: tokio::sync::Mutex::new(()),
+            known_identity: std::sync::Mutex::new(None),
             failing: AtomicBool::new(true),
         })
     }
@@ -156,6 +159,15 @@ impl NatsLog {
         };
         match ensure_stream(&self.js, &self.opts).await {
             Ok(stream) => {
+                let identity = stream_identity(stream.cached_info(), self.opts.partitions);
+                let before = self.known_identity.lock().expect("stream state").replace(identity.clone());
+                if let Some(before) = before.filter(|before| *before != identity) {
+                    tracing::error!(
+                        stream = %self.opts.stream, was = %before, now = %identity,
+                        "the JetStream stream is gone (deleted?) and was made again: appends go to the new stream; \
+                         processors refuse it until an operator adopts it (eps process --adopt-new-log, see docs/SCALING.md)"
+                    );
+                }
                 let max = usize::try_from(stream.cached_info().config.max_message_size).ok().filter(|&max| max > 0);
                 *self.stream_ready.lock().expect("stream state") = Some((Instant::now(), max));
                 *self.last_mismatch.lock().expect("stream state") = None;
