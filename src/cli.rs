@@ -174,6 +174,21 @@ pub struct NatsArgs {
     /// How long JetStream remembers message ids to drop a retried publish, in seconds.
     #[arg(long, env = "EPS_NATS_DUPLICATE_WINDOW_SECS", default_value_t = 900)]
     pub nats_duplicate_window_secs: u64,
+
+    /// The stream's retention by age, in seconds (0: keep everything). JetStream removes older
+    /// messages whether they were applied or not; processors report those they had not applied as lost.
+    /// Like every stream setting it is recorded in the stream and must be the same on every server and
+    /// processor.
+    #[arg(long, env = "EPS_NATS_MAX_AGE_SECS", default_value_t = 0)]
+    pub nats_max_age_secs: u64,
+
+    /// The stream's retention by size, in bytes (0: unlimited); as --nats-max-age-secs.
+    #[arg(long, env = "EPS_NATS_MAX_BYTES", default_value_t = 0)]
+    pub nats_max_bytes: i64,
+
+    /// The stream's retention by message count (0: unlimited); as --nats-max-age-secs.
+    #[arg(long, env = "EPS_NATS_MAX_MSGS", default_value_t = 0)]
+    pub nats_max_msgs: i64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -202,6 +217,15 @@ pub struct ProcessArgs {
     /// Serve Prometheus metrics (GET /metrics) on this address while running, e.g. 127.0.0.1:9101.
     #[arg(long, env = "EPS_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// The store's checkpoints are bound to the log they count (the file log's id; the JetStream
+    /// stream's creation time and partition count), and a processor refuses a log other than that one.
+    /// With this flag it instead re-binds them to the log as it is now, from its first event, and
+    /// reports how far the old log had been applied (what the old log held after that is gone). Use it
+    /// once, after a stream was deleted and recreated or a log replaced on purpose (docs/SCALING.md);
+    /// do not leave the variable set, or the next replaced log is adopted too.
+    #[arg(long, env = "EPS_ADOPT_NEW_LOG")]
+    pub adopt_new_log: bool,
 
     /// Where events are read from: nats://host:port (several servers separated by commas) for a NATS
     /// JetStream stream, which needs --database-url postgres://…; without it, the file log in the data

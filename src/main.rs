@@ -99,6 +99,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 batch_bytes: args.batch_bytes,
                 poll_interval: Duration::from_millis(args.poll_ms),
                 retry_for: Duration::from_secs(args.retry_secs),
+                adopt_new_log: args.adopt_new_log,
             };
             match args.log {
                 Some(url) if eps::log::nats::is_nats_url(&url) => {
@@ -257,6 +258,9 @@ fn nats_options(url: String, args: eps::cli::NatsArgs) -> eps::log::nats::NatsLo
         partitions: args.nats_partitions,
         replicas: args.nats_replicas,
         duplicate_window: Duration::from_secs(args.nats_duplicate_window_secs),
+        max_age: Duration::from_secs(args.nats_max_age_secs),
+        max_bytes: args.nats_max_bytes,
+        max_messages: args.nats_max_msgs,
         ..eps::log::nats::NatsLogOptions::new(url)
     }
 }

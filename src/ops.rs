@@ -32,9 +32,14 @@ pub struct Status {
     pub checkpoint: u64,
     pub events_applied: u64,
     pub invalid_lines: u64,
-    pub lag_bytes: u64,
-    /// Lines between the checkpoint and the end of the log (counted, not estimated).
-    pub lag_events: u64,
+    /// `None` when the checkpoint counts another log (see `identity_mismatch`): unknown, not 0.
+    pub lag_bytes: Option<u64>,
+    /// Lines between the checkpoint and the end of the log (counted, not estimated); `None` as above.
+    pub lag_events: Option<u64>,
+    /// The log's identity (`None` before a server made the log).
+    pub log_identity: Option<String>,
+    /// Set when the store's checkpoint is bound to another log than this one: what it counts.
+    pub identity_mismatch: Option<String>,
     pub users: u64,
     /// The exact sum of all revenues.
     pub total_revenue: Total,
@@ -46,7 +51,16 @@ impl std::fmt::Display for Status {
         writeln!(f, "database         {}", self.backend)?;
         writeln!(f, "log              {} segments, {} bytes on disk (positions {}..{})", self.segments, self.log_bytes, self.log_start, self.log_end)?;
         writeln!(f, "checkpoint       byte {} ({} events applied, {} invalid lines)", self.checkpoint, self.events_applied, self.invalid_lines)?;
-        writeln!(f, "lag              {} events, {} bytes", self.lag_events, self.lag_bytes)?;
+        match (&self.identity_mismatch, self.lag_events, self.lag_bytes) {
+            (None, Some(events), Some(bytes)) => writeln!(f, "lag              {events} events, {bytes} bytes")?,
+            _ => writeln!(
+                f,
+                "lag              unknown: the store's checkpoint counts {}, but the log is {} (eps process refuses it; \
+                 see eps process --adopt-new-log)",
+                self.identity_mismatch.as_deref().unwrap_or("another log"),
+                self.log_identity.as_deref().unwrap_or("a log without an identity")
+            )?,
+        }
         writeln!(f, "users            {}", self.users)?;
         write!(f, "total revenue    {}", self.total_revenue)
     }
@@ -57,6 +71,12 @@ pub async fn status(data_dir: &Path, database_url: Option<&str>) -> anyhow::Resu
     let progress = store.progress(FILE_STREAM).await?;
     let totals = store.totals().await?;
     let log_dir = data_dir.join(LOG_DIR);
+    let log_identity = crate::log::identity::read(&log_dir)?;
+    let bound = store.log_identity(FILE_STREAM).await?;
+    let identity_mismatch = match (&bound, &log_identity) {
+        (Some(bound), Some(found)) if bound != found => Some(bound.clone()),
+        _ => None,
+    };
     let segments = list_segments(&log_dir)?;
     let mut log_bytes = 0;
     let mut log_end = 0;
@@ -79,8 +99,10 @@ pub async fn status(data_dir: &Path, database_url: Option<&str>) -> anyhow::Resu
         checkpoint: progress.position,
         events_applied: progress.events_applied,
         invalid_lines: progress.invalid_lines,
-        lag_bytes: log_end.saturating_sub(progress.position),
-        lag_events,
+        lag_bytes: identity_mismatch.is_none().then(|| log_end.saturating_sub(progress.position)),
+        lag_events: identity_mismatch.is_none().then_some(lag_events),
+        log_identity,
+        identity_mismatch,
         users: totals.users,
         total_revenue: totals.revenue,
     })
@@ -140,6 +162,16 @@ pub async fn compact(opts: &CompactOptions) -> anyhow::Result<CompactReport> {
     let store = store::open(opts.database_url.as_deref(), &opts.data_dir).await?;
     let checkpoint = store.progress(FILE_STREAM).await?.position;
     let log_dir = opts.data_dir.join(LOG_DIR);
+    // The checkpoint is a position in the log it is bound to; in another log it says nothing about
+    // what was applied, and nothing may be removed on its word.
+    if let (Some(bound), Some(found)) = (store.log_identity(FILE_STREAM).await?, crate::log::identity::read(&log_dir)?) {
+        if bound != found {
+            anyhow::bail!(
+                "nothing removed: the store's checkpoint counts {bound}, but the log in {} is {found}",
+                log_dir.display()
+            );
+        }
+    }
     let segments = list_segments(&log_dir)?;
     let now = SystemTime::now();
     let mut report = CompactReport { checkpoint, ..CompactReport::default() };

@@ -56,6 +56,9 @@ pub struct ProcessOptions {
     pub poll_interval: Duration,
     /// How long a one-shot run keeps retrying an unreachable database before it gives up.
     pub retry_for: Duration,
+    /// Re-bind the store's checkpoints to the log as it is now (a new or recreated log), starting at
+    /// its first position, instead of refusing a log other than the one they count.
+    pub adopt_new_log: bool,
 }
 
 impl ProcessOptions {
@@ -67,6 +70,7 @@ impl ProcessOptions {
             batch_bytes: 256 * 1024 * 1024,
             poll_interval: Duration::from_millis(5),
             retry_for: Duration::from_secs(60),
+            adopt_new_log: false,
         }
     }
 }
@@ -151,6 +155,25 @@ async fn apply(opts: ProcessOptions, store: Arc<dyn Store>, stop: Stop) -> anyho
     let mut users = HashSet::new();
     let mut reader = LogReader::new(opts.data_dir.join(LOG_DIR), opts.batch_bytes.min(READ_CHUNK_BYTES));
     let mut dead_letters = DeadLetters::new(opts.data_dir.join(DEAD_LETTER_FILE));
+    // The checkpoint counts one log: refuse another (a log directory deleted and made again, another
+    // data directory) rather than read it from positions that mean nothing in it. A log not made yet
+    // has nothing to read.
+    let log_dir = opts.data_dir.join(LOG_DIR);
+    match crate::log::identity::read(&log_dir).context("the log's identity")? {
+        Some(identity) => {
+            let first = crate::log::list_segments(&log_dir)?.first().map_or(0, |(base, _)| *base);
+            if bind_log_identity(&opts, &stop, &*store, FILE_STREAM, &identity, first).await?.is_none() {
+                return Ok(summary);
+            }
+        }
+        // Made by the server when it opens the log; a log an older server is still writing has none
+        // until that server restarts.
+        None if !crate::log::list_segments(&log_dir)?.is_empty() => {
+            tracing::warn!(log = %log_dir.display(), "the log has no identity yet (the server makes it when it opens \
+                the log): the checkpoint is not checked against it in this run");
+        }
+        None => {}
+    }
     let Some(progress) = with_retry(&opts, &stop, || store.progress(FILE_STREAM)).await? else {
         return Ok(summary);
     };
@@ -284,6 +307,92 @@ async fn apply(opts: ProcessOptions, store: Arc<dyn Store>, stop: Stop) -> anyho
     summary.elapsed = started.elapsed();
     Ok(summary)
 }
+
+/// Binds the checkpoints of `scope` (the checkpoint named `scope` and those named `scope/…`) to the
+/// log they count, `identity`: the first time by recording it; afterwards a processor goes on only
+/// if the log is still that one. A log of another identity (deleted and recreated, replaced, another
+/// directory or stream) is refused with both identities named, never read from a checkpoint that
+/// counts another log; with `adopt_new_log` the checkpoints are moved, in the same transaction as the
+/// new binding, to `first_position` of the new log, and the old positions are reported.
+/// `None` when the shutdown was requested first.
+pub(crate) async fn bind_log_identity(
+    opts: &ProcessOptions,
+    stop: &Stop,
+    store: &dyn Store,
+    scope: &str,
+    identity: &str,
+    first_position: u64,
+) -> anyhow::Result<Option<()>> {
+    loop {
+        let Some(bound) = with_retry(opts, stop, || store.log_identity(scope)).await? else { return Ok(None) };
+        let (expected, reset_to) = match bound {
+            Some(bound) if bound == identity => return Ok(Some(())),
+            None => (None, None),
+            Some(bound) if opts.adopt_new_log => (Some(bound), Some(first_position)),
+            Some(bound) => {
+                return Err(IdentityMismatch { scope: scope.to_string(), bound, found: identity.to_string() }.into())
+            }
+        };
+        let Some((won, old)) =
+            with_retry(opts, stop, || store.bind_log_identity(scope, expected.as_deref(), identity, reset_to)).await?
+        else {
+            return Ok(None);
+        };
+        if !won {
+            continue; // another processor bound it meanwhile: check against what it bound
+        }
+        match expected {
+            None => {
+                let applied: Vec<String> = old.iter().filter(|(_, p)| *p > 0).map(|(n, p)| format!("{n} at {p}")).collect();
+                if applied.is_empty() {
+                    tracing::info!(scope, identity, "the checkpoints are bound to this log");
+                } else {
+                    // Checkpoints made before eps recorded identities: they are taken to count this log.
+                    tracing::warn!(scope, identity, checkpoints = ?applied,
+                        "checkpoints made before eps recorded what they count: bound to this log as it is now");
+                }
+            }
+            Some(old_identity) => {
+                let unapplied: Vec<String> = old.iter().map(|(n, p)| format!("{n} had applied up to {p}")).collect();
+                tracing::warn!(
+                    scope, old = %old_identity, new = identity, first_position,
+                    checkpoints = ?unapplied,
+                    "adopted a new log (--adopt-new-log): the checkpoints now count it from its first position; whatever \
+                     the old log held after those checkpoints was never applied and is not in the new log"
+                );
+                eprintln!(
+                    "adopted {identity} in place of {old_identity}: checkpoints moved to {first_position}; the old log's \
+                     messages after {} were never applied",
+                    if unapplied.is_empty() { "its start".to_string() } else { unapplied.join(", ") }
+                );
+            }
+        }
+        return Ok(Some(()));
+    }
+}
+
+/// The store's checkpoints count another log than the one this processor reads.
+#[derive(Debug)]
+pub struct IdentityMismatch {
+    pub scope: String,
+    pub bound: String,
+    pub found: String,
+}
+
+impl std::fmt::Display for IdentityMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the store's checkpoints ({}) count {}, but the log is now {}: it was deleted and recreated, replaced, or \
+             this processor reads another log. Nothing was applied from it. To process the new log from its start, \
+             run `eps process --adopt-new-log` once (what the old log held after the checkpoints, if anything, was \
+             never applied and is gone); see docs/SCALING.md",
+            self.scope, self.bound, self.found
+        )
+    }
+}
+
+impl std::error::Error for IdentityMismatch {}
 
 fn record_lag(reader: &mut LogReader, position: u64, bytes_per_event: f64) {
     let end = reader.end_position().unwrap_or(position);

@@ -170,6 +170,12 @@ fn describe() {
         "Failed attempts to write the dead-letter file (retried; the lines are recorded in the store)"
     );
     describe_histogram!("eps_processor_commit_duration_seconds", Unit::Seconds, "Time to commit one batch");
+    describe_counter!(
+        "eps_jetstream_lost_ranges_total",
+        "Ranges of stream sequences found removed (retention, a purge) before they were applied, one per range"
+    );
+    describe_counter!("eps_jetstream_lost_sequences_total", "Stream sequences in those ranges");
+    describe_gauge!("eps_jetstream_lost_last_sequence", "Last stream sequence of the latest range found removed before it was applied");
     describe_gauge!("eps_processor_checkpoint_bytes", "Log position the store's checkpoint has reached");
     describe_gauge!("eps_processor_lag_bytes", "Log bytes not yet applied (log end minus checkpoint)");
     describe_gauge!("eps_processor_lag_events", "Events not yet applied (estimated from the average line size)");

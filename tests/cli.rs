@@ -32,6 +32,9 @@ const FLAGS: &[(&str, &[(&str, &str)])] = &[
             ("--nats-partitions", "EPS_NATS_PARTITIONS"),
             ("--nats-replicas", "EPS_NATS_REPLICAS"),
             ("--nats-duplicate-window-secs", "EPS_NATS_DUPLICATE_WINDOW_SECS"),
+            ("--nats-max-age-secs", "EPS_NATS_MAX_AGE_SECS"),
+            ("--nats-max-bytes", "EPS_NATS_MAX_BYTES"),
+            ("--nats-max-msgs", "EPS_NATS_MAX_MSGS"),
             ("--log-format", "EPS_LOG_FORMAT"),
             ("--log-level", "EPS_LOG_LEVEL"),
         ],
@@ -45,6 +48,7 @@ const FLAGS: &[(&str, &[(&str, &str)])] = &[
             ("--batch-bytes", "EPS_BATCH_BYTES"),
             ("--poll-ms", "EPS_POLL_MS"),
             ("--retry-secs", "EPS_RETRY_SECS"),
+            ("--adopt-new-log", "EPS_ADOPT_NEW_LOG"),
         ],
     ),
     (

@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use crate::event::EventRef;
 
 pub mod durable_end;
+pub mod identity;
 pub mod nats;
 pub mod reader;
 pub mod writer;

@@ -20,15 +20,21 @@
 //! Availability: the connection is made in the background and re-made by the client library; until
 //! JetStream answers (and after it stops answering), appends fail with [`LogError::Unavailable`], which
 //! the server answers 503 with `Retry-After`. The stream is created (or its configuration checked) on the
-//! first append that reaches JetStream.
+//! first append that reaches JetStream, and checked again every [`STREAM_RECHECK`].
+//!
+//! Settings: the stream's own configuration records its limits, storage, retention and duplicate
+//! window; its description records the partition count (`eps partitions=16`). Every server and
+//! processor checks all of them ([`ensure_stream`]): a server with other settings answers 503 and logs
+//! both values, a processor refuses to start. A stream found deleted (a publish answered "no stream")
+//! is forgotten, logged, and made again by the next append; it is a new stream (another creation
+//! time, see [`stream_identity`]), which the processors refuse until an operator adopts it.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
-use tokio::sync::OnceCell;
 
 use super::{Appended, EventLog, IdKey, LogBatch, LogError};
 
@@ -46,6 +52,11 @@ pub struct NatsLogOptions {
     pub duplicate_window: Duration,
     /// How long an append waits for JetStream before it fails (503).
     pub timeout: Duration,
+    /// The stream's retention limits (0: none): messages older, or beyond that many bytes or messages,
+    /// are removed by JetStream whether applied or not. Recorded in the stream; every process checks them.
+    pub max_age: Duration,
+    pub max_bytes: i64,
+    pub max_messages: i64,
 }
 
 impl NatsLogOptions {
@@ -58,6 +69,9 @@ impl NatsLogOptions {
             replicas: 1,
             duplicate_window: Duration::from_secs(15 * 60),
             timeout: Duration::from_secs(2),
+            max_age: Duration::ZERO,
+            max_bytes: 0,
+            max_messages: 0,
         }
     }
 
@@ -80,9 +94,17 @@ pub fn is_nats_url(url: &str) -> bool {
 pub struct NatsLog {
     js: jetstream::Context,
     opts: NatsLogOptions,
-    /// Set once the stream is known to exist with the expected configuration: the stream's own
-    /// largest message (`max_msg_size`), if it sets one.
-    stream_ready: OnceCell<Option<usize>>,
+    /// Set while the stream is known to exist with the expected configuration, with when it was last
+    /// checked: the stream's own largest message (`max_msg_size`), if it sets one. Forgotten when a
+    /// publish finds no stream and every [`STREAM_RECHECK`], so a deleted, recreated or reconfigured
+    /// stream is noticed.
+    stream_ready: std::sync::Mutex<Option<(Instant, Option<usize>)>>,
+    /// The last settings mismatch logged (logged again only when it changes).
+    last_mismatch: std::sync::Mutex<Option<String>>,
+    /// Held while the stream is being checked.
+    checking: tokio::sync::Mutex<()>,
+    /// The identity of the stream last found ([`stream_identity`]): another one means it was recreated.
+    known_identity: std::sync::Mutex<Option<String>>,
     /// Set while appends fail, cleared by the next that succeeds (readiness).
     failing: AtomicBool,
 }
@@ -98,17 +120,83 @@ impl NatsLog {
             anyhow::bail!("invalid JetStream stream name {:?}", opts.stream);
         }
         let js = jetstream_context(&opts, "eps server").await?;
-        Ok(NatsLog { js, opts, stream_ready: OnceCell::new(), failing: AtomicBool::new(true) })
+        Ok(NatsLog {
+            js,
+            opts,
+            stream_ready: std::sync::Mutex::new(None),
+            last_mismatch: std::sync::Mutex::new(None),
+            checking: tokio::sync::Mutex::new(()),
+            known_identity: std::sync::Mutex::new(None),
+            failing: AtomicBool::new(true),
+        })
     }
 
     pub fn options(&self) -> &NatsLogOptions {
         &self.opts
     }
 
-    /// Creates or checks the stream; answers its `max_msg_size` when it has one.
+    /// Creates or checks the stream (at most every [`STREAM_RECHECK`]); answers its `max_msg_size`
+    /// when it has one.
     async fn ensure_stream(&self) -> Result<Option<usize>, LogError> {
-        let stream = ensure_stream(&self.js, &self.opts).await?;
-        Ok(usize::try_from(stream.cached_info().config.max_message_size).ok().filter(|&max| max > 0))
+        let cached = *self.stream_ready.lock().expect("stream state");
+        if let Some((checked, max)) = cached {
+            if checked.elapsed() < STREAM_RECHECK {
+                return Ok(max);
+            }
+        }
+        // One check at a time: while one runs, appends go on with the last answer if there is one,
+        // or wait for it (and then use it) if there is none.
+        let _checking = match (self.checking.try_lock(), cached) {
+            (Ok(guard), _) => guard,
+            (Err(_), Some((_, max))) => return Ok(max),
+            (Err(_), None) => {
+                let guard = self.checking.lock().await;
+                if let Some((_, max)) = *self.stream_ready.lock().expect("stream state") {
+                    return Ok(max);
+                }
+                guard
+            }
+        };
+        match ensure_stream(&self.js, &self.opts).await {
+            Ok(stream) => {
+                let identity = stream_identity(stream.cached_info(), self.opts.partitions);
+                let before = self.known_identity.lock().expect("stream state").replace(identity.clone());
+                if let Some(before) = before.filter(|before| *before != identity) {
+                    tracing::error!(
+                        stream = %self.opts.stream, was = %before, now = %identity,
+                        "the JetStream stream is gone (deleted?) and was made again: appends go to the new stream; \
+                         processors refuse it until an operator adopts it (eps process --adopt-new-log, see docs/SCALING.md)"
+                    );
+                }
+                let max = usize::try_from(stream.cached_info().config.max_message_size).ok().filter(|&max| max > 0);
+                *self.stream_ready.lock().expect("stream state") = Some((Instant::now(), max));
+                *self.last_mismatch.lock().expect("stream state") = None;
+                Ok(max)
+            }
+            Err(e) => {
+                *self.stream_ready.lock().expect("stream state") = None;
+                if let StreamError::Mismatch(why) = &e {
+                    let mut last = self.last_mismatch.lock().expect("stream state");
+                    if last.as_deref() != Some(why) {
+                        tracing::error!("{why}; appends answer 503 until it is fixed");
+                        *last = Some(why.clone());
+                    }
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// A publish found no stream: it was deleted (or its server lost its store). Forget it, say so;
+    /// the next append makes it again.
+    fn stream_lost(&self, e: &impl std::fmt::Display) {
+        if self.stream_ready.lock().expect("stream state").take().is_some() {
+            tracing::error!(
+                stream = %self.opts.stream, error = %e,
+                "the JetStream stream is gone (deleted?): the next append creates it again; processors refuse the \
+                 new stream until an operator adopts it (eps process --adopt-new-log, see docs/SCALING.md)"
+            );
+        }
     }
 
     /// The most bytes (headers and payload) one message of this log may have now: the connected
@@ -136,7 +224,7 @@ impl NatsLog {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let stream_max = *self.stream_ready.get_or_try_init(|| self.ensure_stream()).await?;
+        let stream_max = self.ensure_stream().await?;
 
         // Group the events by partition, cut each group into messages JetStream takes, publish every
         // message, then wait for every acknowledgement.
@@ -147,16 +235,22 @@ impl NatsLog {
             if let Some(id) = &message.msg_id {
                 headers.insert("Nats-Msg-Id", id.as_str());
             }
-            let ack = self
-                .js
-                .publish_with_headers(message.subject, headers, message.payload.into())
-                .await
-                .map_err(|e| unavailable("publishing to JetStream", e))?;
+            let ack = self.js.publish_with_headers(message.subject, headers, message.payload.into()).await.map_err(|e| {
+                if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                    self.stream_lost(&e);
+                }
+                unavailable("publishing to JetStream", e)
+            })?;
             pending.push(ack);
         }
         let mut duplicate = Vec::with_capacity(pending.len());
         for ack in pending {
-            let ack = ack.await.map_err(|e| unavailable("JetStream's acknowledgement", e))?;
+            let ack = ack.await.map_err(|e| {
+                if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                    self.stream_lost(&e);
+                }
+                unavailable("JetStream's acknowledgement", e)
+            })?;
             duplicate.push(ack.duplicate);
         }
         Ok(plan
@@ -182,32 +276,163 @@ pub async fn jetstream_context(opts: &NatsLogOptions, name: &str) -> anyhow::Res
     Ok(js)
 }
 
-/// Creates the stream if it does not exist; if it does, checks that it takes this log's subjects and
-/// keeps as many replicas as asked. Servers and processors both call it, so either may start first.
-pub async fn ensure_stream(js: &jetstream::Context, opts: &NatsLogOptions) -> Result<stream::Stream, LogError> {
-    let wanted = stream::Config {
+/// Why [`ensure_stream`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// JetStream did not answer (or not yet): retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The stream exists with settings other than this process's: retrying cannot help. Servers
+    /// answer 503 and log it; processors refuse to start.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+impl From<StreamError> for LogError {
+    fn from(e: StreamError) -> LogError {
+        LogError::Unavailable(e.to_string())
+    }
+}
+
+/// The stream's `description`, eps's record of the settings the stream's own configuration cannot
+/// hold: `eps partitions=<n>`.
+pub fn settings_description(partitions: u32) -> String {
+    format!("eps partitions={partitions}")
+}
+
+/// The partition count a stream's description records, if it records one.
+pub fn recorded_partitions(description: Option<&str>) -> Option<u32> {
+    description?.split_whitespace().find_map(|word| word.strip_prefix("partitions=")?.parse().ok())
+}
+
+/// The identity of a stream, which the processors' checkpoints are bound to: its name, its creation
+/// time (a deleted and recreated stream has another one, and starts its sequences again) and the
+/// partition count.
+pub fn stream_identity(info: &stream::Info, partitions: u32) -> String {
+    let c = info.created;
+    format!(
+        "stream {} created {:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:09}Z with {partitions} partitions",
+        info.config.name,
+        c.year(),
+        c.month() as u8,
+        c.day(),
+        c.hour(),
+        c.minute(),
+        c.second(),
+        c.nanosecond()
+    )
+}
+
+/// Whether a JetStream API error says the stream does not exist.
+pub fn is_stream_not_found(e: &(impl std::fmt::Display + std::fmt::Debug)) -> bool {
+    let text = format!("{e} {e:?}");
+    text.contains("10059") || text.contains("stream not found") || text.contains("no stream found")
+}
+
+/// The stream eps makes: its subjects, replicas, duplicate window and partition count, and the limits
+/// it was told (none by default: nothing is removed before a processor applied it).
+fn wanted_config(opts: &NatsLogOptions) -> stream::Config {
+    stream::Config {
         name: opts.stream.clone(),
+        description: Some(settings_description(opts.partitions)),
         subjects: vec![format!("{}.*", opts.subject_prefix)],
         num_replicas: opts.replicas,
         duplicate_window: opts.duplicate_window,
         storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        max_messages: if opts.max_messages > 0 { opts.max_messages } else { -1 },
+        max_bytes: if opts.max_bytes > 0 { opts.max_bytes } else { -1 },
+        max_age: opts.max_age,
+        max_messages_per_subject: -1,
         ..Default::default()
-    };
-    let mut found = js.get_or_create_stream(wanted.clone()).await.map_err(|e| unavailable("JetStream stream", e))?;
-    let config = found.info().await.map_err(|e| unavailable("JetStream stream", e))?.config.clone();
-    if !config.subjects.contains(&wanted.subjects[0]) || config.num_replicas != wanted.num_replicas {
-        // A configuration mistake, not an outage, but appends can only fail: say why, loudly.
-        let why = format!(
-            "the JetStream stream {} exists with subjects {:?} and {} replicas; eps needs subjects {:?} and {} \
-             replicas (fix the stream or the options)",
-            config.name, config.subjects, config.num_replicas, wanted.subjects, wanted.num_replicas
-        );
-        tracing::error!("{why}");
-        return Err(LogError::Unavailable(why));
     }
-    tracing::info!(stream = %config.name, subjects = ?config.subjects, replicas = config.num_replicas, "JetStream stream ready");
+}
+
+/// Every setting of `found` that differs from what eps expects, as "setting: the stream has X, this
+/// process expects Y".
+pub fn settings_mismatches(found: &stream::Config, opts: &NatsLogOptions) -> Vec<String> {
+    let wanted = wanted_config(opts);
+    let mut out = Vec::new();
+    let limit = |v: i64| if v <= 0 { "unlimited".to_string() } else { v.to_string() };
+    let mut check = |what: &str, has: String, expects: String| {
+        if has != expects {
+            out.push(format!("{what}: the stream has {has}, this process expects {expects}"));
+        }
+    };
+    check(
+        "partitions (--nats-partitions)",
+        recorded_partitions(found.description.as_deref()).map_or("none recorded".into(), |p| p.to_string()),
+        opts.partitions.to_string(),
+    );
+    check("subjects", format!("{:?}", found.subjects), format!("{:?}", wanted.subjects));
+    check("replicas (--nats-replicas)", found.num_replicas.to_string(), wanted.num_replicas.to_string());
+    check(
+        "duplicate window (--nats-duplicate-window-secs)",
+        format!("{:?}", found.duplicate_window),
+        format!("{:?}", wanted.duplicate_window),
+    );
+    check("storage", format!("{:?}", found.storage), format!("{:?}", wanted.storage));
+    check("retention", format!("{:?}", found.retention), format!("{:?}", wanted.retention));
+    check("discard", format!("{:?}", found.discard), format!("{:?}", wanted.discard));
+    let age = |d: Duration| if d.is_zero() { "unlimited".to_string() } else { format!("{d:?}") };
+    check("max_msgs (--nats-max-msgs)", limit(found.max_messages), limit(wanted.max_messages));
+    check("max_bytes (--nats-max-bytes)", limit(found.max_bytes), limit(wanted.max_bytes));
+    check("max_age (--nats-max-age-secs)", age(found.max_age), age(wanted.max_age));
+    check("max_msgs_per_subject", limit(found.max_messages_per_subject), limit(wanted.max_messages_per_subject));
+    out
+}
+
+/// Creates the stream if it does not exist (with its settings recorded: the stream's configuration,
+/// and the partition count in its description); if it does, checks every setting against this
+/// process's (partitions, subjects, replicas, duplicate window, storage, retention, discard, limits).
+/// A stream made by an older eps, without a partition count, gets this process's recorded. Servers and
+/// processors both call it, so either may start first.
+pub async fn ensure_stream(js: &jetstream::Context, opts: &NatsLogOptions) -> Result<stream::Stream, StreamError> {
+    let unavailable = |e: &dyn std::fmt::Display| StreamError::Unavailable(format!("JetStream stream {}: {e}", opts.stream));
+    let wanted = wanted_config(opts);
+    let mut found = match js.get_stream(&opts.stream).await {
+        Ok(found) => found,
+        Err(e) if is_stream_not_found(&e) => match js.create_stream(wanted.clone()).await {
+            Ok(created) => {
+                tracing::warn!(
+                    stream = %opts.stream, partitions = opts.partitions,
+                    "the JetStream stream did not exist: created it (a new stream; processors whose checkpoints \
+                     count an older one refuse to start until told to adopt it, see docs/SCALING.md)"
+                );
+                created
+            }
+            // Another process created it meanwhile: check that one.
+            Err(_) => js.get_stream(&opts.stream).await.map_err(|e| unavailable(&e))?,
+        },
+        Err(e) => return Err(unavailable(&e)),
+    };
+    let mut config = found.info().await.map_err(|e| unavailable(&e))?.config.clone();
+    if recorded_partitions(config.description.as_deref()).is_none() {
+        // Made by an eps that did not record it: the first process to use it records its own.
+        let mut update = config.clone();
+        update.description = Some(settings_description(opts.partitions));
+        config = js.update_stream(update).await.map_err(|e| unavailable(&e))?.config;
+        tracing::warn!(stream = %opts.stream, partitions = opts.partitions, "recorded the partition count in the stream's description");
+        found = js.get_stream(&opts.stream).await.map_err(|e| unavailable(&e))?;
+    }
+    let mismatches = settings_mismatches(&config, opts);
+    if !mismatches.is_empty() {
+        // A configuration mistake, not an outage: say why, loudly.
+        return Err(StreamError::Mismatch(format!(
+            "the JetStream stream {} does not have this process's settings: {}. Start every server and processor with \
+             the stream's settings (to change them, make a new stream: see docs/SCALING.md)",
+            config.name,
+            mismatches.join("; ")
+        )));
+    }
+    tracing::info!(stream = %config.name, subjects = ?config.subjects, replicas = config.num_replicas, partitions = opts.partitions, "JetStream stream ready");
     Ok(found)
 }
+
+/// How long a server trusts its last check of the stream before it checks again: the longest a
+/// stream reconfigured (or recreated with other settings) behind its back goes unnoticed.
+pub const STREAM_RECHECK: Duration = Duration::from_secs(5);
 
 /// The largest message eps publishes, headers included, whatever the server allows: nats-server's
 /// default `max_payload` (1 MiB). A server allowing more changes nothing, so on every such server a

@@ -115,6 +115,10 @@ impl FileLog {
                 format!("another eps server is writing to {}", opts.dir.display()),
             )
         })?;
+        // The log's identity, which the store binds its checkpoint to (made now for a new log, or an
+        // existing one made by an older eps).
+        let id = super::identity::ensure(&opts.dir)?;
+        tracing::debug!(log = %opts.dir.display(), %id, "log identity");
         let stats = Arc::new(LogStats::default());
         let writer = Writer::recover(opts.clone(), lock, stats.clone())?;
         let (tx, rx) = mpsc::channel(opts.queue_depth);

@@ -44,11 +44,14 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 
-use super::{excerpt, open_store, parse_line, user_digest, with_retry, ExactSum, ProcessOptions, ProcessSummary, Stop};
+use super::{
+    bind_log_identity, excerpt, open_store, parse_line, user_digest, with_retry, ExactSum, ProcessOptions, ProcessSummary,
+    Stop,
+};
 use crate::config::ConfigError;
-use crate::log::nats::{ensure_stream, jetstream_context, NatsLogOptions};
+use crate::log::nats::{ensure_stream, jetstream_context, stream_identity, NatsLogOptions, StreamError};
 use crate::log::{id_key, reader::lines_of, IdKeyHasher};
-use crate::store::{Batch, CommitOutcome, InvalidLine, Store, StoreError};
+use crate::store::{Batch, CommitOutcome, InvalidLine, LostRange, Store, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct JetStreamProcessOptions {
@@ -103,7 +106,12 @@ impl std::fmt::Display for JetStreamSummary {
 
 /// The checkpoint name of one partition.
 pub fn checkpoint_name(stream: &str, partition: u32) -> String {
-    format!("jetstream/{stream}/{partition}")
+    format!("{}/{partition}", identity_scope(stream))
+}
+
+/// What the store binds every partition's checkpoint of `stream` to an identity under.
+pub fn identity_scope(stream: &str) -> String {
+    format!("jetstream/{stream}")
 }
 
 pub async fn run(opts: JetStreamProcessOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<JetStreamSummary> {
@@ -153,6 +161,8 @@ impl Drop for Owned {
 /// it arrives (readers run on every core); the main loop takes the batch when it commits.
 struct Shared {
     state: std::sync::Mutex<PartitionState>,
+    /// The partition's committed checkpoint, as the main loop last committed it.
+    committed: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -162,6 +172,12 @@ struct PartitionState {
     lag: u64,
     /// Events dropped by the de-duplication window since the main loop last looked.
     duplicates: u64,
+    /// Stream sequences removed before they were read (retention, a purge), found since the main loop
+    /// last looked: (first, last), inclusive.
+    lost: Vec<(u64, u64)>,
+    /// Set when the reader found the stream is no longer the one the checkpoints count: the processor
+    /// stops with it.
+    fatal: Option<String>,
 }
 
 /// What one partition has gathered since its last commit.
@@ -191,6 +207,12 @@ struct Processor {
     store: Arc<dyn Store>,
     js: jetstream::Context,
     stream: Option<stream::Stream>,
+    /// The stream's identity the checkpoints are bound to (set once bound).
+    identity: Option<String>,
+    /// When idle partitions' checkpoints were last moved past other partitions' messages.
+    last_idle_advance: Instant,
+    /// Lost ranges this process reported.
+    lost_reported: HashSet<(u64, u64)>,
     membership: Option<Membership>,
     owned: BTreeMap<u32, Owned>,
     /// Signalled by a reader when it has summed something.
@@ -217,6 +239,9 @@ impl Processor {
             store,
             js,
             stream: None,
+            identity: None,
+            last_idle_advance: Instant::now(),
+            lost_reported: HashSet::new(),
             membership: None,
             owned: BTreeMap::new(),
             work: Arc::new(tokio::sync::Notify::new()),
@@ -262,6 +287,11 @@ impl Processor {
             self.commit().await?;
         }
         self.commit().await?;
+        if !self.opts.process.follow && !self.stop.is_requested() {
+            // Leave the idle partitions' checkpoints at the stream's end, so the next run tells a
+            // removed message of theirs from other partitions' (see `advance_idle`).
+            self.advance_idle(true).await?;
+        }
         self.summary.base.users_touched = self.users.len() as u64;
         self.summary.base.elapsed = started.elapsed();
         self.summary.partitions_owned = self.owned.keys().copied().collect();
@@ -273,9 +303,14 @@ impl Processor {
         let stream = &self.opts.nats.stream;
         let mut work = Vec::new();
         let mut duplicates = 0;
+        let mut lost = Vec::new();
         for (&partition, owned) in self.owned.iter_mut() {
             let taken = {
                 let mut state = owned.shared.state.lock().expect("partition state");
+                if let Some(why) = state.fatal.take() {
+                    return Err(anyhow::anyhow!(why));
+                }
+                lost.extend(state.lost.drain(..).map(|range| (partition, range)));
                 duplicates += std::mem::take(&mut state.duplicates);
                 if state.batch.to <= owned.checkpoint {
                     continue;
@@ -289,6 +324,13 @@ impl Processor {
         }
         self.summary.duplicates += duplicates;
         metrics::counter!("eps_processor_duplicates_total").increment(duplicates);
+        let mut by_range: BTreeMap<(u64, u64), Vec<u32>> = BTreeMap::new();
+        for (partition, range) in lost {
+            by_range.entry(range).or_default().push(partition);
+        }
+        for ((first, last), partitions) in by_range {
+            self.report_lost(&partitions, first, last).await?;
+        }
         if work.is_empty() {
             return Ok(());
         }
@@ -329,6 +371,7 @@ impl Processor {
                     self.users.extend(batch.deltas.iter().map(|(u, _)| user_digest(u)));
                     if let Some(owned) = self.owned.get_mut(&partition) {
                         owned.checkpoint = batch.to;
+                        owned.shared.committed.store(batch.to, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
                 CommitOutcome::Conflict { current } => {
@@ -350,6 +393,113 @@ impl Processor {
         Ok(())
     }
 
+    /// Messages of the stream removed before this partition read them: reported loudly (error log,
+    /// metrics) and recorded once in the store for `eps status`. Processing goes on: halting would
+    /// halt every user, and what was removed cannot come back.
+    ///
+    /// nats-server does not tell which subjects removed messages were on: every partition whose
+    /// checkpoint was before them reports the range (one report per range, naming the partitions).
+    /// Partitions that a running processor follows have their checkpoints moved past other partitions'
+    /// messages ([`Self::advance_idle`]), so mostly only the partitions that had unapplied messages
+    /// there report it.
+    async fn report_lost(&mut self, partitions: &[u32], first: u64, last: u64) -> anyhow::Result<()> {
+        let mut new = false;
+        for &partition in partitions {
+            let lost = LostRange {
+                scope: identity_scope(&self.opts.nats.stream),
+                partition,
+                first,
+                last,
+                identity: self.identity.clone().unwrap_or_default(),
+            };
+            let Some(recorded) = with_retry(&self.opts.process, &self.stop, || self.store.record_lost(&lost)).await?
+            else {
+                return Ok(());
+            };
+            new |= recorded;
+        }
+        // Readers find a range at slightly different times: one report per range and process.
+        if new && self.lost_reported.insert((first, last)) {
+            tracing::error!(
+                stream = %self.opts.nats.stream, partitions = ?partitions, first_sequence = first, last_sequence = last,
+                "LOST: stream sequences {first}..={last} were removed from the stream (retention limits, a purge) before \
+                 they were applied; the events of partitions {partitions:?} (and of any other partition that finds the range) among them are lost. Recorded (eps status); \
+                 processing goes on"
+            );
+            metrics::counter!("eps_jetstream_lost_ranges_total").increment(1);
+            metrics::counter!("eps_jetstream_lost_sequences_total").increment(last - first + 1);
+            metrics::gauge!("eps_jetstream_lost_last_sequence").set(last as f64);
+        }
+        Ok(())
+    }
+
+    /// Moves the checkpoint of each owned partition that has nothing to apply past the stream's later
+    /// messages (other partitions'), so a checkpoint trails the stream only by its own partition's
+    /// unapplied messages: retention removing other partitions' messages is then never taken for a
+    /// loss of this one's. The stream's last sequence is read first, then the partition's last
+    /// message: if that is at or before the checkpoint, no message of the partition lies between the
+    /// checkpoint and that last sequence.
+    async fn advance_idle(&mut self, now: bool) -> anyhow::Result<()> {
+        if !now && self.last_idle_advance.elapsed() < IDLE_ADVANCE_EVERY {
+            return Ok(());
+        }
+        self.last_idle_advance = Instant::now();
+        let idle: Vec<u32> = self
+            .owned
+            .iter()
+            .filter(|(_, o)| {
+                let state = o.shared.state.lock().expect("partition state");
+                state.batch.to == o.checkpoint && state.batch.events == 0 && state.batch.invalid.is_empty()
+            })
+            .map(|(&p, _)| p)
+            .collect();
+        let Some(mut stream) = self.stream.clone() else { return Ok(()) };
+        if idle.is_empty() {
+            return Ok(());
+        }
+        let Ok(info) = stream.info().await else { return Ok(()) };
+        let last = info.state.last_sequence;
+        for partition in idle {
+            let Some(checkpoint) = self.owned.get(&partition).map(|o| o.checkpoint) else { continue };
+            if last <= checkpoint {
+                continue;
+            }
+            match stream.get_last_raw_message_by_subject(&self.opts.nats.subject(partition)).await {
+                Ok(message) if message.sequence > checkpoint => continue, // the reader has it to apply
+                Ok(_) => {}
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
+                Err(_) => continue,
+            }
+            let batch = Batch { from: checkpoint, to: last, ..Default::default() };
+            let name = checkpoint_name(&self.opts.nats.stream, partition);
+            let Some(outcome) = with_retry(&self.opts.process, &self.stop, || self.store.commit(&name, &batch)).await?
+            else {
+                return Ok(());
+            };
+            match outcome {
+                CommitOutcome::Committed => {
+                    if let Some(owned) = self.owned.get_mut(&partition) {
+                        owned.checkpoint = last;
+                        owned.shared.committed.store(last, std::sync::atomic::Ordering::Relaxed);
+                        let mut state = owned.shared.state.lock().expect("partition state");
+                        // A message the reader summed meanwhile is after `last`: keep its end.
+                        if state.batch.to < last {
+                            state.batch.to = last;
+                        }
+                    }
+                }
+                CommitOutcome::Conflict { current } => {
+                    metrics::counter!("eps_processor_conflicts_total").increment(1);
+                    self.summary.base.conflicts += 1;
+                    if let Some(target) = self.owned.get(&partition).map(|o| o.target) {
+                        self.start_partition(partition, current, target);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn record_gauges(&self) {
         metrics::gauge!("eps_processor_partitions_owned").set(self.owned.len() as f64);
         let lag: u64 = self.owned.values().map(|o| o.shared.state.lock().map_or(0, |s| s.lag)).sum();
@@ -361,11 +511,36 @@ impl Processor {
         if self.stream.is_none() {
             match ensure_stream(&self.js, &self.opts.nats).await {
                 Ok(stream) => self.stream = Some(stream),
+                // Another partition count, limits, storage…: this processor would read the stream
+                // wrongly. Refuse to start, with both values.
+                Err(StreamError::Mismatch(why)) => return Err(ConfigError(why).into()),
                 Err(e) => {
                     tracing::warn!(error = %e, "JetStream unavailable; retrying");
                     return Ok(());
                 }
             }
+        }
+        if self.identity.is_none() {
+            // The checkpoints count one stream: refuse another (deleted and recreated, or
+            // recreated with another partition count) instead of reading it from sequences that mean
+            // nothing in it.
+            let mut stream = self.stream.clone().expect("stream ready");
+            let info = match stream.info().await {
+                Ok(info) => info.clone(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "JetStream unavailable; retrying");
+                    self.stream = None;
+                    return Ok(());
+                }
+            };
+            let identity = stream_identity(&info, self.opts.nats.partitions);
+            let scope = identity_scope(&self.opts.nats.stream);
+            let first = info.state.first_sequence.saturating_sub(1);
+            let bound = bind_log_identity(&self.opts.process, &self.stop, &*self.store, &scope, &identity, first).await?;
+            if bound.is_none() {
+                return Ok(()); // shutting down
+            }
+            self.identity = Some(identity);
         }
         if self.membership.is_none() {
             let idle = idle_session_timeout(self.opts.rebalance_interval, self.opts.process.poll_interval);
@@ -380,6 +555,7 @@ impl Processor {
                 }
             }
         }
+        self.advance_idle(false).await?;
         match self.balance_once().await {
             Ok(()) => {}
             Err(e) => {
@@ -468,9 +644,12 @@ impl Processor {
                 batch: PartitionBatch { to: checkpoint, ..Default::default() },
                 ..Default::default()
             }),
+            committed: std::sync::atomic::AtomicU64::new(checkpoint),
         });
         let reader = PartitionReader {
             stream: self.stream.clone().expect("stream ready"),
+            identity: self.identity.clone().expect("identity bound"),
+            partitions: self.opts.nats.partitions,
             partition,
             subject: self.opts.nats.subject(partition),
             checkpoint,
@@ -493,6 +672,17 @@ pub struct JetStreamStatus {
     /// Processors sharing the stream now (their member locks in PostgreSQL).
     pub processors: u32,
     pub partitions: Vec<PartitionStatus>,
+    /// The stream's identity now ([`stream_identity`]).
+    pub identity: String,
+    /// What the store's checkpoints count, when it is not the stream as it is now: the lags are then
+    /// unknown, and the processors refuse the stream until an operator adopts it.
+    pub identity_mismatch: Option<String>,
+    /// The stream's settings that differ from this command's (partitions, limits…).
+    pub settings_mismatches: Vec<String>,
+    /// The stream's first sequence: messages before it were removed (retention, a purge).
+    pub first_sequence: u64,
+    /// Ranges of the stream removed before they were applied, as the processors found and recorded them.
+    pub lost: Vec<LostRange>,
     pub users: u64,
     /// The exact sum of all revenues.
     pub total_revenue: crate::money::Total,
@@ -505,20 +695,47 @@ pub struct PartitionStatus {
     pub checkpoint: u64,
     pub events_applied: u64,
     pub invalid_lines: u64,
-    /// Messages of the partition after the checkpoint (not yet applied).
-    pub lag_messages: u64,
+    /// Messages of the partition after the checkpoint (not yet applied); `None` (unknown) when the
+    /// checkpoints count another stream.
+    pub lag_messages: Option<u64>,
 }
 
 impl std::fmt::Display for JetStreamStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "stream           {} ({} replicas): {} messages, {} bytes", self.stream, self.replicas, self.messages, self.bytes)?;
+        writeln!(f, "identity         {}", self.identity)?;
+        if let Some(bound) = &self.identity_mismatch {
+            writeln!(
+                f,
+                "MISMATCH         the store's checkpoints count {bound}: the processors refuse this stream until \
+                 `eps process --adopt-new-log` (docs/SCALING.md)"
+            )?;
+        }
+        for why in &self.settings_mismatches {
+            writeln!(f, "SETTINGS         {why}")?;
+        }
         writeln!(f, "processors       {}", self.processors)?;
         writeln!(f, "partition  checkpoint  events applied  invalid lines  lag (messages)")?;
+        let unknown = || "unknown".to_string();
         for p in &self.partitions {
-            writeln!(f, "{:>9}  {:>10}  {:>14}  {:>13}  {:>14}", p.partition, p.checkpoint, p.events_applied, p.invalid_lines, p.lag_messages)?;
+            let lag = p.lag_messages.map_or_else(unknown, |l| l.to_string());
+            writeln!(f, "{:>9}  {:>10}  {:>14}  {:>13}  {:>14}", p.partition, p.checkpoint, p.events_applied, p.invalid_lines, lag)?;
         }
-        let lag: u64 = self.partitions.iter().map(|p| p.lag_messages).sum();
-        writeln!(f, "lag              {lag} messages")?;
+        match self.partitions.iter().map(|p| p.lag_messages).sum::<Option<u64>>() {
+            Some(lag) => writeln!(f, "lag              {lag} messages")?,
+            None => writeln!(f, "lag              unknown: the checkpoints count another stream")?,
+        }
+        let mut by_range: BTreeMap<(u64, u64, &str), Vec<u32>> = BTreeMap::new();
+        for l in &self.lost {
+            by_range.entry((l.first, l.last, &l.identity)).or_default().push(l.partition);
+        }
+        for ((first, last, identity), partitions) in by_range {
+            writeln!(
+                f,
+                "LOST             stream sequences {first}..={last} removed before partitions {partitions:?} applied them \
+                 (of {identity})"
+            )?;
+        }
         writeln!(f, "users            {}", self.users)?;
         write!(f, "total revenue    {}", self.total_revenue)
     }
@@ -537,9 +754,24 @@ pub async fn status(nats: &NatsLogOptions, database_url: Option<&str>) -> anyhow
         .await
         .map_err(|e| anyhow::anyhow!("JetStream stream {}: {e}", nats.stream))?;
     let info = stream.info().await.map_err(|e| anyhow::anyhow!("JetStream stream {}: {e}", nats.stream))?.clone();
+    let identity = stream_identity(&info, nats.partitions);
+    let scope = identity_scope(&nats.stream);
+    let identity_mismatch = store.log_identity(&scope).await?.filter(|bound| *bound != identity);
+    let settings_mismatches = crate::log::nats::settings_mismatches(&info.config, nats);
     let mut partitions = Vec::with_capacity(nats.partitions as usize);
     for partition in 0..nats.partitions {
         let progress = store.progress(&checkpoint_name(&nats.stream, partition)).await?;
+        if identity_mismatch.is_some() {
+            // Sequences of another stream: what is left here is unknown, not 0.
+            partitions.push(PartitionStatus {
+                partition,
+                checkpoint: progress.position,
+                events_applied: progress.events_applied,
+                invalid_lines: progress.invalid_lines,
+                lag_messages: None,
+            });
+            continue;
+        }
         // An ephemeral consumer from the message after the checkpoint counts what is left.
         let config = consumer::pull::Config {
             filter_subject: nats.subject(partition),
@@ -559,7 +791,7 @@ pub async fn status(nats: &NatsLogOptions, database_url: Option<&str>) -> anyhow
             checkpoint: progress.position,
             events_applied: progress.events_applied,
             invalid_lines: progress.invalid_lines,
-            lag_messages,
+            lag_messages: Some(lag_messages),
         });
     }
     let membership = Membership::observe(url, &nats.stream).await?;
@@ -572,6 +804,11 @@ pub async fn status(nats: &NatsLogOptions, database_url: Option<&str>) -> anyhow
         bytes: info.state.bytes,
         processors,
         partitions,
+        identity,
+        identity_mismatch,
+        settings_mismatches,
+        first_sequence: info.state.first_sequence,
+        lost: store.lost_ranges(&scope).await?,
         users: totals.users,
         total_revenue: totals.revenue,
     })
@@ -591,6 +828,9 @@ fn event_id(line: &[u8]) -> Option<String> {
 /// lost on the way) re-makes it too.
 struct PartitionReader {
     stream: stream::Stream,
+    /// The stream identity the checkpoints are bound to ([`stream_identity`]).
+    identity: String,
+    partitions: u32,
     partition: u32,
     subject: String,
     /// Messages up to this sequence were applied: they only fill the de-duplication window.
@@ -605,6 +845,8 @@ impl PartitionReader {
         let partition = self.partition;
         let mut next = from;
         let mut delay = Duration::from_millis(100);
+        // Whether "the stream is gone" was said since the reader last had a consumer.
+        let mut gone = false;
         loop {
             let config = consumer::pull::Config {
                 filter_subject: self.subject.clone(),
@@ -616,7 +858,8 @@ impl PartitionReader {
                 ..Default::default()
             };
             let messages = match self.stream.create_consumer(config).await {
-                Ok(consumer) => consumer
+                Ok(consumer) => match self.check_stream(next).await {
+                    Ok(()) => consumer
                     .stream()
                     .max_messages_per_batch(READ_BATCH_MESSAGES)
                     .expires(Duration::from_secs(5))
@@ -624,10 +867,24 @@ impl PartitionReader {
                     .messages()
                     .await
                     .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                    Err(Fatal(why)) => {
+                        tracing::error!(partition, "{why}");
+                        self.shared.state.lock().expect("partition state").fatal = Some(why);
+                        self.work.notify_one();
+                        return;
+                    }
+                },
+                Err(e) => {
+                    if crate::log::nats::is_stream_not_found(&e) && !std::mem::replace(&mut gone, true) {
+                        tracing::error!(partition, stream = %self.stream.cached_info().config.name,
+                            "the JetStream stream is gone (deleted?); waiting for it (a new stream is refused until adopted)");
+                    }
+                    Err(e.to_string())
+                }
             };
             match messages {
                 Ok(mut messages) => {
+                    gone = false;
                     let mut consumer_sequence = 0;
                     while let Some(item) = messages.next().await {
                         let message = match item {
@@ -657,6 +914,35 @@ impl PartitionReader {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
         }
+    }
+
+    /// Run after each consumer is made (so a stream deleted and recreated since is seen): the stream
+    /// must still be the one the checkpoints count, or the processor stops. Messages removed before
+    /// they were read, between the checkpoint (or `next`, when messages after the checkpoint were read
+    /// already) and the stream's first sequence, are handed to the main loop to report. A stream that
+    /// does not answer is not judged here (the consumer fails and is made again).
+    async fn check_stream(&mut self, next: u64) -> Result<(), Fatal> {
+        let mut stream = self.stream.clone();
+        let Ok(info) = stream.info().await else { return Ok(()) };
+        let identity = stream_identity(info, self.partitions);
+        if identity != self.identity {
+            return Err(Fatal(
+                super::IdentityMismatch {
+                    scope: identity_scope(&info.config.name),
+                    bound: self.identity.clone(),
+                    found: identity,
+                }
+                .to_string(),
+            ));
+        }
+        let committed = self.shared.committed.load(std::sync::atomic::Ordering::Relaxed);
+        let from = next.max(committed + 1);
+        let first = info.state.first_sequence;
+        if from < first {
+            self.shared.state.lock().expect("partition state").lost.push((from, first - 1));
+            self.work.notify_one();
+        }
+        Ok(())
     }
 
     /// Sums one message into the shared batch, waiting first while the batch is full. Every valid
@@ -727,6 +1013,12 @@ fn absorb(
     batch.to = seq;
     duplicates
 }
+
+/// A reason the processor must stop (the stream is not the one the checkpoints count).
+struct Fatal(String);
+
+/// How often idle partitions' checkpoints are moved past other partitions' messages.
+const IDLE_ADVANCE_EVERY: Duration = Duration::from_secs(1);
 
 /// Messages asked for per pull request.
 const READ_BATCH_MESSAGES: usize = 512;

@@ -75,6 +75,22 @@ pub struct StreamProgress {
     pub invalid_lines: u64,
 }
 
+/// Messages removed from the log before they were applied (retention, a purge), as the processor
+/// found them: reported, recorded once, never applied.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LostRange {
+    /// The log the range belongs to: `jetstream/<stream>` (or `file`).
+    pub scope: String,
+    /// The partition whose reader found the gap (0 for the file log).
+    pub partition: u32,
+    /// First and last position (stream sequence) removed before it was applied, inclusive. With
+    /// JetStream the range is of the whole stream: the partition's own messages are among them.
+    pub first: u64,
+    pub last: u64,
+    /// The identity of the log the range was found in.
+    pub identity: String,
+}
+
 /// What `eps status` shows of the store as a whole.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Totals {
@@ -123,6 +139,29 @@ pub trait Store: Send + Sync + 'static {
 
     /// Cheap reachability check.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The identity of the log the checkpoints of `scope` count (`file`, or `jetstream/<stream>` for
+    /// every partition's checkpoint), `None` before the first processor bound them.
+    async fn log_identity(&self, scope: &str) -> Result<Option<String>, StoreError>;
+
+    /// In ONE transaction, if `scope` is still bound to `expected` (`None`: to nothing): bind it to
+    /// `identity`, and with `reset_to` move every checkpoint of the scope (the checkpoint named `scope`
+    /// and those named `scope/…`) to that position, keeping their counts. Returns the checkpoints as
+    /// they were (name, position) and whether it bound; `false` writes nothing (another process
+    /// bound it first: read it again).
+    async fn bind_log_identity(
+        &self,
+        scope: &str,
+        expected: Option<&str>,
+        identity: &str,
+        reset_to: Option<u64>,
+    ) -> Result<(bool, Vec<(String, u64)>), StoreError>;
+
+    /// Records a lost range once (by scope, partition and first position); true if it is new.
+    async fn record_lost(&self, lost: &LostRange) -> Result<bool, StoreError>;
+
+    /// The lost ranges recorded for `scope`, in (partition, first) order.
+    async fn lost_ranges(&self, scope: &str) -> Result<Vec<LostRange>, StoreError>;
 
     /// The invalid lines recorded for `stream` after position `after` (all of them for `None`), in
     /// position order, at most `limit`: what the dead-letter file is derived from.

@@ -32,8 +32,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
 use super::{
-    quote_ident, schema_refusal, Batch, CommitOutcome, InvalidLine, SchemaProblem, Store, StoreError, StreamProgress,
-    Totals,
+    quote_ident, schema_refusal, Batch, CommitOutcome, InvalidLine, LostRange, SchemaProblem, Store, StoreError,
+    StreamProgress, Totals,
 };
 use crate::config::ConfigError;
 use crate::event::MAX_USER_ID_BYTES;
@@ -81,6 +81,24 @@ const MIGRATIONS: &[(i32, &str)] = &[(
     3,
     // Totals are exact decimals of any size: the narrowing CHECK of versions 1 and 2 goes.
     "ALTER TABLE users_revenue DROP CONSTRAINT IF EXISTS eps_revenue_exact_range;",
+), (
+    4,
+    // What the checkpoints count (a stream's creation time and partition count, a file log's id), and
+    // the ranges found removed from the log before they were applied.
+    "CREATE TABLE IF NOT EXISTS eps_log_identity (
+         scope TEXT PRIMARY KEY,
+         identity TEXT NOT NULL,
+         bound_at TIMESTAMPTZ NOT NULL DEFAULT now()
+     );
+     CREATE TABLE IF NOT EXISTS eps_lost_messages (
+         scope TEXT NOT NULL,
+         part BIGINT NOT NULL,
+         first_position BIGINT NOT NULL,
+         last_position BIGINT NOT NULL,
+         identity TEXT NOT NULL,
+         detected_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+         PRIMARY KEY (scope, part, first_position)
+     );",
 )];
 
 pub struct PostgresStore {
@@ -655,6 +673,108 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         client.simple_query("SELECT 1").await.map_err(|e| pg_error("pinging", e))?;
         Ok(())
+    }
+
+    async fn log_identity(&self, scope: &str) -> Result<Option<String>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT identity FROM eps_log_identity WHERE scope = $1", &[&scope])
+            .await
+            .map_err(|e| pg_error("reading the log identity", e))?;
+        row.map(|r| r.try_get(0)).transpose().map_err(|e| pg_error("reading the log identity", e))
+    }
+
+    async fn bind_log_identity(
+        &self,
+        scope: &str,
+        expected: Option<&str>,
+        identity: &str,
+        reset_to: Option<u64>,
+    ) -> Result<(bool, Vec<(String, u64)>), StoreError> {
+        let doing = "binding the checkpoints to the log";
+        let reset_to = reset_to.map(|p| to_i64(p, "checkpoint")).transpose()?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| pg_error(doing, e))?;
+        // Serialised with other binders (and with commits, through the checkpoint rows' locks below).
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&(MIGRATION_LOCK_KEY + 1)]).await.map_err(|e| pg_error(doing, e))?;
+        let current: Option<String> = tx
+            .query_opt("SELECT identity FROM eps_log_identity WHERE scope = $1", &[&scope])
+            .await
+            .map_err(|e| pg_error(doing, e))?
+            .map(|r| r.try_get(0))
+            .transpose()
+            .map_err(|e| pg_error(doing, e))?;
+        let prefix = format!("{}/%", scope.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+        let rows = tx
+            .query(
+                "SELECT stream, position FROM eps_checkpoints WHERE stream = $1 OR stream LIKE $2 ORDER BY stream FOR UPDATE",
+                &[&scope, &prefix],
+            )
+            .await
+            .map_err(|e| pg_error(doing, e))?;
+        let checkpoints = rows
+            .iter()
+            .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, i64>(1)? as u64)))
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            .map_err(|e| pg_error(doing, e))?;
+        if current.as_deref() != expected {
+            return Ok((false, checkpoints));
+        }
+        tx.execute(
+            "INSERT INTO eps_log_identity (scope, identity) VALUES ($1, $2)
+             ON CONFLICT (scope) DO UPDATE SET identity = EXCLUDED.identity, bound_at = now()",
+            &[&scope, &identity],
+        )
+        .await
+        .map_err(|e| pg_error(doing, e))?;
+        if let Some(position) = reset_to {
+            tx.execute(
+                "UPDATE eps_checkpoints SET position = $3, updated_at = now() WHERE stream = $1 OR stream LIKE $2",
+                &[&scope, &prefix, &position],
+            )
+            .await
+            .map_err(|e| pg_error(doing, e))?;
+        }
+        tx.commit().await.map_err(|e| pg_error(doing, e))?;
+        Ok((true, checkpoints))
+    }
+
+    async fn record_lost(&self, lost: &LostRange) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let (first, last) = (to_i64(lost.first, "position")?, to_i64(lost.last, "position")?);
+        let n = client
+            .execute(
+                "INSERT INTO eps_lost_messages (scope, part, first_position, last_position, identity)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &[&lost.scope, &i64::from(lost.partition), &first, &last, &lost.identity],
+            )
+            .await
+            .map_err(|e| pg_error("recording lost messages", e))?;
+        Ok(n > 0)
+    }
+
+    async fn lost_ranges(&self, scope: &str) -> Result<Vec<LostRange>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT part, first_position, last_position, identity FROM eps_lost_messages
+                 WHERE scope = $1 ORDER BY part, first_position",
+                &[&scope],
+            )
+            .await
+            .map_err(|e| pg_error("listing lost messages", e))?;
+        rows.iter()
+            .map(|r| {
+                Ok(LostRange {
+                    scope: scope.to_string(),
+                    partition: r.try_get::<_, i64>(0)? as u32,
+                    first: r.try_get::<_, i64>(1)? as u64,
+                    last: r.try_get::<_, i64>(2)? as u64,
+                    identity: r.try_get(3)?,
+                })
+            })
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            .map_err(|e| pg_error("listing lost messages", e))
     }
 
     async fn invalid_lines_after(

@@ -32,8 +32,8 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use rust_decimal::Decimal;
 
 use super::{
-    quote_ident, schema_refusal, Batch, CommitOutcome, InvalidLine, SchemaProblem, Store, StoreError, StreamProgress,
-    Totals,
+    quote_ident, schema_refusal, Batch, CommitOutcome, InvalidLine, LostRange, SchemaProblem, Store, StoreError,
+    StreamProgress, Totals,
 };
 use crate::config::ConfigError;
 use crate::money::{ExactSum, Total};
@@ -74,6 +74,24 @@ const MIGRATIONS: &[(i64, &str)] = &[(
     "ALTER TABLE users_revenue ADD COLUMN revenue_key TEXT;
      UPDATE users_revenue SET revenue_key = eps_dec_key(revenue);
      CREATE INDEX users_revenue_top ON users_revenue (revenue_key DESC, user_id);",
+), (
+    3,
+    // What the checkpoints count (a stream's creation time and partition count, a file log's id), and
+    // the ranges found removed from the log before they were applied.
+    "CREATE TABLE eps_log_identity (
+         scope TEXT PRIMARY KEY,
+         identity TEXT NOT NULL,
+         bound_at TEXT
+     );
+     CREATE TABLE eps_lost_messages (
+         scope TEXT NOT NULL,
+         part INTEGER NOT NULL,
+         first_position INTEGER NOT NULL,
+         last_position INTEGER NOT NULL,
+         identity TEXT NOT NULL,
+         detected_at TEXT,
+         PRIMARY KEY (scope, part, first_position)
+     );",
 )];
 
 pub struct SqliteStore {
@@ -603,6 +621,111 @@ impl Store for SqliteStore {
         self.with_conn(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(|e| sql_error("pinging", e))).await
     }
 
+    async fn log_identity(&self, scope: &str) -> Result<Option<String>, StoreError> {
+        let scope = scope.to_owned();
+        self.with_conn(move |conn| {
+            conn.query_row("SELECT identity FROM eps_log_identity WHERE scope = ?1", [&scope], |r| r.get(0))
+                .optional()
+                .map_err(|e| sql_error("reading the log identity", e))
+        })
+        .await
+    }
+
+    async fn bind_log_identity(
+        &self,
+        scope: &str,
+        expected: Option<&str>,
+        identity: &str,
+        reset_to: Option<u64>,
+    ) -> Result<(bool, Vec<(String, u64)>), StoreError> {
+        let (scope, expected, identity) = (scope.to_owned(), expected.map(str::to_owned), identity.to_owned());
+        let reset_to = reset_to.map(|p| to_i64(p, "checkpoint")).transpose()?;
+        self.with_conn(move |conn| {
+            let doing = "binding the checkpoints to the log";
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| sql_error(doing, e))?;
+            let current: Option<String> = tx
+                .query_row("SELECT identity FROM eps_log_identity WHERE scope = ?1", [&scope], |r| r.get(0))
+                .optional()
+                .map_err(|e| sql_error(doing, e))?;
+            // Names are compared by prefix with substr: no LIKE wildcards to escape.
+            let checkpoints = {
+                let mut stmt = tx
+                    .prepare(
+                        "SELECT stream, position FROM eps_checkpoints
+                         WHERE stream = ?1 OR substr(stream, 1, length(?1) + 1) = ?1 || '/' ORDER BY stream",
+                    )
+                    .map_err(|e| sql_error(doing, e))?;
+                let rows = stmt
+                    .query_map([&scope], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
+                    .map_err(|e| sql_error(doing, e))?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(|e| sql_error(doing, e))?
+            };
+            if current != expected {
+                return Ok((false, checkpoints));
+            }
+            tx.execute(
+                "INSERT INTO eps_log_identity (scope, identity, bound_at)
+                 VALUES (?1, ?2, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+                 ON CONFLICT (scope) DO UPDATE SET identity = excluded.identity, bound_at = excluded.bound_at",
+                (&scope, &identity),
+            )
+            .map_err(|e| sql_error(doing, e))?;
+            if let Some(position) = reset_to {
+                tx.execute(
+                    "UPDATE eps_checkpoints SET position = ?2, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                     WHERE stream = ?1 OR substr(stream, 1, length(?1) + 1) = ?1 || '/'",
+                    (&scope, position),
+                )
+                .map_err(|e| sql_error(doing, e))?;
+            }
+            tx.commit().map_err(|e| sql_error(doing, e))?;
+            Ok((true, checkpoints))
+        })
+        .await
+    }
+
+    async fn record_lost(&self, lost: &LostRange) -> Result<bool, StoreError> {
+        let lost = lost.clone();
+        let (first, last) = (to_i64(lost.first, "position")?, to_i64(lost.last, "position")?);
+        self.with_conn(move |conn| {
+            let n = conn
+                .execute(
+                    "INSERT OR IGNORE INTO eps_lost_messages (scope, part, first_position, last_position, identity, detected_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+                    (&lost.scope, i64::from(lost.partition), first, last, &lost.identity),
+                )
+                .map_err(|e| sql_error("recording lost messages", e))?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn lost_ranges(&self, scope: &str) -> Result<Vec<LostRange>, StoreError> {
+        let scope = scope.to_owned();
+        self.with_conn(move |conn| {
+            let doing = "listing lost messages";
+            let mut stmt = conn
+                .prepare(
+                    "SELECT part, first_position, last_position, identity FROM eps_lost_messages
+                     WHERE scope = ?1 ORDER BY part, first_position",
+                )
+                .map_err(|e| sql_error(doing, e))?;
+            let rows = stmt
+                .query_map([&scope], |r| {
+                    Ok(LostRange {
+                        scope: scope.clone(),
+                        partition: r.get::<_, i64>(0)? as u32,
+                        first: r.get::<_, i64>(1)? as u64,
+                        last: r.get::<_, i64>(2)? as u64,
+                        identity: r.get(3)?,
+                    })
+                })
+                .map_err(|e| sql_error(doing, e))?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(|e| sql_error(doing, e))
+        })
+        .await
+    }
+
     async fn invalid_lines_after(
         &self,
         stream: &str,
@@ -879,6 +1002,34 @@ pub(crate) mod behaviours {
             StreamProgress { position: END, events_applied: END, invalid_lines: 0 }
         );
     }
+
+    pub async fn log_identity_is_bound_once_and_rebound_with_its_checkpoints(s: Arc<dyn Store>) {
+        let scope = "jetstream/S";
+        assert_eq!(s.log_identity(scope).await.unwrap(), None);
+        for (name, to) in [("jetstream/S/0", 7), ("jetstream/S/1", 9), ("jetstream/S2/0", 5), ("file", 3)] {
+            s.commit(name, &batch(0, to, &[("u", "1")])).await.unwrap();
+        }
+        let (bound, _) = s.bind_log_identity(scope, None, "A", None).await.unwrap();
+        assert!(bound);
+        // A second first-binder loses and writes nothing.
+        let (bound, _) = s.bind_log_identity(scope, None, "B", None).await.unwrap();
+        assert!(!bound);
+        assert_eq!(s.log_identity(scope).await.unwrap().as_deref(), Some("A"));
+        // Re-binding moves exactly the scope's checkpoints, keeping their counts.
+        let (bound, old) = s.bind_log_identity(scope, Some("A"), "B", Some(0)).await.unwrap();
+        assert!(bound);
+        assert_eq!(old, vec![("jetstream/S/0".to_string(), 7), ("jetstream/S/1".to_string(), 9)]);
+        assert_eq!(s.progress("jetstream/S/1").await.unwrap(), StreamProgress { position: 0, events_applied: 1, invalid_lines: 0 });
+        assert_eq!(s.progress("jetstream/S2/0").await.unwrap().position, 5);
+        assert_eq!(s.progress("file").await.unwrap().position, 3);
+        assert_eq!(s.log_identity(scope).await.unwrap().as_deref(), Some("B"));
+        // Lost ranges are recorded once.
+        let lost = crate::store::LostRange { scope: scope.into(), partition: 1, first: 10, last: 19, identity: "B".into() };
+        assert!(s.record_lost(&lost).await.unwrap());
+        assert!(!s.record_lost(&lost).await.unwrap());
+        assert_eq!(s.lost_ranges(scope).await.unwrap(), vec![lost]);
+        assert_eq!(s.lost_ranges("file").await.unwrap(), vec![]);
+    }
 }
 
 /// Expands to one `#[tokio::test]` per behaviour in [`behaviours`], each running it through
@@ -888,6 +1039,7 @@ macro_rules! store_behaviour_tests {
     ($with_store:path) => {
         $crate::store::sqlite::store_behaviour_tests!(@each $with_store;
             commit_applies_deltas_and_moves_checkpoint,
+            log_identity_is_bound_once_and_rebound_with_its_checkpoints,
             stale_commit_conflicts_and_changes_nothing,
             tenths_sum_exactly,
             subtraction_can_go_negative,
