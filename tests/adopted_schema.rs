@@ -204,7 +204,8 @@ async fn run_printed_fix(env: &Env) {
 async fn apply_one_by_one(env: &Env, server: &ServerProc, user: &str, values: &[&str]) {
     for (i, value) in values.iter().enumerate() {
         let file = env.write_file(&format!("event-{i}.jsonl"), &[event_line(user, "add_revenue", value)]);
-        let sent = client(Path::new(&file), &server.url, &[]).await;
+        // The same value twice is the same file twice: `--new-run` makes it new events, not a re-send.
+        let sent = client(Path::new(&file), &server.url, &["--new-run"]).await;
         assert!(sent.status.success(), "eps client: {sent}");
         let out = env.process(&[]).await;
         assert_eq!(applied_count(&out.stdout), 1, "{out}");
