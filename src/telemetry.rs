@@ -213,6 +213,8 @@ fn describe() {
         Unit::Seconds,
         "Server's view of the store: time since a processor last committed, over every stream (database clock)"
     );
+    describe_gauge!("eps_data_dir_available_bytes", Unit::Bytes, "Bytes available on the data directory's filesystem");
+    describe_gauge!("eps_data_dir_size_bytes", Unit::Bytes, "Size of the data directory's filesystem in bytes");
     describe_gauge!("eps_store_events_applied", "Server's view of the store: events applied, over every stream");
 }
 

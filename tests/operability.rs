@@ -357,6 +357,8 @@ async fn the_servers_metrics_show_the_processors_lag_and_last_commit_from_the_st
     assert_eq!(must_sample(&text, "eps_store_events_applied"), 0.0);
     assert!(must_sample(&text, "eps_store_lag_seconds") >= 0.0);
     assert_eq!(sample(&text, "eps_store_last_commit_age_seconds"), None, "no commit yet:\n{text}");
+    let (available, size) = (must_sample(&text, "eps_data_dir_available_bytes"), must_sample(&text, "eps_data_dir_size_bytes"));
+    assert!(available > 0.0 && size >= available, "{available} of {size} bytes free");
 
     // A processor (not scraped: it has no metrics port) applies everything; the server sees it.
     env.process(&[]).await;

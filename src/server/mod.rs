@@ -85,6 +85,7 @@ pub(crate) struct AppState {
     pub(crate) body_timeout: Duration,
     store: OnceLock<Arc<dyn Store>>,
     pub(crate) console: console::Console,
+    data_dir: PathBuf,
     /// When the store's gauges were last refreshed for `/metrics` (see [`refresh_store_metrics`]).
     store_metrics_at: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -154,6 +155,7 @@ impl Server {
             body_timeout: opts.body_timeout,
             store: OnceLock::new(),
             console: console::Console::new(opts.log_url.is_none().then(|| opts.data_dir.join(LOG_DIR))),
+            data_dir: opts.data_dir.clone(),
             store_metrics_at: tokio::sync::Mutex::new(None),
         });
         Ok(Server { listener, state, log, opts })
@@ -231,13 +233,18 @@ async fn connect_store(state: Arc<AppState>, opts: ServerOptions) {
 /// Bounded cost: done on a scrape (nothing when nobody scrapes), at most once a second (a scrape
 /// meanwhile renders the previous values), within 2 s; the lag is read as the console reads it, the
 /// segment sizes plus at most 1 MiB of lines after the checkpoint, never a scan of the whole log.
-/// With JetStream only the store-wide figures (last commit, events applied) are set.
+/// With JetStream only the store-wide figures (last commit, events applied) are set. The data
+/// directory's filesystem space is refreshed with them.
 pub(crate) async fn refresh_store_metrics(state: &AppState) {
     let Ok(mut last) = state.store_metrics_at.try_lock() else { return };
     if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
         return;
     }
     *last = Some(std::time::Instant::now());
+    if let Ok((available, size)) = crate::fsutil::disk_space(&state.data_dir) {
+        metrics::gauge!("eps_data_dir_available_bytes").set(available as f64);
+        metrics::gauge!("eps_data_dir_size_bytes").set(size as f64);
+    }
     let Some(store) = state.store.get() else { return };
     let refresh = async {
         if let Ok(Some(age)) = store.last_commit_age().await {
