@@ -218,11 +218,35 @@ fn describe() {
     describe_gauge!("eps_store_events_applied", "Server's view of the store: events applied, over every stream");
 }
 
+/// Counters that alerts and dashboards read with `rate`/`increase`, exported at 0 from the start: a
+/// series that first appears at 1 has no earlier sample, so `increase` would miss that first error,
+/// and a missing series cannot be told from a missing scrape.
+const SERVER_COUNTERS: &[&str] = &["eps_events_appended_total", "eps_events_duplicate_total", "eps_log_append_errors_total", "eps_log_fsync_total"];
+const PROCESSOR_COUNTERS: &[&str] = &[
+    "eps_processor_events_applied_total",
+    "eps_processor_invalid_lines_total",
+    "eps_processor_commits_total",
+    "eps_processor_conflicts_total",
+    "eps_processor_read_errors_total",
+    "eps_processor_dead_letter_errors_total",
+];
+
+/// Registers the server's counters at 0 (see [`SERVER_COUNTERS`]).
+pub fn register_server_counters() {
+    metrics();
+    for name in SERVER_COUNTERS {
+        metrics::counter!(*name).increment(0);
+    }
+}
+
 /// Serves `/metrics` (and `/healthz`) on `addr` in the background: how a processor, which has no HTTP
 /// server of its own, is scraped. Returns the bound address (useful with port 0).
 pub async fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<std::net::SocketAddr> {
     use axum::routing::get;
     metrics();
+    for name in PROCESSOR_COUNTERS {
+        metrics::counter!(*name).increment(0);
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;

@@ -110,7 +110,7 @@ pub struct Server {
 impl Server {
     pub async fn bind(opts: ServerOptions) -> anyhow::Result<Server> {
         store::check_database_url(opts.database_url.as_deref())?;
-        crate::telemetry::metrics();
+        crate::telemetry::register_server_counters();
         if opts.token.is_empty() {
             return Err(ConfigError("the token must not be empty".into()).into());
         }
