@@ -428,3 +428,34 @@ fn the_release_profile_strips_and_the_manifest_names_license_and_toolchain() {
     let license = std::fs::read_to_string(repo().join("LICENSE")).expect("a LICENSE file");
     assert!(license.starts_with("MIT License") && license.contains("Copyright (c) the eps authors"), "{license}");
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Completions and man pages
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_and_man_pages_follow_the_command_line() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run_eps(&args(&["completions", shell]), &[]).await;
+        assert!(out.status.success(), "eps completions {shell}: {out}");
+        for word in ["server", "process", "compact", "data-dir", "metrics-listen", "log-format"] {
+            assert!(out.stdout.contains(word), "eps completions {shell} does not complete {word}");
+        }
+    }
+    let bad = run_eps(&args(&["completions", "tcsh"]), &[]).await;
+    assert_eq!(bad.code(), Some(2), "{bad}");
+
+    let out = run_eps(&args(&["man"]), &[]).await;
+    assert!(out.status.success(), "eps man: {out}");
+    assert!(out.stdout.contains(".TH eps 1") && out.stdout.contains("eps\\-server(1)"), "{}", out.stdout);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("man1");
+    let out = run_eps(&args(&["man", "--dir", &dir.display().to_string()]), &[]).await;
+    assert!(out.status.success(), "eps man --dir: {out}");
+    let server = std::fs::read_to_string(dir.join("eps-server.1")).expect("eps-server.1");
+    for word in [".TH eps-server 1", "\\-\\-listen", "EPS_LISTEN", "\\-\\-data\\-dir"] {
+        assert!(server.contains(word), "eps-server.1 lacks {word}:\n{server}");
+    }
+    // man(1) renders it.
+    let (ok, text, err) = tool("man", &["-l", &dir.join("eps-process.1").display().to_string()], tmp.path(), &[("MANWIDTH", "100")]);
+    assert!(ok && text.contains("--follow"), "man -l eps-process.1: {err}\n{text}");
+}
