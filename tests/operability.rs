@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 store_tests!(
     compact_never_removes_a_segment_holding_an_unapplied_event,
+    the_servers_metrics_show_the_processors_lag_and_last_commit_from_the_store,
     status_json_counts_the_log_the_lag_and_the_exact_totals,
 );
 
@@ -333,9 +334,8 @@ async fn every_metrics_endpoint_has_process_series_and_build_info_and_passes_pro
     assert!(pid_start(&text) >= pid_start(&scrape(&http, &server.url).await), "the processor started after the server");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_servers_metrics_show_the_processors_lag_and_last_commit_from_the_store() {
-    let env = Env::new(StoreKind::Sqlite).await;
+async fn the_servers_metrics_show_the_processors_lag_and_last_commit_from_the_store(store: StoreKind) {
+    let env = Env::new(store).await;
     let server = env.server().await;
     let http = http();
     for i in 0..5 {
