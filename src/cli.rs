@@ -80,6 +80,25 @@ pub enum Command {
     /// older than --min-age-secs (default: --dedup-window-secs, the server's de-duplication window, set
     /// by the same variable and configuration key). Oldest first, no holes.
     Compact(CompactArgs),
+    /// Print a shell completion script: eps completions bash > /etc/bash_completion.d/eps (zsh, fish too).
+    Completions(CompletionsArgs),
+    /// Print the manual page of eps (roff; read it with `eps man | man -l -`), or with --dir write one
+    /// page per command there (eps.1, eps-server.1, ...).
+    Man(ManArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ManArgs {
+    /// Write eps.1 and a page per command into this directory instead of printing eps.1.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -422,6 +441,8 @@ impl Command {
             Command::Status(_) => "status",
             Command::Config => "config",
             Command::Compact(_) => "compact",
+            Command::Completions(_) => "completions",
+            Command::Man(_) => "man",
         }
     }
 }

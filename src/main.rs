@@ -11,49 +11,92 @@ fn main() -> ExitCode {
     // The configuration file feeds clap's environment fallbacks, so it is applied before the real
     // parse, for the command being run (a first parse only finds out which one that is).
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let early_json = json_logs_requested(&args);
     let file = match eps::config::config_path_from_args(&args).map(|p| eps::config::FileConfig::load(&p)).transpose() {
         Ok(file) => file,
-        Err(e) => {
-            eprintln!("eps: error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fatal(early_json, &e.to_string(), 2),
     };
     if let (Some(file), Ok(first)) = (&file, Cli::try_parse_from(&args)) {
         if let Err(e) = file.apply(first.command.name()) {
-            eprintln!("eps: error: {e}");
-            return ExitCode::from(2);
+            return fatal(early_json, &e.to_string(), 2);
         }
     }
     let cli = Cli::parse_from(args);
+    let json = matches!(cli.log_format, LogFormat::Json);
     if let Command::Config = cli.command {
         return match eps::config::describe(file.as_ref()) {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("eps: error: {e}");
-                ExitCode::from(2)
-            }
+            Err(e) => fatal(json, &e.to_string(), 2),
+        };
+    }
+    if let Command::Completions(args) = &cli.command {
+        clap_complete::generate(args.shell, &mut <Cli as clap::CommandFactory>::command(), "eps", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
+    if let Command::Man(args) = &cli.command {
+        return match man_pages(args.dir.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fatal(json, &e, 1),
         };
     }
     init_tracing(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("eps: error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return fatal(json, &format!("cannot start the async runtime: {e}"), 1),
     };
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("eps: error: {e:#}");
-            if e.downcast_ref::<eps::config::ConfigError>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::from(1)
-            }
+            let code = if e.downcast_ref::<eps::config::ConfigError>().is_some() { 2 } else { 1 };
+            fatal(json, &format!("{e:#}"), code)
+        }
+    }
+}
+
+/// The last line of a failed run: `eps: error: …` as text, or under `--log-format json` one JSON
+/// line shaped like every other log line (level ERROR, the error as its message, the exit code as a
+/// number), so a log pipeline that parses JSON does not drop the one line that says why eps stopped.
+/// It is written whatever the log filter, like the text line.
+fn fatal(json: bool, message: &str, code: u8) -> ExitCode {
+    if json {
+        let subscriber = tracing_subscriber::fmt().json().with_writer(std::io::stderr).with_ansi(false).finish();
+        tracing::subscriber::with_default(subscriber, || tracing::error!(exit_code = code, "eps: error: {message}"));
+    } else {
+        eprintln!("eps: error: {message}");
+    }
+    ExitCode::from(code)
+}
+
+/// Whether `--log-format json` (or `EPS_LOG_FORMAT=json`) was asked for, read before the real parse
+/// for errors that happen before it.
+fn json_logs_requested(args: &[std::ffi::OsString]) -> bool {
+    let mut iter = args.iter().skip(1).map(|a| a.to_string_lossy());
+    while let Some(arg) = iter.next() {
+        if arg == "--log-format" {
+            return iter.next().is_some_and(|v| v == "json");
+        }
+        if let Some(value) = arg.strip_prefix("--log-format=") {
+            return value == "json";
+        }
+    }
+    std::env::var("EPS_LOG_FORMAT").is_ok_and(|v| v == "json")
+}
+
+/// `eps man`: eps(1) on stdout, or with `dir` eps.1 and one page per command (eps-server.1, ...) there.
+fn man_pages(dir: Option<&std::path::Path>) -> Result<(), String> {
+    let command = <Cli as clap::CommandFactory>::command();
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            clap_mangen::generate_to(command, dir).map_err(|e| format!("cannot write the man pages in {}: {e}", dir.display()))
+        }
+        None => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(command).render(&mut out).map_err(|e| format!("cannot render the man page: {e}"))?;
+            std::io::Write::write_all(&mut std::io::stdout(), &out).map_err(|e| format!("cannot write the man page: {e}"))
         }
     }
 }
@@ -202,7 +245,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("{report}{}", if args.dry_run { " (dry run: nothing removed)" } else { "" });
             Ok(ExitCode::SUCCESS)
         }
-        Command::Config => unreachable!("handled before the runtime starts"),
+        Command::Config | Command::Completions(_) | Command::Man(_) => unreachable!("handled before the runtime starts"),
         Command::Demo(args) => {
             demo::run(args.events).await?;
             Ok(ExitCode::SUCCESS)

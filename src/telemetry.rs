@@ -3,6 +3,10 @@
 //! Metric names are listed in README.md ("Operating eps"); each is recorded where the thing it counts
 //! happens (the log writer counts syncs, the processor counts commits), and rendered by whoever serves
 //! `/metrics`. Nothing here ever records the token.
+//!
+//! Every `/metrics` (the server's and a processor's) is made by [`render`], which first samples the
+//! process itself (`process_*`: memory, CPU, file descriptors, start time) so those series are as fresh
+//! as the scrape, and always carries `eps_build_info{version,commit}`.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -62,8 +66,27 @@ pub fn metrics() -> &'static PrometheusHandle {
         // nothing, which is harmless.
         let _ = metrics::set_global_recorder(recorder);
         describe();
+        process_collector().describe();
+        metrics::gauge!("eps_build_info", "version" => env!("CARGO_PKG_VERSION"), "commit" => BUILD_COMMIT).set(1.0);
         handle
     })
+}
+
+/// The commit eps was built from (`git describe` at build time, see build.rs), or "unknown" when it
+/// was built outside a git checkout (from a source tarball).
+pub const BUILD_COMMIT: &str = env!("EPS_BUILD_COMMIT");
+
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// The process's metrics in Prometheus text format, with the `process_*` series sampled now (a few
+/// reads of /proc/self). What every `/metrics` answers.
+pub fn render() -> String {
+    let handle = metrics();
+    process_collector().collect();
+    handle.render()
 }
 
 /// Per-request metrics and the debug-level request log line. Routes are labelled by their pattern
@@ -91,7 +114,7 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
         count.increment(1);
         duration.record(elapsed.as_secs_f64());
     });
-    tracing::debug!(%method, %route, %status, micros = elapsed.as_micros() as u64, "request");
+    tracing::debug!(%method, %route, status, micros = elapsed.as_micros() as u64, "request");
     response
 }
 
@@ -179,6 +202,47 @@ fn describe() {
     describe_gauge!("eps_processor_checkpoint_bytes", "Log position the store's checkpoint has reached");
     describe_gauge!("eps_processor_lag_bytes", "Log bytes not yet applied (log end minus checkpoint)");
     describe_gauge!("eps_processor_lag_events", "Events not yet applied (estimated from the average line size)");
+    describe_gauge!("eps_build_info", "Always 1; its labels say which version and commit this binary was built from");
+    describe_gauge!("eps_store_checkpoint_bytes", "Server's view of the store: log position the file log's checkpoint has reached");
+    describe_gauge!("eps_store_lag_bytes", "Server's view of the store: file-log bytes the processors have not applied yet");
+    describe_gauge!(
+        "eps_store_lag_events",
+        "Server's view of the store: file-log events not applied yet (counted over the first MiB, estimated beyond)"
+    );
+    describe_gauge!(
+        "eps_store_lag_seconds",
+        Unit::Seconds,
+        "Server's view of the store: age of the oldest event not applied yet (0 when caught up)"
+    );
+    describe_gauge!(
+        "eps_store_last_commit_age_seconds",
+        Unit::Seconds,
+        "Server's view of the store: time since a processor last committed, over every stream (database clock)"
+    );
+    describe_gauge!("eps_data_dir_available_bytes", Unit::Bytes, "Bytes available on the data directory's filesystem");
+    describe_gauge!("eps_data_dir_size_bytes", Unit::Bytes, "Size of the data directory's filesystem in bytes");
+    describe_gauge!("eps_store_events_applied", "Server's view of the store: events applied, over every stream");
+}
+
+/// Counters that alerts and dashboards read with `rate`/`increase`, exported at 0 from the start: a
+/// series that first appears at 1 has no earlier sample, so `increase` would miss that first error,
+/// and a missing series cannot be told from a missing scrape.
+const SERVER_COUNTERS: &[&str] = &["eps_events_appended_total", "eps_events_duplicate_total", "eps_log_append_errors_total", "eps_log_fsync_total"];
+const PROCESSOR_COUNTERS: &[&str] = &[
+    "eps_processor_events_applied_total",
+    "eps_processor_invalid_lines_total",
+    "eps_processor_commits_total",
+    "eps_processor_conflicts_total",
+    "eps_processor_read_errors_total",
+    "eps_processor_dead_letter_errors_total",
+];
+
+/// Registers the server's counters at 0 (see [`SERVER_COUNTERS`]).
+pub fn register_server_counters() {
+    metrics();
+    for name in SERVER_COUNTERS {
+        metrics::counter!(*name).increment(0);
+    }
 }
 
 /// Serves `/metrics` (and `/healthz`) on `addr` in the background: how a processor, which has no HTTP
@@ -186,12 +250,15 @@ fn describe() {
 pub async fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<std::net::SocketAddr> {
     use axum::routing::get;
     metrics();
+    for name in PROCESSOR_COUNTERS {
+        metrics::counter!(*name).increment(0);
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
     let router = axum::Router::new()
-        .route("/metrics", get(|| async { metrics().render() }))
+        .route("/metrics", get(|| async { render() }))
         .route("/healthz", get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }));
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router).await {

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 store_tests!(
     compact_never_removes_a_segment_holding_an_unapplied_event,
+    the_servers_metrics_show_the_processors_lag_and_last_commit_from_the_store,
     status_json_counts_the_log_the_lag_and_the_exact_totals,
 );
 
@@ -245,6 +246,154 @@ async fn process_metrics_listen_serves_applied_events_commits_and_zero_lag_once_
     let (status, body) = get_json(&http, &format!("{metrics_url}/healthz")).await;
     assert_eq!((status, body), (200, json!({"status": "ok"})));
     drop(follower);
+}
+
+/// The address a processor started with `--metrics-listen 127.0.0.1:0` prints.
+async fn processor_metrics_url(process: &ChildGuard) -> String {
+    let prefix = "eps process metrics on http://";
+    eventually(START_TIMEOUT, "eps process to print its metrics address", || {
+        let out = process.stdout();
+        async move {
+            let line = out.lines().find(|l| l.starts_with(prefix))?.to_string();
+            Some(format!("http://{}", line.strip_prefix(prefix)?.strip_suffix("/metrics")?))
+        }
+    })
+    .await
+}
+
+/// `promtool check metrics` on a scrape: the exposition format is valid and follows Prometheus's
+/// naming rules. promtool comes with Debian's prometheus package (scripts/test-deps installs it).
+fn promtool_check_metrics(what: &str, text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run promtool ({e}): run scripts/test-deps, or apt-get install prometheus"));
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics on {what}: {said}");
+}
+
+/// The process series every `/metrics` carries, checked for plausible values of a live process.
+fn assert_process_series(what: &str, text: &str) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(must_sample(text, "process_resident_memory_bytes") > 1_000_000.0, "{what}: resident memory\n{text}");
+    assert!(must_sample(text, "process_cpu_seconds_total") >= 0.0, "{what}");
+    let (open, max) = (must_sample(text, "process_open_fds"), must_sample(text, "process_max_fds"));
+    assert!(open >= 3.0 && max >= open, "{what}: {open} open of {max} file descriptors");
+    let started = must_sample(text, "process_start_time_seconds");
+    assert!(started <= now + 1.0 && started > now - 600.0, "{what}: started at {started}, now {now}");
+    assert!(text.contains("# TYPE process_cpu_seconds_total counter"), "{what}:\n{text}");
+    // The build: this crate's version, and the commit of the checkout it was built from.
+    let commit = env!("EPS_BUILD_COMMIT");
+    let series = format!(r#"eps_build_info{{version="{}",commit="{commit}"}}"#, env!("CARGO_PKG_VERSION"));
+    assert_eq!(must_sample(text, &series), 1.0, "{what}");
+    let manifest = env!("CARGO_MANIFEST_DIR");
+    let git = std::process::Command::new("git").args(["-C", manifest, "describe", "--always", "--abbrev=12"]).output();
+    let top = std::process::Command::new("git").args(["-C", manifest, "rev-parse", "--show-toplevel"]).output();
+    match (git, top) {
+        (Ok(git), Ok(top))
+            if git.status.success()
+                && std::fs::canonicalize(String::from_utf8_lossy(&top.stdout).trim()).ok()
+                    == std::fs::canonicalize(manifest).ok() =>
+        {
+            assert_eq!(commit, String::from_utf8_lossy(&git.stdout).trim(), "{what}: the build's commit")
+        }
+        _ => assert_eq!(commit, "unknown", "{what}: built outside a git checkout"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metrics_endpoint_has_process_series_and_build_info_and_passes_promtool() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let server = env.server().await;
+    let http = http();
+    assert_eq!(post_event(&http, &server.url, &event_line("ps-1", "add_revenue", "1")).await.0, 200);
+    let text = scrape(&http, &server.url).await;
+    assert_process_series("the server", &text);
+    promtool_check_metrics("the server", &text);
+
+    let follower = env.spawn_process(&["--follow", "--metrics-listen", "127.0.0.1:0"]);
+    let url = processor_metrics_url(&follower).await;
+    let text = eventually(Duration::from_secs(20), "the processor to apply the event", || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let text = scrape(&http, &url).await;
+            (sample(&text, "eps_processor_events_applied_total") == Some(1.0)).then_some(text)
+        }
+    })
+    .await;
+    assert_process_series("the processor", &text);
+    promtool_check_metrics("the processor", &text);
+    // Two processes, two start times: each series is its own process's.
+    let pid_start = |t: &str| must_sample(t, "process_start_time_seconds");
+    assert!(pid_start(&text) >= pid_start(&scrape(&http, &server.url).await), "the processor started after the server");
+}
+
+async fn the_servers_metrics_show_the_processors_lag_and_last_commit_from_the_store(store: StoreKind) {
+    let env = Env::new(store).await;
+    let server = env.server().await;
+    let http = http();
+    for i in 0..5 {
+        assert_eq!(post_event(&http, &server.url, &event_line(&format!("lag-{i}"), "add_revenue", "1")).await.0, 200);
+    }
+    let log_end = log_bytes(&env.log_dir()).len() as f64;
+    // Nothing applied yet: the whole log is lag, and there was no commit to be old.
+    let text = eventually(Duration::from_secs(20), "the server's store gauges", || {
+        let (http, url) = (http.clone(), server.url.clone());
+        async move {
+            let text = scrape(&http, &url).await;
+            sample(&text, "eps_store_lag_bytes").is_some().then_some(text)
+        }
+    })
+    .await;
+    assert_eq!(must_sample(&text, "eps_store_lag_bytes"), log_end, "{text}");
+    assert_eq!(must_sample(&text, "eps_store_lag_events"), 5.0);
+    assert_eq!(must_sample(&text, "eps_store_checkpoint_bytes"), 0.0);
+    assert_eq!(must_sample(&text, "eps_store_events_applied"), 0.0);
+    assert!(must_sample(&text, "eps_store_lag_seconds") >= 0.0);
+    assert_eq!(sample(&text, "eps_store_last_commit_age_seconds"), None, "no commit yet:\n{text}");
+    let (available, size) = (must_sample(&text, "eps_data_dir_available_bytes"), must_sample(&text, "eps_data_dir_size_bytes"));
+    assert!(available > 0.0 && size >= available, "{available} of {size} bytes free");
+
+    // A processor (not scraped: it has no metrics port) applies everything; the server sees it.
+    env.process(&[]).await;
+    let text = eventually(Duration::from_secs(20), "the server to see the processor's commit", || {
+        let (http, url) = (http.clone(), server.url.clone());
+        async move {
+            let text = scrape(&http, &url).await;
+            (sample(&text, "eps_store_lag_bytes") == Some(0.0)).then_some(text)
+        }
+    })
+    .await;
+    assert_eq!(must_sample(&text, "eps_store_lag_events"), 0.0);
+    assert_eq!(must_sample(&text, "eps_store_lag_seconds"), 0.0);
+    assert_eq!(must_sample(&text, "eps_store_checkpoint_bytes"), log_end);
+    assert_eq!(must_sample(&text, "eps_store_events_applied"), 5.0);
+    let age = must_sample(&text, "eps_store_last_commit_age_seconds");
+    assert!((0.0..30.0).contains(&age), "last commit {age} s ago");
+    // The age is the commit's, not the scrape's: with no processor running it keeps growing.
+    let later = eventually(Duration::from_secs(20), "the last-commit age to grow", || {
+        let (http, url) = (http.clone(), server.url.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let text = scrape(&http, &url).await;
+            sample(&text, "eps_store_last_commit_age_seconds").filter(|later| *later >= age + 1.5)
+        }
+    })
+    .await;
+    assert!(later < age + 30.0, "{later}");
+    // New events are lag again, seen on the next refresh.
+    assert_eq!(post_event(&http, &server.url, &event_line("lag-late", "add_revenue", "1")).await.0, 200);
+    eventually(Duration::from_secs(20), "the new event to show as lag", || {
+        let (http, url) = (http.clone(), server.url.clone());
+        async move { (sample(&scrape(&http, &url).await, "eps_store_lag_events") == Some(1.0)).then_some(()) }
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -619,7 +768,8 @@ async fn json_debug_logs_are_json_lines_with_one_request_line_each_and_never_the
     assert_eq!(request_lines.len(), requests.len(), "one request line per request; got {request_lines:#?}");
     for ((method, _, _, _, want), fields) in requests.iter().zip(&request_lines) {
         assert_eq!(fields["method"], *method, "{fields}");
-        assert_eq!(fields["status"], want.to_string(), "{fields}");
+        // Numbers stay numbers in JSON logs (a log pipeline compares and sums them).
+        assert_eq!(fields["status"], json!(want), "{fields}");
         assert!(fields["route"].is_string() && fields["micros"].is_u64(), "{fields}");
     }
     assert_eq!(request_lines[4]["route"], "/userEvents/{user_id}");
@@ -627,6 +777,57 @@ async fn json_debug_logs_are_json_lines_with_one_request_line_each_and_never_the
         assert!(!stderr.contains(secret), "{secret} is in the server's stderr:\n{stderr}");
         assert!(!stdout.contains(secret), "{secret} is in the server's stdout:\n{stdout}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_json_logs_the_fatal_error_is_a_json_line_and_retry_delays_are_numbers() {
+    // A runtime failure (the port is taken): exit 1, and the last stderr line is JSON naming the cause.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data").display().to_string();
+    for (extra, code, want) in [
+        (vec!["server", "--listen", addr.as_str(), "--data-dir", &data_dir], 1, format!("cannot listen on {addr}")),
+        // A configuration error (exit 2), found before anything starts.
+        (vec!["server", "--listen", "127.0.0.1:0", "--data-dir", &data_dir, "--token", ""], 2, "token must not be empty".into()),
+    ] {
+        let mut a = args(&["--log-format", "json"]);
+        a.extend(args(&extra));
+        let out = run_eps(&a, &[]).await;
+        assert_eq!(out.code(), Some(code), "{out}");
+        let last = out.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+        let line: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("the fatal line is not JSON ({e}): {out}"));
+        assert_eq!(line["level"], "ERROR", "{last}");
+        assert_eq!(line["fields"]["exit_code"], json!(code), "{last}");
+        let message = line["fields"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with("eps: error: ") && message.contains(&want), "{last}");
+    }
+    drop(taken);
+
+    // The server's database retry line carries its delay as a number of seconds.
+    let port = free_port();
+    let a = args(&[
+        "--log-format",
+        "json",
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_dir,
+        "--database-url",
+        &format!("postgres://eps@127.0.0.1:{port}/eps"),
+    ]);
+    let (server, _url) = spawn_server(&a, &[], tmp.path()).await;
+    let retry = eventually(Duration::from_secs(20), "the server's database retry line", || {
+        let stderr = server.stderr();
+        async move {
+            stderr.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|v| {
+                v["fields"]["message"].as_str().is_some_and(|m| m.starts_with("database not reachable"))
+            })
+        }
+    })
+    .await;
+    assert!(retry["fields"]["retry_in_secs"].is_f64(), "{retry}");
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ pub(crate) struct Console {
     /// Set at shutdown: streams end so the server can drain.
     closing: AtomicBool,
     /// The file log's directory (`None` with the JetStream log).
-    log_dir: Option<PathBuf>,
+    pub(super) log_dir: Option<PathBuf>,
 }
 
 #[derive(Default)]
@@ -318,19 +318,22 @@ async fn summarize(state: &AppState, accepted_total: u64, applied_total: Option<
     summary
 }
 
-struct LogView {
-    bytes: u64,
-    segments: u64,
-    lag_events: u64,
+pub(super) struct LogView {
+    pub(super) bytes: u64,
+    pub(super) segments: u64,
+    /// Bytes after the checkpoint.
+    pub(super) lag_bytes: u64,
+    pub(super) lag_events: u64,
     /// `ts` of the first line after the checkpoint, if there is one.
-    oldest_unapplied: Option<u64>,
+    pub(super) oldest_unapplied: Option<u64>,
 }
 
 /// The file log's size, and what lies after the checkpoint: lines (counted up to 1 MiB of lag,
 /// estimated beyond from the lines counted) and the acceptance time of the first one.
-fn file_log_view(dir: &std::path::Path, checkpoint: u64) -> std::io::Result<LogView> {
+pub(super) fn file_log_view(dir: &std::path::Path, checkpoint: u64) -> std::io::Result<LogView> {
     let segments = list_segments(dir)?;
-    let mut view = LogView { bytes: 0, segments: segments.len() as u64, lag_events: 0, oldest_unapplied: None };
+    let mut view =
+        LogView { bytes: 0, segments: segments.len() as u64, lag_bytes: 0, lag_events: 0, oldest_unapplied: None };
     let mut lag_bytes = 0u64;
     let (mut counted_bytes, mut counted_lines) = (0u64, 0u64);
     let mut first_line = Vec::new();
@@ -358,6 +361,7 @@ fn file_log_view(dir: &std::path::Path, checkpoint: u64) -> std::io::Result<LogV
         counted_bytes += rest.len() as u64;
         counted_lines += rest.iter().filter(|&&b| b == b'\n').count() as u64;
     }
+    view.lag_bytes = lag_bytes;
     view.lag_events = if lag_bytes <= counted_bytes || counted_bytes == 0 {
         counted_lines
     } else {

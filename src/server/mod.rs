@@ -86,6 +86,9 @@ pub(crate) struct AppState {
     pub(crate) body_timeout: Duration,
     store: OnceLock<Arc<dyn Store>>,
     pub(crate) console: console::Console,
+    data_dir: PathBuf,
+    /// When the store's gauges were last refreshed for `/metrics` (see [`refresh_store_metrics`]).
+    store_metrics_at: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl AppState {
@@ -108,7 +111,7 @@ pub struct Server {
 impl Server {
     pub async fn bind(opts: ServerOptions) -> anyhow::Result<Server> {
         store::check_database_url(opts.database_url.as_deref())?;
-        crate::telemetry::metrics();
+        crate::telemetry::register_server_counters();
         if opts.token.is_empty() {
             return Err(ConfigError("the token must not be empty".into()).into());
         }
@@ -153,6 +156,8 @@ impl Server {
             body_timeout: opts.body_timeout,
             store: OnceLock::new(),
             console: console::Console::new(opts.log_url.is_none().then(|| opts.data_dir.join(LOG_DIR))),
+            data_dir: opts.data_dir.clone(),
+            store_metrics_at: tokio::sync::Mutex::new(None),
         });
         Ok(Server { listener, state, log, opts })
     }
@@ -233,12 +238,55 @@ async fn connect_store(state: Arc<AppState>, opts: ServerOptions, refused: onesh
                 return;
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?delay, "database not reachable; GET /userEvents answers 503 meanwhile");
+                tracing::warn!(error = %e, retry_in_secs = delay.as_secs_f64(), "database not reachable; GET /userEvents answers 503 meanwhile");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
     }
+}
+
+/// Sets the `eps_store_*` gauges of the server's `/metrics`: the processors' progress as the store
+/// records it (checkpoint, lag, age of the oldest unapplied event, time since the last commit), so one
+/// scrape of the server shows whether processing keeps up, whatever runs the processors.
+///
+/// Bounded cost: done on a scrape (nothing when nobody scrapes), at most once a second (a scrape
+/// meanwhile renders the previous values), within 2 s; the lag is read as the console reads it, the
+/// segment sizes plus at most 1 MiB of lines after the checkpoint, never a scan of the whole log.
+/// With JetStream only the store-wide figures (last commit, events applied) are set. The data
+/// directory's filesystem space is refreshed with them.
+pub(crate) async fn refresh_store_metrics(state: &AppState) {
+    let Ok(mut last) = state.store_metrics_at.try_lock() else { return };
+    if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+        return;
+    }
+    *last = Some(std::time::Instant::now());
+    if let Ok((available, size)) = crate::fsutil::disk_space(&state.data_dir) {
+        metrics::gauge!("eps_data_dir_available_bytes").set(available as f64);
+        metrics::gauge!("eps_data_dir_size_bytes").set(size as f64);
+    }
+    let Some(store) = state.store.get() else { return };
+    let refresh = async {
+        if let Ok(Some(age)) = store.last_commit_age().await {
+            metrics::gauge!("eps_store_last_commit_age_seconds").set(age);
+        }
+        if let Ok(applied) = store.events_applied().await {
+            metrics::gauge!("eps_store_events_applied").set(applied as f64);
+        }
+        let Some(dir) = state.console.log_dir.clone() else { return };
+        let Ok(progress) = store.progress(crate::processor::FILE_STREAM).await else { return };
+        metrics::gauge!("eps_store_checkpoint_bytes").set(progress.position as f64);
+        if let Ok(Ok(view)) = tokio::task::spawn_blocking(move || console::file_log_view(&dir, progress.position)).await {
+            metrics::gauge!("eps_store_lag_bytes").set(view.lag_bytes as f64);
+            metrics::gauge!("eps_store_lag_events").set(view.lag_events as f64);
+            let lag_seconds = view.oldest_unapplied.map_or(0.0, |ts| {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                (now.as_millis() as u64).saturating_sub(ts) as f64 / 1000.0
+            });
+            metrics::gauge!("eps_store_lag_seconds").set(lag_seconds);
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), refresh).await;
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when the future

@@ -456,8 +456,9 @@ pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, J
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses(
     (status = 200, description = "Prometheus text exposition format", body = String, content_type = "text/plain"),
 ))]
-pub(super) async fn metrics() -> ([(header::HeaderName, &'static str); 1], String) {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::metrics().render())
+pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> ([(header::HeaderName, &'static str); 1], String) {
+    super::refresh_store_metrics(&state).await;
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::render())
 }
 
 /// The OpenAPI 3 document of every route, generated from the handlers' annotations above.

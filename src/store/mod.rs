@@ -137,6 +137,10 @@ pub trait Store: Send + Sync + 'static {
     /// Events applied so far, over every stream's checkpoint (the file log, or every partition).
     async fn events_applied(&self) -> Result<u64, StoreError>;
 
+    /// Seconds since a processor last committed to any stream, by the database's clock (`None` before
+    /// the first commit). One row per stream is read: cheap enough for every metrics scrape.
+    async fn last_commit_age(&self) -> Result<Option<f64>, StoreError>;
+
     /// Cheap reachability check.
     async fn ping(&self) -> Result<(), StoreError>;
 

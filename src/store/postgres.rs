@@ -669,6 +669,16 @@ impl Store for PostgresStore {
         Ok(row.try_get::<_, i64>(0).map_err(|e| pg_error("reading the checkpoints", e))? as u64)
     }
 
+    async fn last_commit_age(&self) -> Result<Option<f64>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT EXTRACT(EPOCH FROM now() - MAX(updated_at))::float8 FROM eps_checkpoints", &[])
+            .await
+            .map_err(|e| pg_error("reading the last commit time", e))?;
+        let age = row.try_get::<_, Option<f64>>(0).map_err(|e| pg_error("reading the last commit time", e))?;
+        Ok(age.map(|a| a.max(0.0)))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
         client.simple_query("SELECT 1").await.map_err(|e| pg_error("pinging", e))?;

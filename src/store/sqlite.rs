@@ -617,6 +617,19 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn last_commit_age(&self) -> Result<Option<f64>, StoreError> {
+        self.with_conn(|conn| {
+            conn.query_row(
+                "SELECT (julianday('now') - julianday(MAX(updated_at))) * 86400.0 FROM eps_checkpoints",
+                [],
+                |r| r.get::<_, Option<f64>>(0),
+            )
+            .map(|age| age.map(|a| a.max(0.0)))
+            .map_err(|e| sql_error("reading the last commit time", e))
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.with_conn(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(|e| sql_error("pinging", e))).await
     }
