@@ -214,6 +214,10 @@ async fn the_default_minimum_age_is_the_servers_dedup_window() {
     let written = write_log(&env.log_dir(), &lines, 500);
     assert!(written.len() >= 3, "{written:?}");
     assert_eq!(applied_count(&env.process(&[]).await.stdout), 40);
+    // A server once ran on the log: its producer snapshot covers the segments (compaction needs one).
+    let mut server = env.server().await;
+    server.sigterm().await;
+    assert!(server.wait(Duration::from_secs(10)).await.success());
     // Written 20 minutes ago: older than the default window (15 minutes), younger than the server's (1 hour).
     for (_, path) in segments(&env.log_dir()) {
         backdate(&path, Duration::from_secs(20 * 60));

@@ -184,7 +184,7 @@ struct Writer {
     /// Position the newest snapshot of the producer table covers (or was queued to cover).
     snapshot_at: u64,
     /// The thread that writes snapshots, so a roll does not wait for one.
-    snapshots: Option<std::sync::mpsc::Sender<(u64, Vec<u8>)>>,
+    snapshots: Option<(std::sync::mpsc::Sender<(u64, Vec<u8>)>, std::thread::JoinHandle<()>)>,
     stats: Arc<LogStats>,
 }
 
@@ -229,7 +229,7 @@ impl Writer {
         );
         let (tx, rx) = std::sync::mpsc::channel::<(u64, Vec<u8>)>();
         let dir = opts.dir.clone();
-        std::thread::Builder::new().name("eps-log-snapshot".into()).spawn(move || {
+        let thread = std::thread::Builder::new().name("eps-log-snapshot".into()).spawn(move || {
             while let Ok((position, bytes)) = rx.recv() {
                 if let Err(e) = producers::write_snapshot(&dir, position, &bytes) {
                     tracing::warn!(error = %e, position, "cannot write the producer snapshot; the next start reads more of the log");
@@ -239,7 +239,7 @@ impl Writer {
         let snapshot_at = dedup.covered;
         let mut writer = Writer {
             opts, _lock: lock, file, base, len, durable_end, cut_pending: None, roll_pending: false, dedup,
-            snapshot_at, snapshots: Some(tx), stats,
+            snapshot_at, snapshots: Some((tx, thread)), stats,
         };
         // What start-up read is saved at once: the next start (and `eps compact`) need not redo it.
         writer.snapshot(base + len, false);
@@ -247,21 +247,21 @@ impl Writer {
     }
 
     /// Writes the producer table as the snapshot covering the log up to `position` (the durable end,
-    /// between two groups): in the background, or here when `wait` (at shutdown).
+    /// between two groups): in the background, or, when `wait` (at shutdown), before returning, after
+    /// every one queued before it.
     fn snapshot(&mut self, position: u64, wait: bool) {
-        if position == self.snapshot_at {
-            return;
-        }
-        let bytes = self.dedup.producers.encode(position, self.dedup.clock.now(), now_millis());
-        self.snapshot_at = position;
-        if wait {
-            // Queued ones first, so the newest is written last.
-            drop(self.snapshots.take());
-            if let Err(e) = producers::write_snapshot(&self.opts.dir, position, &bytes) {
-                tracing::warn!(error = %e, position, "cannot write the producer snapshot; the next start reads more of the log");
+        if position != self.snapshot_at {
+            let bytes = self.dedup.producers.encode(position, self.dedup.clock.now(), now_millis());
+            self.snapshot_at = position;
+            if let Some((tx, _)) = &self.snapshots {
+                let _ = tx.send((position, bytes));
             }
-        } else if let Some(tx) = &self.snapshots {
-            let _ = tx.send((position, bytes));
+        }
+        if wait {
+            if let Some((tx, thread)) = self.snapshots.take() {
+                drop(tx);
+                let _ = thread.join();
+            }
         }
     }
 
