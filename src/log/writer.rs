@@ -54,9 +54,15 @@ pub const MAX_REQUESTS_PER_COMMIT: usize = 8192;
 /// The default de-duplication window, in seconds: the server's `--dedup-window-secs` and, unless told
 /// otherwise, `eps compact`'s minimum age (compaction must not remove what a restart rebuilds the
 /// window from), so the two can never drift apart.
-pub const DEFAULT_DEDUP_WINDOW_SECS: u64 = 15 * 60;
-/// The default of `--dedup-max-ids`: the most ids the id window holds.
-pub const DEFAULT_DEDUP_MAX_IDS: usize = 1_000_000;
+///
+/// 24 hours: the window costs no memory for its length (it is capped in ids), and a client sending a
+/// few events a second keeps a day of its ids.
+pub const DEFAULT_DEDUP_WINDOW_SECS: u64 = 24 * 3600;
+/// The default of `--dedup-max-ids`: the most ids the id window holds. 458,752 is 7/16 of 2^20: the
+/// most a hash table of 2^20 buckets holds while ids come and go without growing to 2^21 (its
+/// deleted slots are then reclaimed in place). At 25 bytes a bucket and 24 a ring slot that is
+/// 35.5 MiB (81 bytes per id), which leaves the rest of a 64 MiB budget to the producer table.
+pub const DEFAULT_DEDUP_MAX_IDS: usize = 458_752;
 
 #[derive(Debug, Clone)]
 pub struct FileLogOptions {
@@ -576,6 +582,11 @@ impl IdWindow {
         while self.order.len() >= self.max {
             self.pop_oldest();
         }
+        if self.order.len() == self.order.capacity() {
+            // Grown by hand, never past `max`: a doubling would overshoot the cap by up to half.
+            let more = self.order.capacity().max(1024).min(self.max - self.order.len()).max(1);
+            self.order.reserve_exact(more);
+        }
         self.keys.insert(key, content);
         self.order.push_back((expires_at, key));
     }
@@ -913,5 +924,37 @@ mod tests {
         let _first = FileLog::open(FileLogOptions::new(dir.path())).unwrap();
         let err = FileLog::open(FileLogOptions::new(dir.path())).err().expect("second open must fail");
         assert!(err.to_string().contains("another eps server"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod memory {
+    use super::*;
+
+    /// The id window's memory per id, from the capacities of its two tables after a churn of twice its
+    /// size (hash table: 24-byte entry and 1 control byte per bucket, capacity = 7/8 of the buckets;
+    /// ring: 24 bytes a slot). Prints the figures docs/PERFORMANCE.md states; run with `--ignored`.
+    #[test]
+    #[ignore]
+    fn id_window_bytes_per_id() {
+        for max in [DEFAULT_DEDUP_MAX_IDS, 1_000_000] {
+            let mut w = IdWindow {
+                keys: HashMap::with_hasher(IdKeyHasher::default()),
+                order: VecDeque::new(),
+                window_ms: u64::MAX / 4,
+                max,
+            };
+            for i in 0..(3 * max as u128) {
+                w.insert(super::super::digest(&i.to_le_bytes()), 0, 1);
+            }
+            let buckets = (w.keys.capacity() * 8 / 7).next_power_of_two();
+            let bytes = buckets * 25 + w.order.capacity() * 24;
+            println!(
+                "max {max}: {buckets} buckets, ring {} slots: {:.1} MiB, {:.1} bytes per id",
+                w.order.capacity(),
+                bytes as f64 / (1 << 20) as f64,
+                bytes as f64 / max as f64
+            );
+        }
     }
 }
