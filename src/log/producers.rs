@@ -9,8 +9,9 @@
 //! For each producer the table holds the set of sequences stored, as sorted, disjoint, non-adjacent
 //! inclusive ranges (a sending client makes contiguous ranges, so one or a few per producer), and the
 //! monotonic time at which it is forgotten: a producer that stored nothing for `horizon` is dropped,
-//! whole. Memory: about 64 bytes per producer (hash-table entry and vector header) plus 16 bytes per
-//! range. A producer holds at most [`MAX_RANGES_PER_PRODUCER`] ranges: an event that would open one
+//! whole. Memory: about 120-160 bytes per producer with up to 4 ranges (a 40-byte hash-table entry and
+//! its control byte, at 8/7 to 16/7 buckets per producer, plus the first allocation of its ranges, 4
+//! of 16 bytes, and the allocator's overhead), and 16 bytes per further range. A producer holds at most [`MAX_RANGES_PER_PRODUCER`] ranges: an event that would open one
 //! more is refused ([`Verdict::RangesFull`], answered 409), never stored untracked, so nothing inside
 //! the horizon is forgotten silently. Ranges hold no content digests: a repeat known only here is a
 //! duplicate whatever its content (conflicts are told only within the id window).
