@@ -175,7 +175,12 @@ impl ProducerTable {
 
     /// Records `seq` of `producer` as stored (durably) with its activity at `expires - horizon`.
     pub fn insert(&mut self, producer: u64, seq: u64, expires: u64) {
-        self.insert_ranges(producer, &Ranges(vec![(seq, seq)]), expires);
+        let p = self.producers.entry(producer).or_default();
+        if p.expires < expires.saturating_sub(self.horizon_ms) {
+            p.ranges = Ranges::default();
+        }
+        p.ranges.insert(seq);
+        p.expires = p.expires.max(expires);
     }
 
     /// Records every sequence of `ranges` of `producer` as stored, active at `expires - horizon`.
