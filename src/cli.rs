@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::log::writer::DEFAULT_DEDUP_WINDOW_SECS;
+use crate::log::producers::DEFAULT_HORIZON_SECS;
+use crate::log::writer::{DEFAULT_DEDUP_MAX_IDS, DEFAULT_DEDUP_WINDOW_SECS};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -157,9 +158,16 @@ pub struct ServerArgs {
     #[arg(long, env = "EPS_DEDUP_WINDOW_SECS", default_value_t = DEFAULT_DEDUP_WINDOW_SECS)]
     pub dedup_window_secs: u64,
 
-    /// Most event ids remembered for de-duplication (the oldest are forgotten first).
-    #[arg(long, env = "EPS_DEDUP_MAX_IDS", default_value_t = 1_000_000)]
+    /// Most event ids the id window remembers, with their content (the oldest are forgotten first).
+    /// The window tells a repeat (200 duplicate) from a conflict (409) for any id.
+    #[arg(long, env = "EPS_DEDUP_MAX_IDS", default_value_t = DEFAULT_DEDUP_MAX_IDS)]
     pub dedup_max_ids: usize,
+
+    /// File log: how long a producer of ids of the form <16 hex digits>-<sequence> (what `eps client`
+    /// sends) is remembered after its last stored event, in seconds. Within it a repeat of any of its
+    /// events is a duplicate whatever the traffic in between, across restarts, crashes and compaction.
+    #[arg(long, env = "EPS_DEDUP_HORIZON_SECS", default_value_t = DEFAULT_HORIZON_SECS)]
+    pub dedup_horizon_secs: u64,
 
     /// Where events go: nats://host:port (several servers separated by commas) for a NATS JetStream
     /// stream; without it, the file log in the data directory. With JetStream, 200 means the stream

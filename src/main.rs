@@ -114,6 +114,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 segment_bytes: args.segment_bytes,
                 dedup_window: Duration::from_secs(args.dedup_window_secs),
                 dedup_max_ids: args.dedup_max_ids,
+                dedup_horizon: Duration::from_secs(args.dedup_horizon_secs),
                 limits: server::serve::Limits {
                     max_connections: args.max_connections,
                     header_read_timeout: Duration::from_secs(args.request_timeout_secs),

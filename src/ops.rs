@@ -1,11 +1,12 @@
 //! Operator commands that read or tidy a data directory: `eps status` and `eps compact`.
 //!
-//! Retention rule (`compact`): a segment may go only when all three hold — it is not the newest one
+//! Retention rule (`compact`): a segment may go only when all four hold — it is not the newest one
 //! (the server may still be appending to it), every one of its lines is behind the store's checkpoint
-//! (the processor has applied it), and it was last written longer ago than `min_age` (by default the
-//! server's de-duplication window: the server rebuilds that window from recent segments, so removing a
-//! younger one could let a late retry through twice). Segments go oldest first, so the log never has a
-//! hole.
+//! (the processor has applied it), it ends at or before the position the newest whole producer
+//! snapshot covers (`log::producers`: the snapshot keeps what the segment held for de-duplication
+//! over the horizon), and it was last written longer ago than `min_age` (by default the server's id
+//! window: the server rebuilds that window from recent segments, so removing a younger one could let
+//! a late retry through twice). Segments go oldest first, so the log never has a hole.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -174,12 +175,19 @@ pub async fn compact(opts: &CompactOptions) -> anyhow::Result<CompactReport> {
     }
     let segments = list_segments(&log_dir)?;
     let now = SystemTime::now();
+    let snapshot = crate::log::producers::covered_position(&log_dir)?;
     let mut report = CompactReport { checkpoint, ..CompactReport::default() };
     for pair in segments.windows(2) {
         let ((_, path), (next_base, _)) = (&pair[0], &pair[1]);
         let meta = std::fs::metadata(path)?;
         let age = now.duration_since(meta.modified()?).unwrap_or_default();
-        if *next_base > checkpoint || age < opts.min_age {
+        if *next_base > checkpoint || *next_base > snapshot || age < opts.min_age {
+            if *next_base > snapshot && *next_base <= checkpoint && age >= opts.min_age {
+                tracing::info!(
+                    segment = %path.display(), snapshot,
+                    "segment kept: no producer snapshot covers it yet (the server writes one at each new segment)"
+                );
+            }
             break;
         }
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();

@@ -26,6 +26,7 @@ const FLAGS: &[(&str, &[(&str, &str)])] = &[
             ("--segment-bytes", "EPS_SEGMENT_BYTES"),
             ("--dedup-window-secs", "EPS_DEDUP_WINDOW_SECS"),
             ("--dedup-max-ids", "EPS_DEDUP_MAX_IDS"),
+            ("--dedup-horizon-secs", "EPS_DEDUP_HORIZON_SECS"),
             ("--log", "EPS_LOG"),
             ("--nats-stream", "EPS_NATS_STREAM"),
             ("--nats-subject-prefix", "EPS_NATS_SUBJECT_PREFIX"),

@@ -148,12 +148,12 @@ async fn compaction_during_the_servers_start_up() {
     env.process(&[]).await;
     server.sigterm().await;
     server.wait(Duration::from_secs(20)).await;
-    // All but the newest segment were last written an hour ago (older than the default window, so the
-    // default minimum age lets them go); the newest is recent, so the rebuild reads from the start.
+    // All but the newest segment were last written 25 hours ago (older than the default window, 24 hours,
+    // so the default minimum age lets them go); the newest is recent, so the rebuild reads from the start.
     let listed = segments(&env.log_dir());
     assert!(listed.len() >= 3, "{listed:?}");
     for (_, path) in &listed[..listed.len() - 1] {
-        backdate(path, Duration::from_secs(3600));
+        backdate(path, Duration::from_secs(25 * 3600));
     }
 
     let shim = Shim::new(env.tmp.path(), "server-events-");
@@ -214,7 +214,16 @@ async fn the_default_minimum_age_is_the_servers_dedup_window() {
     let written = write_log(&env.log_dir(), &lines, 500);
     assert!(written.len() >= 3, "{written:?}");
     assert_eq!(applied_count(&env.process(&[]).await.stdout), 40);
-    // Written 20 minutes ago: older than the default window (15 minutes), younger than the server's (1 hour).
+    // A server once ran on the log: its producer snapshot covers the segments (compaction needs one).
+    let mut server = env.server().await;
+    within(Duration::from_secs(10), "the server's start-up snapshot", async {
+        while !std::fs::read_dir(env.log_dir()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".snap")) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    server.kill().await;
+    // Written 20 minutes ago: younger than the window the server is given here (1 hour).
     for (_, path) in segments(&env.log_dir()) {
         backdate(&path, Duration::from_secs(20 * 60));
     }

@@ -1522,9 +1522,9 @@ impl Books {
                         failed_lines.push(n);
                     }
                 }
-                // A verdict on the lines themselves (400, 422) is final: sending them again changes
-                // nothing. Any other refusal (a wrong token or URL, 413) leaves them to be sent again.
-                status == StatusCode::BAD_REQUEST || status == StatusCode::UNPROCESSABLE_ENTITY
+                // A verdict on the lines themselves (400, 409 conflict, 422) is final: sending them again
+                // changes nothing. Any other refusal (a wrong token or URL, 413) leaves them to be sent again.
+                status == StatusCode::BAD_REQUEST || status == StatusCode::CONFLICT || status == StatusCode::UNPROCESSABLE_ENTITY
             }
             Outcome::Failed { attempts, error } => {
                 counters.failed.fetch_add(lines.len() as u64, Ordering::Relaxed);

@@ -18,6 +18,7 @@ use crate::event::EventRef;
 pub mod durable_end;
 pub mod identity;
 pub mod nats;
+pub mod producers;
 pub mod reader;
 pub mod writer;
 
@@ -36,6 +37,12 @@ pub enum Appended {
     /// Its `id` was already in the log within the de-duplication window: not written again. The earlier
     /// copy is durable (or is being synced by the same group commit this answer waited for).
     Duplicate,
+    /// Its `id` is held with different content (another userId, name or value): not written; the
+    /// server answers 409. Only the file log tells this, and only within its id window.
+    Conflict,
+    /// Its `id` follows the producer scheme and would open one more sequence range for a producer that
+    /// holds the most allowed ([`producers::MAX_RANGES_PER_PRODUCER`]): not written; answered 409.
+    RangesFull,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +86,10 @@ struct BatchEntry {
     /// Offset in `data` just past this event's newline.
     end: usize,
     id: Option<IdKey>,
+    /// [`content_digest`] of the event, for telling a repeat from a conflict (0 without an id).
+    content: u64,
+    /// The id's producer and sequence, if it follows the scheme ([`producers::parse_scheme_id`]).
+    scheme: Option<(u64, u64)>,
     /// [`user_key`] of the event's userId: which partition it goes to, where the log has partitions.
     user: u64,
 }
@@ -99,11 +110,15 @@ impl LogBatch {
 
     /// Adds one event received at `ts_millis` (Unix milliseconds).
     pub fn push(&mut self, event: &EventRef<'_>, ts_millis: u64) {
+        let start = self.data.len();
         event.write_log_line(ts_millis, &mut self.data);
+        let content = if event.id.is_some() { content_digest(&self.data[start..]) } else { 0 };
         self.data.push(b'\n');
         self.events.push(BatchEntry {
             end: self.data.len(),
             id: event.id.as_deref().map(id_key),
+            content,
+            scheme: event.id.as_deref().and_then(producers::parse_scheme_id),
             user: user_key(&event.user_id),
         });
     }
@@ -124,6 +139,12 @@ impl LogBatch {
     /// Each event's line (with its newline) and id digest, in order.
     pub fn lines(&self) -> impl Iterator<Item = (&[u8], Option<IdKey>)> {
         self.entries().map(|(line, entry)| (line, entry.id))
+    }
+
+    /// Each event's line and what the file log's de-duplication needs of it: the id digest, the
+    /// [`content_digest`] and the scheme's producer and sequence.
+    pub fn lines_for_dedup(&self) -> impl Iterator<Item = (&[u8], Option<(IdKey, u64, Option<(u64, u64)>)>)> {
+        self.entries().map(|(line, entry)| (line, entry.id.map(|id| (id, entry.content, entry.scheme))))
     }
 
     /// Each event's line with its [`user_key`], in order.
@@ -186,6 +207,10 @@ impl Hasher for IdKeyHasher {
     fn write_u128(&mut self, key: u128) {
         self.0 = key as u64;
     }
+    fn write_u64(&mut self, half: u64) {
+        // The low half of a digest split in two (the id window's keys): already uniform.
+        self.0 ^= half;
+    }
 }
 
 impl BuildHasher for IdKeyHasher {
@@ -193,6 +218,16 @@ impl BuildHasher for IdKeyHasher {
     fn build_hasher(&self) -> IdKeyHasher {
         IdKeyHasher(0)
     }
+}
+
+/// A 64-bit digest of what an event says (userId, name, value), from its log line as
+/// [`EventRef::write_log_line`] writes it: the bytes before `,"id":` (a JSON string escapes every `"`
+/// inside it, so the first `,"id":"` is the field). Two events with the same id and the same digest
+/// are a repeat; with different digests, a conflict.
+pub fn content_digest(log_line: &[u8]) -> u64 {
+    const FIELD: &[u8] = b",\"id\":\"";
+    let end = log_line.windows(FIELD.len()).position(|w| w == FIELD).unwrap_or(log_line.len());
+    digest(&log_line[..end]) as u64
 }
 
 /// File name of the segment starting at `base`.

@@ -18,12 +18,17 @@
 //!   the next group retries the roll first, so two segments never claim the same positions.
 //! - At start-up the newest segment and its directory are synced before anything in them is trusted
 //!   (for de-duplication, or published to readers), and a torn last line is cut off.
-//! - De-duplication: an event whose `id` is already in the log within the window is answered
-//!   [`Appended::Duplicate`] and not written. The window is rebuilt from the log at start-up, so it
-//!   survives restarts and crashes; it expires on the monotonic clock, so a wall clock that steps
-//!   forward forgets nothing.
+//! - De-duplication, two mechanisms. The id window: every id within `--dedup-window-secs` and the last
+//!   `--dedup-max-ids`, each with its content digest, so a repeat is answered [`Appended::Duplicate`]
+//!   and the same id with other content [`Appended::Conflict`]; rebuilt from the newest segments at
+//!   start-up. The producer ranges ([`super::producers`]): ids of the `<16 hex>-<sequence>` scheme,
+//!   per producer, for `--dedup-horizon` after the producer's last event, persisted in snapshots so
+//!   start-up reads only the log after the newest one. Both survive restarts and crashes; both expire
+//!   on the monotonic clock, so a wall clock that steps forward forgets nothing. Neither ever holds
+//!   an id of a group that failed: ids are recorded only after the group's sync succeeded, and a
+//!   snapshot is taken between groups.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
@@ -37,7 +42,9 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::durable_end::DurableEndWriter;
-use super::{id_key, list_segments, segment_name, Appended, EventLog, IdKey, IdKeyHasher, LogBatch, LogError};
+use super::producers::{self, ProducerTable, Ranges, Verdict};
+use super::{content_digest, id_key, list_segments, segment_name, Appended, EventLog, IdKey, IdKeyHasher, LogBatch, LogError};
+use crate::event::EventRef;
 use crate::clock::wall_millis as now_millis;
 use crate::fsutil::{create_dir_durable, sync_dir, with_path};
 
@@ -47,7 +54,15 @@ pub const MAX_REQUESTS_PER_COMMIT: usize = 8192;
 /// The default de-duplication window, in seconds: the server's `--dedup-window-secs` and, unless told
 /// otherwise, `eps compact`'s minimum age (compaction must not remove what a restart rebuilds the
 /// window from), so the two can never drift apart.
-pub const DEFAULT_DEDUP_WINDOW_SECS: u64 = 15 * 60;
+///
+/// 24 hours: the window costs no memory for its length (it is capped in ids), and a client sending a
+/// few events a second keeps a day of its ids.
+pub const DEFAULT_DEDUP_WINDOW_SECS: u64 = 24 * 3600;
+/// The default of `--dedup-max-ids`: the most ids the id window holds. 458,752 is 7/16 of 2^20: the
+/// most a hash table of 2^20 buckets holds while ids come and go without growing to 2^21 (its
+/// deleted slots are then reclaimed in place). At 25 bytes a bucket and 24 a ring slot that is
+/// 35.5 MiB (81 bytes per id), which leaves the rest of a 64 MiB budget to the producer table.
+pub const DEFAULT_DEDUP_MAX_IDS: usize = 458_752;
 
 #[derive(Debug, Clone)]
 pub struct FileLogOptions {
@@ -59,6 +74,8 @@ pub struct FileLogOptions {
     pub dedup_window: Duration,
     /// Most ids remembered; the oldest are forgotten first.
     pub dedup_max_ids: usize,
+    /// How long a producer of scheme ids is remembered after its last stored event.
+    pub dedup_horizon: Duration,
     /// Requests that may wait for the writer before handlers are made to wait.
     pub queue_depth: usize,
 }
@@ -69,7 +86,8 @@ impl FileLogOptions {
             dir: dir.into(),
             segment_bytes: 64 * 1024 * 1024,
             dedup_window: Duration::from_secs(DEFAULT_DEDUP_WINDOW_SECS),
-            dedup_max_ids: 1_000_000,
+            dedup_max_ids: DEFAULT_DEDUP_MAX_IDS,
+            dedup_horizon: Duration::from_secs(producers::DEFAULT_HORIZON_SECS),
             queue_depth: 16 * 1024,
         }
     }
@@ -84,6 +102,8 @@ pub struct LogStats {
     pub syncs: AtomicU64,
     pub events_stored: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Events refused because their id was held with other content, or their producer's ranges were full.
+    pub conflicts: AtomicU64,
     /// Set while the writer refuses appends (a failed write could not be undone), or after the last
     /// append failed (disk full, I/O error) until one succeeds again.
     pub failing: std::sync::atomic::AtomicBool,
@@ -171,6 +191,10 @@ struct Writer {
     /// Set once a roll was decided: the open segment is closed to writes until the roll succeeds.
     roll_pending: bool,
     dedup: Dedup,
+    /// Position the newest snapshot of the producer table covers (or was queued to cover).
+    snapshot_at: u64,
+    /// The thread that writes snapshots, so a roll does not wait for one.
+    snapshots: Option<(std::sync::mpsc::Sender<(u64, Vec<u8>)>, std::thread::JoinHandle<()>)>,
     stats: Arc<LogStats>,
 }
 
@@ -202,16 +226,53 @@ impl Writer {
         file.sync_all().map_err(|e| with_path(e, "cannot sync", &path))?;
         sync_dir(&opts.dir).map_err(|e| with_path(e, "cannot sync", &opts.dir))?;
         durable_end.publish(base + len).map_err(|e| with_path(e, "cannot publish the durable end in", &opts.dir))?;
-        let dedup = Dedup::rebuild(&opts, &segments)?;
+        producers::remove_leftovers(&opts.dir);
+        let dedup = Dedup::rebuild(&opts, &segments, base + len)?;
         stats.end_position.store(base + len, Ordering::Relaxed);
         stats.segments.store(segments.len().max(1) as u64, Ordering::Relaxed);
         metrics::gauge!("eps_log_segments").set(segments.len().max(1) as f64);
         metrics::gauge!("eps_log_end_position_bytes").set((base + len) as f64);
         tracing::info!(
             segment = %path.display(), position = base + len, remembered_ids = dedup.len(),
-            "log opened"
+            producers = dedup.producers.len(), producer_ranges = dedup.producers.ranges(),
+            snapshot = dedup.covered, "log opened"
         );
-        Ok(Writer { opts, _lock: lock, file, base, len, durable_end, cut_pending: None, roll_pending: false, dedup, stats })
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, Vec<u8>)>();
+        let dir = opts.dir.clone();
+        let thread = std::thread::Builder::new().name("eps-log-snapshot".into()).spawn(move || {
+            while let Ok((position, bytes)) = rx.recv() {
+                if let Err(e) = producers::write_snapshot(&dir, position, &bytes) {
+                    tracing::warn!(error = %e, position, "cannot write the producer snapshot; the next start reads more of the log");
+                }
+            }
+        })?;
+        let snapshot_at = dedup.covered;
+        let mut writer = Writer {
+            opts, _lock: lock, file, base, len, durable_end, cut_pending: None, roll_pending: false, dedup,
+            snapshot_at, snapshots: Some((tx, thread)), stats,
+        };
+        // What start-up read is saved at once: the next start (and `eps compact`) need not redo it.
+        writer.snapshot(base + len, false);
+        Ok(writer)
+    }
+
+    /// Writes the producer table as the snapshot covering the log up to `position` (the durable end,
+    /// between two groups): in the background, or, when `wait` (at shutdown), before returning, after
+    /// every one queued before it.
+    fn snapshot(&mut self, position: u64, wait: bool) {
+        if position != self.snapshot_at {
+            let bytes = self.dedup.producers.encode(position, self.dedup.clock.now(), now_millis());
+            self.snapshot_at = position;
+            if let Some((tx, _)) = &self.snapshots {
+                let _ = tx.send((position, bytes));
+            }
+        }
+        if wait {
+            if let Some((tx, thread)) = self.snapshots.take() {
+                drop(tx);
+                let _ = thread.join();
+            }
+        }
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
@@ -239,6 +300,9 @@ impl Writer {
                     }
                 }
                 self.commit(&mut group);
+                if self.cut_pending.is_none() {
+                    self.snapshot(self.base + self.len, true);
+                }
                 // Close the segment and release the directory lock before saying we are done, so a
                 // new writer can open the log as soon as shutdown returns.
                 drop(self);
@@ -256,18 +320,42 @@ impl Writer {
         let now = self.dedup.clock.now();
         self.dedup.expire(now);
         let mut buf = Vec::with_capacity(group.iter().map(|(batch, _)| batch.bytes()).sum());
-        let mut new_ids = HashSet::with_hasher(IdKeyHasher::default());
+        // What this group adds, recorded only once its sync succeeded.
+        let mut new_ids: HashMap<IdKey, u64, IdKeyHasher> = HashMap::with_hasher(IdKeyHasher::default());
+        let mut new_seqs: HashMap<u64, Ranges> = HashMap::new();
         let mut stored = 0u64;
         let answers: Vec<Vec<Appended>> = group
             .iter()
             .map(|(batch, _)| {
                 let mut answer = Vec::with_capacity(batch.len());
-                for (line, id) in batch.lines() {
-                    if let Some(key) = id {
-                        if self.dedup.contains(key) || !new_ids.insert(key) {
-                            answer.push(Appended::Duplicate);
-                            continue;
+                for (line, id) in batch.lines_for_dedup() {
+                    if let Some((key, content, scheme)) = id {
+                        let held = self.dedup.ids.get(key).or_else(|| new_ids.get(&key).copied());
+                        match held {
+                            Some(c) if c == content => {
+                                answer.push(Appended::Duplicate);
+                                continue;
+                            }
+                            Some(_) => {
+                                answer.push(Appended::Conflict);
+                                continue;
+                            }
+                            None => {}
                         }
+                        if let Some((producer, seq)) = scheme {
+                            match self.dedup.producers.check(producer, seq, now, new_seqs.get(&producer)) {
+                                Verdict::Seen => {
+                                    answer.push(Appended::Duplicate);
+                                    continue;
+                                }
+                                Verdict::RangesFull => {
+                                    answer.push(Appended::RangesFull);
+                                    continue;
+                                }
+                                Verdict::New => new_seqs.entry(producer).or_default().insert(seq),
+                            }
+                        }
+                        new_ids.insert(key, content);
                     }
                     buf.extend_from_slice(line);
                     stored += 1;
@@ -282,14 +370,24 @@ impl Writer {
         match result {
             Ok(()) => {
                 metrics::counter!("eps_events_appended_total").increment(stored);
-                for key in new_ids {
-                    self.dedup.insert_seen(key, now);
+                for (key, content) in new_ids {
+                    self.dedup.ids.insert_seen(key, content, now);
+                }
+                let expires = now.saturating_add(self.dedup.producers.horizon_ms());
+                for (producer, seqs) in new_seqs {
+                    self.dedup.producers.insert_ranges(producer, &seqs, expires);
                 }
                 self.stats.events_stored.fetch_add(stored, Ordering::Relaxed);
                 for ((_, reply), answer) in group.drain(..).zip(answers) {
                     let dups = answer.iter().filter(|a| **a == Appended::Duplicate).count() as u64;
                     self.stats.duplicates.fetch_add(dups, Ordering::Relaxed);
                     metrics::counter!("eps_events_duplicate_total").increment(dups);
+                    let conflicts =
+                        answer.iter().filter(|a| matches!(a, Appended::Conflict | Appended::RangesFull)).count() as u64;
+                    if conflicts > 0 {
+                        self.stats.conflicts.fetch_add(conflicts, Ordering::Relaxed);
+                        metrics::counter!("eps_events_conflict_total").increment(conflicts);
+                    }
                     let _ = reply.send(Ok(answer));
                 }
             }
@@ -315,6 +413,9 @@ impl Writer {
                 return Err(format!("cannot start a new log segment: {e}"));
             }
             self.roll_pending = false;
+            // The table now covers exactly the old segments: every group before this one synced
+            // (a failed one was cut, and its ids never recorded), this one not yet written.
+            self.snapshot(self.base, false);
         }
         let started = std::time::Instant::now();
         let written = self.file.write_all_at(buf, self.len).and_then(|()| self.file.sync_data());
@@ -447,108 +548,56 @@ impl MonoClock {
     }
 }
 
-/// The ids seen within the window, in the order they were remembered, each with the monotonic time at
-/// which it may be forgotten.
-struct Dedup {
-    keys: HashSet<IdKey, IdKeyHasher>,
-    order: VecDeque<(u64, IdKey)>,
-    window_ms: u64,
-    max: usize,
-    clock: MonoClock,
+/// An [`IdKey`] as two halves: 8-byte alignment, so a table entry with its content digest is 24 bytes
+/// (a `u128` would pad it to 32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct WinKey(u64, u64);
+
+impl From<IdKey> for WinKey {
+    fn from(key: IdKey) -> WinKey {
+        WinKey(key as u64, (key >> 64) as u64)
+    }
 }
 
-impl Dedup {
-    fn new(opts: &FileLogOptions) -> Dedup {
-        Dedup {
-            keys: HashSet::with_hasher(IdKeyHasher::default()),
-            order: VecDeque::new(),
-            window_ms: opts.dedup_window.as_millis() as u64,
-            max: opts.dedup_max_ids,
-            clock: MonoClock(Instant::now()),
-        }
+/// The id window: the ids seen within the window, each with its content digest, in the order they
+/// were remembered, each with the monotonic time at which it may be forgotten.
+struct IdWindow {
+    keys: HashMap<WinKey, u64, IdKeyHasher>,
+    order: VecDeque<(u64, WinKey)>,
+    window_ms: u64,
+    max: usize,
+}
+
+impl IdWindow {
+    fn get(&self, key: IdKey) -> Option<u64> {
+        self.keys.get(&WinKey::from(key)).copied()
     }
 
-    /// Reads the ids of the window's events back from the segments written within the window.
-    ///
-    /// Only here does the wall clock count (the log's `ts` is all a new process knows of an id's age):
-    /// an id is remembered for the rest of its window, measured from its `ts`; an id whose `ts` lies in
-    /// the future (the clock was stepped back) for a whole window. A wall clock stepped forward at the
-    /// very moment of a restart shortens the rebuilt window by the step.
-    ///
-    /// `eps compact` may remove segments between the listing and the reading here. A segment that
-    /// vanished is skipped: compaction removes only segments every line of which is applied and whose
-    /// last write is older than its minimum age, by default this very window ([`DEFAULT_DEDUP_WINDOW_SECS`],
-    /// the same setting), so none of its ids could still be in the window (each line's `ts` is at or
-    /// before the segment's last write). An operator who gives a shorter `--min-age-secs` shortens the
-    /// window by that much. Any other error names its path.
-    fn rebuild(opts: &FileLogOptions, segments: &[(u64, PathBuf)]) -> io::Result<Dedup> {
-        #[derive(Deserialize)]
-        struct IdAndTime<'a> {
-            #[serde(borrow)]
-            id: Option<std::borrow::Cow<'a, str>>,
-            ts: Option<u64>,
+    /// Remembers `key` with its `content` until the monotonic time `expires_at`.
+    fn insert(&mut self, key: IdKey, content: u64, expires_at: u64) {
+        if self.max == 0 {
+            return;
         }
-        let mut dedup = Dedup::new(opts);
-        let now_wall = now_millis();
-        let since = now_wall.saturating_sub(dedup.window_ms);
-        let recent_from = segments
-            .iter()
-            .rposition(|(_, path)| {
-                let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-                let millis = modified.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
-                millis.is_some_and(|m| m < since)
-            })
-            .map_or(0, |older| older + 1);
-        for (_, path) in &segments[recent_from..] {
-            let mut data = Vec::new();
-            // Once open, the file stays readable even if it is removed meanwhile.
-            let mut file = match File::open(path) {
-                Ok(file) => file,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    tracing::info!(
-                        segment = %path.display(),
-                        "segment removed by compaction during start-up; its ids were older than the window"
-                    );
-                    continue;
-                }
-                Err(e) => return Err(with_path(e, "cannot open", path)),
-            };
-            file.read_to_end(&mut data).map_err(|e| with_path(e, "cannot read", path))?;
-            // Only whole lines: bytes after the last newline are a torn write, never an event.
-            let whole = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            for line in data[..whole].split(|&b| b == b'\n') {
-                if let Ok(IdAndTime { id: Some(id), ts: Some(ts) }) = serde_json::from_slice(line) {
-                    if ts >= since {
-                        let age = now_wall.saturating_sub(ts);
-                        dedup.insert(id_key(&id), dedup.window_ms - age);
-                    }
-                }
-            }
+        let key = WinKey::from(key);
+        if self.keys.contains_key(&key) {
+            return;
         }
-        Ok(dedup)
-    }
-
-    fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    fn contains(&self, key: IdKey) -> bool {
-        self.keys.contains(&key)
-    }
-
-    /// Remembers `key` until the monotonic time `expires_at`.
-    fn insert(&mut self, key: IdKey, expires_at: u64) {
-        if self.keys.insert(key) {
-            self.order.push_back((expires_at, key));
-            while self.order.len() > self.max {
-                self.pop_oldest();
-            }
+        // Forget first, so the table never holds more than `max` (it would grow to the next size).
+        while self.order.len() >= self.max {
+            self.pop_oldest();
         }
+        if self.order.len() == self.order.capacity() {
+            // Grown by hand, never past `max`: a doubling would overshoot the cap by up to half.
+            let more = self.order.capacity().max(1024).min(self.max - self.order.len()).max(1);
+            self.order.reserve_exact(more);
+        }
+        self.keys.insert(key, content);
+        self.order.push_back((expires_at, key));
     }
 
     /// Remembers `key`, seen at the monotonic time `now`, for one window.
-    fn insert_seen(&mut self, key: IdKey, now: u64) {
-        self.insert(key, now.saturating_add(self.window_ms));
+    fn insert_seen(&mut self, key: IdKey, content: u64, now: u64) {
+        self.insert(key, content, now.saturating_add(self.window_ms));
     }
 
     fn expire(&mut self, now: u64) {
@@ -561,6 +610,190 @@ impl Dedup {
         if let Some((_, key)) = self.order.pop_front() {
             self.keys.remove(&key);
         }
+    }
+}
+
+/// Both de-duplication mechanisms (see the module header).
+struct Dedup {
+    ids: IdWindow,
+    producers: ProducerTable,
+    /// The log position up to which the producer table came from a snapshot at start-up (0: none).
+    covered: u64,
+    clock: MonoClock,
+    /// When producers idle past the horizon were last swept out.
+    last_sweep: u64,
+}
+
+/// How often idle producers are swept out (a lookup ignores an expired one meanwhile).
+const SWEEP_EVERY_MS: u64 = 10_000;
+
+impl Dedup {
+    fn new(opts: &FileLogOptions) -> Dedup {
+        Dedup {
+            ids: IdWindow {
+                keys: HashMap::with_hasher(IdKeyHasher::default()),
+                order: VecDeque::new(),
+                window_ms: opts.dedup_window.as_millis() as u64,
+                max: opts.dedup_max_ids,
+            },
+            producers: ProducerTable::new(opts.dedup_horizon.as_millis() as u64),
+            covered: 0,
+            clock: MonoClock(Instant::now()),
+            last_sweep: 0,
+        }
+    }
+
+    /// Rebuilds both from the log (and the newest producer snapshot) at start-up; `log_end` is the
+    /// durable end just published.
+    ///
+    /// Only here does the wall clock count (the log's `ts` is all a new process knows of an id's age):
+    /// an id is remembered for the rest of its window, a producer for the rest of its horizon, measured
+    /// from the `ts` of its last event; a `ts` in the future (the clock was stepped back) counts as now.
+    /// A wall clock stepped forward at the very moment of a restart shortens both by the step.
+    ///
+    /// The id window is read from the newest segments backwards, stopping at the first segment last
+    /// written before the window or once `--dedup-max-ids` ids are read, so start-up reads no more
+    /// than the window holds. The producer table is the newest whole snapshot plus every line after
+    /// the position it covers; without one, every segment that exists.
+    ///
+    /// `eps compact` may remove segments between the listing and the reading here. A segment that
+    /// vanished is skipped: compaction removes only segments every line of which is applied, that end
+    /// at or before the newest snapshot's position (so the producer table has them), and whose last
+    /// write is older than its minimum age, by default the id window ([`DEFAULT_DEDUP_WINDOW_SECS`],
+    /// the same setting). An operator who gives a shorter `--min-age-secs` shortens the id window by
+    /// that much. Any other error names its path.
+    fn rebuild(opts: &FileLogOptions, segments: &[(u64, PathBuf)], log_end: u64) -> io::Result<Dedup> {
+        let mut dedup = Dedup::new(opts);
+        let now_wall = now_millis();
+        let window_ms = dedup.ids.window_ms;
+        let horizon_ms = dedup.producers.horizon_ms();
+        let since = now_wall.saturating_sub(window_ms);
+
+        // The producer table: the newest whole snapshot, then the log after it.
+        if let Some((covered, table)) = producers::load_newest(&opts.dir, log_end, horizon_ms, 0, now_wall)
+            .map_err(|e| with_path(e, "cannot list the producer snapshots in", &opts.dir))?
+        {
+            dedup.producers = table;
+            dedup.covered = covered;
+        }
+        let covered = dedup.covered;
+        for (i, (base, path)) in segments.iter().enumerate() {
+            let end = segments.get(i + 1).map_or(log_end, |(next, _)| *next);
+            if end <= covered {
+                continue;
+            }
+            let Some(data) = read_segment(path)? else { continue };
+            let skip = covered.saturating_sub(*base) as usize;
+            for line in whole_lines(&data).get(skip..).unwrap_or_default().split(|&b| b == b'\n') {
+                if let Some((id, ts)) = id_and_time(line) {
+                    if let Some((producer, seq)) = producers::parse_scheme_id(&id) {
+                        if let Some(expires) = producers::expiry_of(ts, horizon_ms, 0, now_wall) {
+                            dedup.producers.insert(producer, seq, expires);
+                        }
+                    }
+                }
+            }
+        }
+
+        // The id window: newest segments first, until the window's start or its size.
+        let recent_from = segments
+            .iter()
+            .rposition(|(_, path)| {
+                let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                let millis = modified.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
+                millis.is_some_and(|m| m < since)
+            })
+            .map_or(0, |older| older + 1);
+        let mut found: Vec<Vec<(IdKey, u64, u64)>> = Vec::new();
+        let mut count = 0usize;
+        let mut scratch = Vec::new();
+        for (_, path) in segments[recent_from..].iter().rev() {
+            if count >= dedup.ids.max {
+                break;
+            }
+            let Some(data) = read_segment(path)? else { continue };
+            let mut ids = Vec::new();
+            for line in whole_lines(&data).split(|&b| b == b'\n') {
+                if let Some((id, ts)) = id_and_time(line) {
+                    if ts >= since {
+                        ids.push((id_key(&id), content_of(line, &mut scratch), ts));
+                    }
+                }
+            }
+            count += ids.len();
+            found.push(ids);
+        }
+        for (key, content, ts) in found.into_iter().rev().flatten() {
+            let age = now_wall.saturating_sub(ts);
+            dedup.ids.insert(key, content, window_ms - age.min(window_ms));
+        }
+        Ok(dedup)
+    }
+
+    fn len(&self) -> usize {
+        self.ids.keys.len()
+    }
+
+    fn expire(&mut self, now: u64) {
+        self.ids.expire(now);
+        if now >= self.last_sweep + SWEEP_EVERY_MS {
+            self.last_sweep = now;
+            let gone = self.producers.expire(now);
+            if gone > 0 {
+                tracing::info!(producers = gone, "producers idle past the de-duplication horizon forgotten");
+            }
+        }
+    }
+}
+
+/// A segment's bytes, or `None` if it was removed (by compaction) since it was listed.
+fn read_segment(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    // Once open, the file stays readable even if it is removed meanwhile.
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            tracing::info!(segment = %path.display(), "segment removed by compaction during start-up; skipped");
+            return Ok(None);
+        }
+        Err(e) => return Err(with_path(e, "cannot open", path)),
+    };
+    let mut data = Vec::new();
+    file.read_to_end(&mut data).map_err(|e| with_path(e, "cannot read", path))?;
+    Ok(Some(data))
+}
+
+/// Only whole lines: bytes after the last newline are a torn write, never an event.
+fn whole_lines(data: &[u8]) -> &[u8] {
+    &data[..data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)]
+}
+
+/// A log line's `id` and `ts`, if it has both.
+fn id_and_time(line: &[u8]) -> Option<(String, u64)> {
+    #[derive(Deserialize)]
+    struct IdAndTime<'a> {
+        #[serde(borrow)]
+        id: Option<std::borrow::Cow<'a, str>>,
+        ts: Option<u64>,
+    }
+    match serde_json::from_slice(line) {
+        Ok(IdAndTime { id: Some(id), ts: Some(ts) }) => Some((id.into_owned(), ts)),
+        _ => None,
+    }
+}
+
+/// The [`content_digest`] of a log line as the server would have written it (a line written otherwise,
+/// e.g. by hand, is parsed and written again first).
+fn content_of(line: &[u8], scratch: &mut Vec<u8>) -> u64 {
+    if EventRef::parse_canonical_log_line(line).is_some() {
+        return content_digest(line);
+    }
+    match EventRef::parse_log_line(line) {
+        Ok(event) => {
+            scratch.clear();
+            event.write_log_line(0, scratch);
+            content_digest(scratch)
+        }
+        Err(_) => content_digest(line),
     }
 }
 
@@ -695,5 +928,37 @@ mod tests {
         let _first = FileLog::open(FileLogOptions::new(dir.path())).unwrap();
         let err = FileLog::open(FileLogOptions::new(dir.path())).err().expect("second open must fail");
         assert!(err.to_string().contains("another eps server"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod memory {
+    use super::*;
+
+    /// The id window's memory per id, from the capacities of its two tables after a churn of twice its
+    /// size (hash table: 24-byte entry and 1 control byte per bucket, capacity = 7/8 of the buckets;
+    /// ring: 24 bytes a slot). Prints the figures docs/PERFORMANCE.md states; run with `--ignored`.
+    #[test]
+    #[ignore]
+    fn id_window_bytes_per_id() {
+        for max in [DEFAULT_DEDUP_MAX_IDS, 1_000_000] {
+            let mut w = IdWindow {
+                keys: HashMap::with_hasher(IdKeyHasher::default()),
+                order: VecDeque::new(),
+                window_ms: u64::MAX / 4,
+                max,
+            };
+            for i in 0..(3 * max as u128) {
+                w.insert(super::super::digest(&i.to_le_bytes()), 0, 1);
+            }
+            let buckets = (w.keys.capacity() * 8 / 7).next_power_of_two();
+            let bytes = buckets * 25 + w.order.capacity() * 24;
+            println!(
+                "max {max}: {buckets} buckets, ring {} slots: {:.1} MiB, {:.1} bytes per id",
+                w.order.capacity(),
+                bytes as f64 / (1 << 20) as f64,
+                bytes as f64 / max as f64
+            );
+        }
     }
 }

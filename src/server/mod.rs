@@ -47,6 +47,8 @@ pub struct ServerOptions {
     pub segment_bytes: u64,
     pub dedup_window: Duration,
     pub dedup_max_ids: usize,
+    /// How long the file log remembers a producer of scheme ids after its last event.
+    pub dedup_horizon: Duration,
     pub limits: serve::Limits,
     /// Longest a client may take to send a request body (408 after).
     pub body_timeout: Duration,
@@ -66,8 +68,9 @@ impl ServerOptions {
             body_limit: 1024 * 1024,
             batch_body_limit: 16 * 1024 * 1024,
             segment_bytes: 64 * 1024 * 1024,
-            dedup_window: Duration::from_secs(15 * 60),
-            dedup_max_ids: 1_000_000,
+            dedup_window: Duration::from_secs(crate::log::writer::DEFAULT_DEDUP_WINDOW_SECS),
+            dedup_max_ids: crate::log::writer::DEFAULT_DEDUP_MAX_IDS,
+            dedup_horizon: Duration::from_secs(crate::log::producers::DEFAULT_HORIZON_SECS),
             limits: serve::Limits::default(),
             body_timeout: Duration::from_secs(10),
             log_url: None,
@@ -142,6 +145,7 @@ impl Server {
                 log_opts.segment_bytes = opts.segment_bytes;
                 log_opts.dedup_window = opts.dedup_window;
                 log_opts.dedup_max_ids = opts.dedup_max_ids;
+                log_opts.dedup_horizon = opts.dedup_horizon;
                 Arc::new(tokio::task::block_in_place(|| FileLog::open(log_opts))?)
             }
         };

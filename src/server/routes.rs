@@ -189,6 +189,8 @@ pub(super) struct Readiness {
         (status = 400, description = "Not a valid event", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 409, description = "The id is already stored with other content (userId, name or value), or (ids of the \
+         producer scheme) its producer holds the most sequence ranges allowed: nothing stored, and a retry is refused the same way", body = ErrorBody),
         (status = 413, description = "Body larger than the limit, or (JetStream log) the event larger than the NATS server's max_payload", body = ErrorBody),
         (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
         (status = 503, description = "The log cannot be written now; retry after Retry-After seconds", body = ErrorBody,
@@ -212,6 +214,9 @@ pub(super) async fn live_event(
         sampler.offer(&state.console, 0, &event, ts);
     }
     let answer = state.log.append(batch).await?;
+    if let Some(why) = answer.first().and_then(|a| refusal(*a, event.id.as_deref().unwrap_or_default())) {
+        return Err(ApiError::Conflict(why));
+    }
     let duplicate = answer.first() == Some(&Appended::Duplicate);
     if !duplicate {
         state.console.accepted(1);
@@ -256,7 +261,8 @@ pub(super) struct BatchReceived {
     accepted: usize,
     /// Of the accepted, those whose `id` the log already had: not stored again.
     duplicates: usize,
-    /// Lines that are not valid events: not stored. Each is listed in `errors`.
+    /// Lines not stored: not valid events, or (a conflict, what `POST /liveEvent` answers 409) an id
+    /// already stored with other content. Each is listed in `errors`, by line.
     rejected: usize,
     errors: Vec<LineError>,
 }
@@ -292,7 +298,8 @@ pub(super) struct LineError {
         content((inline(EventLines) = "application/x-ndjson")),
     ),
     responses(
-        (status = 200, description = "Every valid line is on stable storage (in one sync); invalid lines are listed in errors and not stored", body = BatchReceived),
+        (status = 200, description = "Every valid line is on stable storage (in one sync); invalid lines, and lines whose id is \
+         already stored with other content (a conflict), are listed in errors and not stored", body = BatchReceived),
         (status = 400, description = "No line is a valid event, or the body holds no event: nothing stored", body = BatchRefused),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
@@ -317,6 +324,8 @@ pub(super) async fn post_events(
     let mut batch = LogBatch::with_capacity(body.len() / 64 + 1);
     let mut errors = Vec::new();
     let mut sampler = state.console.sampler();
+    // The body's line (0-based) of each event in the batch, to name a line the log refuses.
+    let mut line_of = Vec::with_capacity(body.len() / 64 + 1);
     for (index, line) in body.split(|&b| b == b'\n').enumerate() {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -335,26 +344,57 @@ pub(super) async fn post_events(
                     sampler.offer(&state.console, batch.len(), &event, ts);
                 }
                 batch.push(&event, ts);
+                line_of.push(index);
             }
             Err(e) => errors.push(LineError { line: index + 1, error: e.to_string() }),
         }
     }
-    let rejected = errors.len();
+    let invalid = errors.len();
     if batch.is_empty() {
         let error = if errors.is_empty() {
             "the body holds no event (JSON Lines: one event per line)".to_string()
         } else {
-            format!("none of the {rejected} lines is a valid event; nothing was stored")
+            format!("none of the {invalid} lines is a valid event; nothing was stored")
         };
-        return Err(BatchError::Refused(BatchRefused { error, rejected, errors }));
+        return Err(BatchError::Refused(BatchRefused { error, rejected: invalid, errors }));
     }
     let answers = state.log.append(batch).await?;
     let duplicates = answers.iter().filter(|a| **a == Appended::Duplicate).count();
-    state.console.accepted((answers.len() - duplicates) as u64);
+    let stored = answers.iter().filter(|a| **a == Appended::Stored).count();
+    if stored + duplicates < answers.len() {
+        // Rare (conflicts): find the refused lines' ids again to name them.
+        let lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
+        for (answer, &index) in answers.iter().zip(&line_of) {
+            let line = lines.get(index).map(|l| l.strip_suffix(b"\r").unwrap_or(l)).unwrap_or_default();
+            let id = EventRef::parse_request(line).ok().and_then(|e| e.id.map(|id| id.into_owned()));
+            if let Some(why) = refusal(*answer, id.as_deref().unwrap_or_default()) {
+                errors.push(LineError { line: index + 1, error: why });
+            }
+        }
+        errors.sort_by_key(|e| e.line);
+    }
+    state.console.accepted(stored as u64);
     if let Some(sampler) = sampler {
         state.console.push_tail(sampler, &answers);
     }
-    Ok(Json(BatchReceived { accepted: answers.len(), duplicates, rejected, errors }))
+    Ok(Json(BatchReceived { accepted: stored + duplicates, duplicates, rejected: errors.len(), errors }))
+}
+
+/// Why the log refused an event (409 for `POST /liveEvent`, a line error in a batch), or `None` if it
+/// took it (stored or a duplicate).
+fn refusal(answer: Appended, id: &str) -> Option<String> {
+    match answer {
+        Appended::Stored | Appended::Duplicate => None,
+        Appended::Conflict => Some(format!(
+            "conflict: the id {id:?} is already stored with other content (userId, name or value); nothing was \
+             stored. An event that differs needs an id of its own"
+        )),
+        Appended::RangesFull => Some(format!(
+            "conflict: the producer of the id {id:?} already holds {} separate ranges of stored sequences; nothing \
+             was stored. Send these events with ids of another producer (eps client --new-run)",
+            crate::log::producers::MAX_RANGES_PER_PRODUCER
+        )),
+    }
 }
 
 /// `POST /events`'s failures: a refused batch (400 with its lines' errors), or any [`ApiError`].
