@@ -125,13 +125,18 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 nats: nats_options(args.log.clone().unwrap_or_default(), args.nats),
                 log_url: args.log,
             };
+            // Signals are taken over before anything else: a SIGTERM during recovery, or just after the
+            // "listening" line, is a graceful stop, never the default action's kill.
+            let shutdown = server::shutdown_signal();
             let server = server::Server::bind(opts).await?;
             // Scripts and tests read this line to learn the port (useful with --listen 127.0.0.1:0).
             println!("eps server listening on http://{}", server.local_addr());
-            server.run(server::shutdown_signal()).await?;
+            server.run(shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Process(args) => {
+            // As for the server: a signal during start-up is a graceful stop, not the default kill.
+            let shutdown = server::shutdown_signal();
             if let Some(addr) = args.metrics_listen {
                 let bound = eps::telemetry::serve_metrics(addr).await?;
                 println!("eps process metrics on http://{bound}/metrics");
@@ -154,7 +159,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                         dedup_max_ids: args.nats_dedup_max_ids,
                         ..processor::jetstream::JetStreamProcessOptions::new(opts, nats)
                     };
-                    let summary = processor::jetstream::run(opts, server::shutdown_signal()).await?;
+                    let summary = processor::jetstream::run(opts, shutdown).await?;
                     println!("{summary}");
                 }
                 Some(other) => {
@@ -164,7 +169,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     .into())
                 }
                 None => {
-                    let summary = processor::run(opts, server::shutdown_signal()).await?;
+                    let summary = processor::run(opts, shutdown).await?;
                     println!("{summary}");
                 }
             }
