@@ -320,17 +320,37 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     }
 }
 
-/// Replaces SIGHUP's default action (terminate, no drain) with a log line. Idempotent enough: each call
-/// adds a listener; the binary calls it once per command.
+/// Every SIGHUP the process received so far, as a count that subscribers watch ([`hangups`]): the
+/// parts that re-read a file on SIGHUP (certificates, tokens) wait for it to change.
+static HANGUPS: OnceLock<tokio::sync::watch::Sender<u64>> = OnceLock::new();
+
+fn hangup_counter() -> &'static tokio::sync::watch::Sender<u64> {
+    HANGUPS.get_or_init(|| tokio::sync::watch::channel(0).0)
+}
+
+/// A receiver that sees the SIGHUP count change; subscribe before [`ignore_hangup`]'s handler may fire.
+pub fn hangups() -> tokio::sync::watch::Receiver<u64> {
+    hangup_counter().subscribe()
+}
+
+/// Replaces SIGHUP's default action (terminate, no drain) with a log line and a tick of [`hangups`], so
+/// the parts that reload something can. Idempotent enough: each call adds a listener; the binary calls
+/// it once per command.
 pub fn ignore_hangup() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::hangup()) {
         Ok(mut hup) => {
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
-                    tracing::info!(
-                        "SIGHUP received and ignored (eps reloads no configuration; SIGTERM or SIGINT stop it gracefully)"
-                    );
+                    let watchers = hangup_counter().receiver_count();
+                    hangup_counter().send_modify(|n| *n += 1);
+                    if watchers == 0 {
+                        tracing::info!(
+                            "SIGHUP received and ignored (eps reloads no configuration; SIGTERM or SIGINT stop it gracefully)"
+                        );
+                    } else {
+                        tracing::info!("SIGHUP received: re-reading the files eps reloads");
+                    }
                 }
             });
         }
