@@ -11,6 +11,7 @@ pub mod browser;
 pub mod fault;
 pub mod nats;
 pub mod shim;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
