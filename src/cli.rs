@@ -119,6 +119,14 @@ pub struct ServerArgs {
     #[arg(long, env = "EPS_LISTEN", default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
 
+    /// Serve HTTPS on --listen with this PEM certificate chain (with --tls-key); re-read on SIGHUP.
+    #[arg(long, env = "EPS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert; re-read with it on SIGHUP.
+    #[arg(long, env = "EPS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     #[command(flatten)]
     pub store: StoreArgs,
 
@@ -302,6 +310,10 @@ pub struct ClientArgs {
     /// Token sent in the Authorization header (default: the seed's "secret").
     #[arg(long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true, hide_env_values = true)]
     pub token: String,
+
+    /// Trust only this CA (PEM) for https URLs, e.g. a private CA; without it, the platform's roots.
+    #[arg(long, env = "EPS_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 
     /// Events per request. 1 sends each event alone to POST /liveEvent (what the seed's server
     /// takes); more sends JSON Lines batches to POST /events, much faster. A batch is also cut at 1 MiB.

@@ -124,13 +124,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 body_timeout: Duration::from_secs(args.request_timeout_secs),
                 nats: nats_options(args.log.clone().unwrap_or_default(), args.nats),
                 log_url: args.log,
+                tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| server::tls::TlsFiles { cert, key }),
             };
             // Signals are taken over before anything else: a SIGTERM during recovery, or just after the
             // "listening" line, is a graceful stop, never the default action's kill.
             let shutdown = server::shutdown_signal();
             let server = server::Server::bind(opts).await?;
             // Scripts and tests read this line to learn the port (useful with --listen 127.0.0.1:0).
-            println!("eps server listening on http://{}", server.local_addr());
+            println!("eps server listening on {}://{}", server.scheme(), server.local_addr());
             server.run(shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -195,6 +196,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 new_run: args.new_run,
                 give_up_after: (args.give_up_after > 0).then(|| Duration::from_secs(args.give_up_after)),
                 failed_out: args.failed_out,
+                ca_cert: args.ca_cert,
             };
             let file = opts.file.clone();
             let summary = client::run_until(opts, client_stop_signal()).await?;

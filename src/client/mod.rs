@@ -151,6 +151,8 @@ pub struct ClientOptions {
     pub give_up_after: Option<Duration>,
     /// Write every invalid, refused or undelivered line here.
     pub failed_out: Option<PathBuf>,
+    /// Trust only this CA (PEM file) for https URLs; `None`: the platform's roots.
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Default for ClientOptions {
@@ -169,6 +171,7 @@ impl Default for ClientOptions {
             new_run: false,
             give_up_after: Some(DEFAULT_GIVE_UP_AFTER),
             failed_out: None,
+            ca_cert: None,
         }
     }
 }
@@ -1096,9 +1099,8 @@ impl Sender {
             .pool_max_idle_per_host(opts.concurrency.max(1))
             .connect_timeout(opts.timeout)
             .tcp_nodelay(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .context("cannot build the HTTP client")?;
+            .redirect(reqwest::redirect::Policy::none());
+        let http = trust(http, opts.ca_cert.as_deref())?.build().context("cannot build the HTTP client")?;
         Ok(Sender {
             http,
             pool: ServerPool::new(servers.len(), tuning.server_down),
@@ -1162,7 +1164,19 @@ impl Sender {
         let request = self.http.post(endpoint.clone()).headers(self.headers.clone()).timeout(self.timeout).body(body);
         let response = match request.send().await {
             Ok(response) => response,
-            Err(e) => return Attempt::Retry { error: describe(&e, self.timeout), retry_after: None },
+            Err(e) => {
+                let error = describe(&e, self.timeout);
+                // Retried like any failed connection (a server may be given a new certificate), but said
+                // once at the default level: otherwise the run only ends with "no server has taken a request".
+                if (certificate_refused(&e) || error.contains("invalid peer certificate"))
+                    && !CERTIFICATE_REFUSAL_SAID.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        server = %self.servers[server].name, error,
+                        "the server's TLS certificate is not trusted: give the CA that signed it with --ca-cert (EPS_CA_CERT)"
+                    );
+                }
+                return Attempt::Retry { error, retry_after: None };
+            }
         };
         let status = response.status();
         let retry_after = retry_after(response.headers());
@@ -1408,6 +1422,48 @@ async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Vec<
         }
     }
     Ok(out)
+}
+
+/// The roots https URLs are verified with: only `ca_cert` when given (a private CA, like curl's
+/// `--cacert`), else the platform's trust store, else (a platform without one) reqwest's bundled roots.
+fn trust(builder: reqwest::ClientBuilder, ca_cert: Option<&std::path::Path>) -> anyhow::Result<reqwest::ClientBuilder> {
+    if let Some(path) = ca_cert {
+        let pem = std::fs::read(path).with_context(|| format!("cannot read the CA certificate {}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+        anyhow::ensure!(!certs.is_empty(), "{} holds no PEM certificate", path.display());
+        return Ok(certs.into_iter().fold(builder.tls_built_in_root_certs(false), |b, c| b.add_root_certificate(c)));
+    }
+    let native: Vec<_> = rustls_native_certs::load_native_certs()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|der| reqwest::Certificate::from_der(der).ok())
+        .collect();
+    if native.is_empty() {
+        return Ok(builder);
+    }
+    Ok(native.into_iter().fold(builder.tls_built_in_root_certs(false), |b, c| b.add_root_certificate(c)))
+}
+
+static CERTIFICATE_REFUSAL_SAID: AtomicBool = AtomicBool::new(false);
+
+/// Whether rustls refused the server's certificate (somewhere in the error's causes; an `io::Error`
+/// hides its inner error from `source`, so it is opened with `get_ref`). reqwest's connector may carry
+/// it as text only, hence the caller's second test on rustls's wording.
+fn certificate_refused(e: &reqwest::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(rustls::Error::InvalidCertificate(_)) = c.downcast_ref::<rustls::Error>() {
+            return true;
+        }
+        if let Some(inner) = c.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            if let Some(rustls::Error::InvalidCertificate(_)) = inner.downcast_ref::<rustls::Error>() {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// A reqwest error with its causes ("error sending request" alone says nothing).

@@ -1124,8 +1124,7 @@ impl Membership {
 
     /// A session that sees the processors of `stream` without being one of them.
     async fn observe(url: &str, stream: &str) -> Result<Membership, StoreError> {
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(|e| StoreError::Other(format!("invalid PostgreSQL URL: {e}")))?;
+        let (mut config, tls) = crate::store::pg_tls::connect_config(url).map_err(|e| StoreError::Other(e.0))?;
         config.application_name("eps process (partition locks)");
         config.connect_timeout(Duration::from_secs(5));
         // This side's socket: a dead network ends the session for the processor within seconds, so it
@@ -1133,8 +1132,11 @@ impl Membership {
         config.keepalives(true).keepalives_idle(SERVER_KEEPALIVE_IDLE);
         config.keepalives_interval(SERVER_KEEPALIVE_INTERVAL).keepalives_retries(SERVER_KEEPALIVE_COUNT);
         config.tcp_user_timeout(SERVER_USER_TIMEOUT);
-        let (client, connection) =
-            config.connect(tokio_postgres::NoTls).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let (client, connection) = config.connect(tls).await.map_err(|e| match crate::store::pg_tls::tls_refusal(&e) {
+            // Not an outage: the store's own pool was refused the same way at start-up (see `pg_tls`).
+            Some(why) => StoreError::Other(format!("the partition-lock session was refused by TLS: {why}")),
+            None => StoreError::Unavailable(e.to_string()),
+        })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(error = %e, "the partition-lock session ended");

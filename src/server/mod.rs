@@ -29,6 +29,7 @@ mod console;
 mod error;
 mod routes;
 pub mod serve;
+pub mod tls;
 
 use error::ApiError;
 
@@ -56,6 +57,8 @@ pub struct ServerOptions {
     pub log_url: Option<String>,
     /// The JetStream log's options (its `url` is taken from `log_url`).
     pub nats: NatsLogOptions,
+    /// Serve HTTPS with these PEM files (re-read on SIGHUP); `None` serves plain HTTP.
+    pub tls: Option<tls::TlsFiles>,
 }
 
 impl ServerOptions {
@@ -75,6 +78,7 @@ impl ServerOptions {
             body_timeout: Duration::from_secs(10),
             log_url: None,
             nats: NatsLogOptions::new(""),
+            tls: None,
         }
     }
 }
@@ -106,6 +110,9 @@ impl AppState {
 
 pub struct Server {
     listener: TcpListener,
+    /// With `--tls-cert`: the certificate in force, and the SIGHUPs that re-read it (subscribed at bind,
+    /// so none is missed between bind and run).
+    tls: Option<(Arc<tls::Certificates>, tokio::sync::watch::Receiver<u64>)>,
     state: Arc<AppState>,
     log: Arc<dyn EventLog>,
     opts: ServerOptions,
@@ -128,6 +135,20 @@ impl Server {
             }
             tracing::warn!("running with the default token {DEFAULT_TOKEN:?}: set --token or EPS_TOKEN before exposing the server");
         }
+        let tls = match &opts.tls {
+            Some(files) => Some((tls::Certificates::load(files.clone())?, hangups())),
+            None => {
+                if !opts.listen.ip().is_loopback() {
+                    tracing::warn!(
+                        listen = %opts.listen,
+                        "serving plain HTTP on a non-loopback address: the token and the revenue cross the network \
+                         unencrypted, readable and replayable by anyone on the path; set --tls-cert and --tls-key \
+                         (or terminate TLS in a proxy in front)"
+                    );
+                }
+                None
+            }
+        };
         let log: Arc<dyn EventLog> = match &opts.log_url {
             Some(url) if crate::log::nats::is_nats_url(url) => {
                 let mut nats = opts.nats.clone();
@@ -163,7 +184,16 @@ impl Server {
             data_dir: opts.data_dir.clone(),
             store_metrics_at: tokio::sync::Mutex::new(None),
         });
-        Ok(Server { listener, state, log, opts })
+        Ok(Server { listener, tls, state, log, opts })
+    }
+
+    /// `https` with `--tls-cert`, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -216,7 +246,14 @@ impl Server {
             }
             state.console.close();
         };
-        serve::serve(self.listener, router, self.opts.limits.clone(), shutdown).await?;
+        let (certificates, reload_task) = match self.tls {
+            Some((certificates, hangups)) => (Some(certificates.clone()), Some(certificates.reload_on(hangups))),
+            None => (None, None),
+        };
+        serve::serve(self.listener, router, self.opts.limits.clone(), certificates, shutdown).await?;
+        if let Some(task) = reload_task {
+            task.abort();
+        }
         store_task.abort();
         sampler_task.abort();
         self.log.shutdown().await;

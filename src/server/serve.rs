@@ -13,6 +13,10 @@
 //!   of the socket. (A request body is bounded by the handlers' body timeout, 408.)
 //! - HTTP/1.1 only: what the seed's clients speak. hyper-util's HTTP/1-or-2 detection runs before any
 //!   timer applies, and an idle HTTP/2 connection would hold a slot with no request in flight;
+//! - TLS when given [`Certificates`]: the handshake is done in the connection's own task, bounded by
+//!   the header read timeout, so a slow or silent handshake holds one slot, never the accept loop;
+//!   the socket under TLS is the [`SendDeadline`] one, so the send timeout holds over TLS too. Each
+//!   connection keeps the configuration it was accepted with (see `tls`);
 //! - graceful shutdown: on the signal the listener closes, idle keep-alive connections are closed, and
 //!   requests in flight run to completion (bounded by [`Limits::drain_timeout`]).
 
@@ -32,6 +36,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
+
+use super::tls::Certificates;
 
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -60,6 +66,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    tls: Option<Arc<Certificates>>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -94,6 +101,7 @@ pub async fn serve(
         let first_byte_timeout = limits.header_read_timeout;
         let send_timeout = limits.send_timeout;
         let mut stopping = stopping.clone();
+        let tls = tls.as_ref().map(|certificates| certificates.current());
         tokio::spawn(async move {
             // hyper's header timeout starts with the first byte of a request; until then, this one.
             let mut byte = [0u8; 1];
@@ -112,9 +120,29 @@ pub async fn serve(
                     return;
                 }
             }
-            let io = TokioIo::new(SendDeadline::new(stream, send_timeout));
-            let connection = builder.serve_connection(io, service);
-            if let Err(e) = watcher.watch(connection).await {
+            let socket = SendDeadline::new(stream, send_timeout);
+            let served = match tls {
+                None => watcher.watch(builder.serve_connection(TokioIo::new(socket), service)).await,
+                Some(config) => {
+                    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(socket);
+                    let stream = tokio::select! {
+                        done = tokio::time::timeout(first_byte_timeout, handshake) => match done {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "connection closed: TLS handshake not done within the timeout");
+                                return;
+                            }
+                        },
+                        _ = stopping.wait_for(|stop| *stop) => return,
+                    };
+                    watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);

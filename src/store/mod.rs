@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use crate::config::ConfigError;
 use crate::money::Total;
 
+pub mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 

@@ -29,6 +29,7 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
+#[cfg(test)]
 use tokio_postgres::NoTls;
 
 use super::{
@@ -109,8 +110,8 @@ impl PostgresStore {
     /// Builds the pool and runs the migrations; fails if the database is unreachable now, so a
     /// misconfigured URL is reported at start-up rather than as 503s later.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        let mut config: tokio_postgres::Config =
-            url.parse().context("invalid PostgreSQL URL (expected postgres://user@host:port/dbname)")?;
+        // `sslmode` and `sslrootcert` as libpq reads them (see `pg_tls`); a bad value is a ConfigError.
+        let (mut config, tls) = super::pg_tls::connect_config(url)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(POOL_TIMEOUT);
         }
@@ -124,7 +125,7 @@ impl PostgresStore {
         }
         // Fast recycling only checks that the socket is open; a connection that died since is
         // reported by the query that uses it (as Unavailable) and then discarded by the pool.
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .wait_timeout(Some(POOL_TIMEOUT))
@@ -135,6 +136,13 @@ impl PostgresStore {
             .context("cannot build the PostgreSQL connection pool")?;
         let store = PostgresStore { pool };
         let doing = || format!("cannot prepare the PostgreSQL store at {}", redact(url));
+        // A certificate that does not verify, or no TLS where the URL requires it, is the
+        // configuration's fault: exit code 2 and no retry, with the cause (see `pg_tls`).
+        if let Err(PoolError::Backend(e)) = store.pool.get().await {
+            if let Some(why) = super::pg_tls::tls_refusal(&e) {
+                return Err(anyhow::Error::new(ConfigError(format!("{}: TLS refused: {why}", doing()))));
+            }
+        }
         match store.migrate().await {
             Ok(Ok(())) => Ok(store),
             // A ConfigError under the context: main exits 2 and the retry loops give up at once.
@@ -182,7 +190,12 @@ impl PostgresStore {
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
         self.pool.get().await.map_err(|e| match e {
             PoolError::NoRuntimeSpecified => StoreError::Other(format!("PostgreSQL pool misconfigured: {e}")),
-            PoolError::Backend(e) => pg_error("connecting", e),
+            // Refused by TLS after start-up (a certificate replaced by one that does not verify): not an
+            // outage to wait out, so not Unavailable.
+            PoolError::Backend(e) => match super::pg_tls::tls_refusal(&e) {
+                Some(why) => StoreError::Other(format!("PostgreSQL refused by TLS while connecting: {why}")),
+                None => pg_error("connecting", e),
+            },
             // Timeouts, a closed pool, a failed post-create hook: the database is not reachable now.
             e => StoreError::Unavailable(format!("no PostgreSQL connection: {e}")),
         })

@@ -11,6 +11,7 @@ pub mod browser;
 pub mod fault;
 pub mod nats;
 pub mod shim;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -448,7 +449,9 @@ impl ServerProc {
         let mut line = String::new();
         let read = within(START_TIMEOUT, "the server's first stdout line", stdout.read_line(&mut line)).await;
         let prefix = "eps server listening on http://";
-        let Some(addr) = line.trim_end().strip_prefix(prefix) else {
+        // With --tls-cert the line says https://.
+        let scheme = if line.starts_with("eps server listening on https://") { "https" } else { "http" };
+        let Some(addr) = line.trim_end().strip_prefix(prefix).or_else(|| line.trim_end().strip_prefix("eps server listening on https://")) else {
             let _ = child.start_kill();
             let _ = within(Duration::from_secs(10), "the failed server to exit", child.wait()).await;
             panic!(
@@ -457,7 +460,7 @@ impl ServerProc {
             );
         };
         let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap_or_else(|e| panic!("port in {line:?}: {e}"));
-        ServerProc { child, port, url: format!("http://127.0.0.1:{port}"), stderr_path, _stdout: stdout }
+        ServerProc { child, port, url: format!("{scheme}://127.0.0.1:{port}"), stderr_path, _stdout: stdout }
     }
 
     pub fn pid(&self) -> u32 {
