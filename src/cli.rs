@@ -127,6 +127,16 @@ pub struct ServerArgs {
     #[arg(long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true, hide_env_values = true)]
     pub token: String,
 
+    /// TOML file of scoped tokens ([[token]] tables: name, scopes, value or sha256, optionally
+    /// events_per_second and burst), re-read on SIGHUP; replaces --token. See docs/SECURITY.md.
+    #[arg(long, env = "EPS_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+
+    /// Rate limit of each token that sets none in the tokens file (and of --token), in events per
+    /// second, with a burst of one second's worth; a batch costs its number of events. 0: no limit.
+    #[arg(long, env = "EPS_RATE_LIMIT_EVENTS_PER_SECOND", default_value_t = 0)]
+    pub rate_limit_events_per_second: u32,
+
     /// Largest accepted POST /liveEvent body, in bytes (larger ones get 413).
     #[arg(long, env = "EPS_BODY_LIMIT", default_value_t = 1024 * 1024)]
     pub body_limit: usize,

@@ -107,6 +107,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let opts = server::ServerOptions {
                 listen: args.listen,
                 data_dir: args.store.data_dir,
+                tokens_file: args.tokens_file,
+                rate_limit: server::auth::RateLimit::per_second(args.rate_limit_events_per_second),
                 token: args.token,
                 database_url: args.store.database_url,
                 body_limit: args.body_limit,

@@ -11,23 +11,22 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use serde::Serialize;
-use subtle::ConstantTimeEq;
 
+use super::auth::Scope;
 use super::error::ApiError;
 use super::AppState;
 use crate::event::{parse_user_id, EventRef};
 use crate::log::{Appended, LogBatch};
 
-/// Accepts `Authorization: <token>` (what the seed's client sends) and `Authorization: Bearer <token>`.
-pub(super) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let given = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
-    let given = given.strip_prefix(b"Bearer ").unwrap_or(given);
-    // Constant time over the bytes, so response timing does not reveal how much of a guess was right.
-    if bool::from(given.ct_eq(state.token.as_bytes())) {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized)
-    }
+/// Accepts `Authorization: <token>` (what the seed's client sends) and `Authorization: Bearer <token>`,
+/// for a token holding `scope` (see [`super::auth`]); `route` labels the refusal counters.
+pub(super) fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    scope: Scope,
+    route: &'static str,
+) -> Result<super::auth::Grant, ApiError> {
+    state.auth.authorize(headers, scope, route)
 }
 
 /// JSON or nothing: a missing Content-Type is taken as JSON (old clients omit it); any other is refused.
@@ -187,7 +186,8 @@ pub(super) struct Readiness {
     responses(
         (status = 200, description = "The event is on stable storage (or its id already was)", body = Received),
         (status = 400, description = "Not a valid event", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "The token is known but does not hold the scope this route needs (see docs/SECURITY.md)", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
         (status = 409, description = "The id is already stored with other content (userId, name or value), or (ids of the \
          producer scheme) its producer holds the most sequence ranges allowed: nothing stored, and a retry is refused the same way", body = ErrorBody),
@@ -202,10 +202,11 @@ pub(super) async fn live_event(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Received>, ApiError> {
-    authorize(&state, &headers)?;
+    let grant = authorize(&state, &headers, Scope::Ingest, "/liveEvent")?;
     require_json(&headers)?;
     let body = body_bytes(&state, body, state.body_limit).await?;
     let event = EventRef::parse_request(&body)?;
+    grant.charge(1, "/liveEvent")?;
     let ts = crate::clock::wall_millis();
     let mut batch = LogBatch::with_capacity(1);
     batch.push(&event, ts);
@@ -301,7 +302,8 @@ pub(super) struct LineError {
         (status = 200, description = "Every valid line is on stable storage (in one sync); invalid lines, and lines whose id is \
          already stored with other content (a conflict), are listed in errors and not stored", body = BatchReceived),
         (status = 400, description = "No line is a valid event, or the body holds no event: nothing stored", body = BatchRefused),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "The token is known but does not hold the scope this route needs (see docs/SECURITY.md)", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
         (status = 413, description = "Body larger than the limit, more than 10,000 events, or (JetStream log) an event larger than the NATS server's max_payload", body = ErrorBody),
         (status = 415, description = "Content-Type is not JSON Lines", body = ErrorBody),
@@ -317,7 +319,7 @@ pub(super) async fn post_events(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<BatchReceived>, BatchError> {
-    authorize(&state, &headers)?;
+    let grant = authorize(&state, &headers, Scope::Ingest, "/events")?;
     require_json_lines(&headers)?;
     let body = body_bytes(&state, body, state.batch_body_limit).await?;
     let ts = crate::clock::wall_millis();
@@ -358,6 +360,8 @@ pub(super) async fn post_events(
         };
         return Err(BatchError::Refused(BatchRefused { error, rejected: invalid, errors }));
     }
+    // A batch costs its events: refused whole (nothing stored) if the token's limit cannot take them.
+    grant.charge(batch.len(), "/events")?;
     let answers = state.log.append(batch).await?;
     let duplicates = answers.iter().filter(|a| **a == Appended::Duplicate).count();
     let stored = answers.iter().filter(|a| **a == Appended::Stored).count();
@@ -426,7 +430,8 @@ impl axum::response::IntoResponse for BatchError {
     responses(
         (status = 200, description = "The user's revenue as applied by the processor", body = UserRevenue),
         (status = 400, description = "Not a valid userId", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "The token is known but does not hold the scope this route needs (see docs/SECURITY.md)", body = ErrorBody),
         (status = 404, description = "No event of this user was applied", body = ErrorBody),
         (status = 503, description = "The database is unreachable; retry after Retry-After seconds", body = ErrorBody,
          headers(("Retry-After" = u32, description = "Seconds to wait"))),
@@ -437,7 +442,7 @@ pub(super) async fn user_events(
     headers: HeaderMap,
     user_id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<UserRevenue>, ApiError> {
-    authorize(&state, &headers)?;
+    authorize(&state, &headers, Scope::Read, "/userEvents/{user_id}")?;
     let Path(user_id) = user_id.map_err(|r| ApiError::BadRequest(r.body_text()))?;
     // The same rule as an event's userId: an id no event can carry is a 400 on every store, and never
     // reaches the database (PostgreSQL refuses a NUL with an error that would read as an outage).
