@@ -219,3 +219,70 @@ async fn sighup_rotates_the_tokens_without_failing_requests_in_flight() {
     assert_eq!(status_of(&http, &server.url, "POST", "/liveEvent", Some("token-b")).await, 200);
     assert!(!server.stderr().contains("token-a") && !server.stderr().contains("token-b"), "a token was logged");
 }
+
+/// A token limited to 200 events a second (burst 100) and a client that sends 1,000 events in
+/// batches of 50, 8 at a time: the server answers 429 with Retry-After (nothing stored) to what is
+/// over the limit, and the client, honouring it, ends with every event stored exactly once.
+#[tokio::test]
+async fn a_burst_over_the_rate_limit_gets_429_and_the_client_stores_every_event_once() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let tokens = env.tmp.path().join("tokens.toml");
+    write_tokens(
+        &tokens,
+        "[[token]]\nname = \"producer\"\nscopes = [\"ingest\"]\nvalue = \"limited\"\nevents_per_second = 200\nburst = 100\n",
+    );
+    let server = env.server_with(&["--tokens-file", &tokens.display().to_string()]).await;
+    let http = http();
+    // Over the burst at once: 429 with Retry-After, and nothing of the refused batch stored.
+    let batch = |from: usize, n: usize| -> String {
+        (from..from + n).map(|i| format!("{{\"userId\":\"direct\",\"name\":\"add_revenue\",\"value\":1,\"id\":\"d-{i}\"}}\n")).collect()
+    };
+    let first = http
+        .post(format!("{}/events", server.url))
+        .header("Authorization", "limited")
+        .header("Content-Type", "application/x-ndjson")
+        .body(batch(0, 100))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status().as_u16(), 200);
+    let second = http
+        .post(format!("{}/events", server.url))
+        .header("Authorization", "limited")
+        .header("Content-Type", "application/x-ndjson")
+        .body(batch(100, 100))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status().as_u16(), 429, "{:?}", second.text().await);
+    let retry_after: u64 = second.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry_after), "Retry-After {retry_after}");
+    assert_eq!(log_lines(&env.log_dir()).len(), 100, "the refused batch was stored");
+    // More than the burst in one request can never pass: 413, not an endless 429.
+    let huge = http
+        .post(format!("{}/events", server.url))
+        .header("Authorization", "limited")
+        .body(batch(1000, 101))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status().as_u16(), 413);
+
+    let lines: Vec<String> =
+        (0..1000).map(|i| format!("{{\"userId\":\"c{}\",\"name\":\"add_revenue\",\"value\":1}}", i % 10)).collect();
+    let file = env.write_file("events.jsonl", &lines);
+    let out = client(&file, &server.url, &["--token", "limited", "--batch", "50", "--concurrency", "8"]).await;
+    assert!(out.status.success(), "the client did not complete: {out}");
+    let stored = log_lines(&env.log_dir());
+    let from_client: Vec<_> = stored.iter().filter(|e| e["userId"].as_str().unwrap().starts_with('c')).collect();
+    assert_eq!(from_client.len(), 1000, "every event of the client once: {out}");
+    let ids: std::collections::BTreeSet<_> = from_client.iter().map(|e| e["id"].to_string()).collect();
+    assert_eq!(ids.len(), 1000, "an event stored twice");
+    let metrics = http.get(format!("{}/metrics", server.url)).send().await.unwrap().text().await.unwrap();
+    let limited = metrics
+        .lines()
+        .find(|l| l.starts_with(r#"eps_http_auth_refusals_total{route="/events",reason="rate_limited"}"#))
+        .unwrap_or_else(|| panic!("no rate_limited count in /metrics:\n{metrics}"));
+    let count: f64 = limited.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count >= 2.0, "the client's burst met no 429: {limited}");
+}

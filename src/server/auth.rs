@@ -349,4 +349,13 @@ mod tests {
         assert!(auth.reload().is_err());
         assert!(auth.authorize(&headers("ingest-1"), Scope::Ingest, "/t").is_ok(), "a broken file keeps the old set");
     }
+
+    #[test]
+    fn the_server_wide_limit_applies_to_the_single_token() {
+        let auth = Auth::new(TokenSource::Single("t".into()), RateLimit::per_second(5), true).unwrap();
+        let grant = auth.authorize(&headers("t"), Scope::Read, "/t").unwrap();
+        assert!(grant.charge(5, "/t").is_ok());
+        assert!(matches!(grant.charge(1, "/t"), Err(ApiError::TooManyRequests { retry_after_secs: 1 })));
+        assert!(Auth::new(TokenSource::Single("secret".into()), None, false).is_err(), "the seed's token off loopback");
+    }
 }

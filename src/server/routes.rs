@@ -191,8 +191,10 @@ pub(super) struct Readiness {
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
         (status = 409, description = "The id is already stored with other content (userId, name or value), or (ids of the \
          producer scheme) its producer holds the most sequence ranges allowed: nothing stored, and a retry is refused the same way", body = ErrorBody),
-        (status = 413, description = "Body larger than the limit, or (JetStream log) the event larger than the NATS server's max_payload", body = ErrorBody),
+        (status = 413, description = "Body larger than the limit (decompressed), or (JetStream log) the event larger than the NATS server's max_payload", body = ErrorBody),
         (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
+        (status = 429, description = "The token's rate limit is reached: nothing stored; retry after Retry-After seconds", body = ErrorBody,
+         headers(("Retry-After" = u32, description = "Seconds to wait"))),
         (status = 503, description = "The log cannot be written now; retry after Retry-After seconds", body = ErrorBody,
          headers(("Retry-After" = u32, description = "Seconds to wait"))),
     )
@@ -305,8 +307,10 @@ pub(super) struct LineError {
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 403, description = "The token is known but does not hold the scope this route needs (see docs/SECURITY.md)", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
-        (status = 413, description = "Body larger than the limit, more than 10,000 events, or (JetStream log) an event larger than the NATS server's max_payload", body = ErrorBody),
+        (status = 413, description = "Body larger than the limit (decompressed), more than 10,000 events, more events than the token's rate-limit burst, or (JetStream log) an event larger than the NATS server's max_payload", body = ErrorBody),
         (status = 415, description = "Content-Type is not JSON Lines", body = ErrorBody),
+        (status = 429, description = "The token's rate limit cannot take the batch's events now: nothing stored; retry after Retry-After seconds", body = ErrorBody,
+         headers(("Retry-After" = u32, description = "Seconds to wait"))),
         (status = 503, description = "The log cannot be written now: nothing of the batch is acknowledged; retry after Retry-After seconds", body = ErrorBody,
          headers(("Retry-After" = u32, description = "Seconds to wait"))),
     )
