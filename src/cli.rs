@@ -137,6 +137,12 @@ pub struct ServerArgs {
     #[arg(long, env = "EPS_RATE_LIMIT_EVENTS_PER_SECOND", default_value_t = 0)]
     pub rate_limit_events_per_second: u32,
 
+    /// Origin (https://shop.example) whose web pages may send events from a browser: preflights are
+    /// answered and CORS headers added on POST /liveEvent and POST /events only. Repeat the flag for
+    /// several (EPS_CORS_ORIGINS: comma-separated); "*" for any. The read routes never allow it.
+    #[arg(long, env = "EPS_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+
     /// Largest accepted POST /liveEvent body, in bytes (larger ones get 413).
     #[arg(long, env = "EPS_BODY_LIMIT", default_value_t = 1024 * 1024)]
     pub body_limit: usize,

@@ -108,6 +108,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 listen: args.listen,
                 data_dir: args.store.data_dir,
                 tokens_file: args.tokens_file,
+                cors_origins: args.cors_origin,
                 rate_limit: server::auth::RateLimit::per_second(args.rate_limit_events_per_second),
                 token: args.token,
                 database_url: args.store.database_url,

@@ -286,3 +286,88 @@ async fn a_burst_over_the_rate_limit_gets_429_and_the_client_stores_every_event_
     let count: f64 = limited.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(count >= 2.0, "the client's burst met no 429: {limited}");
 }
+
+async fn preflight(http: &reqwest::Client, url: &str, path: &str, origin: &str) -> reqwest::Response {
+    http.request(reqwest::Method::OPTIONS, format!("{url}{path}"))
+        .header("Origin", origin)
+        .header("Access-Control-Request-Method", "POST")
+        .header("Access-Control-Request-Headers", "authorization, content-type, content-encoding")
+        .send()
+        .await
+        .unwrap()
+}
+
+fn allowed_origin(response: &reqwest::Response) -> Option<String> {
+    response.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_string())
+}
+
+/// A page of an allowed origin may send events (its preflight is answered, the POST's answer carries
+/// the CORS header); another origin gets no CORS header, so its browser blocks the request; the read
+/// routes never allow a cross-origin read, from any origin.
+#[tokio::test]
+async fn cors_preflights_are_answered_for_allowed_origins_on_the_ingest_routes_only() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let server = env
+        .server_with_env(&["--cors-origin", "https://shop.example"], &[("EPS_CORS_ORIGINS", "https://ignored.example".into())])
+        .await;
+    let http = http();
+    for path in ["/liveEvent", "/events"] {
+        let ok = preflight(&http, &server.url, path, "https://shop.example").await;
+        assert!(ok.status().is_success(), "preflight {path}: {}", ok.status());
+        assert_eq!(allowed_origin(&ok).as_deref(), Some("https://shop.example"), "preflight {path}");
+        let methods = ok.headers()["access-control-allow-methods"].to_str().unwrap().to_ascii_uppercase();
+        assert!(methods.contains("POST"), "{methods}");
+        let headers = ok.headers()["access-control-allow-headers"].to_str().unwrap().to_ascii_lowercase();
+        assert!(headers.contains("authorization") && headers.contains("content-encoding"), "{headers}");
+        let refused = preflight(&http, &server.url, path, "https://evil.example").await;
+        assert_eq!(allowed_origin(&refused), None, "preflight {path} from a refused origin");
+    }
+    let posted = http
+        .post(format!("{}/liveEvent", server.url))
+        .header("Origin", "https://shop.example")
+        .header("Authorization", "secret")
+        .header("Content-Type", "application/json")
+        .body(EVENT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status().as_u16(), 200);
+    assert_eq!(allowed_origin(&posted).as_deref(), Some("https://shop.example"));
+    for path in ["/userEvents/u1", "/console/summary", "/metrics", "/"] {
+        let pre = preflight(&http, &server.url, path, "https://shop.example").await;
+        assert_eq!(allowed_origin(&pre), None, "preflight {path} allowed a cross-origin read");
+        let get = http
+            .get(format!("{}{path}", server.url))
+            .header("Origin", "https://shop.example")
+            .header("Authorization", "secret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(allowed_origin(&get), None, "GET {path} allowed a cross-origin read");
+    }
+    drop(server);
+    // The environment's comma-separated list, when no flag is given.
+    let server = env.server_with_env(&[], &[("EPS_CORS_ORIGINS", "https://a.example, https://b.example".into())]).await;
+    let b = preflight(&http, &server.url, "/events", "https://b.example").await;
+    assert_eq!(allowed_origin(&b).as_deref(), Some("https://b.example"));
+}
+
+/// The console page and its assets carry a Content-Security-Policy that forbids framing, and
+/// `X-Content-Type-Options: nosniff`. (tests/console_browser.rs shows the page works under it.)
+#[tokio::test]
+async fn the_console_page_carries_its_security_headers() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let server = env.server().await;
+    let http = http();
+    for path in ["/", "/console/console.js", "/console/console.css"] {
+        let response = http.get(format!("{}{path}", server.url)).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+        let csp = header("content-security-policy").unwrap_or_else(|| panic!("GET {path}: no Content-Security-Policy"));
+        for directive in ["frame-ancestors 'none'", "script-src 'self'", "default-src 'none'"] {
+            assert!(csp.contains(directive), "GET {path}: no {directive:?} in {csp:?}");
+        }
+        assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"), "{csp}");
+        assert_eq!(header("x-content-type-options").as_deref(), Some("nosniff"), "GET {path}");
+    }
+}

@@ -45,6 +45,8 @@ pub struct ServerOptions {
     pub tokens_file: Option<PathBuf>,
     /// Each token's rate limit unless its entry sets one (`--rate-limit-events-per-second`).
     pub rate_limit: Option<auth::RateLimit>,
+    /// `--cors-origin`: origins whose pages may POST events from a browser (ingest routes only).
+    pub cors_origins: Vec<String>,
     pub database_url: Option<String>,
     pub body_limit: usize,
     /// Largest accepted `POST /events` body, in bytes.
@@ -71,6 +73,7 @@ impl ServerOptions {
             token: DEFAULT_TOKEN.into(),
             tokens_file: None,
             rate_limit: None,
+            cors_origins: Vec::new(),
             database_url: None,
             body_limit: 1024 * 1024,
             batch_body_limit: 16 * 1024 * 1024,
@@ -118,6 +121,8 @@ pub struct Server {
     opts: ServerOptions,
     /// SIGHUPs, watched to re-read the tokens file (subscribed at bind, so none is missed).
     hangups: Option<tokio::sync::watch::Receiver<u64>>,
+    /// CORS for the ingest routes, when origins are given.
+    cors: Option<tower_http::cors::CorsLayer>,
 }
 
 impl Server {
@@ -130,6 +135,7 @@ impl Server {
             None => auth::TokenSource::Single(opts.token.clone()),
         };
         let auth = auth::Auth::new(source, opts.rate_limit, loopback)?;
+        let cors = cors_layer(&opts.cors_origins)?;
         if opts.tokens_file.is_some() && opts.token != DEFAULT_TOKEN {
             tracing::warn!("--token (EPS_TOKEN) is ignored: the tokens come from --tokens-file");
         }
@@ -172,7 +178,7 @@ impl Server {
             store_metrics_at: tokio::sync::Mutex::new(None),
         });
         let hangups = state.auth.file().is_some().then(hangups);
-        Ok(Server { listener, state, log, opts, hangups })
+        Ok(Server { listener, state, log, opts, hangups, cors })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -180,9 +186,18 @@ impl Server {
     }
 
     pub fn router(&self) -> Router {
+        // Browsers may send events (CORS, when origins are configured) to the ingest routes only: the
+        // layer is on their method routers, so no other route ever answers a preflight or allows a
+        // cross-origin read.
+        // The layer answers a preflight (OPTIONS) before the route's OPTIONS handler, which answers
+        // any other OPTIONS 405 as before.
+        let ingest = |route: axum::routing::MethodRouter<Arc<AppState>>| match &self.cors {
+            Some(cors) => route.options(routes::method_not_allowed).layer(cors.clone()),
+            None => route,
+        };
         Router::new()
-            .route("/liveEvent", post(routes::live_event))
-            .route("/events", post(routes::post_events))
+            .route("/liveEvent", ingest(post(routes::live_event)))
+            .route("/events", ingest(post(routes::post_events)))
             .route("/userEvents/{user_id}", get(routes::user_events))
             .route("/healthz", get(routes::healthz))
             .route("/readyz", get(routes::readyz))
@@ -237,6 +252,49 @@ impl Server {
         let refused = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
         refused.map_or(Ok(()), Err)
     }
+}
+
+/// The CORS layer of the ingest routes: the origins given (or any, for "*"), POST with the headers
+/// eps reads, no credentials (the token is a header, never a cookie), Retry-After readable by the
+/// page. `None` without origins: no CORS header at all.
+fn cors_layer(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>, ConfigError> {
+    use axum::http::{header, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins: Vec<&str> = origins.iter().map(|o| o.trim()).filter(|o| !o.is_empty()).collect();
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow = if origins.contains(&"*") {
+        AllowOrigin::any()
+    } else {
+        let mut list = Vec::new();
+        for origin in origins {
+            match HeaderValue::from_str(origin.trim_end_matches('/')) {
+                Ok(value) if valid_origin(origin) => list.push(value),
+                _ => {
+                    return Err(ConfigError(format!(
+                        "invalid --cors-origin {origin:?}: give scheme://host[:port], e.g. https://shop.example, or \"*\""
+                    )))
+                }
+            }
+        }
+        AllowOrigin::list(list)
+    };
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::CONTENT_ENCODING])
+            .expose_headers([header::RETRY_AFTER])
+            .max_age(Duration::from_secs(600)),
+    ))
+}
+
+/// `scheme://host[:port]`: what a browser sends as `Origin` (no path, no trailing slash).
+fn valid_origin(origin: &str) -> bool {
+    let origin = origin.trim_end_matches('/');
+    let Some((scheme, rest)) = origin.split_once("://") else { return false };
+    matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.contains(['/', ' ', '?', '#'])
 }
 
 /// Re-reads the tokens file on each SIGHUP. A file that cannot be read or is not valid leaves the
