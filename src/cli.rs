@@ -374,6 +374,17 @@ pub struct ClientArgs {
     /// store them once. Emptied at the start of a send, appended to by a resumed run.
     #[arg(long, env = "EPS_FAILED_OUT")]
     pub failed_out: Option<PathBuf>,
+
+    /// Compress request bodies: gzip (Content-Encoding: gzip; the server limits the decompressed
+    /// size), or none.
+    #[arg(long, env = "EPS_COMPRESS", value_enum, default_value_t = CompressArg::None)]
+    pub compress: CompressArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompressArg {
+    None,
+    Gzip,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

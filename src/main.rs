@@ -198,6 +198,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 new_run: args.new_run,
                 give_up_after: (args.give_up_after > 0).then(|| Duration::from_secs(args.give_up_after)),
                 failed_out: args.failed_out,
+                gzip: args.compress == eps::cli::CompressArg::Gzip,
             };
             let file = opts.file.clone();
             let summary = client::run_until(opts, client_stop_signal()).await?;

@@ -371,3 +371,77 @@ async fn the_console_page_carries_its_security_headers() {
         assert_eq!(header("x-content-type-options").as_deref(), Some("nosniff"), "GET {path}");
     }
 }
+
+fn gz(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+async fn post_gzip(http: &reqwest::Client, url: &str, path: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
+    let content_type = if path == "/events" { "application/x-ndjson" } else { "application/json" };
+    let response = http
+        .post(format!("{url}{path}"))
+        .header("Authorization", "secret")
+        .header("Content-Type", content_type)
+        .header("Content-Encoding", "gzip")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// The server's peak resident memory (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// gzip bodies on both ingest routes: a batch and an event are stored; a bomb (512 MiB of zeros in
+/// 512 KiB) gets 413 after at most the limit's worth of decompression (the server's peak memory stays
+/// far below what inflating it would take); a truncated stream gets 400; nothing of either is stored.
+/// `eps client --compress gzip` delivers a file.
+#[tokio::test]
+async fn gzip_bodies_are_taken_and_bombs_and_truncated_streams_refused() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let server = env.server_with(&["--body-limit", "65536", "--batch-body-limit", "1048576"]).await;
+    let http = http();
+    let batch: String = (0..300).map(|i| format!("{{\"userId\":\"g{}\",\"name\":\"add_revenue\",\"value\":1}}\n", i % 7)).collect();
+    let (status, answer) = post_gzip(&http, &server.url, "/events", gz(batch.as_bytes())).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["accepted"], 300, "{answer}");
+    let (status, answer) = post_gzip(&http, &server.url, "/liveEvent", gz(EVENT.as_bytes())).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(log_lines(&env.log_dir()).len(), 301);
+
+    // 1 MiB of zeros compresses to about 1 KiB; 512 such members make a 512 MiB body.
+    let member = gz(&vec![0u8; 1 << 20]);
+    let bomb = member.repeat(512);
+    assert!(bomb.len() < 1 << 20, "the bomb itself is within the limit: {}", bomb.len());
+    let before = peak_rss(server.pid());
+    for path in ["/events", "/liveEvent"] {
+        let limit_ok = if path == "/events" { bomb.clone() } else { member.repeat(2) };
+        let (status, answer) = post_gzip(&http, &server.url, path, limit_ok).await;
+        assert_eq!(status, 413, "{path}: {answer}");
+        assert!(answer["error"].as_str().unwrap().contains("decompressed"), "{answer}");
+    }
+    let grown = peak_rss(server.pid()).saturating_sub(before);
+    assert!(grown < 64 << 20, "the bomb was inflated: peak memory grew by {grown} bytes");
+
+    let whole = gz(batch.as_bytes());
+    for cut in [whole.len() - 4, whole.len() / 2, 5] {
+        let (status, answer) = post_gzip(&http, &server.url, "/events", whole[..cut].to_vec()).await;
+        assert_eq!(status, 400, "cut at {cut}: {answer}");
+    }
+    assert_eq!(log_lines(&env.log_dir()).len(), 301, "a refused body was stored");
+
+    let lines: Vec<String> = (0..500).map(|i| format!("{{\"userId\":\"z{}\",\"name\":\"add_revenue\",\"value\":2}}", i % 5)).collect();
+    let file = env.write_file("gz.jsonl", &lines);
+    let out = client(&file, &server.url, &["--compress", "gzip", "--batch", "100"]).await;
+    assert!(out.status.success(), "{out}");
+    assert_eq!(log_lines(&env.log_dir()).len(), 801);
+}
