@@ -135,6 +135,22 @@ pub struct ServerArgs {
     #[arg(long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true, hide_env_values = true)]
     pub token: String,
 
+    /// TOML file of scoped tokens ([[token]] tables: name, scopes, value or sha256, optionally
+    /// events_per_second and burst), re-read on SIGHUP; replaces --token. See docs/SECURITY.md.
+    #[arg(long, env = "EPS_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+
+    /// Rate limit of each token that sets none in the tokens file (and of --token), in events per
+    /// second, with a burst of one second's worth; a batch costs its number of events. 0: no limit.
+    #[arg(long, env = "EPS_RATE_LIMIT_EVENTS_PER_SECOND", default_value_t = 0)]
+    pub rate_limit_events_per_second: u32,
+
+    /// Origin (https://shop.example) whose web pages may send events from a browser: preflights are
+    /// answered and CORS headers added on POST /liveEvent and POST /events only. Repeat the flag for
+    /// several (EPS_CORS_ORIGINS: comma-separated); "*" for any. The read routes never allow it.
+    #[arg(long, env = "EPS_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+
     /// Largest accepted POST /liveEvent body, in bytes (larger ones get 413).
     #[arg(long, env = "EPS_BODY_LIMIT", default_value_t = 1024 * 1024)]
     pub body_limit: usize,
@@ -370,6 +386,17 @@ pub struct ClientArgs {
     /// store them once. Emptied at the start of a send, appended to by a resumed run.
     #[arg(long, env = "EPS_FAILED_OUT")]
     pub failed_out: Option<PathBuf>,
+
+    /// Compress request bodies: gzip (Content-Encoding: gzip; the server limits the decompressed
+    /// size), or none.
+    #[arg(long, env = "EPS_COMPRESS", value_enum, default_value_t = CompressArg::None)]
+    pub compress: CompressArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompressArg {
+    None,
+    Gzip,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -107,6 +107,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let opts = server::ServerOptions {
                 listen: args.listen,
                 data_dir: args.store.data_dir,
+                tokens_file: args.tokens_file,
+                cors_origins: args.cors_origin,
+                rate_limit: server::auth::RateLimit::per_second(args.rate_limit_events_per_second),
                 token: args.token,
                 database_url: args.store.database_url,
                 body_limit: args.body_limit,
@@ -197,6 +200,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 give_up_after: (args.give_up_after > 0).then(|| Duration::from_secs(args.give_up_after)),
                 failed_out: args.failed_out,
                 ca_cert: args.ca_cert,
+                gzip: args.compress == eps::cli::CompressArg::Gzip,
             };
             let file = opts.file.clone();
             let summary = client::run_until(opts, client_stop_signal()).await?;

@@ -173,6 +173,10 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!("eps_http_requests_total", "HTTP requests answered, by route pattern, method and status");
     describe_histogram!("eps_http_request_duration_seconds", Unit::Seconds, "HTTP request latency, by route pattern");
+    describe_counter!(
+        "eps_http_auth_refusals_total",
+        "Requests refused by the token check, by route and reason (missing_token, unknown_token, scope, rate_limited, over_burst)"
+    );
     describe_counter!("eps_events_appended_total", "Events written to the log and synced");
     describe_counter!("eps_events_duplicate_total", "Events not written because their id was already in the log");
     describe_counter!("eps_log_bytes_written_total", "Bytes appended to the log");

@@ -165,6 +165,14 @@ fn bad(what: impl Into<String>, body: impl Into<Vec<u8>>, error: &'static str) -
     case(what, Req::post(body), Expect::Error(400, error))
 }
 
+/// `data` as one gzip member.
+fn gz(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
 /// A valid event body; `value` is the JSON number's text.
 fn ev(user: &str, value: &str) -> String {
     format!(r#"{{"userId":{},"name":"add_revenue","value":{value}}}"#, serde_json::to_string(user).unwrap())
@@ -455,6 +463,53 @@ fn catalogue() -> Vec<Case> {
         send: Send::Stall(Req::post(&slow_body[..10]).framing(Framing::DeclaredLength(10 * 1024 * 1024)).bytes()),
         expect: Expect::Error(408, "not received"),
     });
+
+    // --- Content encoding (issue 18, item 6) ---------------------------------------------------------
+    let event_gz = gz(ev("hostile-gzip", "3").as_bytes());
+    cases.push(ok("a gzip body", Req::post(event_gz.clone()).header("Content-Encoding", "gzip"), "hostile-gzip", "3"));
+    cases.push(case(
+        "a gzip body cut short",
+        Req::post(&event_gz[..event_gz.len() - 6]).header("Content-Encoding", "gzip"),
+        Expect::Error(400, "gzip"),
+    ));
+    cases.push(case(
+        "Content-Encoding gzip on a plain body",
+        Req::post(ev("hostile-rejected-gzip", "1")).header("Content-Encoding", "gzip"),
+        Expect::Error(400, "gzip"),
+    ));
+    // 4 MiB of zeros in 4 members of a few KB each: over the 1 MiB limit only once decompressed.
+    let member = gz(&vec![0u8; 1024 * 1024]);
+    cases.push(case(
+        "a gzip bomb",
+        Req::post(member.repeat(4)).header("Content-Encoding", "gzip"),
+        Expect::Error(413, "decompressed"),
+    ));
+    for coding in [b"br".as_slice(), b"deflate", b"gzip, gzip", b"\xffgzip"] {
+        cases.push(case(
+            format!("Content-Encoding {}", String::from_utf8_lossy(coding)),
+            Req::post(ev("hostile-rejected-coding", "1")).header("Content-Encoding", coding),
+            Expect::Error(415, "Content-Encoding"),
+        ));
+    }
+
+    // --- Tokens and origins (issue 18, items 3 and 5) -------------------------------------------------
+    cases.push(case(
+        "an unknown Bearer token",
+        Req::post(ev("hostile-rejected-token", "1")).header("Authorization", "Bearer not-the-token"),
+        Expect::Error(401, "token"),
+    ));
+    cases.push(case(
+        "a token of 64 KB",
+        Req::post(ev("hostile-rejected-token", "1")).header("Authorization", "t".repeat(64 * 1024)),
+        Expect::Error(401, "token"),
+    ));
+    // CORS is for browsers: an Origin header neither grants nor refuses anything to the token holder.
+    cases.push(ok(
+        "an Origin header from anywhere",
+        Req::post(ev("hostile-origin", "4")).header("Origin", "https://evil.example"),
+        "hostile-origin",
+        "4",
+    ));
 
     // --- Content type -------------------------------------------------------------------------------
     for media in [

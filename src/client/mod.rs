@@ -153,6 +153,8 @@ pub struct ClientOptions {
     pub failed_out: Option<PathBuf>,
     /// Trust only this CA (PEM file) for https URLs; `None`: the platform's roots.
     pub ca_cert: Option<PathBuf>,
+    /// Send request bodies gzip-compressed (`Content-Encoding: gzip`).
+    pub gzip: bool,
 }
 
 impl Default for ClientOptions {
@@ -172,6 +174,7 @@ impl Default for ClientOptions {
             give_up_after: Some(DEFAULT_GIVE_UP_AFTER),
             failed_out: None,
             ca_cert: None,
+            gzip: false,
         }
     }
 }
@@ -1061,6 +1064,8 @@ struct Sender {
     backoff: Backoff,
     /// Set when the run stops: no retry is made after it.
     stop: Arc<Stop>,
+    /// Bodies are sent gzip-compressed.
+    gzip: bool,
 }
 
 /// One server: its URL as given (for messages and the summary) and where requests go.
@@ -1088,6 +1093,9 @@ impl Sender {
         let mut headers = HeaderMap::new();
         let content_type = if opts.batch <= 1 { "application/json" } else { "application/x-ndjson" };
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        if opts.gzip {
+            headers.insert(reqwest::header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
         if !opts.token.is_empty() {
             let mut token = HeaderValue::from_str(&opts.token)
                 .context("the token contains characters not allowed in an HTTP header")?;
@@ -1110,6 +1118,7 @@ impl Sender {
             max_attempts: opts.max_attempts.max(1),
             backoff: tuning.backoff,
             stop,
+            gzip: opts.gzip,
         })
     }
 
@@ -1117,6 +1126,8 @@ impl Sender {
     /// server the pool chooses: round-robin for the first, the next server after the failed one for
     /// a retry. The sleep between attempts is only taken when no server is up.
     async fn deliver(&self, body: Vec<u8>) -> Outcome {
+        // Compressed once; every attempt sends the same bytes.
+        let body = if self.gzip { gzip(&body) } else { body };
         let mut attempt: u32 = 1;
         let mut server = self.pool.pick(Instant::now()).index;
         loop {
@@ -1350,6 +1361,14 @@ impl PoolState {
 enum Attempt {
     Done(Outcome),
     Retry { error: String, retry_after: Option<Duration> },
+}
+
+/// `body` as one gzip member.
+fn gzip(body: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4 + 64), flate2::Compression::default());
+    encoder.write_all(body).expect("writing to memory");
+    encoder.finish().expect("writing to memory")
 }
 
 fn retryable(status: StatusCode) -> bool {

@@ -26,6 +26,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::error::ApiError;
+use super::auth::Scope;
 use super::routes::authorize;
 use super::AppState;
 use crate::event::EventRef;
@@ -400,12 +401,13 @@ async fn current_summary(state: &AppState) -> Arc<Summary> {
     security(("token" = [])),
     responses(
         (status = 200, description = "What the console shows: rates over five minutes, lag, log, users, totals, top users, tail", body = Summary),
-        (status = 401, description = "Missing or wrong token", body = super::routes::ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = super::routes::ErrorBody),
+        (status = 403, description = "The token is known but does not hold the scope this route needs (see docs/SECURITY.md)", body = super::routes::ErrorBody),
     )
 )]
 /// `GET /console/summary`: the console's data now.
 pub(super) async fn summary(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Summary>, ApiError> {
-    authorize(&state, &headers)?;
+    authorize(&state, &headers, Scope::Read, "/console/summary")?;
     Ok(Json(current_summary(&state).await.as_ref().clone()))
 }
 
@@ -444,7 +446,8 @@ impl utoipa::ToSchema for SummaryEvent {}
     responses(
         (status = 200, description = "Server-Sent Events: an `event: summary` whose data is the JSON of GET /console/summary, about every second, until the server stops",
          content_type = "text/event-stream", body = inline(SummaryEvent)),
-        (status = 401, description = "Missing or wrong token", body = super::routes::ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = super::routes::ErrorBody),
+        (status = 403, description = "The token is known but does not hold the scope this route needs (see docs/SECURITY.md)", body = super::routes::ErrorBody),
     )
 )]
 /// `GET /console/stream`: the summary pushed as Server-Sent Events about every second.
@@ -452,7 +455,7 @@ pub(super) async fn stream(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    authorize(&state, &headers)?;
+    authorize(&state, &headers, Scope::Read, "/console/stream")?;
     let first = current_summary(&state).await;
     let rx = state.console.latest.subscribe();
     let events = futures::stream::unfold((Some(first), rx, state), |(first, mut rx, state)| async move {
@@ -471,18 +474,40 @@ pub(super) async fn stream(
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
+/// The console's Content-Security-Policy: the page loads its one script and one stylesheet from this
+/// server (no inline script or style, no `eval`), draws on a canvas, fetches only from this server,
+/// and may not be framed (clickjacking), nor given a `<base>` or plugins.
+pub(crate) const CONSOLE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+     connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+/// A console resource with its security headers: the CSP, no MIME sniffing, no framing (also for
+/// browsers without `frame-ancestors`), no referrer.
+fn console_response(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::CONTENT_SECURITY_POLICY, CONSOLE_CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
 /// `GET /`: the console page (nothing secret in it: the data needs the token).
 pub(super) async fn index() -> Response {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], INDEX_HTML).into_response()
+    console_response("text/html; charset=utf-8", INDEX_HTML)
 }
 
 pub(super) async fn css() -> Response {
-    ([(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], CONSOLE_CSS).into_response()
+    console_response("text/css; charset=utf-8", CONSOLE_CSS)
 }
 
 pub(super) async fn js() -> Response {
-    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], CONSOLE_JS)
-        .into_response()
+    console_response("text/javascript; charset=utf-8", CONSOLE_JS)
 }
 
 #[cfg(test)]

@@ -17,6 +17,12 @@ const RETRY_AFTER_SECS: &str = "1";
 pub enum ApiError {
     #[error("missing or wrong token in the Authorization header")]
     Unauthorized,
+    /// A known token without the scope the route needs.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The token's rate limit: nothing stored; the client may retry after the given seconds.
+    #[error("rate limit of this token reached: nothing was stored; retry after {retry_after_secs} s")]
+    TooManyRequests { retry_after_secs: u64 },
     #[error("{0}")]
     BadRequest(String),
     #[error("{message}")]
@@ -67,6 +73,8 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Body { status, .. } => *status,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -89,6 +97,9 @@ impl IntoResponse for ApiError {
             }
             ApiError::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::TooManyRequests { retry_after_secs } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }
             _ => {}
         }

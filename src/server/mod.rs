@@ -25,6 +25,7 @@ use crate::log::nats::{NatsLog, NatsLogOptions};
 use crate::log::{EventLog, FileLog, FileLogOptions, LOG_DIR};
 use crate::store::{self, Store};
 
+pub mod auth;
 mod console;
 mod error;
 mod routes;
@@ -41,6 +42,12 @@ pub struct ServerOptions {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub token: String,
+    /// `--tokens-file`: scoped tokens, re-read on SIGHUP; when set, `token` is not used.
+    pub tokens_file: Option<PathBuf>,
+    /// Each token's rate limit unless its entry sets one (`--rate-limit-events-per-second`).
+    pub rate_limit: Option<auth::RateLimit>,
+    /// `--cors-origin`: origins whose pages may POST events from a browser (ingest routes only).
+    pub cors_origins: Vec<String>,
     pub database_url: Option<String>,
     pub body_limit: usize,
     /// Largest accepted `POST /events` body, in bytes.
@@ -67,6 +74,9 @@ impl ServerOptions {
             listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
             data_dir: data_dir.into(),
             token: DEFAULT_TOKEN.into(),
+            tokens_file: None,
+            rate_limit: None,
+            cors_origins: Vec::new(),
             database_url: None,
             body_limit: 1024 * 1024,
             batch_body_limit: 16 * 1024 * 1024,
@@ -87,7 +97,7 @@ pub use crate::config::ConfigError;
 
 pub(crate) struct AppState {
     pub(crate) log: Arc<dyn EventLog>,
-    pub(crate) token: String,
+    pub(crate) auth: auth::Auth,
     pub(crate) body_limit: usize,
     pub(crate) batch_body_limit: usize,
     pub(crate) body_timeout: Duration,
@@ -116,24 +126,28 @@ pub struct Server {
     state: Arc<AppState>,
     log: Arc<dyn EventLog>,
     opts: ServerOptions,
+    /// SIGHUPs, watched to re-read the tokens file (subscribed at bind, so none is missed).
+    hangups: Option<tokio::sync::watch::Receiver<u64>>,
+    /// CORS for the ingest routes, when origins are given.
+    cors: Option<tower_http::cors::CorsLayer>,
 }
 
 impl Server {
     pub async fn bind(opts: ServerOptions) -> anyhow::Result<Server> {
         store::check_database_url(opts.database_url.as_deref())?;
         crate::telemetry::register_server_counters();
-        if opts.token.is_empty() {
-            return Err(ConfigError("the token must not be empty".into()).into());
+        let loopback = opts.listen.ip().is_loopback();
+        let source = match &opts.tokens_file {
+            Some(path) => auth::TokenSource::File(path.clone()),
+            None => auth::TokenSource::Single(opts.token.clone()),
+        };
+        let auth = auth::Auth::new(source, opts.rate_limit, loopback)?;
+        let cors = cors_layer(&opts.cors_origins)?;
+        if opts.tokens_file.is_some() && opts.token != DEFAULT_TOKEN {
+            tracing::warn!("--token (EPS_TOKEN) is ignored: the tokens come from --tokens-file");
         }
-        if opts.token == DEFAULT_TOKEN {
-            if !opts.listen.ip().is_loopback() {
-                return Err(ConfigError(format!(
-                    "refusing to listen on {} with the default token {DEFAULT_TOKEN:?}: set --token or EPS_TOKEN",
-                    opts.listen
-                ))
-                .into());
-            }
-            tracing::warn!("running with the default token {DEFAULT_TOKEN:?}: set --token or EPS_TOKEN before exposing the server");
+        if opts.tokens_file.is_none() && opts.token == DEFAULT_TOKEN {
+            tracing::warn!("running with the default token {DEFAULT_TOKEN:?}: set --token or EPS_TOKEN (or --tokens-file) before exposing the server");
         }
         let tls = match &opts.tls {
             Some(files) => Some((tls::Certificates::load(files.clone())?, hangups())),
@@ -175,7 +189,7 @@ impl Server {
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.listen))?;
         let state = Arc::new(AppState {
             log: log.clone(),
-            token: opts.token.clone(),
+            auth,
             body_limit: opts.body_limit,
             batch_body_limit: opts.batch_body_limit,
             body_timeout: opts.body_timeout,
@@ -184,7 +198,8 @@ impl Server {
             data_dir: opts.data_dir.clone(),
             store_metrics_at: tokio::sync::Mutex::new(None),
         });
-        Ok(Server { listener, tls, state, log, opts })
+        let hangups = state.auth.file().is_some().then(hangups);
+        Ok(Server { listener, tls, state, log, opts, hangups, cors })
     }
 
     /// `https` with `--tls-cert`, else `http`.
@@ -201,9 +216,18 @@ impl Server {
     }
 
     pub fn router(&self) -> Router {
+        // Browsers may send events (CORS, when origins are configured) to the ingest routes only: the
+        // layer is on their method routers, so no other route ever answers a preflight or allows a
+        // cross-origin read.
+        // The layer answers a preflight (OPTIONS) before the route's OPTIONS handler, which answers
+        // any other OPTIONS 405 as before.
+        let ingest = |route: axum::routing::MethodRouter<Arc<AppState>>| match &self.cors {
+            Some(cors) => route.options(routes::method_not_allowed).layer(cors.clone()),
+            None => route,
+        };
         Router::new()
-            .route("/liveEvent", post(routes::live_event))
-            .route("/events", post(routes::post_events))
+            .route("/liveEvent", ingest(post(routes::live_event)))
+            .route("/events", ingest(post(routes::post_events)))
             .route("/userEvents/{user_id}", get(routes::user_events))
             .route("/healthz", get(routes::healthz))
             .route("/readyz", get(routes::readyz))
@@ -230,6 +254,7 @@ impl Server {
         let (refused_tx, refused_rx) = oneshot::channel();
         let store_task = tokio::spawn(connect_store(self.state.clone(), self.opts.clone(), refused_tx));
         let sampler_task = tokio::spawn(console::run_sampler(self.state.clone()));
+        let tokens_task = self.hangups.clone().map(|hangups| tokio::spawn(reload_tokens(self.state.clone(), hangups)));
         let router = self.router();
         tracing::info!(addr = %self.local_addr(), data_dir = %self.opts.data_dir.display(), "eps server listening");
         // At shutdown the consoles' event streams end first, so the drain does not wait for them.
@@ -256,10 +281,68 @@ impl Server {
         }
         store_task.abort();
         sampler_task.abort();
+        if let Some(task) = tokens_task {
+            task.abort();
+        }
         self.log.shutdown().await;
         tracing::info!("eps server stopped; every acknowledged event is synced");
         let refused = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
         refused.map_or(Ok(()), Err)
+    }
+}
+
+/// The CORS layer of the ingest routes: the origins given (or any, for "*"), POST with the headers
+/// eps reads, no credentials (the token is a header, never a cookie), Retry-After readable by the
+/// page. `None` without origins: no CORS header at all.
+fn cors_layer(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>, ConfigError> {
+    use axum::http::{header, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins: Vec<&str> = origins.iter().map(|o| o.trim()).filter(|o| !o.is_empty()).collect();
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow = if origins.contains(&"*") {
+        AllowOrigin::any()
+    } else {
+        let mut list = Vec::new();
+        for origin in origins {
+            match HeaderValue::from_str(origin.trim_end_matches('/')) {
+                Ok(value) if valid_origin(origin) => list.push(value),
+                _ => {
+                    return Err(ConfigError(format!(
+                        "invalid --cors-origin {origin:?}: give scheme://host[:port], e.g. https://shop.example, or \"*\""
+                    )))
+                }
+            }
+        }
+        AllowOrigin::list(list)
+    };
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::CONTENT_ENCODING])
+            .expose_headers([header::RETRY_AFTER])
+            .max_age(Duration::from_secs(600)),
+    ))
+}
+
+/// `scheme://host[:port]`: what a browser sends as `Origin` (no path, no trailing slash).
+fn valid_origin(origin: &str) -> bool {
+    let origin = origin.trim_end_matches('/');
+    let Some((scheme, rest)) = origin.split_once("://") else { return false };
+    matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.contains(['/', ' ', '?', '#'])
+}
+
+/// Re-reads the tokens file on each SIGHUP. A file that cannot be read or is not valid leaves the
+/// tokens in force as they were, and the reason is logged (never a token).
+async fn reload_tokens(state: Arc<AppState>, mut hangups: tokio::sync::watch::Receiver<u64>) {
+    while hangups.changed().await.is_ok() {
+        let path = state.auth.file().map(|p| p.display().to_string()).unwrap_or_default();
+        match state.auth.reload() {
+            Ok(count) => tracing::info!(file = %path, tokens = count, "tokens file re-read; the new tokens are in force"),
+            Err(e) => tracing::error!(error = %e, "tokens file not re-read; the tokens in force are unchanged"),
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP routes: the seed's `POST /liveEvent` and `GET /userEvents/{userId}`.
 //!
-//! Order of checks on ingest: token, content type, body size, event validity, then the durable append.
+//! Order of checks on ingest: token and scope, content type, content encoding and body size (of the
+//! decompressed body), event validity, the token's rate limit, then the durable append.
 //! Nothing is written unless every check passed, and 200 is only sent after the log's sync.
 
 use std::sync::Arc;
@@ -11,23 +12,22 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use serde::Serialize;
-use subtle::ConstantTimeEq;
 
+use super::auth::Scope;
 use super::error::ApiError;
 use super::AppState;
 use crate::event::{parse_user_id, EventRef};
 use crate::log::{Appended, LogBatch};
 
-/// Accepts `Authorization: <token>` (what the seed's client sends) and `Authorization: Bearer <token>`.
-pub(super) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let given = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
-    let given = given.strip_prefix(b"Bearer ").unwrap_or(given);
-    // Constant time over the bytes, so response timing does not reveal how much of a guess was right.
-    if bool::from(given.ct_eq(state.token.as_bytes())) {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized)
-    }
+/// Accepts `Authorization: <token>` (what the seed's client sends) and `Authorization: Bearer <token>`,
+/// for a token holding `scope` (see [`super::auth`]); `route` labels the refusal counters.
+pub(super) fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    scope: Scope,
+    route: &'static str,
+) -> Result<super::auth::Grant, ApiError> {
+    state.auth.authorize(headers, scope, route)
 }
 
 /// JSON or nothing: a missing Content-Type is taken as JSON (old clients omit it); any other is refused.
@@ -57,27 +57,74 @@ fn require_media_type(headers: &HeaderMap, accepts: impl Fn(&str) -> bool) -> Re
     }
 }
 
-/// Reads the whole body, within the size limit (413) and the time limit (408: slow-loris bodies).
-async fn body_bytes(state: &AppState, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// Reads the whole body, within the size limit (413) and the time limit (408: slow-loris bodies). A
+/// `Content-Encoding: gzip` body is decompressed, and the limit applies to the decompressed bytes as
+/// they are produced (see [`gunzip`]).
+async fn body_bytes(state: &AppState, headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let gzip = content_encoding(headers)?;
     let too_large = || ApiError::Body {
         status: StatusCode::PAYLOAD_TOO_LARGE,
         message: format!("request body larger than the limit of {limit} bytes"),
     };
-    match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, limit)).await {
-        Err(_) => Err(ApiError::Body {
-            status: StatusCode::REQUEST_TIMEOUT,
-            message: format!("request body not received within {:?}", state.body_timeout),
-        }),
-        Ok(Ok(bytes)) => Ok(bytes),
+    let bytes = match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => {
+            return Err(ApiError::Body {
+                status: StatusCode::REQUEST_TIMEOUT,
+                message: format!("request body not received within {:?}", state.body_timeout),
+            })
+        }
+        Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) => {
             let inner = e.into_inner();
-            if inner.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            return if inner.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
                 Err(too_large())
             } else {
                 Err(ApiError::BadRequest(format!("cannot read the request body: {inner}")))
-            }
+            };
         }
+    };
+    if !gzip {
+        return Ok(bytes);
     }
+    // CPU work bounded by the limit (below): off the async workers.
+    tokio::task::spawn_blocking(move || gunzip(&bytes, limit))
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("cannot decompress the request body: {e}")))?
+}
+
+/// `true` for `Content-Encoding: gzip` (or `x-gzip`); `false` without one (or `identity`); 415 for
+/// any other coding, or several.
+fn content_encoding(headers: &HeaderMap) -> Result<bool, ApiError> {
+    let Some(value) = headers.get(header::CONTENT_ENCODING) else { return Ok(false) };
+    let text = String::from_utf8_lossy(value.as_bytes()).trim().to_ascii_lowercase();
+    match text.as_str() {
+        "identity" => Ok(false),
+        "gzip" | "x-gzip" => Ok(true),
+        _ => Err(ApiError::Body {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            message: format!("Content-Encoding {text:?} is not supported: send gzip or no Content-Encoding"),
+        }),
+    }
+}
+
+/// Decompresses a gzip body (one or more members) into at most `limit` bytes: decompression stops at
+/// the first byte past the limit (413), so a compression bomb costs at most the limit's worth of
+/// memory and work; a stream that is truncated or not gzip is a 400.
+fn gunzip(compressed: &[u8], limit: usize) -> Result<Bytes, ApiError> {
+    use std::io::Read;
+    let decoder = flate2::read::MultiGzDecoder::new(compressed);
+    let mut out = Vec::with_capacity(compressed.len().saturating_mul(4).min(limit).saturating_add(1));
+    decoder
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| ApiError::BadRequest(format!("the gzip body cannot be decompressed (truncated or not gzip): {e}")))?;
+    if out.len() > limit {
+        return Err(ApiError::Body {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("request body larger than the limit of {limit} bytes once decompressed"),
+        });
+    }
+    Ok(Bytes::from(out))
 }
 
 /// The seed's answer, plus `duplicate: true` when the event id was already stored.
@@ -183,16 +230,20 @@ pub(super) struct Readiness {
 #[utoipa::path(
     post, path = "/liveEvent", tag = "events",
     security(("token" = [])),
-    request_body(content = EventBody, content_type = "application/json"),
+    request_body(content = EventBody, content_type = "application/json",
+        description = "The event; may be sent with Content-Encoding: gzip (the size limit applies to the decompressed body)"),
     responses(
         (status = 200, description = "The event is on stable storage (or its id already was)", body = Received),
-        (status = 400, description = "Not a valid event", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 400, description = "Not a valid event, or a gzip body that is truncated or not gzip", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "The token is known but does not hold the scope this route needs (see docs/SECURITY.md)", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
         (status = 409, description = "The id is already stored with other content (userId, name or value), or (ids of the \
          producer scheme) its producer holds the most sequence ranges allowed: nothing stored, and a retry is refused the same way", body = ErrorBody),
-        (status = 413, description = "Body larger than the limit, or (JetStream log) the event larger than the NATS server's max_payload", body = ErrorBody),
-        (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
+        (status = 413, description = "Body larger than the limit (decompressed), or (JetStream log) the event larger than the NATS server's max_payload", body = ErrorBody),
+        (status = 415, description = "Content-Type is not JSON, or Content-Encoding is neither gzip nor absent", body = ErrorBody),
+        (status = 429, description = "The token's rate limit is reached: nothing stored; retry after Retry-After seconds", body = ErrorBody,
+         headers(("Retry-After" = u32, description = "Seconds to wait"))),
         (status = 503, description = "The log cannot be written now; retry after Retry-After seconds", body = ErrorBody,
          headers(("Retry-After" = u32, description = "Seconds to wait"))),
     )
@@ -202,10 +253,11 @@ pub(super) async fn live_event(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Received>, ApiError> {
-    authorize(&state, &headers)?;
+    let grant = authorize(&state, &headers, Scope::Ingest, "/liveEvent")?;
     require_json(&headers)?;
-    let body = body_bytes(&state, body, state.body_limit).await?;
+    let body = body_bytes(&state, &headers, body, state.body_limit).await?;
     let event = EventRef::parse_request(&body)?;
+    grant.charge(1, "/liveEvent")?;
     let ts = crate::clock::wall_millis();
     let mut batch = LogBatch::with_capacity(1);
     batch.push(&event, ts);
@@ -294,17 +346,21 @@ pub(super) struct LineError {
                        blank lines are skipped. The schema describes the body as an array of the lines' values, \
                        as OpenAPI 3.2 reads a sequential media type: at most 10,000 lines, at least one a valid \
                        event (the others are refused line by line, in the answer). The same body is accepted as \
-                       application/jsonl, application/json-lines, application/json, text/plain or without Content-Type.",
+                       application/jsonl, application/json-lines, application/json, text/plain or without Content-Type, and may be \
+                       sent with Content-Encoding: gzip (the size limit applies to the decompressed body).",
         content((inline(EventLines) = "application/x-ndjson")),
     ),
     responses(
         (status = 200, description = "Every valid line is on stable storage (in one sync); invalid lines, and lines whose id is \
          already stored with other content (a conflict), are listed in errors and not stored", body = BatchReceived),
         (status = 400, description = "No line is a valid event, or the body holds no event: nothing stored", body = BatchRefused),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "The token is known but does not hold the scope this route needs (see docs/SECURITY.md)", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
-        (status = 413, description = "Body larger than the limit, more than 10,000 events, or (JetStream log) an event larger than the NATS server's max_payload", body = ErrorBody),
-        (status = 415, description = "Content-Type is not JSON Lines", body = ErrorBody),
+        (status = 413, description = "Body larger than the limit (decompressed), more than 10,000 events, more events than the token's rate-limit burst, or (JetStream log) an event larger than the NATS server's max_payload", body = ErrorBody),
+        (status = 415, description = "Content-Type is not JSON Lines, or Content-Encoding is neither gzip nor absent", body = ErrorBody),
+        (status = 429, description = "The token's rate limit cannot take the batch's events now: nothing stored; retry after Retry-After seconds", body = ErrorBody,
+         headers(("Retry-After" = u32, description = "Seconds to wait"))),
         (status = 503, description = "The log cannot be written now: nothing of the batch is acknowledged; retry after Retry-After seconds", body = ErrorBody,
          headers(("Retry-After" = u32, description = "Seconds to wait"))),
     )
@@ -317,9 +373,9 @@ pub(super) async fn post_events(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<BatchReceived>, BatchError> {
-    authorize(&state, &headers)?;
+    let grant = authorize(&state, &headers, Scope::Ingest, "/events")?;
     require_json_lines(&headers)?;
-    let body = body_bytes(&state, body, state.batch_body_limit).await?;
+    let body = body_bytes(&state, &headers, body, state.batch_body_limit).await?;
     let ts = crate::clock::wall_millis();
     let mut batch = LogBatch::with_capacity(body.len() / 64 + 1);
     let mut errors = Vec::new();
@@ -358,6 +414,8 @@ pub(super) async fn post_events(
         };
         return Err(BatchError::Refused(BatchRefused { error, rejected: invalid, errors }));
     }
+    // A batch costs its events: refused whole (nothing stored) if the token's limit cannot take them.
+    grant.charge(batch.len(), "/events")?;
     let answers = state.log.append(batch).await?;
     let duplicates = answers.iter().filter(|a| **a == Appended::Duplicate).count();
     let stored = answers.iter().filter(|a| **a == Appended::Stored).count();
@@ -426,7 +484,8 @@ impl axum::response::IntoResponse for BatchError {
     responses(
         (status = 200, description = "The user's revenue as applied by the processor", body = UserRevenue),
         (status = 400, description = "Not a valid userId", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "The token is known but does not hold the scope this route needs (see docs/SECURITY.md)", body = ErrorBody),
         (status = 404, description = "No event of this user was applied", body = ErrorBody),
         (status = 503, description = "The database is unreachable; retry after Retry-After seconds", body = ErrorBody,
          headers(("Retry-After" = u32, description = "Seconds to wait"))),
@@ -437,7 +496,7 @@ pub(super) async fn user_events(
     headers: HeaderMap,
     user_id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<UserRevenue>, ApiError> {
-    authorize(&state, &headers)?;
+    authorize(&state, &headers, Scope::Read, "/userEvents/{user_id}")?;
     let Path(user_id) = user_id.map_err(|r| ApiError::BadRequest(r.body_text()))?;
     // The same rule as an event's userId: an id no event can carry is a 400 on every store, and never
     // reaches the database (PostgreSQL refuses a NUL with an error that would read as an outage).

@@ -80,12 +80,14 @@
     opts.headers = Object.assign({ Authorization: state.token }, opts.headers);
     const gen = state.gen;
     const res = await fetch(path, opts);
-    if (res.status === 401) {
+    if (res.status === 401 || res.status === 403) {
       const msg = await errorText(res);
       if (gen === state.gen) {
-        signOut('Wrong token: the server refused it (401' + (msg ? ': ' + msg : '') + '). Enter the server\u2019s token.');
+        signOut(res.status === 401
+          ? 'Wrong token: the server refused it (401' + (msg ? ': ' + msg : '') + '). Enter the server\u2019s token.'
+          : 'This token may not read the data (403' + (msg ? ': ' + msg : '') + '). Enter a token with the read scope.');
       }
-      throw new AuthError('401');
+      throw new AuthError(String(res.status));
     }
     return res;
   }
