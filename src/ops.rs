@@ -67,7 +67,8 @@ impl std::fmt::Display for Status {
 }
 
 pub async fn status(data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<Status> {
-    let store = store::open(database_url, data_dir).await?;
+    let store = store::open_existing(database_url, data_dir).await?;
+    store::require_data_dir(data_dir)?;
     let progress = store.progress(FILE_STREAM).await?;
     let totals = store.totals().await?;
     let log_dir = data_dir.join(LOG_DIR);
@@ -159,7 +160,8 @@ impl std::fmt::Display for CompactReport {
 }
 
 pub async fn compact(opts: &CompactOptions) -> anyhow::Result<CompactReport> {
-    let store = store::open(opts.database_url.as_deref(), &opts.data_dir).await?;
+    let store = store::open_existing(opts.database_url.as_deref(), &opts.data_dir).await?;
+    store::require_data_dir(&opts.data_dir)?;
     let checkpoint = store.progress(FILE_STREAM).await?.position;
     let log_dir = opts.data_dir.join(LOG_DIR);
     // The checkpoint is a position in the log it is bound to; in another log it says nothing about

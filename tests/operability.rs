@@ -1019,3 +1019,130 @@ async fn status_json_counts_the_log_the_lag_and_the_exact_totals(store: StoreKin
     assert!(out.stdout.contains("lag              3 events"), "{out}");
     assert!(out.stdout.contains("total revenue    13.34"), "{out}");
 }
+
+// ---------------------------------------------------------------------------------------------------
+// 8. Errors that say what to do
+
+/// Every entry under `dir`, recursively, as paths relative to it (what a command created there).
+fn tree(dir: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&at) else { continue };
+        for entry in entries.map(Result::unwrap) {
+            out.insert(entry.path().strip_prefix(dir).unwrap().display().to_string());
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_opened_stops_the_processor_at_once_and_the_server_shows_the_cause() {
+    // The SQLite file's place is taken by a directory: nothing can open it, however long one waits
+    // (unlike permissions, this holds for root too).
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("log")).unwrap();
+    let sqlite = data.join("eps.sqlite3");
+    std::fs::create_dir(&sqlite).unwrap();
+    let data_arg = data.display().to_string();
+
+    // The processor does not retry it: exit 1, one line naming the file, the operation and the cause.
+    let out = run_eps(&args(&["process", "--data-dir", &data_arg, "--retry-secs", "5"]), &[]).await;
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(!out.stderr.contains("retrying"), "a permanent error was retried: {out}");
+    let last = out.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    assert!(last.starts_with("eps: error: "), "{out}");
+    assert!(last.contains(&format!("cannot open the SQLite store {}", sqlite.display())), "{out}");
+    assert!(last.contains("unable to open database file"), "the cause is missing: {out}");
+
+    // The server takes events without its store, and says why it has none: in its log and /readyz.
+    let (server, url) = spawn_server(
+        &args(&["server", "--listen", "127.0.0.1:0", "--data-dir", &data_arg]),
+        &[],
+        tmp.path(),
+    )
+    .await;
+    let http = http();
+    let body = eventually(Duration::from_secs(20), "/readyz to name the cause", || {
+        let (http, url) = (http.clone(), format!("{url}/readyz"));
+        async move {
+            let (status, body) = get_json(&http, &url).await;
+            (status == 503 && body["database"].as_str().is_some_and(|d| d.contains("unable to open database file")))
+                .then_some(body)
+        }
+    })
+    .await;
+    assert!(body["database"].as_str().unwrap().contains(&sqlite.display().to_string()), "{body}");
+    let retry = server.stderr().lines().find(|l| l.contains("GET /userEvents answers 503 meanwhile")).map(str::to_string);
+    let retry = retry.unwrap_or_else(|| panic!("no retry line: {}", server.stderr()));
+    assert!(retry.contains("unable to open database file"), "the retry line has no cause: {retry}");
+
+    // A data directory that cannot be created (under /proc): the path and the operation, exit 1.
+    let proc_dir = format!("/proc/eps-no-such-{}/data", std::process::id());
+    let out = run_eps(&args(&["server", "--listen", "127.0.0.1:0", "--data-dir", &proc_dir]), &[]).await;
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(
+        out.stderr.lines().any(|l| l.starts_with("eps: error: cannot create the directory /proc/eps-no-such-")),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_that_read_a_data_directory_never_create_one_and_name_the_missing_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A mistyped path: an error naming it and how it is set (exit 2), and nothing created.
+    let typo = tmp.path().join("daat");
+    let typo_arg = typo.display().to_string();
+    for command in [vec!["status"], vec!["status", "--json"], vec!["compact", "--dry-run"], vec!["compact"], vec!["process"]] {
+        let mut a = args(&command);
+        a.extend(args(&["--data-dir", &typo_arg]));
+        let out = run_eps(&a, &[]).await;
+        assert_eq!(out.code(), Some(2), "eps {command:?}: {out}");
+        assert!(out.stderr.contains(&typo_arg) && out.stderr.contains("--data-dir"), "eps {command:?}: {out}");
+        assert!(!typo.exists(), "eps {command:?} created {typo_arg}: {out}");
+    }
+    // The same through the environment, and `eps config` (which only prints) creates nothing either.
+    let out = run_eps(&args(&["status"]), &[("EPS_DATA_DIR", typo_arg.clone())]).await;
+    assert_eq!(out.code(), Some(2), "{out}");
+    let out = run_eps(&args(&["config"]), &[("EPS_DATA_DIR", typo_arg.clone())]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(!typo.exists(), "{out}");
+
+    // An existing directory no server wrote to: status says there is no store, process that there is
+    // no log; neither creates a database or a log in it.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let empty_arg = empty.display().to_string();
+    let out = run_eps(&args(&["status", "--data-dir", &empty_arg]), &[]).await;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains(&format!("no SQLite store {}", empty.join("eps.sqlite3").display())), "{out}");
+    let out = run_eps(&args(&["process", "--data-dir", &empty_arg]), &[]).await;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains(&format!("no log in {}", empty.join("log").display())), "{out}");
+    assert_eq!(tree(&empty), BTreeSet::new(), "something was created in a data directory that had nothing");
+
+    // `--follow` waits for a server to make the log, creating nothing meanwhile, then applies it.
+    let process = ChildGuard::spawn(&args(&["process", "--follow", "--data-dir", &empty_arg]), &[], tmp.path());
+    eventually(Duration::from_secs(20), "the processor's waiting line", || {
+        let stderr = process.stderr();
+        async move { stderr.contains("waiting for it").then_some(()) }
+    })
+    .await;
+    assert_eq!(tree(&empty), BTreeSet::new(), "the waiting processor created something");
+    let (_server, url) =
+        spawn_server(&args(&["server", "--listen", "127.0.0.1:0", "--data-dir", &empty_arg]), &[], tmp.path()).await;
+    let http = http();
+    assert_eq!(post_event(&http, &url, &event_line("wait-u", "add_revenue", "2.5")).await.0, 200);
+    eventually(Duration::from_secs(20), "the waiting processor to apply the event", || {
+        let (http, url) = (http.clone(), format!("{url}/userEvents/wait-u"));
+        async move {
+            let (status, _, body) = call(&http, "GET", &url, Some("secret"), None).await;
+            (status == 200 && body.contains("2.5")).then_some(())
+        }
+    })
+    .await;
+}

@@ -236,6 +236,48 @@ pub(crate) fn quote_ident(name: &str) -> String {
     }
 }
 
+/// Whether `e` (from [`open`] or a store call) is worth retrying: only a connection-level failure or
+/// a busy database ([`StoreError::Unavailable`]) is. Everything else (an unknown database or role, a
+/// refused password or permission, a directory that cannot be created, a file that cannot be opened)
+/// stays as it is however long one waits, and is reported at once with its own message.
+pub fn is_transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| matches!(cause.downcast_ref::<StoreError>(), Some(StoreError::Unavailable(_))))
+}
+
+/// How the data directory is chosen, for errors that name a wrong one.
+pub const DATA_DIR_SOURCE: &str = "set by --data-dir, EPS_DATA_DIR or data-dir in the --config file";
+
+/// Checks that the data directory exists, for the commands that read it and must not create it
+/// (`status`, `compact`, `process` of the file log): a mistyped path is an error naming it.
+pub fn require_data_dir(data_dir: &Path) -> Result<(), ConfigError> {
+    match std::fs::metadata(data_dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(ConfigError(format!("the data directory {} is not a directory ({DATA_DIR_SOURCE})", data_dir.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ConfigError(format!(
+            "the data directory {} does not exist ({DATA_DIR_SOURCE}); eps server creates it",
+            data_dir.display()
+        ))),
+        Err(e) => Err(ConfigError(format!("cannot read the data directory {}: {e} ({DATA_DIR_SOURCE})", data_dir.display()))),
+    }
+}
+
+/// [`open`] for the commands that only read or tidy a data directory (`status`, `compact`): it never
+/// creates a directory or a database. Without a URL, the data directory and its SQLite file must exist
+/// already (the server creates both); a missing one is a configuration error naming it.
+pub async fn open_existing(database_url: Option<&str>, data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
+    check_database_url(database_url)?;
+    match database_url {
+        Some(url) if url.starts_with("sqlite://") => {
+            Ok(Arc::new(sqlite::SqliteStore::open_existing(Path::new(&url["sqlite://".len()..])).await?))
+        }
+        Some(url) => Ok(Arc::new(postgres::PostgresStore::connect(url).await?)),
+        None => {
+            require_data_dir(data_dir)?;
+            Ok(Arc::new(sqlite::SqliteStore::open_existing(&data_dir.join(SQLITE_FILE)).await?))
+        }
+    }
+}
+
 /// Opens the store a URL names, running its migrations: PostgreSQL for `postgres://` or
 /// `postgresql://`, otherwise the SQLite file in `data_dir` (a `sqlite://PATH` URL picks another file).
 pub async fn open(database_url: Option<&str>, data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
