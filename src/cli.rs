@@ -112,6 +112,17 @@ pub struct StoreArgs {
     pub database_url: Option<String>,
 }
 
+/// The check that a data directory's file log is read with its server's store.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreCheckArgs {
+    /// Use this store even though the data directory's server records another one (its file "store"
+    /// names it: "sqlite" or the PostgreSQL URL without its password). Without it such a run is
+    /// refused, so that a processor without DATABASE_URL does not apply a PostgreSQL server's log to
+    /// SQLite.
+    #[arg(long, env = "EPS_ALLOW_OTHER_STORE")]
+    pub allow_other_store: bool,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ServerArgs {
     /// Address to listen on. A non-loopback address needs a token other than the default.
@@ -214,6 +225,9 @@ pub struct NatsArgs {
 pub struct ProcessArgs {
     #[command(flatten)]
     pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub store_check: StoreCheckArgs,
 
     /// Keep running and apply new events as they arrive, instead of exiting when caught up.
     #[arg(long, env = "EPS_FOLLOW")]
@@ -365,6 +379,9 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub store: StoreArgs,
 
+    #[command(flatten)]
+    pub store_check: StoreCheckArgs,
+
     /// Print JSON instead of text.
     #[arg(long, env = "EPS_STATUS_JSON")]
     pub json: bool,
@@ -383,6 +400,9 @@ pub struct StatusArgs {
 pub struct CompactArgs {
     #[command(flatten)]
     pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub store_check: StoreCheckArgs,
 
     /// Move removed segments to this directory instead of deleting them.
     #[arg(long, env = "EPS_ARCHIVE_DIR")]

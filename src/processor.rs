@@ -59,6 +59,9 @@ pub struct ProcessOptions {
     /// Re-bind the store's checkpoints to the log as it is now (a new or recreated log), starting at
     /// its first position, instead of refusing a log other than the one they count.
     pub adopt_new_log: bool,
+    /// Apply the file log to this store even though the data directory's server uses another one
+    /// (see [`store::check_store_record`]).
+    pub allow_other_store: bool,
 }
 
 impl ProcessOptions {
@@ -71,6 +74,7 @@ impl ProcessOptions {
             poll_interval: Duration::from_millis(5),
             retry_for: Duration::from_secs(60),
             adopt_new_log: false,
+            allow_other_store: false,
         }
     }
 }
@@ -106,6 +110,8 @@ pub async fn run(opts: ProcessOptions, shutdown: impl Future<Output = ()>) -> an
     stop::until(shutdown, |stop| async move {
         // A store that exists is opened first (so a refused table is reported whatever the log);
         // the SQLite file is only created once there is a log to apply into it.
+        let check_store = || store::check_store_record(&opts.data_dir, opts.database_url.as_deref(), opts.allow_other_store);
+        check_store()?;
         let creates_store = opts.database_url.is_none() && !opts.data_dir.join(store::SQLITE_FILE).is_file();
         if creates_store && !wait_for_log(&opts, &stop).await? {
             return Ok(ProcessSummary::default());
@@ -114,6 +120,8 @@ pub async fn run(opts: ProcessOptions, shutdown: impl Future<Output = ()>) -> an
         if !wait_for_log(&opts, &stop).await? {
             return Ok(ProcessSummary::default());
         }
+        // A server that made the log meanwhile recorded its store.
+        check_store()?;
         apply(opts, store, stop).await
     })
     .await

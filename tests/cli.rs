@@ -49,6 +49,7 @@ const FLAGS: &[(&str, &[(&str, &str)])] = &[
             ("--poll-ms", "EPS_POLL_MS"),
             ("--retry-secs", "EPS_RETRY_SECS"),
             ("--adopt-new-log", "EPS_ADOPT_NEW_LOG"),
+            ("--allow-other-store", "EPS_ALLOW_OTHER_STORE"),
         ],
     ),
     (

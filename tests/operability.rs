@@ -16,6 +16,7 @@ store_tests!(
     compact_never_removes_a_segment_holding_an_unapplied_event,
     the_servers_metrics_show_the_processors_lag_and_last_commit_from_the_store,
     status_json_counts_the_log_the_lag_and_the_exact_totals,
+    a_processor_or_status_given_another_store_than_the_servers_is_refused_naming_both,
 );
 
 /// A token unlike any word the server writes by itself, so finding it anywhere means it leaked.
@@ -1145,4 +1146,62 @@ async fn commands_that_read_a_data_directory_never_create_one_and_name_the_missi
         }
     })
     .await;
+}
+
+/// The data directory records its server's store; `eps process`, `eps status` and `eps compact` given
+/// another one (the classic: the server on PostgreSQL, a processor without DATABASE_URL) refuse with
+/// a line naming both, create nothing, and `--allow-other-store` lets them through.
+async fn a_processor_or_status_given_another_store_than_the_servers_is_refused_naming_both(store: StoreKind) {
+    let env = Env::new(store).await;
+    let server = env.server().await;
+    let http = http();
+    assert_eq!(post_event(&http, &server.url, &event_line("os-u", "add_revenue", "4")).await.0, 200);
+    // Its store open (the SQLite files it makes are there) before the data directory is compared.
+    readyz_until(&http, &server.url, 200).await;
+    let data_arg = env.data_dir.display().to_string();
+    // The store as the record and the errors name it: "sqlite", or the URL without its password.
+    let (ours, other_args, other): (String, Vec<String>, String) = match store {
+        StoreKind::Postgres => {
+            let url = env.db.url.clone().unwrap();
+            let (scheme, rest) = url.split_once("://").unwrap();
+            let redacted = match rest.split_once('@') {
+                Some((user_password, host)) if user_password.contains(':') => {
+                    format!("{scheme}://{}:***@{host}", user_password.split_once(':').unwrap().0)
+                }
+                _ => url.clone(),
+            };
+            (redacted, vec![], "sqlite".into())
+        }
+        StoreKind::Sqlite => {
+            let url = format!("postgres://eps:pw@127.0.0.1:{}/eps", free_port());
+            ("sqlite".into(), vec!["--database-url".into(), url], "postgres://eps:***@127.0.0.1:".into())
+        }
+    };
+    let before = tree(&env.data_dir);
+    for command in [vec!["process"], vec!["status"], vec!["compact", "--dry-run"]] {
+        let mut a = args(&command);
+        a.extend(args(&["--data-dir", &data_arg]));
+        a.extend(other_args.clone());
+        let out = run_eps(&a, &[]).await;
+        assert_eq!(out.code(), Some(2), "eps {command:?}: {out}");
+        let line = out.stderr.lines().find(|l| l.starts_with("eps: error: ")).unwrap_or_default();
+        assert!(line.contains(&ours) && line.contains(&other), "eps {command:?} does not name both stores: {out}");
+        assert!(line.contains("--allow-other-store") && line.contains("DATABASE_URL"), "no fix in: {out}");
+        assert!(!line.contains(":pw@"), "a password in: {out}");
+    }
+    assert_eq!(tree(&env.data_dir), before, "a refused command changed the data directory");
+
+    // With the override (SQLite only: the other PostgreSQL store does not exist), the processor applies
+    // the log to the store it was given, which the server does not read.
+    if store == StoreKind::Postgres {
+        let out = run_eps(&args(&["process", "--data-dir", &data_arg, "--allow-other-store"]), &[]).await;
+        assert_eq!(out.code(), Some(0), "{out}");
+        assert!(out.stdout.contains("applied 1 events"), "{out}");
+        let out = run_eps(&args(&["status", "--data-dir", &data_arg, "--allow-other-store"]), &[]).await;
+        assert_eq!(out.code(), Some(0), "{out}");
+        assert!(out.stdout.contains("database         sqlite"), "{out}");
+    }
+    // The right store still works; the record is the one line the errors showed.
+    env.process(&[]).await;
+    assert_eq!(std::fs::read_to_string(env.data_dir.join("store")).unwrap(), format!("{ours}\n"));
 }

@@ -153,7 +153,13 @@ impl Server {
                 log_opts.segment_bytes = opts.segment_bytes;
                 log_opts.dedup_window = opts.dedup_window;
                 log_opts.dedup_max_ids = opts.dedup_max_ids;
-                Arc::new(tokio::task::block_in_place(|| FileLog::open(log_opts))?)
+                let log = Arc::new(tokio::task::block_in_place(|| FileLog::open(log_opts))?);
+                // Which store this log is applied to: processors and `eps status` check it.
+                if let Some(previous) = store::record_store(&opts.data_dir, opts.database_url.as_deref())? {
+                    tracing::warn!(previous = %previous, store = %store::store_name(opts.database_url.as_deref()),
+                        "this data directory's server used another store before: processors must now use this one");
+                }
+                log
             }
         };
         let listener = TcpListener::bind(opts.listen)
