@@ -1205,3 +1205,51 @@ async fn a_processor_or_status_given_another_store_than_the_servers_is_refused_n
     env.process(&[]).await;
     assert_eq!(std::fs::read_to_string(env.data_dir.join("store")).unwrap(), format!("{ours}\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_postgres_errors_stop_the_processor_at_once_with_the_databases_message() {
+    let db = TestDb::new(StoreKind::Postgres).await;
+    let real = db.url.clone().unwrap();
+    let (base, _) = real.rsplit_once('/').unwrap();
+    let (scheme, rest) = base.split_once("://").unwrap();
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let tag = format!("{:08x}", std::process::id());
+    // A data directory with a log (made by hand: no server recorded a store in it).
+    let env = Env::new(StoreKind::Sqlite).await;
+    std::fs::create_dir_all(env.log_dir()).unwrap();
+    let data_arg = env.data_dir.display().to_string();
+    let cases = [
+        (format!("{base}/eps_missing_{tag}"), "3D000", "does not exist"),
+        (format!("{scheme}://eps_no_role_{tag}@{host}/postgres"), "28", "eps_no_role_"),
+    ];
+    for (url, code, words) in &cases {
+        // Even with a long retry budget: the first answer is final.
+        let a = args(&["process", "--data-dir", &data_arg, "--database-url", url, "--retry-secs", "20"]);
+        let out = run_eps(&a, &[]).await;
+        assert_eq!(out.code(), Some(1), "{url}: {out}");
+        assert!(!out.stderr.contains("retrying"), "a permanent error was retried: {out}");
+        let last = out.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+        assert!(last.starts_with("eps: error: ") && last.contains(&format!("({code}")) && last.contains(words), "{out}");
+    }
+    // The server takes events meanwhile, and its /readyz and log show the database's own message.
+    let env = Env::new(StoreKind::Sqlite).await;
+    let server = env.server_with(&["--database-url", &cases[0].0]).await;
+    let http = http();
+    let body = readyz_until(&http, &server.url, 503).await;
+    let body = if body["database"].as_str().is_some_and(|d| d.contains("3D000")) {
+        body
+    } else {
+        eventually(Duration::from_secs(20), "/readyz to show 3D000", || {
+            let (http, url) = (http.clone(), format!("{}/readyz", server.url));
+            async move {
+                let (_, body) = get_json(&http, &url).await;
+                body["database"].as_str().is_some_and(|d| d.contains("3D000")).then_some(body)
+            }
+        })
+        .await
+    };
+    assert!(body["database"].as_str().unwrap().contains("does not exist"), "{body}");
+    assert!(!body["database"].as_str().unwrap().contains("postgres://"), "the URL in /readyz: {body}");
+    let stderr = server.stderr();
+    assert!(stderr.lines().any(|l| l.contains("database refused") && l.contains("3D000")), "{stderr}");
+}
