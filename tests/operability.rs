@@ -605,12 +605,13 @@ async fn accepted_tokens(http: &reqwest::Client, url: &str, tokens: &[&str]) -> 
     accepted
 }
 
-/// The `key = value  # source` line of `eps config` output in the `[section]` table.
+/// The `key = value  # source` line of `eps config` output in the `[section]` table (or the
+/// `# key = …` comment of a secret or an unset setting).
 fn config_line<'a>(out: &'a str, section: &str, key: &str) -> &'a str {
     let body = out.split(&format!("[{section}]\n")).nth(1).unwrap_or_else(|| panic!("no [{section}] in:\n{out}"));
     let body = body.split("\n\n").next().unwrap();
     body.lines()
-        .find(|l| l.starts_with(&format!("{key} = ")))
+        .find(|l| l.starts_with(&format!("{key} = ")) || l.starts_with(&format!("# {key} = ")))
         .unwrap_or_else(|| panic!("no {key} in [{section}] of:\n{out}"))
 }
 
@@ -626,7 +627,7 @@ async fn configuration_precedence_is_flag_then_env_then_file_and_config_redacts_
     // eps config: where each value came from, the token never shown.
     let out = run_eps(&args(&["--config", &file_s, "config"]), &[("EPS_TOKEN", "fromenv".into())]).await;
     assert!(out.status.success(), "{out}");
-    assert_eq!(config_line(&out.stdout, "server", "token"), r#"token = "<redacted>"  # env EPS_TOKEN"#);
+    assert_eq!(config_line(&out.stdout, "server", "token"), "# token = <redacted>  # env EPS_TOKEN; set it here or in EPS_TOKEN");
     assert_eq!(config_line(&out.stdout, "server", "listen"), format!(r#"listen = "127.0.0.1:{port}"  # file"#));
     assert_eq!(config_line(&out.stdout, "server", "body-limit"), r#"body-limit = "1048576"  # default"#);
     for s in secrets {
@@ -634,7 +635,7 @@ async fn configuration_precedence_is_flag_then_env_then_file_and_config_redacts_
     }
     let out = run_eps(&args(&["config"]), &[("EPS_CONFIG", file_s.clone())]).await;
     assert!(out.status.success(), "{out}");
-    assert_eq!(config_line(&out.stdout, "server", "token"), r#"token = "<redacted>"  # file"#);
+    assert_eq!(config_line(&out.stdout, "server", "token"), "# token = <redacted>  # file; set it here or in EPS_TOKEN");
     assert!(!out.stdout.contains("fromfile") && !out.stderr.contains("fromfile"), "{out}");
 
     // The server: flag over env over file.
@@ -1252,4 +1253,61 @@ async fn permanent_postgres_errors_stop_the_processor_at_once_with_the_databases
     assert!(!body["database"].as_str().unwrap().contains("postgres://"), "the URL in /readyz: {body}");
     let stderr = server.stderr();
     assert!(stderr.lines().any(|l| l.contains("database refused") && l.contains("3D000")), "{stderr}");
+}
+
+/// `key = value` of the uncommented lines of `eps config`'s output, per section, without the comments.
+fn config_values(text: &str) -> Vec<String> {
+    let mut section = String::new();
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        if line.starts_with('[') {
+            section = line.to_string();
+        } else {
+            out.push(format!("{section} {}", line.split("  #").next().unwrap()));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_output_of_eps_config_is_a_configuration_file_that_every_command_accepts_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data").display().to_string();
+    let out = run_eps(&args(&["config"]), &[("EPS_DATA_DIR", data.clone()), ("EPS_TOKEN", OPS_TOKEN.into())]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(!out.stdout.contains(OPS_TOKEN), "the token is in eps config: {out}");
+    let file = tmp.path().join("eps.toml");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let f = file.display().to_string();
+
+    // Before any server: the file is accepted, and the one thing wrong is said (no data directory yet).
+    let out = run_eps_in(tmp.path(), &args(&["--config", &f, "status"]), &[]).await;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains(&format!("the data directory {data} does not exist")), "{out}");
+
+    let (_server, url) = spawn_server(
+        &args(&["--config", &f, "server", "--listen", "127.0.0.1:0", "--token", OPS_TOKEN]),
+        &[],
+        tmp.path(),
+    )
+    .await;
+    let (status, _) = get_json(&http(), &format!("{url}/healthz")).await;
+    assert_eq!(status, 200);
+    for command in [vec!["process"], vec!["status"], vec!["compact", "--dry-run"]] {
+        let mut a = args(&["--config", &f]);
+        a.extend(args(&command));
+        let out = run_eps_in(tmp.path(), &a, &[]).await;
+        assert_eq!(out.code(), Some(0), "eps --config FILE {command:?}: {out}");
+    }
+    let out = run_eps_in(tmp.path(), &args(&["--config", &f, "status"]), &[]).await;
+    assert!(out.stdout.contains(&data), "status did not read the file's data-dir: {out}");
+    // Printed again from the file, every setting has the same value (now from the file).
+    let again = run_eps_in(tmp.path(), &args(&["--config", &f, "config"]), &[]).await;
+    assert_eq!(again.code(), Some(0), "{again}");
+    assert_eq!(config_values(&again.stdout), config_values(&out_of(&file)));
+    assert!(again.stdout.contains(&format!("data-dir = \"{data}\"  # file")), "{again}");
+}
+
+fn out_of(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap()
 }
