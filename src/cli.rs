@@ -40,6 +40,19 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// A listening address: `IP:PORT`, or `HOST:PORT` with the host name resolved (its first address).
+fn socket_addr(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    if text.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()) {
+        return Err(format!("{text:?} is not host:port (e.g. 127.0.0.1:8000 or localhost:8000)"));
+    }
+    let mut addrs = text.to_socket_addrs().map_err(|e| format!("cannot resolve {text:?}: {e}"))?;
+    addrs.next().ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -125,8 +138,9 @@ pub struct StoreCheckArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ServerArgs {
-    /// Address to listen on. A non-loopback address needs a token other than the default.
-    #[arg(long, env = "EPS_LISTEN", default_value = "127.0.0.1:8000")]
+    /// Address to listen on (host:port; a host name is resolved, e.g. localhost:8000). A non-loopback
+    /// address needs a token other than the default.
+    #[arg(long, env = "EPS_LISTEN", default_value = "127.0.0.1:8000", value_parser = socket_addr)]
     pub listen: SocketAddr,
 
     #[command(flatten)]
@@ -248,7 +262,7 @@ pub struct ProcessArgs {
     pub retry_secs: u64,
 
     /// Serve Prometheus metrics (GET /metrics) on this address while running, e.g. 127.0.0.1:9101.
-    #[arg(long, env = "EPS_METRICS_LISTEN")]
+    #[arg(long, env = "EPS_METRICS_LISTEN", value_parser = socket_addr)]
     pub metrics_listen: Option<SocketAddr>,
 
     /// The store's checkpoints are bound to the log they count (the file log's id; the JetStream
