@@ -1311,3 +1311,38 @@ async fn the_output_of_eps_config_is_a_configuration_file_that_every_command_acc
 fn out_of(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_processors_retry_lines_carry_the_delay_as_a_number_and_the_cause() {
+    // A data directory with a log, and a PostgreSQL port nothing listens on: a connection failure,
+    // retried for --retry-secs.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("data/log")).unwrap();
+    let url = format!("postgres://eps@127.0.0.1:{}/eps", free_port());
+    let a = args(&[
+        "--log-format",
+        "json",
+        "process",
+        "--data-dir",
+        &tmp.path().join("data").display().to_string(),
+        "--database-url",
+        &url,
+        "--retry-secs",
+        "1",
+    ]);
+    let out = run_eps(&a, &[]).await;
+    assert_eq!(out.code(), Some(1), "{out}");
+    let retries: Vec<Value> = out
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fields"]["message"].as_str().is_some_and(|m| m.contains("retrying")))
+        .collect();
+    assert!(!retries.is_empty(), "no retry line: {out}");
+    for line in &retries {
+        assert!(line["fields"]["retry_in_secs"].is_f64(), "the delay is not a number: {line}");
+        assert!(line["fields"].get("retry_in").is_none(), "{line}");
+        let error = line["fields"]["error"].as_str().unwrap_or_default();
+        assert!(error.contains("PostgreSQL unavailable while connecting"), "the retry line has no cause: {line}");
+    }
+}
