@@ -294,6 +294,8 @@ async fn eps_environment_variables_configure_server_client_and_processor() {
             ("EPS_DATA_DIR", data_dir.display().to_string()),
             ("DATABASE_URL", format!("sqlite://{}", other_db.display())),
             ("EPS_BATCH_BYTES", "100".into()),
+            // Not the server's store (it used the SQLite file in the data directory): on purpose.
+            ("EPS_ALLOW_OTHER_STORE", "true".into()),
         ],
     )
     .await;
