@@ -41,6 +41,19 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// A listening address: `IP:PORT`, or `HOST:PORT` with the host name resolved (its first address).
+fn socket_addr(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    if text.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()) {
+        return Err(format!("{text:?} is not host:port (e.g. 127.0.0.1:8000 or localhost:8000)"));
+    }
+    let mut addrs = text.to_socket_addrs().map_err(|e| format!("cannot resolve {text:?}: {e}"))?;
+    addrs.next().ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -113,10 +126,22 @@ pub struct StoreArgs {
     pub database_url: Option<String>,
 }
 
+/// The check that a data directory's file log is read with its server's store.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreCheckArgs {
+    /// Use this store even though the data directory's server records another one (its file "store"
+    /// names it: "sqlite" or the PostgreSQL URL without its password). Without it such a run is
+    /// refused, so that a processor without DATABASE_URL does not apply a PostgreSQL server's log to
+    /// SQLite.
+    #[arg(long, env = "EPS_ALLOW_OTHER_STORE")]
+    pub allow_other_store: bool,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ServerArgs {
-    /// Address to listen on. A non-loopback address needs a token other than the default.
-    #[arg(long, env = "EPS_LISTEN", default_value = "127.0.0.1:8000")]
+    /// Address to listen on (host:port; a host name is resolved, e.g. localhost:8000). A non-loopback
+    /// address needs a token other than the default.
+    #[arg(long, env = "EPS_LISTEN", default_value = "127.0.0.1:8000", value_parser = socket_addr)]
     pub listen: SocketAddr,
 
     /// Serve HTTPS on --listen with this PEM certificate chain (with --tls-key); re-read on SIGHUP.
@@ -247,6 +272,9 @@ pub struct ProcessArgs {
     #[command(flatten)]
     pub store: StoreArgs,
 
+    #[command(flatten)]
+    pub store_check: StoreCheckArgs,
+
     /// Keep running and apply new events as they arrive, instead of exiting when caught up.
     #[arg(long, env = "EPS_FOLLOW")]
     pub follow: bool,
@@ -266,7 +294,7 @@ pub struct ProcessArgs {
     pub retry_secs: u64,
 
     /// Serve Prometheus metrics (GET /metrics) on this address while running, e.g. 127.0.0.1:9101.
-    #[arg(long, env = "EPS_METRICS_LISTEN")]
+    #[arg(long, env = "EPS_METRICS_LISTEN", value_parser = socket_addr)]
     pub metrics_listen: Option<SocketAddr>,
 
     /// The store's checkpoints are bound to the log they count (the file log's id; the JetStream
@@ -412,6 +440,9 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub store: StoreArgs,
 
+    #[command(flatten)]
+    pub store_check: StoreCheckArgs,
+
     /// Print JSON instead of text.
     #[arg(long, env = "EPS_STATUS_JSON")]
     pub json: bool,
@@ -430,6 +461,9 @@ pub struct StatusArgs {
 pub struct CompactArgs {
     #[command(flatten)]
     pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub store_check: StoreCheckArgs,
 
     /// Move removed segments to this directory instead of deleting them.
     #[arg(long, env = "EPS_ARCHIVE_DIR")]

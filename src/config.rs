@@ -131,7 +131,8 @@ pub fn config_path_from_args(args: &[std::ffi::OsString]) -> Option<std::path::P
     std::env::var_os("EPS_CONFIG").map(std::path::PathBuf::from)
 }
 
-/// Every setting of every command with its effective value and where it came from, secrets redacted.
+/// Every setting of every command with its effective value and where it came from, secrets redacted,
+/// as a configuration file `--config` accepts unchanged (secrets and unset settings are comments).
 /// Call only while no other thread runs (it applies the file for each command in turn).
 pub fn describe(file: Option<&FileConfig>) -> Result<String, ConfigError> {
     let mut out = String::new();
@@ -161,13 +162,24 @@ pub fn describe(file: Option<&FileConfig>) -> Result<String, ConfigError> {
                 Some(ValueSource::DefaultValue) => "default".to_string(),
                 _ => "unset".to_string(),
             };
-            let value = match sub.get_raw(id) {
-                _ if SECRETS.contains(&id) && sub.contains_id(id) && sub.get_raw(id).is_some() => "<redacted>".to_string(),
-                Some(values) => values.map(|v| v.to_string_lossy().into_owned()).collect::<Vec<_>>().join(","),
-                None => String::new(),
-            };
             let key = arg.get_long().unwrap_or(id);
-            out.push_str(&format!("{key} = {value:?}  # {source}\n"));
+            // The output is a file `--config` takes unchanged: a secret and an unset setting are
+            // comments (a value of "<redacted>" or "" would be applied as one), the rest TOML strings.
+            match sub.get_raw(id) {
+                Some(_) if SECRETS.contains(&id) => {
+                    out.push_str(&format!("# {key} = <redacted>  # {source}; set it here or in {env}\n"))
+                }
+                // An unset switch is a comment too: clap counts a switch given by its variable as
+                // present even when false, and two such switches may conflict (--from-start, --new-run).
+                Some(_) if matches!(arg.get_action(), clap::ArgAction::SetTrue) && !sub.get_flag(id) => {
+                    out.push_str(&format!("# {key} = false  # {source}\n"))
+                }
+                Some(values) => {
+                    let value = values.map(|v| v.to_string_lossy().into_owned()).collect::<Vec<_>>().join(",");
+                    out.push_str(&format!("{key} = {}  # {source}\n", toml::Value::String(value)));
+                }
+                None => out.push_str(&format!("# {key} =  # {source}\n")),
+            }
         }
         out.push('\n');
     }

@@ -153,6 +153,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 poll_interval: Duration::from_millis(args.poll_ms),
                 retry_for: Duration::from_secs(args.retry_secs),
                 adopt_new_log: args.adopt_new_log,
+                allow_other_store: args.store_check.allow_other_store,
             };
             match args.log {
                 Some(url) if eps::log::nats::is_nats_url(&url) => {
@@ -237,7 +238,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            let status = eps::ops::status(&args.store.data_dir, args.store.database_url.as_deref()).await?;
+            let status = eps::ops::status(&args.store.data_dir, args.store.database_url.as_deref(), args.store_check.allow_other_store)
+                .await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -252,6 +254,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 archive_dir: args.archive_dir,
                 min_age: Duration::from_secs(args.min_age_secs.unwrap_or(args.dedup_window_secs)),
                 dry_run: args.dry_run,
+                allow_other_store: args.store_check.allow_other_store,
             })
             .await?;
             println!("{report}{}", if args.dry_run { " (dry run: nothing removed)" } else { "" });

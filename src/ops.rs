@@ -67,8 +67,12 @@ impl std::fmt::Display for Status {
     }
 }
 
-pub async fn status(data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<Status> {
-    let store = store::open(database_url, data_dir).await?;
+/// `eps status` of a data directory's file log; `allow_other_store` as `--allow-other-store` (see
+/// [`store::check_store_record`]).
+pub async fn status(data_dir: &Path, database_url: Option<&str>, allow_other_store: bool) -> anyhow::Result<Status> {
+    store::check_store_record(data_dir, database_url, allow_other_store)?;
+    let store = store::open_existing(database_url, data_dir).await?;
+    store::require_data_dir(data_dir)?;
     let progress = store.progress(FILE_STREAM).await?;
     let totals = store.totals().await?;
     let log_dir = data_dir.join(LOG_DIR);
@@ -135,6 +139,8 @@ pub struct CompactOptions {
     pub min_age: Duration,
     /// Say what would go, change nothing.
     pub dry_run: bool,
+    /// Read the checkpoint from this store even though the data directory's server uses another.
+    pub allow_other_store: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -160,7 +166,10 @@ impl std::fmt::Display for CompactReport {
 }
 
 pub async fn compact(opts: &CompactOptions) -> anyhow::Result<CompactReport> {
-    let store = store::open(opts.database_url.as_deref(), &opts.data_dir).await?;
+    // Another store's checkpoint says nothing about what was applied from this log.
+    store::check_store_record(&opts.data_dir, opts.database_url.as_deref(), opts.allow_other_store)?;
+    let store = store::open_existing(opts.database_url.as_deref(), &opts.data_dir).await?;
+    store::require_data_dir(&opts.data_dir)?;
     let checkpoint = store.progress(FILE_STREAM).await?.position;
     let log_dir = opts.data_dir.join(LOG_DIR);
     // The checkpoint is a position in the log it is bound to; in another log it says nothing about

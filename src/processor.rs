@@ -59,6 +59,9 @@ pub struct ProcessOptions {
     /// Re-bind the store's checkpoints to the log as it is now (a new or recreated log), starting at
     /// its first position, instead of refusing a log other than the one they count.
     pub adopt_new_log: bool,
+    /// Apply the file log to this store even though the data directory's server uses another one
+    /// (see [`store::check_store_record`]).
+    pub allow_other_store: bool,
 }
 
 impl ProcessOptions {
@@ -71,6 +74,7 @@ impl ProcessOptions {
             poll_interval: Duration::from_millis(5),
             retry_for: Duration::from_secs(60),
             adopt_new_log: false,
+            allow_other_store: false,
         }
     }
 }
@@ -104,15 +108,61 @@ impl std::fmt::Display for ProcessSummary {
 pub async fn run(opts: ProcessOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<ProcessSummary> {
     store::check_database_url(opts.database_url.as_deref())?;
     stop::until(shutdown, |stop| async move {
+        // A store that exists is opened first (so a refused table is reported whatever the log);
+        // the SQLite file is only created once there is a log to apply into it.
+        let check_store = || store::check_store_record(&opts.data_dir, opts.database_url.as_deref(), opts.allow_other_store);
+        check_store()?;
+        let creates_store = opts.database_url.is_none() && !opts.data_dir.join(store::SQLITE_FILE).is_file();
+        if creates_store && !wait_for_log(&opts, &stop).await? {
+            return Ok(ProcessSummary::default());
+        }
         let Some(store) = open_store(&opts, &stop).await? else { return Ok(ProcessSummary::default()) };
+        if !wait_for_log(&opts, &stop).await? {
+            return Ok(ProcessSummary::default());
+        }
+        // A server that made the log meanwhile recorded its store.
+        check_store()?;
         apply(opts, store, stop).await
     })
     .await
 }
 
+/// The file log must exist before anything is applied, or created: a processor pointed at a data
+/// directory without one (a mistyped `--data-dir`) creates neither the directory nor a database in it. A one-shot run says
+/// there is no log there (a configuration error, exit code 2); a `--follow` run waits for a server to
+/// make it, saying so once. `false` when the shutdown was requested first.
+async fn wait_for_log(opts: &ProcessOptions, stop: &Stop) -> anyhow::Result<bool> {
+    let log_dir = opts.data_dir.join(LOG_DIR);
+    let missing = || {
+        format!(
+            "no log in {}: eps server has not written to this data directory ({})",
+            log_dir.display(),
+            store::DATA_DIR_SOURCE
+        )
+    };
+    if log_dir.is_dir() {
+        return Ok(true);
+    }
+    if !opts.follow {
+        return Err(ConfigError(missing()).into());
+    }
+    tracing::info!("{}; waiting for it", missing());
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(opts.poll_interval.max(Duration::from_millis(100))) => {}
+            () = stop.requested() => return Ok(false),
+        }
+        if log_dir.is_dir() {
+            return Ok(true);
+        }
+    }
+}
+
 /// Opens the store, retrying while the database is unreachable (forever with `follow`, else for
-/// `retry_for`); `None` when the shutdown was requested first. A configuration error (a refused
-/// `users_revenue`, see [`store`]) is returned at once: waiting cannot fix it.
+/// `retry_for`); `None` when the shutdown was requested first. Only a connection-level failure is
+/// retried ([`store::is_transient`]); anything else (a refused `users_revenue`, an unknown database or
+/// role, a failed authentication, a file that cannot be opened) is returned at once with its own
+/// message: waiting cannot fix it. Each retry line carries the cause.
 pub(crate) async fn open_store(opts: &ProcessOptions, stop: &Stop) -> anyhow::Result<Option<Arc<dyn Store>>> {
     let deadline = Instant::now() + opts.retry_for;
     let mut delay = Duration::from_millis(100);
@@ -124,9 +174,9 @@ pub(crate) async fn open_store(opts: &ProcessOptions, stop: &Stop) -> anyhow::Re
         match opened {
             Ok(store) => return Ok(Some(store)),
             // A refused table (or URL) stays refused: no retry, exit code 2 at once.
-            Err(e) if e.downcast_ref::<ConfigError>().is_some() => return Err(e),
+            Err(e) if e.downcast_ref::<ConfigError>().is_some() || !store::is_transient(&e) => return Err(e),
             Err(e) if opts.follow || Instant::now() < deadline => {
-                tracing::warn!(error = %e, retry_in = ?delay, "database not reachable; retrying");
+                tracing::warn!(error = format!("{e:#}"), retry_in_secs = delay.as_secs_f64(), "database not reachable; retrying");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = stop.requested() => return Ok(None),
@@ -433,7 +483,7 @@ where
                 return Ok(None);
             }
             Err(StoreError::Unavailable(e)) if opts.follow || Instant::now() < deadline => {
-                tracing::warn!(error = %e, retry_in = ?delay, "database unavailable; nothing was committed, retrying");
+                tracing::warn!(error = %e, retry_in_secs = delay.as_secs_f64(), "database unavailable; nothing was committed, retrying");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = stop.requested() => return Ok(None),
@@ -687,7 +737,7 @@ impl DeadLetters {
             Err(e) => {
                 metrics::counter!("eps_processor_dead_letter_errors_total").increment(1);
                 tracing::warn!(
-                    error = format!("{e:#}"), retry_in = ?self.retry_delay,
+                    error = format!("{e:#}"), retry_in_secs = self.retry_delay.as_secs_f64(),
                     "cannot write the dead-letter file; the invalid lines are recorded in the store and will be written on retry"
                 );
                 self.behind = true;

@@ -50,6 +50,7 @@ const FLAGS: &[(&str, &[(&str, &str)])] = &[
             ("--poll-ms", "EPS_POLL_MS"),
             ("--retry-secs", "EPS_RETRY_SECS"),
             ("--adopt-new-log", "EPS_ADOPT_NEW_LOG"),
+            ("--allow-other-store", "EPS_ALLOW_OTHER_STORE"),
         ],
     ),
     (
@@ -294,6 +295,8 @@ async fn eps_environment_variables_configure_server_client_and_processor() {
             ("EPS_DATA_DIR", data_dir.display().to_string()),
             ("DATABASE_URL", format!("sqlite://{}", other_db.display())),
             ("EPS_BATCH_BYTES", "100".into()),
+            // Not the server's store (it used the SQLite file in the data directory): on purpose.
+            ("EPS_ALLOW_OTHER_STORE", "true".into()),
         ],
     )
     .await;
@@ -349,4 +352,31 @@ async fn a_database_url_eps_cannot_use_is_a_configuration_error_exit_2() {
         }
     }
     assert!(failures.is_empty(), "with --database-url {url}:\n{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn listen_takes_a_host_name_and_a_server_url_without_scheme_gets_a_hint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data").display().to_string();
+    let server =
+        ServerProc::start(&args(&["server", "--listen", "localhost:0", "--data-dir", &data]), &[], tmp.path()).await;
+    let response = http().get(format!("http://localhost:{}/healthz", server.port)).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(response.json::<serde_json::Value>().await.unwrap(), json!({"status": "ok"}));
+    // A name that does not resolve, or no port: a usage error naming the value.
+    for bad in ["no-such-host.invalid:8000", "localhost"] {
+        let out = run_eps(&args(&["server", "--listen", bad, "--data-dir", &data]), &[]).await;
+        assert_eq!(out.code(), Some(2), "{out}");
+        assert!(out.stderr.contains(bad), "{out}");
+    }
+
+    // A host:port given to the client as a URL: exit 2 and the fix, not "relative URL without a base".
+    let file = tmp.path().join("events.jsonl");
+    std::fs::write(&file, event_line("hint-u", "add_revenue", "1") + "\n").unwrap();
+    let address = format!("127.0.0.1:{}", server.port);
+    let out = run_eps(&args(&["client", &file.display().to_string(), "--url", &address, "--progress", "quiet"]), &[]).await;
+    assert_eq!(out.code(), Some(2), "{out}");
+    let line = out.stderr.lines().find(|l| l.starts_with("eps: error: ")).unwrap_or_default();
+    assert!(line.contains(&format!("{address:?}")) && line.contains(&format!("add http:// (--url http://{address})")), "{out}");
+    assert!(!out.stderr.contains("relative URL"), "{out}");
 }

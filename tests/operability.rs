@@ -16,6 +16,7 @@ store_tests!(
     compact_never_removes_a_segment_holding_an_unapplied_event,
     the_servers_metrics_show_the_processors_lag_and_last_commit_from_the_store,
     status_json_counts_the_log_the_lag_and_the_exact_totals,
+    a_processor_or_status_given_another_store_than_the_servers_is_refused_naming_both,
 );
 
 /// A token unlike any word the server writes by itself, so finding it anywhere means it leaked.
@@ -604,12 +605,13 @@ async fn accepted_tokens(http: &reqwest::Client, url: &str, tokens: &[&str]) -> 
     accepted
 }
 
-/// The `key = value  # source` line of `eps config` output in the `[section]` table.
+/// The `key = value  # source` line of `eps config` output in the `[section]` table (or the
+/// `# key = …` comment of a secret or an unset setting).
 fn config_line<'a>(out: &'a str, section: &str, key: &str) -> &'a str {
     let body = out.split(&format!("[{section}]\n")).nth(1).unwrap_or_else(|| panic!("no [{section}] in:\n{out}"));
     let body = body.split("\n\n").next().unwrap();
     body.lines()
-        .find(|l| l.starts_with(&format!("{key} = ")))
+        .find(|l| l.starts_with(&format!("{key} = ")) || l.starts_with(&format!("# {key} = ")))
         .unwrap_or_else(|| panic!("no {key} in [{section}] of:\n{out}"))
 }
 
@@ -625,7 +627,7 @@ async fn configuration_precedence_is_flag_then_env_then_file_and_config_redacts_
     // eps config: where each value came from, the token never shown.
     let out = run_eps(&args(&["--config", &file_s, "config"]), &[("EPS_TOKEN", "fromenv".into())]).await;
     assert!(out.status.success(), "{out}");
-    assert_eq!(config_line(&out.stdout, "server", "token"), r#"token = "<redacted>"  # env EPS_TOKEN"#);
+    assert_eq!(config_line(&out.stdout, "server", "token"), "# token = <redacted>  # env EPS_TOKEN; set it here or in EPS_TOKEN");
     assert_eq!(config_line(&out.stdout, "server", "listen"), format!(r#"listen = "127.0.0.1:{port}"  # file"#));
     assert_eq!(config_line(&out.stdout, "server", "body-limit"), r#"body-limit = "1048576"  # default"#);
     for s in secrets {
@@ -633,7 +635,7 @@ async fn configuration_precedence_is_flag_then_env_then_file_and_config_redacts_
     }
     let out = run_eps(&args(&["config"]), &[("EPS_CONFIG", file_s.clone())]).await;
     assert!(out.status.success(), "{out}");
-    assert_eq!(config_line(&out.stdout, "server", "token"), r#"token = "<redacted>"  # file"#);
+    assert_eq!(config_line(&out.stdout, "server", "token"), "# token = <redacted>  # file; set it here or in EPS_TOKEN");
     assert!(!out.stdout.contains("fromfile") && !out.stderr.contains("fromfile"), "{out}");
 
     // The server: flag over env over file.
@@ -1018,4 +1020,329 @@ async fn status_json_counts_the_log_the_lag_and_the_exact_totals(store: StoreKin
     assert!(out.status.success(), "{out}");
     assert!(out.stdout.contains("lag              3 events"), "{out}");
     assert!(out.stdout.contains("total revenue    13.34"), "{out}");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 8. Errors that say what to do
+
+/// Every entry under `dir`, recursively, as paths relative to it (what a command created there).
+fn tree(dir: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&at) else { continue };
+        for entry in entries.map(Result::unwrap) {
+            out.insert(entry.path().strip_prefix(dir).unwrap().display().to_string());
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_opened_stops_the_processor_at_once_and_the_server_shows_the_cause() {
+    // The SQLite file's place is taken by a directory: nothing can open it, however long one waits
+    // (unlike permissions, this holds for root too).
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("log")).unwrap();
+    let sqlite = data.join("eps.sqlite3");
+    std::fs::create_dir(&sqlite).unwrap();
+    let data_arg = data.display().to_string();
+
+    // The processor does not retry it: exit 1, one line naming the file, the operation and the cause.
+    let out = run_eps(&args(&["process", "--data-dir", &data_arg, "--retry-secs", "5"]), &[]).await;
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(!out.stderr.contains("retrying"), "a permanent error was retried: {out}");
+    let last = out.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    assert!(last.starts_with("eps: error: "), "{out}");
+    assert!(last.contains(&format!("cannot open the SQLite store {}", sqlite.display())), "{out}");
+    assert!(last.contains("unable to open database file"), "the cause is missing: {out}");
+
+    // The server takes events without its store, and says why it has none: in its log and /readyz.
+    let (server, url) = spawn_server(
+        &args(&["server", "--listen", "127.0.0.1:0", "--data-dir", &data_arg]),
+        &[],
+        tmp.path(),
+    )
+    .await;
+    let http = http();
+    let body = eventually(Duration::from_secs(20), "/readyz to name the cause", || {
+        let (http, url) = (http.clone(), format!("{url}/readyz"));
+        async move {
+            let (status, body) = get_json(&http, &url).await;
+            (status == 503 && body["database"].as_str().is_some_and(|d| d.contains("unable to open database file")))
+                .then_some(body)
+        }
+    })
+    .await;
+    assert!(body["database"].as_str().unwrap().contains(&sqlite.display().to_string()), "{body}");
+    let retry = server.stderr().lines().find(|l| l.contains("GET /userEvents answers 503 meanwhile")).map(str::to_string);
+    let retry = retry.unwrap_or_else(|| panic!("no retry line: {}", server.stderr()));
+    assert!(retry.contains("unable to open database file"), "the retry line has no cause: {retry}");
+
+    // A data directory that cannot be created (under /proc): the path and the operation, exit 1.
+    let proc_dir = format!("/proc/eps-no-such-{}/data", std::process::id());
+    let out = run_eps(&args(&["server", "--listen", "127.0.0.1:0", "--data-dir", &proc_dir]), &[]).await;
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(
+        out.stderr.lines().any(|l| l.starts_with("eps: error: cannot create the directory /proc/eps-no-such-")),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_that_read_a_data_directory_never_create_one_and_name_the_missing_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A mistyped path: an error naming it and how it is set (exit 2), and nothing created.
+    let typo = tmp.path().join("daat");
+    let typo_arg = typo.display().to_string();
+    for command in [vec!["status"], vec!["status", "--json"], vec!["compact", "--dry-run"], vec!["compact"], vec!["process"]] {
+        let mut a = args(&command);
+        a.extend(args(&["--data-dir", &typo_arg]));
+        let out = run_eps(&a, &[]).await;
+        assert_eq!(out.code(), Some(2), "eps {command:?}: {out}");
+        assert!(out.stderr.contains(&typo_arg) && out.stderr.contains("--data-dir"), "eps {command:?}: {out}");
+        assert!(!typo.exists(), "eps {command:?} created {typo_arg}: {out}");
+    }
+    // The same through the environment, and `eps config` (which only prints) creates nothing either.
+    let out = run_eps(&args(&["status"]), &[("EPS_DATA_DIR", typo_arg.clone())]).await;
+    assert_eq!(out.code(), Some(2), "{out}");
+    let out = run_eps(&args(&["config"]), &[("EPS_DATA_DIR", typo_arg.clone())]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(!typo.exists(), "{out}");
+
+    // An existing directory no server wrote to: status says there is no store, process that there is
+    // no log; neither creates a database or a log in it.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let empty_arg = empty.display().to_string();
+    let out = run_eps(&args(&["status", "--data-dir", &empty_arg]), &[]).await;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains(&format!("no SQLite store {}", empty.join("eps.sqlite3").display())), "{out}");
+    let out = run_eps(&args(&["process", "--data-dir", &empty_arg]), &[]).await;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains(&format!("no log in {}", empty.join("log").display())), "{out}");
+    assert_eq!(tree(&empty), BTreeSet::new(), "something was created in a data directory that had nothing");
+
+    // `--follow` waits for a server to make the log, creating nothing meanwhile, then applies it.
+    let process = ChildGuard::spawn(&args(&["process", "--follow", "--data-dir", &empty_arg]), &[], tmp.path());
+    eventually(Duration::from_secs(20), "the processor's waiting line", || {
+        let stderr = process.stderr();
+        async move { stderr.contains("waiting for it").then_some(()) }
+    })
+    .await;
+    assert_eq!(tree(&empty), BTreeSet::new(), "the waiting processor created something");
+    let (_server, url) =
+        spawn_server(&args(&["server", "--listen", "127.0.0.1:0", "--data-dir", &empty_arg]), &[], tmp.path()).await;
+    let http = http();
+    assert_eq!(post_event(&http, &url, &event_line("wait-u", "add_revenue", "2.5")).await.0, 200);
+    eventually(Duration::from_secs(20), "the waiting processor to apply the event", || {
+        let (http, url) = (http.clone(), format!("{url}/userEvents/wait-u"));
+        async move {
+            let (status, _, body) = call(&http, "GET", &url, Some("secret"), None).await;
+            (status == 200 && body.contains("2.5")).then_some(())
+        }
+    })
+    .await;
+}
+
+/// The data directory records its server's store; `eps process`, `eps status` and `eps compact` given
+/// another one (the classic: the server on PostgreSQL, a processor without DATABASE_URL) refuse with
+/// a line naming both, create nothing, and `--allow-other-store` lets them through.
+async fn a_processor_or_status_given_another_store_than_the_servers_is_refused_naming_both(store: StoreKind) {
+    let env = Env::new(store).await;
+    let server = env.server().await;
+    let http = http();
+    assert_eq!(post_event(&http, &server.url, &event_line("os-u", "add_revenue", "4")).await.0, 200);
+    // Its store open (the SQLite files it makes are there) before the data directory is compared.
+    readyz_until(&http, &server.url, 200).await;
+    let data_arg = env.data_dir.display().to_string();
+    // The store as the record and the errors name it: "sqlite", or the URL without its password.
+    let (ours, other_args, other): (String, Vec<String>, String) = match store {
+        StoreKind::Postgres => {
+            let url = env.db.url.clone().unwrap();
+            let (scheme, rest) = url.split_once("://").unwrap();
+            let redacted = match rest.split_once('@') {
+                Some((user_password, host)) if user_password.contains(':') => {
+                    format!("{scheme}://{}:***@{host}", user_password.split_once(':').unwrap().0)
+                }
+                _ => url.clone(),
+            };
+            (redacted, vec![], "sqlite".into())
+        }
+        StoreKind::Sqlite => {
+            let url = format!("postgres://eps:pw@127.0.0.1:{}/eps", free_port());
+            ("sqlite".into(), vec!["--database-url".into(), url], "postgres://eps:***@127.0.0.1:".into())
+        }
+    };
+    let before = tree(&env.data_dir);
+    for command in [vec!["process"], vec!["status"], vec!["compact", "--dry-run"]] {
+        let mut a = args(&command);
+        a.extend(args(&["--data-dir", &data_arg]));
+        a.extend(other_args.clone());
+        let out = run_eps(&a, &[]).await;
+        assert_eq!(out.code(), Some(2), "eps {command:?}: {out}");
+        let line = out.stderr.lines().find(|l| l.starts_with("eps: error: ")).unwrap_or_default();
+        assert!(line.contains(&ours) && line.contains(&other), "eps {command:?} does not name both stores: {out}");
+        assert!(line.contains("--allow-other-store") && line.contains("DATABASE_URL"), "no fix in: {out}");
+        assert!(!line.contains(":pw@"), "a password in: {out}");
+    }
+    assert_eq!(tree(&env.data_dir), before, "a refused command changed the data directory");
+
+    // With the override (SQLite only: the other PostgreSQL store does not exist), the processor applies
+    // the log to the store it was given, which the server does not read.
+    if store == StoreKind::Postgres {
+        let out = run_eps(&args(&["process", "--data-dir", &data_arg, "--allow-other-store"]), &[]).await;
+        assert_eq!(out.code(), Some(0), "{out}");
+        assert!(out.stdout.contains("applied 1 events"), "{out}");
+        let out = run_eps(&args(&["status", "--data-dir", &data_arg, "--allow-other-store"]), &[]).await;
+        assert_eq!(out.code(), Some(0), "{out}");
+        assert!(out.stdout.contains("database         sqlite"), "{out}");
+    }
+    // The right store still works; the record is the one line the errors showed.
+    env.process(&[]).await;
+    assert_eq!(std::fs::read_to_string(env.data_dir.join("store")).unwrap(), format!("{ours}\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_postgres_errors_stop_the_processor_at_once_with_the_databases_message() {
+    let db = TestDb::new(StoreKind::Postgres).await;
+    let real = db.url.clone().unwrap();
+    let (base, _) = real.rsplit_once('/').unwrap();
+    let (scheme, rest) = base.split_once("://").unwrap();
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let tag = format!("{:08x}", std::process::id());
+    // A data directory with a log (made by hand: no server recorded a store in it).
+    let env = Env::new(StoreKind::Sqlite).await;
+    std::fs::create_dir_all(env.log_dir()).unwrap();
+    let data_arg = env.data_dir.display().to_string();
+    let cases = [
+        (format!("{base}/eps_missing_{tag}"), "3D000", "does not exist"),
+        (format!("{scheme}://eps_no_role_{tag}@{host}/postgres"), "28", "eps_no_role_"),
+    ];
+    for (url, code, words) in &cases {
+        // Even with a long retry budget: the first answer is final.
+        let a = args(&["process", "--data-dir", &data_arg, "--database-url", url, "--retry-secs", "20"]);
+        let out = run_eps(&a, &[]).await;
+        assert_eq!(out.code(), Some(1), "{url}: {out}");
+        assert!(!out.stderr.contains("retrying"), "a permanent error was retried: {out}");
+        let last = out.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+        assert!(last.starts_with("eps: error: ") && last.contains(&format!("({code}")) && last.contains(words), "{out}");
+    }
+    // The server takes events meanwhile, and its /readyz and log show the database's own message.
+    let env = Env::new(StoreKind::Sqlite).await;
+    let server = env.server_with(&["--database-url", &cases[0].0]).await;
+    let http = http();
+    let body = readyz_until(&http, &server.url, 503).await;
+    let body = if body["database"].as_str().is_some_and(|d| d.contains("3D000")) {
+        body
+    } else {
+        eventually(Duration::from_secs(20), "/readyz to show 3D000", || {
+            let (http, url) = (http.clone(), format!("{}/readyz", server.url));
+            async move {
+                let (_, body) = get_json(&http, &url).await;
+                body["database"].as_str().is_some_and(|d| d.contains("3D000")).then_some(body)
+            }
+        })
+        .await
+    };
+    assert!(body["database"].as_str().unwrap().contains("does not exist"), "{body}");
+    assert!(!body["database"].as_str().unwrap().contains("postgres://"), "the URL in /readyz: {body}");
+    let stderr = server.stderr();
+    assert!(stderr.lines().any(|l| l.contains("database refused") && l.contains("3D000")), "{stderr}");
+}
+
+/// `key = value` of the uncommented lines of `eps config`'s output, per section, without the comments.
+fn config_values(text: &str) -> Vec<String> {
+    let mut section = String::new();
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        if line.starts_with('[') {
+            section = line.to_string();
+        } else {
+            out.push(format!("{section} {}", line.split("  #").next().unwrap()));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_output_of_eps_config_is_a_configuration_file_that_every_command_accepts_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data").display().to_string();
+    let out = run_eps(&args(&["config"]), &[("EPS_DATA_DIR", data.clone()), ("EPS_TOKEN", OPS_TOKEN.into())]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(!out.stdout.contains(OPS_TOKEN), "the token is in eps config: {out}");
+    let file = tmp.path().join("eps.toml");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let f = file.display().to_string();
+
+    // Before any server: the file is accepted, and the one thing wrong is said (no data directory yet).
+    let out = run_eps_in(tmp.path(), &args(&["--config", &f, "status"]), &[]).await;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains(&format!("the data directory {data} does not exist")), "{out}");
+
+    let (_server, url) = spawn_server(
+        &args(&["--config", &f, "server", "--listen", "127.0.0.1:0", "--token", OPS_TOKEN]),
+        &[],
+        tmp.path(),
+    )
+    .await;
+    let (status, _) = get_json(&http(), &format!("{url}/healthz")).await;
+    assert_eq!(status, 200);
+    for command in [vec!["process"], vec!["status"], vec!["compact", "--dry-run"]] {
+        let mut a = args(&["--config", &f]);
+        a.extend(args(&command));
+        let out = run_eps_in(tmp.path(), &a, &[]).await;
+        assert_eq!(out.code(), Some(0), "eps --config FILE {command:?}: {out}");
+    }
+    let out = run_eps_in(tmp.path(), &args(&["--config", &f, "status"]), &[]).await;
+    assert!(out.stdout.contains(&data), "status did not read the file's data-dir: {out}");
+    // Printed again from the file, every setting has the same value (now from the file).
+    let again = run_eps_in(tmp.path(), &args(&["--config", &f, "config"]), &[]).await;
+    assert_eq!(again.code(), Some(0), "{again}");
+    assert_eq!(config_values(&again.stdout), config_values(&out_of(&file)));
+    assert!(again.stdout.contains(&format!("data-dir = \"{data}\"  # file")), "{again}");
+}
+
+fn out_of(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_processors_retry_lines_carry_the_delay_as_a_number_and_the_cause() {
+    // A data directory with a log, and a PostgreSQL port nothing listens on: a connection failure,
+    // retried for --retry-secs.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("data/log")).unwrap();
+    let url = format!("postgres://eps@127.0.0.1:{}/eps", free_port());
+    let a = args(&[
+        "--log-format",
+        "json",
+        "process",
+        "--data-dir",
+        &tmp.path().join("data").display().to_string(),
+        "--database-url",
+        &url,
+        "--retry-secs",
+        "1",
+    ]);
+    let out = run_eps(&a, &[]).await;
+    assert_eq!(out.code(), Some(1), "{out}");
+    let retries: Vec<Value> = out
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fields"]["message"].as_str().is_some_and(|m| m.contains("retrying")))
+        .collect();
+    assert!(!retries.is_empty(), "no retry line: {out}");
+    for line in &retries {
+        assert!(line["fields"]["retry_in_secs"].is_f64(), "the delay is not a number: {line}");
+        assert!(line["fields"].get("retry_in").is_none(), "{line}");
+        let error = line["fields"]["error"].as_str().unwrap_or_default();
+        assert!(error.contains("PostgreSQL unavailable while connecting"), "the retry line has no cause: {line}");
+    }
 }

@@ -1080,6 +1080,13 @@ impl Sender {
         let mut servers = Vec::new();
         for url in opts.urls.iter().map(|u| u.trim()).filter(|u| !u.is_empty()) {
             let base = url.trim_end_matches('/');
+            // "127.0.0.1:8000" or "localhost:8000": a host, not a URL; say what to add.
+            if !base.contains("://") {
+                return Err(crate::config::ConfigError(format!(
+                    "invalid server URL {url:?}: it has no scheme; add http:// (--url http://{base})"
+                ))
+                .into());
+            }
             let endpoint = reqwest::Url::parse(&format!("{base}/{path}"))
                 .with_context(|| format!("invalid server URL {url:?}"))?;
             if !matches!(endpoint.scheme(), "http" | "https") {

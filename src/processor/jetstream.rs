@@ -909,7 +909,7 @@ impl PartitionReader {
                         delay = Duration::from_millis(100);
                     }
                 }
-                Err(e) => tracing::warn!(partition, error = %e, retry_in = ?delay, "cannot read the partition; retrying"),
+                Err(e) => tracing::warn!(partition, error = %e, retry_in_secs = delay.as_secs_f64(), "cannot read the partition; retrying"),
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));

@@ -106,11 +106,22 @@ pub(crate) struct AppState {
     data_dir: PathBuf,
     /// When the store's gauges were last refreshed for `/metrics` (see [`refresh_store_metrics`]).
     store_metrics_at: tokio::sync::Mutex<Option<std::time::Instant>>,
+    /// Why the last attempt to open the store failed (the database's own error, without the URL),
+    /// while it is not open: what `/readyz` shows.
+    store_error: std::sync::Mutex<Option<String>>,
 }
 
 impl AppState {
     fn log_ready(&self) -> bool {
         self.log.ready()
+    }
+
+    /// Why the store is not open yet: the last attempt's error, with its cause.
+    pub(crate) fn store_not_open(&self) -> String {
+        match &*self.store_error.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(cause) => format!("not connected yet: {cause}"),
+            None => "not connected yet".to_string(),
+        }
     }
 
     fn store(&self) -> Result<&Arc<dyn Store>, ApiError> {
@@ -181,7 +192,13 @@ impl Server {
                 log_opts.dedup_window = opts.dedup_window;
                 log_opts.dedup_max_ids = opts.dedup_max_ids;
                 log_opts.dedup_horizon = opts.dedup_horizon;
-                Arc::new(tokio::task::block_in_place(|| FileLog::open(log_opts))?)
+                let log = Arc::new(tokio::task::block_in_place(|| FileLog::open(log_opts))?);
+                // Which store this log is applied to: processors and `eps status` check it.
+                if let Some(previous) = store::record_store(&opts.data_dir, opts.database_url.as_deref())? {
+                    tracing::warn!(previous = %previous, store = %store::store_name(opts.database_url.as_deref()),
+                        "this data directory's server used another store before: processors must now use this one");
+                }
+                log
             }
         };
         let listener = TcpListener::bind(opts.listen)
@@ -197,6 +214,7 @@ impl Server {
             console: console::Console::new(opts.log_url.is_none().then(|| opts.data_dir.join(LOG_DIR))),
             data_dir: opts.data_dir.clone(),
             store_metrics_at: tokio::sync::Mutex::new(None),
+            store_error: std::sync::Mutex::new(None),
         });
         let hangups = state.auth.file().is_some().then(hangups);
         Ok(Server { listener, tls, state, log, opts, hangups, cors })
@@ -362,7 +380,18 @@ async fn connect_store(state: Arc<AppState>, opts: ServerOptions, refused: onesh
                 return;
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in_secs = delay.as_secs_f64(), "database not reachable; GET /userEvents answers 503 meanwhile");
+                let cause = format!("{e:#}");
+                // A permanent error (unknown database or role, refused password) is retried too, since
+                // the server takes events without the database; but it says so, with the cause.
+                let what = if store::is_transient(&e) {
+                    "database not reachable; GET /userEvents answers 503 meanwhile"
+                } else {
+                    "database refused the connection (fix the cause; retrying meanwhile); GET /userEvents answers 503 meanwhile"
+                };
+                tracing::warn!(error = %cause, retry_in_secs = delay.as_secs_f64(), "{what}");
+                // /readyz is unauthenticated: it shows the database's own error, not the URL around it.
+                let root = e.chain().last().map_or_else(String::new, ToString::to_string);
+                *state.store_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(root);
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }

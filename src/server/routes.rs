@@ -533,7 +533,7 @@ pub(super) async fn healthz() -> Json<Health> {
 pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Readiness>) {
     let log_ok = state.log_ready();
     let database = match state.store() {
-        Err(_) => Err("not connected yet".to_string()),
+        Err(_) => Err(state.store_not_open()),
         Ok(store) => match tokio::time::timeout(std::time::Duration::from_secs(1), store.ping()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),

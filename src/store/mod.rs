@@ -237,6 +237,112 @@ pub(crate) fn quote_ident(name: &str) -> String {
     }
 }
 
+/// Whether `e` (from [`open`] or a store call) is worth retrying: only a connection-level failure or
+/// a busy database ([`StoreError::Unavailable`]) is. Everything else (an unknown database or role, a
+/// refused password or permission, a directory that cannot be created, a file that cannot be opened)
+/// stays as it is however long one waits, and is reported at once with its own message.
+pub fn is_transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| matches!(cause.downcast_ref::<StoreError>(), Some(StoreError::Unavailable(_))))
+}
+
+/// File in the data directory naming the store its server uses (see [`record_store`]).
+pub const STORE_RECORD_FILE: &str = "store";
+
+/// The store a URL names, as the data directory records it and errors show it: `sqlite` for the file
+/// in the data directory, else the URL with its password replaced by `***`.
+pub fn store_name(database_url: Option<&str>) -> String {
+    match database_url {
+        None => "sqlite".to_string(),
+        Some(url) => postgres::redact(url).into_owned(),
+    }
+}
+
+/// Records in `data_dir` which store the server of its file log uses (one line, [`store_name`]), so
+/// that a processor, `eps status` or `eps compact` pointed at another store is refused instead of
+/// silently applying the log to a database nobody reads ([`check_store_record`]). Written by the
+/// server at start-up, atomically and durably; returns the store it replaced when that was another.
+pub fn record_store(data_dir: &Path, database_url: Option<&str>) -> std::io::Result<Option<String>> {
+    use std::io::Write;
+    let name = store_name(database_url);
+    let path = data_dir.join(STORE_RECORD_FILE);
+    let previous = read_store_record(data_dir)?;
+    if previous.as_deref() == Some(name.as_str()) {
+        return Ok(None);
+    }
+    let with_path = |e, what| crate::fsutil::with_path(e, what, &path);
+    let mut tmp = tempfile::NamedTempFile::new_in(data_dir).map_err(|e| with_path(e, "cannot create a temporary file for"))?;
+    tmp.write_all(format!("{name}\n").as_bytes()).and_then(|()| tmp.as_file().sync_all()).map_err(|e| with_path(e, "cannot write"))?;
+    tmp.persist(&path).map_err(|e| with_path(e.error, "cannot write"))?;
+    crate::fsutil::sync_dir(data_dir).map_err(|e| crate::fsutil::with_path(e, "cannot sync the directory", data_dir))?;
+    Ok(previous)
+}
+
+/// The store recorded in `data_dir` by its server; `None` when none was (no server ran there yet, or
+/// one older than the record).
+pub fn read_store_record(data_dir: &Path) -> std::io::Result<Option<String>> {
+    let path = data_dir.join(STORE_RECORD_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text.trim().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(crate::fsutil::with_path(e, "cannot read", &path)),
+    }
+}
+
+/// Refuses a store other than the one the data directory's server uses (the invariant: the file log
+/// of a data directory is applied to its server's store, the one `GET /userEvents` answers from).
+/// `allow` (`--allow-other-store`) lets it through, for a deliberate copy into another database.
+pub fn check_store_record(data_dir: &Path, database_url: Option<&str>, allow: bool) -> anyhow::Result<()> {
+    let Some(recorded) = read_store_record(data_dir)? else { return Ok(()) };
+    let ours = store_name(database_url);
+    if recorded == ours {
+        return Ok(());
+    }
+    if allow {
+        tracing::warn!(server_store = %recorded, store = %ours, "another store than the server's, as --allow-other-store says");
+        return Ok(());
+    }
+    Err(ConfigError(format!(
+        "the server of {} uses the store {recorded}, but this command was given {ours}: set --database-url (or \
+         DATABASE_URL) to the server's store, or pass --allow-other-store to use {ours} anyway",
+        data_dir.display()
+    ))
+    .into())
+}
+
+/// How the data directory is chosen, for errors that name a wrong one.
+pub const DATA_DIR_SOURCE: &str = "set by --data-dir, EPS_DATA_DIR or data-dir in the --config file";
+
+/// Checks that the data directory exists, for the commands that read it and must not create it
+/// (`status`, `compact`, `process` of the file log): a mistyped path is an error naming it.
+pub fn require_data_dir(data_dir: &Path) -> Result<(), ConfigError> {
+    match std::fs::metadata(data_dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(ConfigError(format!("the data directory {} is not a directory ({DATA_DIR_SOURCE})", data_dir.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ConfigError(format!(
+            "the data directory {} does not exist ({DATA_DIR_SOURCE}); eps server creates it",
+            data_dir.display()
+        ))),
+        Err(e) => Err(ConfigError(format!("cannot read the data directory {}: {e} ({DATA_DIR_SOURCE})", data_dir.display()))),
+    }
+}
+
+/// [`open`] for the commands that only read or tidy a data directory (`status`, `compact`): it never
+/// creates a directory or a database. Without a URL, the data directory and its SQLite file must exist
+/// already (the server creates both); a missing one is a configuration error naming it.
+pub async fn open_existing(database_url: Option<&str>, data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
+    check_database_url(database_url)?;
+    match database_url {
+        Some(url) if url.starts_with("sqlite://") => {
+            Ok(Arc::new(sqlite::SqliteStore::open_existing(Path::new(&url["sqlite://".len()..])).await?))
+        }
+        Some(url) => Ok(Arc::new(postgres::PostgresStore::connect(url).await?)),
+        None => {
+            require_data_dir(data_dir)?;
+            Ok(Arc::new(sqlite::SqliteStore::open_existing(&data_dir.join(SQLITE_FILE)).await?))
+        }
+    }
+}
+
 /// Opens the store a URL names, running its migrations: PostgreSQL for `postgres://` or
 /// `postgresql://`, otherwise the SQLite file in `data_dir` (a `sqlite://PATH` URL picks another file).
 pub async fn open(database_url: Option<&str>, data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {

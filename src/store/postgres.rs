@@ -531,7 +531,7 @@ fn parse_revenue(user_id: &str, text: &str) -> Result<Total, StoreError> {
 }
 
 /// The URL without its password, for error messages.
-fn redact(url: &str) -> Cow<'_, str> {
+pub(crate) fn redact(url: &str) -> Cow<'_, str> {
     let Some((scheme, rest)) = url.split_once("://") else { return Cow::Borrowed(url) };
     let authority_end = rest.find('/').unwrap_or(rest.len());
     match rest[..authority_end].rfind('@') {

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::functions::FunctionFlags;
-use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 use rust_decimal::Decimal;
 
 use super::{
@@ -100,13 +100,33 @@ pub struct SqliteStore {
 
 struct Inner {
     path: PathBuf,
+    /// Whether opening a connection may create the file (not for the read-only commands).
+    create: bool,
     idle: Mutex<Vec<Connection>>,
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and brings its schema up to date.
     pub async fn open(path: &Path) -> anyhow::Result<Self> {
-        let inner = Arc::new(Inner { path: path.to_path_buf(), idle: Mutex::new(Vec::new()) });
+        Self::open_with(path, true).await
+    }
+
+    /// Opens the database file only if it exists (never creates it), and brings its schema up to date:
+    /// for the commands that read a data directory. A missing file is a configuration error naming it.
+    pub async fn open_existing(path: &Path) -> anyhow::Result<Self> {
+        if !path.is_file() {
+            return Err(ConfigError(format!(
+                "no SQLite store {}: nothing was ever stored in this data directory (eps server creates the file; \
+                 with PostgreSQL set --database-url or DATABASE_URL)",
+                path.display()
+            ))
+            .into());
+        }
+        Self::open_with(path, false).await
+    }
+
+    async fn open_with(path: &Path, create: bool) -> anyhow::Result<Self> {
+        let inner = Arc::new(Inner { path: path.to_path_buf(), create, idle: Mutex::new(Vec::new()) });
         let store = SqliteStore { inner };
         let doing = || format!("cannot open the SQLite store {}", path.display());
         match store.with_conn(migrate).await {
@@ -129,7 +149,7 @@ impl SqliteStore {
             let pooled = inner.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let mut conn = match pooled {
                 Some(conn) => conn,
-                None => open_connection(&inner.path)?,
+                None => open_connection(&inner.path, inner.create)?,
             };
             let result = f(&mut conn);
             if conn.is_autocommit() {
@@ -145,8 +165,12 @@ impl SqliteStore {
     }
 }
 
-fn open_connection(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path).map_err(|e| sql_error(&format!("opening {}", path.display()), e))?;
+fn open_connection(path: &Path, create: bool) -> Result<Connection, StoreError> {
+    let mut flags = OpenFlags::default();
+    if !create {
+        flags.remove(OpenFlags::SQLITE_OPEN_CREATE);
+    }
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| sql_error(&format!("opening {}", path.display()), e))?;
     let setup = || -> rusqlite::Result<()> {
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // journal_mode answers with a row, hence query_row; WAL lets readers run beside the writer.
