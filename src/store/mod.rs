@@ -249,12 +249,20 @@ pub fn is_transient(e: &anyhow::Error) -> bool {
 pub const STORE_RECORD_FILE: &str = "store";
 
 /// The store a URL names, as the data directory records it and errors show it: `sqlite` for the file
-/// in the data directory, else the URL with its password replaced by `***`.
+/// in the data directory, a `sqlite://` URL with its path.
+///
+/// A PostgreSQL store is named by what identifies the database, its hosts, ports and name: not the role,
+/// the password or the connection options (`sslmode`, `application_name`, …), so a processor that
+/// connects to the same database another way is not refused.
 pub fn store_name(database_url: Option<&str>) -> String {
-    match database_url {
-        None => "sqlite".to_string(),
-        Some(url) => postgres::redact(url).into_owned(),
-    }
+    let Some(url) = database_url else { return "sqlite".to_string() };
+    let Some(rest) = url.strip_prefix("postgres://").or_else(|| url.strip_prefix("postgresql://")) else {
+        return postgres::redact(url).into_owned();
+    };
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let hosts = authority.rsplit_once('@').map_or(authority, |(_, hosts)| hosts);
+    format!("postgres://{hosts}/{path}")
 }
 
 /// Records in `data_dir` which store the server of its file log uses (one line, [`store_name`]), so
@@ -359,5 +367,21 @@ pub async fn open(database_url: Option<&str>, data_dir: &Path) -> anyhow::Result
             crate::fsutil::sync_dir(data_dir)?;
             Ok(Arc::new(store))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_store_is_named_by_its_database_not_by_how_it_is_reached() {
+        let name = |url| super::store_name(Some(url));
+        assert_eq!(super::store_name(None), "sqlite");
+        assert_eq!(
+            name("postgres://eps:pw@db.example:5433/revenue?sslmode=verify-full&sslrootcert=/ca.pem"),
+            "postgres://db.example:5433/revenue"
+        );
+        assert_eq!(name("postgresql://other@db.example:5433/revenue"), name("postgres://db.example:5433/revenue?sslmode=require"));
+        assert_ne!(name("postgres://db.example:5433/revenue"), name("postgres://db.example:5433/other"));
+        assert!(!name("postgres://eps:secret@h/db").contains("secret"));
     }
 }
