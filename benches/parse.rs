@@ -66,9 +66,7 @@ fn bench_parse(c: &mut Criterion) {
     let mut line = Vec::new();
     event.write_log_line(TS_MILLIS, &mut line);
     assert_eq!(EventRef::parse_canonical_log_line(&line).as_ref(), Some(&event), "the fast path takes it");
-    group.bench_function("parse_log_line/general", |b| {
-        b.iter(|| EventRef::parse_log_line(black_box(&line)).unwrap())
-    });
+    group.bench_function("parse_log_line/general", |b| b.iter(|| EventRef::parse_log_line(black_box(&line)).unwrap()));
     group.bench_function("parse_log_line/canonical", |b| {
         b.iter(|| EventRef::parse_canonical_log_line(black_box(&line)).unwrap())
     });

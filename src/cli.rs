@@ -492,6 +492,23 @@ pub struct DemoArgs {
     pub events: usize,
 }
 
+impl Command {
+    /// The subcommand's name on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Server(_) => "server",
+            Command::Process(_) => "process",
+            Command::Client(_) => "client",
+            Command::Demo(_) => "demo",
+            Command::Status(_) => "status",
+            Command::Config => "config",
+            Command::Compact(_) => "compact",
+            Command::Completions(_) => "completions",
+            Command::Man(_) => "man",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,22 +525,5 @@ mod tests {
         let compact = Cli::try_parse_from(["eps", "compact"]).unwrap();
         let (Command::Server(server), Command::Compact(compact)) = (server.command, compact.command) else { panic!() };
         assert_eq!((compact.min_age_secs, compact.dedup_window_secs), (None, server.dedup_window_secs));
-    }
-}
-
-impl Command {
-    /// The subcommand's name on the command line.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Command::Server(_) => "server",
-            Command::Process(_) => "process",
-            Command::Client(_) => "client",
-            Command::Demo(_) => "demo",
-            Command::Status(_) => "status",
-            Command::Config => "config",
-            Command::Compact(_) => "compact",
-            Command::Completions(_) => "completions",
-            Command::Man(_) => "man",
-        }
     }
 }

@@ -12,6 +12,8 @@ use std::path::Path;
 use clap::parser::ValueSource;
 use clap::CommandFactory;
 
+/// One setting of a configuration file: (table, or `None` for the top level; key; value).
+type Entry<'a> = (Option<&'a str>, &'a str, &'a toml::Value);
 use crate::cli::Cli;
 
 /// Commands whose settings `eps config` shows.
@@ -56,7 +58,7 @@ impl FileConfig {
     }
 
     /// (table, key, value) for every setting; `None` for the top level.
-    fn entries(&self) -> Result<Vec<(Option<&str>, &str, &toml::Value)>, ConfigError> {
+    fn entries(&self) -> Result<Vec<Entry<'_>>, ConfigError> {
         let mut out = Vec::new();
         for (key, value) in &self.table {
             match value {
@@ -78,7 +80,8 @@ impl FileConfig {
         let mut applied = BTreeSet::new();
         let entries = self.entries()?;
         // The command's own table first: it wins over the top level.
-        let ordered = entries.iter().filter(|(s, ..)| *s == Some(command)).chain(entries.iter().filter(|(s, ..)| s.is_none()));
+        let ordered =
+            entries.iter().filter(|(s, ..)| *s == Some(command)).chain(entries.iter().filter(|(s, ..)| s.is_none()));
         for (_, key, value) in ordered {
             let Some(env) = env_of(command, key) else { continue };
             if std::env::var_os(&env).is_none() && !applied.contains(&env) {

@@ -69,11 +69,8 @@ pub async fn run(generated_events: usize) -> anyhow::Result<()> {
     let mut mismatches = 0;
     let mut rows = Vec::new();
     for (user, want) in &expected {
-        let response = http
-            .get(format!("{url}/userEvents/{user}"))
-            .header("Authorization", DEFAULT_TOKEN)
-            .send()
-            .await?;
+        let response =
+            http.get(format!("{url}/userEvents/{user}")).header("Authorization", DEFAULT_TOKEN).send().await?;
         let text = response.text().await?;
         let body: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("bad answer {text:?}"))?;
         let got = body["revenue"].as_str().and_then(|s| s.parse::<Decimal>().ok());
@@ -110,7 +107,12 @@ fn write_generated(path: &Path, events: usize) -> anyhow::Result<()> {
         let user = rng.random_range(0..100);
         let name = if rng.random_ratio(1, 5) { "subtract_revenue" } else { "add_revenue" };
         let cents: u64 = rng.random_range(1..100_000);
-        writeln!(out, r#"{{"userId":"demo-user-{user:03}","name":"{name}","value":{}.{:02}}}"#, cents / 100, cents % 100)?;
+        writeln!(
+            out,
+            r#"{{"userId":"demo-user-{user:03}","name":"{name}","value":{}.{:02}}}"#,
+            cents / 100,
+            cents % 100
+        )?;
     }
     out.flush()?;
     Ok(())

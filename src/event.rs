@@ -226,9 +226,8 @@ fn json_plain_number(text: &[u8]) -> bool {
         Some(dot) => (&text[..dot], Some(&text[dot + 1..])),
         None => (text, None),
     };
-    let int_ok = !int_part.is_empty()
-        && int_part.iter().all(u8::is_ascii_digit)
-        && (int_part.len() == 1 || int_part[0] != b'0');
+    let int_ok =
+        !int_part.is_empty() && int_part.iter().all(u8::is_ascii_digit) && (int_part.len() == 1 || int_part[0] != b'0');
     int_ok && frac_part.is_none_or(|f| !f.is_empty() && f.iter().all(u8::is_ascii_digit))
 }
 
@@ -488,8 +487,18 @@ mod tests {
 
     #[test]
     fn plain_and_general_decimal_paths_agree() {
-        for text in ["0", "7", "100", "0.1", "1.50", "0.000", "12345678901234567890.12345678",
-                     "1234567890123456789012345678", "0.0000000000000000000000000001", "000123.4500"] {
+        for text in [
+            "0",
+            "7",
+            "100",
+            "0.1",
+            "1.50",
+            "0.000",
+            "12345678901234567890.12345678",
+            "1234567890123456789012345678",
+            "0.0000000000000000000000000001",
+            "000123.4500",
+        ] {
             let fast = parse_plain_decimal(text.as_bytes()).unwrap_or_else(|| panic!("{text} is plain"));
             assert_eq!(fast, dec(text), "{text}");
         }
@@ -502,7 +511,8 @@ mod tests {
 
     #[test]
     fn the_canonical_fast_path_agrees_with_serde_or_declines() {
-        let e = Event::parse_request(br#"{"userId":"user 7","name":"subtract_revenue","value":12.50,"id":"r-9"}"#).unwrap();
+        let e =
+            Event::parse_request(br#"{"userId":"user 7","name":"subtract_revenue","value":12.50,"id":"r-9"}"#).unwrap();
         let mut line = Vec::new();
         e.write_log_line(1764000000000, &mut line);
         let fast = EventRef::parse_canonical_log_line(&line).expect("the writer's own form");
@@ -612,7 +622,8 @@ mod tests {
 
     #[test]
     fn log_line_round_trips_and_tolerates_extra_fields() {
-        let e = Event::parse_request(br#"{"userId":"a\"b","name":"subtract_revenue","value":1.50,"id":"r-1"}"#).unwrap();
+        let e =
+            Event::parse_request(br#"{"userId":"a\"b","name":"subtract_revenue","value":1.50,"id":"r-1"}"#).unwrap();
         let mut line = Vec::new();
         e.write_log_line(42, &mut line);
         assert_eq!(

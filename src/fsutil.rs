@@ -56,6 +56,22 @@ pub fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
+/// Space on the filesystem holding `path`: (bytes available to an unprivileged user, total bytes).
+/// What the server's `eps_data_dir_*_bytes` gauges show, so "disk nearly full" is alertable from eps's
+/// own `/metrics`.
+pub fn disk_space(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a valid NUL-terminated string and stat a writable statvfs for the call.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let block = stat.f_frsize as u64;
+    Ok((stat.f_bavail as u64 * block, stat.f_blocks as u64 * block))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,20 +88,4 @@ mod tests {
         let err = create_dir_durable(&file.join("d")).unwrap_err();
         assert!(err.to_string().contains("cannot create the directory"), "{err}");
     }
-}
-
-/// Space on the filesystem holding `path`: (bytes available to an unprivileged user, total bytes).
-/// What the server's `eps_data_dir_*_bytes` gauges show, so "disk nearly full" is alertable from eps's
-/// own `/metrics`.
-pub fn disk_space(path: &Path) -> io::Result<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is a valid NUL-terminated string and stat a writable statvfs for the call.
-    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let block = stat.f_frsize as u64;
-    Ok((stat.f_bavail as u64 * block, stat.f_blocks as u64 * block))
 }

@@ -33,7 +33,12 @@ fn main() -> ExitCode {
         };
     }
     if let Command::Completions(args) = &cli.command {
-        clap_complete::generate(args.shell, &mut <Cli as clap::CommandFactory>::command(), "eps", &mut std::io::stdout());
+        clap_complete::generate(
+            args.shell,
+            &mut <Cli as clap::CommandFactory>::command(),
+            "eps",
+            &mut std::io::stdout(),
+        );
         return ExitCode::SUCCESS;
     }
     if let Command::Man(args) = &cli.command {
@@ -91,12 +96,14 @@ fn man_pages(dir: Option<&std::path::Path>) -> Result<(), String> {
     match dir {
         Some(dir) => {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            clap_mangen::generate_to(command, dir).map_err(|e| format!("cannot write the man pages in {}: {e}", dir.display()))
+            clap_mangen::generate_to(command, dir)
+                .map_err(|e| format!("cannot write the man pages in {}: {e}", dir.display()))
         }
         None => {
             let mut out = Vec::new();
             clap_mangen::Man::new(command).render(&mut out).map_err(|e| format!("cannot render the man page: {e}"))?;
-            std::io::Write::write_all(&mut std::io::stdout(), &out).map_err(|e| format!("cannot write the man page: {e}"))
+            std::io::Write::write_all(&mut std::io::stdout(), &out)
+                .map_err(|e| format!("cannot write the man page: {e}"))
         }
     }
 }
@@ -238,8 +245,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            let status = eps::ops::status(&args.store.data_dir, args.store.database_url.as_deref(), args.store_check.allow_other_store)
-                .await?;
+            let status = eps::ops::status(
+                &args.store.data_dir,
+                args.store.database_url.as_deref(),
+                args.store_check.allow_other_store,
+            )
+            .await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -260,7 +271,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("{report}{}", if args.dry_run { " (dry run: nothing removed)" } else { "" });
             Ok(ExitCode::SUCCESS)
         }
-        Command::Config | Command::Completions(_) | Command::Man(_) => unreachable!("handled before the runtime starts"),
+        Command::Config | Command::Completions(_) | Command::Man(_) => {
+            unreachable!("handled before the runtime starts")
+        }
         Command::Demo(args) => {
             demo::run(args.events).await?;
             Ok(ExitCode::SUCCESS)

@@ -226,8 +226,8 @@ impl ExactSum {
         } else {
             let to = self.scale.max(scale);
             let rescale = |m: i128, s: u32| m.checked_mul(10i128.checked_pow(to - s)?);
-            if let Some(sum) = rescale(self.mantissa, self.scale)
-                .and_then(|a| rescale(mantissa, scale).and_then(|b| a.checked_add(b)))
+            if let Some(sum) =
+                rescale(self.mantissa, self.scale).and_then(|a| rescale(mantissa, scale).and_then(|b| a.checked_add(b)))
             {
                 self.mantissa = sum;
                 self.scale = to;
@@ -279,9 +279,21 @@ mod tests {
     #[test]
     fn text_is_plain_normalised_and_equals_decimal_normalize_where_it_fits() {
         for s in [
-            "0", "-0", "0.000", "1", "100", "100.00", "-100.50", "0.1", "-0.05", "12345678901234567.891",
-            "0.0000000000000000000000000001", "79228162514264337593543950335", "-79228162514264337593543950335",
-            "7.9228162514264337593543950335", "1000000000000000000000000000",
+            "0",
+            "-0",
+            "0.000",
+            "1",
+            "100",
+            "100.00",
+            "-100.50",
+            "0.1",
+            "-0.05",
+            "12345678901234567.891",
+            "0.0000000000000000000000000001",
+            "79228162514264337593543950335",
+            "-79228162514264337593543950335",
+            "7.9228162514264337593543950335",
+            "1000000000000000000000000000",
         ] {
             let d = dec(s);
             assert_eq!(Total::from(d).to_string(), d.normalize().to_string(), "{s}");
@@ -363,7 +375,11 @@ mod tests {
         let (mut a, mut b) = (ExactSum::default(), ExactSum::default());
         for (i, v) in values.iter().cycle().take(40).enumerate() {
             one.add_decimal(dec(v));
-            if i % 3 == 0 { a.add_decimal(dec(v)) } else { b.add_decimal(dec(v)) }
+            if i % 3 == 0 {
+                a.add_decimal(dec(v))
+            } else {
+                b.add_decimal(dec(v))
+            }
         }
         a.add(b);
         // Ten of each value, computed outside eps (Python's decimal at 200 digits) and written out here.
@@ -375,10 +391,30 @@ mod tests {
     #[test]
     fn order_keys_sort_like_the_numbers() {
         let texts = [
-            "-100000000000000000000000000000000000000000.5", "-1000", "-999.99", "-1.51", "-1.5", "-1", "-0.5",
-            "-0.05", "-0.0000000000000000000000000001", "0", "0.0000000000000000000000000001", "0.05", "0.5",
-            "0.51", "1", "1.5", "1.51", "9", "10", "100000000000000000000", "100000000000000000001",
-            "100000000000000000001.0000000000000000000000000001", "100000000000000000002", "1e60",
+            "-100000000000000000000000000000000000000000.5",
+            "-1000",
+            "-999.99",
+            "-1.51",
+            "-1.5",
+            "-1",
+            "-0.5",
+            "-0.05",
+            "-0.0000000000000000000000000001",
+            "0",
+            "0.0000000000000000000000000001",
+            "0.05",
+            "0.5",
+            "0.51",
+            "1",
+            "1.5",
+            "1.51",
+            "9",
+            "10",
+            "100000000000000000000",
+            "100000000000000000001",
+            "100000000000000000001.0000000000000000000000000001",
+            "100000000000000000002",
+            "1e60",
         ];
         let mut by_number: Vec<Total> = texts.iter().map(|t| total(t)).collect();
         by_number.sort();

@@ -12,8 +12,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context;
 use crate::money::Total;
+use anyhow::Context;
 use serde::Serialize;
 
 use crate::log::{list_segments, LOG_DIR};
@@ -50,8 +50,16 @@ impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "data directory   {}", self.data_dir.display())?;
         writeln!(f, "database         {}", self.backend)?;
-        writeln!(f, "log              {} segments, {} bytes on disk (positions {}..{})", self.segments, self.log_bytes, self.log_start, self.log_end)?;
-        writeln!(f, "checkpoint       byte {} ({} events applied, {} invalid lines)", self.checkpoint, self.events_applied, self.invalid_lines)?;
+        writeln!(
+            f,
+            "log              {} segments, {} bytes on disk (positions {}..{})",
+            self.segments, self.log_bytes, self.log_start, self.log_end
+        )?;
+        writeln!(
+            f,
+            "checkpoint       byte {} ({} events applied, {} invalid lines)",
+            self.checkpoint, self.events_applied, self.invalid_lines
+        )?;
         match (&self.identity_mismatch, self.lag_events, self.lag_bytes) {
             (None, Some(events), Some(bytes)) => writeln!(f, "lag              {events} events, {bytes} bytes")?,
             _ => writeln!(
@@ -174,7 +182,8 @@ pub async fn compact(opts: &CompactOptions) -> anyhow::Result<CompactReport> {
     let log_dir = opts.data_dir.join(LOG_DIR);
     // The checkpoint is a position in the log it is bound to; in another log it says nothing about
     // what was applied, and nothing may be removed on its word.
-    if let (Some(bound), Some(found)) = (store.log_identity(FILE_STREAM).await?, crate::log::identity::read(&log_dir)?) {
+    if let (Some(bound), Some(found)) = (store.log_identity(FILE_STREAM).await?, crate::log::identity::read(&log_dir)?)
+    {
         if bound != found {
             anyhow::bail!(
                 "nothing removed: the store's checkpoint counts {bound}, but the log in {} is {found}",
@@ -221,7 +230,8 @@ fn remove_segment(path: &Path, archive_dir: Option<&Path>) -> anyhow::Result<()>
     let target = archive.join(path.file_name().context("segment without a file name")?);
     if std::fs::rename(path, &target).is_err() {
         // Another filesystem: copy, make the copy durable, then remove the original.
-        std::fs::copy(path, &target).with_context(|| format!("cannot archive {} to {}", path.display(), target.display()))?;
+        std::fs::copy(path, &target)
+            .with_context(|| format!("cannot archive {} to {}", path.display(), target.display()))?;
         std::fs::File::open(&target)?.sync_all()?;
         std::fs::remove_file(path)?;
     }

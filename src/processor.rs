@@ -110,7 +110,8 @@ pub async fn run(opts: ProcessOptions, shutdown: impl Future<Output = ()>) -> an
     stop::until(shutdown, |stop| async move {
         // A store that exists is opened first (so a refused table is reported whatever the log);
         // the SQLite file is only created once there is a log to apply into it.
-        let check_store = || store::check_store_record(&opts.data_dir, opts.database_url.as_deref(), opts.allow_other_store);
+        let check_store =
+            || store::check_store_record(&opts.data_dir, opts.database_url.as_deref(), opts.allow_other_store);
         check_store()?;
         let creates_store = opts.database_url.is_none() && !opts.data_dir.join(store::SQLITE_FILE).is_file();
         if creates_store && !wait_for_log(&opts, &stop).await? {
@@ -176,7 +177,11 @@ pub(crate) async fn open_store(opts: &ProcessOptions, stop: &Stop) -> anyhow::Re
             // A refused table (or URL) stays refused: no retry, exit code 2 at once.
             Err(e) if e.downcast_ref::<ConfigError>().is_some() || !store::is_transient(&e) => return Err(e),
             Err(e) if opts.follow || Instant::now() < deadline => {
-                tracing::warn!(error = format!("{e:#}"), retry_in_secs = delay.as_secs_f64(), "database not reachable; retrying");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    retry_in_secs = delay.as_secs_f64(),
+                    "database not reachable; retrying"
+                );
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = stop.requested() => return Ok(None),
@@ -273,7 +278,8 @@ async fn apply(opts: ProcessOptions, store: Arc<dyn Store>, stop: Stop) -> anyho
                         );
                     }
                     tracing::info!(
-                        from = at, to = current,
+                        from = at,
+                        to = current,
                         "the log was compacted past this processor's position; continuing from the store's checkpoint"
                     );
                     metrics::counter!("eps_processor_conflicts_total").increment(1);
@@ -393,7 +399,8 @@ pub(crate) async fn bind_log_identity(
         }
         match expected {
             None => {
-                let applied: Vec<String> = old.iter().filter(|(_, p)| *p > 0).map(|(n, p)| format!("{n} at {p}")).collect();
+                let applied: Vec<String> =
+                    old.iter().filter(|(_, p)| *p > 0).map(|(n, p)| format!("{n} at {p}")).collect();
                 if applied.is_empty() {
                     tracing::info!(scope, identity, "the checkpoints are bound to this log");
                 } else {
@@ -916,7 +923,8 @@ mod tests {
         }
         assert!(data.len() > PARALLEL_MIN_BYTES);
         let start = 1_000;
-        let chunk = Chunk { start, end: start + data.len() as u64, segment: segment_name_for_test(), segment_base: 0, data };
+        let chunk =
+            Chunk { start, end: start + data.len() as u64, segment: segment_name_for_test(), segment_base: 0, data };
         (chunk, want)
     }
 

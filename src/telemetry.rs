@@ -30,7 +30,8 @@ pub enum LogFormat {
 /// Sets up the global tracing subscriber: `filter` in EnvFilter syntax; text (colours only on a
 /// terminal) or JSON lines.
 pub fn init_tracing(filter: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -183,7 +184,11 @@ fn describe() {
     describe_gauge!("eps_log_end_position_bytes", "Log position just past the last synced line");
     describe_gauge!("eps_log_segments", "Segment files the writer has opened");
     describe_counter!("eps_log_fsync_total", "Successful log syncs (one per group commit)");
-    describe_histogram!("eps_log_fsync_duration_seconds", Unit::Seconds, "Time to write and fdatasync one group commit");
+    describe_histogram!(
+        "eps_log_fsync_duration_seconds",
+        Unit::Seconds,
+        "Time to write and fdatasync one group commit"
+    );
     describe_histogram!("eps_log_commit_batch_events", "Events per group commit");
     describe_histogram!("eps_log_commit_batch_requests", "Requests per group commit");
     describe_counter!("eps_log_append_errors_total", "Group commits that failed (the requests got 503)");
@@ -191,7 +196,10 @@ fn describe() {
     describe_counter!("eps_processor_invalid_lines_total", "Log lines that were not valid events (dead-lettered)");
     describe_counter!("eps_processor_commits_total", "Batches committed by this processor");
     describe_counter!("eps_processor_conflicts_total", "Batches another processor committed first");
-    describe_counter!("eps_processor_read_errors_total", "Log reads that failed while following (retried from the checkpoint)");
+    describe_counter!(
+        "eps_processor_read_errors_total",
+        "Log reads that failed while following (retried from the checkpoint)"
+    );
     describe_counter!(
         "eps_processor_dead_letter_errors_total",
         "Failed attempts to write the dead-letter file (retried; the lines are recorded in the store)"
@@ -202,13 +210,22 @@ fn describe() {
         "Ranges of stream sequences found removed (retention, a purge) before they were applied, one per range"
     );
     describe_counter!("eps_jetstream_lost_sequences_total", "Stream sequences in those ranges");
-    describe_gauge!("eps_jetstream_lost_last_sequence", "Last stream sequence of the latest range found removed before it was applied");
+    describe_gauge!(
+        "eps_jetstream_lost_last_sequence",
+        "Last stream sequence of the latest range found removed before it was applied"
+    );
     describe_gauge!("eps_processor_checkpoint_bytes", "Log position the store's checkpoint has reached");
     describe_gauge!("eps_processor_lag_bytes", "Log bytes not yet applied (log end minus checkpoint)");
     describe_gauge!("eps_processor_lag_events", "Events not yet applied (estimated from the average line size)");
     describe_gauge!("eps_build_info", "Always 1; its labels say which version and commit this binary was built from");
-    describe_gauge!("eps_store_checkpoint_bytes", "Server's view of the store: log position the file log's checkpoint has reached");
-    describe_gauge!("eps_store_lag_bytes", "Server's view of the store: file-log bytes the processors have not applied yet");
+    describe_gauge!(
+        "eps_store_checkpoint_bytes",
+        "Server's view of the store: log position the file log's checkpoint has reached"
+    );
+    describe_gauge!(
+        "eps_store_lag_bytes",
+        "Server's view of the store: file-log bytes the processors have not applied yet"
+    );
     describe_gauge!(
         "eps_store_lag_events",
         "Server's view of the store: file-log events not applied yet (counted over the first MiB, estimated beyond)"
@@ -231,7 +248,8 @@ fn describe() {
 /// Counters that alerts and dashboards read with `rate`/`increase`, exported at 0 from the start: a
 /// series that first appears at 1 has no earlier sample, so `increase` would miss that first error,
 /// and a missing series cannot be told from a missing scrape.
-const SERVER_COUNTERS: &[&str] = &["eps_events_appended_total", "eps_events_duplicate_total", "eps_log_append_errors_total", "eps_log_fsync_total"];
+const SERVER_COUNTERS: &[&str] =
+    &["eps_events_appended_total", "eps_events_duplicate_total", "eps_log_append_errors_total", "eps_log_fsync_total"];
 const PROCESSOR_COUNTERS: &[&str] = &[
     "eps_processor_events_applied_total",
     "eps_processor_invalid_lines_total",

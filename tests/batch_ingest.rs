@@ -148,7 +148,13 @@ async fn env_with_big_limit(env: &Env) -> ServerProc {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_sends_batches_by_default_and_single_events_with_batch_1() {
     let events: Vec<(String, &str, String)> = (0..2_500)
-        .map(|i| (format!("user{}", i % 37), ["add_revenue", "subtract_revenue"][i % 3 / 2], format!("{}.{:02}", i % 50, i % 100)))
+        .map(|i| {
+            (
+                format!("user{}", i % 37),
+                ["add_revenue", "subtract_revenue"][i % 3 / 2],
+                format!("{}.{:02}", i % 50, i % 100),
+            )
+        })
         .collect();
     let mut lines: Vec<String> = events.iter().map(|(u, n, v)| event_line(u, n, v)).collect();
     const BAD: usize = 1_234;
@@ -163,7 +169,10 @@ async fn the_client_sends_batches_by_default_and_single_events_with_batch_1() {
         let file = env.write_file("events.jsonl", &lines);
         let out = client(&file, &server.url, extra).await;
         assert_eq!(out.code(), Some(1), "an invalid line makes the run fail: {out}");
-        assert!(out.stdout.contains("sent 2499, accepted 2499 (0 duplicates), rejected 0, invalid 1"), "{extra:?}: {out}");
+        assert!(
+            out.stdout.contains("sent 2499, accepted 2499 (0 duplicates), rejected 0, invalid 1"),
+            "{extra:?}: {out}"
+        );
         assert!(out.stderr.contains("line 1235: invalid event"), "{extra:?}: {out}");
         assert_eq!(log_lines(&env.log_dir()).len(), 2_499, "{extra:?}");
         env.process(&[]).await;

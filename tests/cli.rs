@@ -374,9 +374,13 @@ async fn listen_takes_a_host_name_and_a_server_url_without_scheme_gets_a_hint() 
     let file = tmp.path().join("events.jsonl");
     std::fs::write(&file, event_line("hint-u", "add_revenue", "1") + "\n").unwrap();
     let address = format!("127.0.0.1:{}", server.port);
-    let out = run_eps(&args(&["client", &file.display().to_string(), "--url", &address, "--progress", "quiet"]), &[]).await;
+    let out =
+        run_eps(&args(&["client", &file.display().to_string(), "--url", &address, "--progress", "quiet"]), &[]).await;
     assert_eq!(out.code(), Some(2), "{out}");
     let line = out.stderr.lines().find(|l| l.starts_with("eps: error: ")).unwrap_or_default();
-    assert!(line.contains(&format!("{address:?}")) && line.contains(&format!("add http:// (--url http://{address})")), "{out}");
+    assert!(
+        line.contains(&format!("{address:?}")) && line.contains(&format!("add http:// (--url http://{address})")),
+        "{out}"
+    );
     assert!(!out.stderr.contains("relative URL"), "{out}");
 }

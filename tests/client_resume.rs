@@ -151,7 +151,8 @@ async fn a_client_stopped_again_and_again_and_run_again_stores_every_event_once(
         let child = cmd.spawn().expect("cannot start eps client");
         let pid = child.id().unwrap();
         // Log lines are of nearly one length: the target in bytes, from the first one.
-        let line_bytes = if round == 0 { 0 } else { log_size(&env.log_dir()) / lines_so_far(&env.log_dir()).max(1) as u64 };
+        let line_bytes =
+            if round == 0 { 0 } else { log_size(&env.log_dir()) / lines_so_far(&env.log_dir()).max(1) as u64 };
         within(Duration::from_secs(120), "the log to grow", async {
             loop {
                 let reached = if line_bytes == 0 {
@@ -169,7 +170,8 @@ async fn a_client_stopped_again_and_again_and_run_again_stores_every_event_once(
         // A little further on, at random, so stops fall at every phase of a request.
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..20))).await;
         signal(kind, pid).await;
-        let out = within(Duration::from_secs(60), "the stopped client to exit", child.wait_with_output()).await.unwrap();
+        let out =
+            within(Duration::from_secs(60), "the stopped client to exit", child.wait_with_output()).await.unwrap();
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         kills += 1;
         let stored = lines_so_far(&env.log_dir());
@@ -304,7 +306,8 @@ async fn with_every_server_down_the_client_gives_up_with_one_line_and_resumes_la
     let state = env.tmp.path().join("state");
     let urls = format!("{a},{b}");
     let extra = ["--give-up-after", "2", "--max-attempts", "1000", "--batch", "100"];
-    let out = within(Duration::from_secs(60), "the client to give up", run_client(&env, &file, &urls, &state, &extra)).await;
+    let out =
+        within(Duration::from_secs(60), "the client to give up", run_client(&env, &file, &urls, &state, &extra)).await;
     assert_eq!(out.code(), Some(1), "{out}");
     let giving_up: Vec<&str> = out.stderr.lines().filter(|l| l.contains("giving up")).collect();
     assert_eq!(giving_up.len(), 1, "{out}");
@@ -355,7 +358,14 @@ async fn failed_out_holds_exactly_the_lines_to_send_again_unchanged() {
     let read_failed = || sorted(std::fs::read_to_string(&failed).unwrap().lines().map(str::to_string).collect());
 
     // A wrong token: every valid line refused, every invalid one invalid; all of them in the file.
-    let out = run_client(&env, &file, &server.url, &state, &["--failed-out", &failed_arg, "--token", "wrong", "--batch", "50"]).await;
+    let out = run_client(
+        &env,
+        &file,
+        &server.url,
+        &state,
+        &["--failed-out", &failed_arg, "--token", "wrong", "--batch", "50"],
+    )
+    .await;
     assert_eq!(out.code(), Some(1), "{out}");
     assert_eq!(read_failed(), sorted(all.clone()));
 
@@ -370,4 +380,3 @@ async fn failed_out_holds_exactly_the_lines_to_send_again_unchanged() {
     assert_eq!(shown, 10, "invalid-line messages are capped: {out}");
     assert!(out.stderr.contains(&format!("({} more invalid lines were not shown)", invalid.len() - 10)), "{out}");
 }
-

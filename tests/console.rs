@@ -99,7 +99,8 @@ async fn the_stream_pushes_summaries_and_ends_when_the_server_stops() {
     let refused = http.get(format!("{}/console/stream", server.url)).send().await.unwrap();
     assert_eq!(refused.status().as_u16(), 401);
 
-    let mut response = http.get(format!("{}/console/stream", server.url)).header("Authorization", TOKEN).send().await.unwrap();
+    let mut response =
+        http.get(format!("{}/console/stream", server.url)).header("Authorization", TOKEN).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 200);
     assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     post_event(&http, &server.url, r#"{"userId":"s","name":"add_revenue","value":2}"#).await;
@@ -129,10 +130,8 @@ async fn the_stream_pushes_summaries_and_ends_when_the_server_stops() {
     server.sigterm().await;
     let status = server.wait(Duration::from_secs(10)).await;
     assert!(status.success(), "{status}");
-    let rest = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Ok(Some(_)) = response.chunk().await {}
-    })
-    .await;
+    let rest =
+        tokio::time::timeout(Duration::from_secs(5), async { while let Ok(Some(_)) = response.chunk().await {} }).await;
     assert!(rest.is_ok(), "the stream did not end with the server");
 }
 
@@ -141,7 +140,9 @@ async fn the_page_is_served_without_the_token_and_holds_no_secret() {
     let env = Env::new(StoreKind::Sqlite).await;
     let server = env.server_with(&["--token", "a-long-secret-token"]).await;
     let http = http();
-    for (path, kind) in [("/", "text/html"), ("/console/console.js", "text/javascript"), ("/console/console.css", "text/css")] {
+    for (path, kind) in
+        [("/", "text/html"), ("/console/console.js", "text/javascript"), ("/console/console.css", "text/css")]
+    {
         let response = http.get(format!("{}{path}", server.url)).send().await.unwrap();
         assert_eq!(response.status().as_u16(), 200, "{path}");
         assert!(response.headers()["content-type"].to_str().unwrap().starts_with(kind), "{path}");

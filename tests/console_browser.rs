@@ -312,4 +312,3 @@ async fn wrong_token() {
     browser.close().await;
     drop(server);
 }
-

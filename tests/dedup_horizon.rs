@@ -29,9 +29,19 @@ fn lines(n: usize, user: &str) -> Vec<String> {
 /// `eps client FILE` with a fresh state directory (as on another machine): `(sent, accepted, duplicates)`.
 async fn send_fresh(env: &Env, file: &Path, url: &str) -> (u64, u64, u64, Output) {
     let state = env.tmp.path().join(format!("state-{:016x}", rand::random::<u64>()));
-    let a = args(&["client", &file.display().to_string(), "--url", url, "--progress", "quiet", "--state-dir", &state.display().to_string()]);
+    let a = args(&[
+        "client",
+        &file.display().to_string(),
+        "--url",
+        url,
+        "--progress",
+        "quiet",
+        "--state-dir",
+        &state.display().to_string(),
+    ]);
     let out = run_eps_in(env.tmp.path(), &a, &[]).await;
-    let line = out.stdout.lines().find(|l| l.starts_with("sent ")).unwrap_or_else(|| panic!("no summary: {out}")).to_string();
+    let line =
+        out.stdout.lines().find(|l| l.starts_with("sent ")).unwrap_or_else(|| panic!("no summary: {out}")).to_string();
     let number_after = |word: &str| -> u64 {
         let rest = line.split(word).nth(1).unwrap_or_else(|| panic!("no {word:?} in {line:?}"));
         rest.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
@@ -66,7 +76,10 @@ fn snapshots(log_dir: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(log_dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(".producers-") && p.extension().is_some_and(|e| e == "snap"))
+        .filter(|p| {
+            p.file_name().unwrap().to_string_lossy().starts_with(".producers-")
+                && p.extension().is_some_and(|e| e == "snap")
+        })
         .collect();
     out.sort();
     out
@@ -117,7 +130,10 @@ async fn a_file_resent_after_compaction_removed_its_segments_is_all_duplicates()
     let out = run_eps(&a, &[]).await;
     assert!(out.status.success(), "eps compact: {out}");
     let left = ids_in_log(&env.log_dir());
-    assert!(!left.keys().any(|id| id.ends_with("-1") && !id.starts_with("abcd")), "compaction left the first file's segment");
+    assert!(
+        !left.keys().any(|id| id.ends_with("-1") && !id.starts_with("abcd")),
+        "compaction left the first file's segment"
+    );
     assert!(left.len() < 10_000, "compaction removed little: {} ids left", left.len());
     let server = env.server_with(SMALL_WINDOW).await;
     assert_all_duplicates(&env, &file, &server.url).await;
@@ -177,14 +193,24 @@ async fn an_id_again_with_other_content_is_a_conflict_and_stores_nothing() {
     let env = Env::new(StoreKind::Sqlite).await;
     let mut server = env.server().await;
     let http = http();
-    let event = |user: &str, value: &str, id: &str| format!(r#"{{"userId":"{user}","name":"add_revenue","value":{value},"id":"{id}"}}"#);
+    let event = |user: &str, value: &str, id: &str| {
+        format!(r#"{{"userId":"{user}","name":"add_revenue","value":{value},"id":"{id}"}}"#)
+    };
     let scheme = "00000000000000aa-7";
     for id in ["order-1", scheme] {
         let (status, answer) = post_event(&http, &server.url, &event("a", "10", id)).await;
         assert_eq!((status, answer["duplicate"].as_bool()), (200, None), "{answer}");
         let (status, answer) = post_event(&http, &server.url, &event("a", "10.0", id)).await;
-        assert_eq!((status, answer["duplicate"].as_bool()), (200, Some(true)), "the same content (10.0 = 10): {answer}");
-        for changed in [event("a", "11", id), event("b", "10", id), format!(r#"{{"userId":"a","name":"subtract_revenue","value":10,"id":"{id}"}}"#)] {
+        assert_eq!(
+            (status, answer["duplicate"].as_bool()),
+            (200, Some(true)),
+            "the same content (10.0 = 10): {answer}"
+        );
+        for changed in [
+            event("a", "11", id),
+            event("b", "10", id),
+            format!(r#"{{"userId":"a","name":"subtract_revenue","value":10,"id":"{id}"}}"#),
+        ] {
             let (status, answer) = post_event(&http, &server.url, &changed).await;
             assert_eq!(status, 409, "{changed}: {answer}");
             assert!(answer["error"].as_str().unwrap().contains("other content"), "{answer}");
@@ -194,10 +220,20 @@ async fn an_id_again_with_other_content_is_a_conflict_and_stores_nothing() {
 
     server.kill().await;
     let server = env.server().await;
-    let body = [event("a", "10", "order-1"), event("a", "12", "order-1"), event("c", "1", "order-2"), "{\"bad\":".into(), event("z", "1", scheme)];
+    let body = [
+        event("a", "10", "order-1"),
+        event("a", "12", "order-1"),
+        event("c", "1", "order-2"),
+        "{\"bad\":".into(),
+        event("z", "1", scheme),
+    ];
     let (status, answer) = post_ndjson(&http, &server.url, body.join("\n")).await;
     assert_eq!(status, 200, "{answer}");
-    assert_eq!((answer["accepted"].as_u64(), answer["duplicates"].as_u64(), answer["rejected"].as_u64()), (Some(2), Some(1), Some(3)), "{answer}");
+    assert_eq!(
+        (answer["accepted"].as_u64(), answer["duplicates"].as_u64(), answer["rejected"].as_u64()),
+        (Some(2), Some(1), Some(3)),
+        "{answer}"
+    );
     let lines: Vec<u64> = answer["errors"].as_array().unwrap().iter().map(|e| e["line"].as_u64().unwrap()).collect();
     assert_eq!(lines, vec![2, 4, 5], "{answer}");
     assert!(answer["errors"][0]["error"].as_str().unwrap().starts_with("conflict"), "{answer}");
@@ -207,8 +243,19 @@ async fn an_id_again_with_other_content_is_a_conflict_and_stores_nothing() {
     let file = env.write_file("conflict.jsonl", &[event("a", "99", "order-1"), event("d", "5", "order-3")]);
     let state = env.tmp.path().join("state");
     for batch in ["1", "100"] {
-        let a = args(&["client", &file.display().to_string(), "--url", &server.url, "--progress", "quiet", "--batch", batch,
-            "--state-dir", &state.display().to_string(), "--from-start"]);
+        let a = args(&[
+            "client",
+            &file.display().to_string(),
+            "--url",
+            &server.url,
+            "--progress",
+            "quiet",
+            "--batch",
+            batch,
+            "--state-dir",
+            &state.display().to_string(),
+            "--from-start",
+        ]);
         let out = run_eps_in(env.tmp.path(), &a, &[]).await;
         assert_eq!(out.code(), Some(1), "{out}");
         assert!(out.stdout.contains("rejected 1"), "batch {batch}: {out}");

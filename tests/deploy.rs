@@ -33,7 +33,11 @@ fn tool(program: &str, args: &[&str], cwd: &Path, envs: &[(&str, &str)]) -> (boo
         .envs(envs.iter().copied())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {program} ({e}): run scripts/test-deps"));
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 const UNITS: &[&str] = &["eps-server.service", "eps-process.service", "eps-compact.service", "eps-compact.timer"];
@@ -64,7 +68,8 @@ fn the_systemd_units_pass_systemd_analyze_verify_and_are_hardened() {
 
     for service in ["eps-server.service", "eps-process.service", "eps-compact.service"] {
         let text = std::fs::read_to_string(deploy(&format!("systemd/{service}"))).unwrap();
-        let directives: BTreeSet<&str> = text.lines().map(str::trim).filter(|l| !l.starts_with('#') && l.contains('=')).collect();
+        let directives: BTreeSet<&str> =
+            text.lines().map(str::trim).filter(|l| !l.starts_with('#') && l.contains('=')).collect();
         for want in [
             "User=eps",
             "Group=eps",
@@ -80,7 +85,10 @@ fn the_systemd_units_pass_systemd_analyze_verify_and_are_hardened() {
         }
         // Only the data directory is writable: no other write grant.
         for line in &directives {
-            assert!(!line.starts_with("ReadWritePaths=") && !line.starts_with("ProtectSystem=full"), "{service}: {line}");
+            assert!(
+                !line.starts_with("ReadWritePaths=") && !line.starts_with("ProtectSystem=full"),
+                "{service}: {line}"
+            );
         }
         let exec = directives.iter().find(|l| l.starts_with("ExecStart=")).expect("ExecStart");
         assert!(exec.starts_with("ExecStart=/usr/bin/eps --config /etc/eps/eps.toml "), "{service}: {exec}");
@@ -155,7 +163,9 @@ fn queries() -> Vec<(String, String)> {
         let mut expr = rest.trim().to_string();
         if expr == "|" {
             expr.clear();
-            while let Some(next) = lines.peek().filter(|l| l.len() - l.trim_start().len() > indent || l.trim().is_empty()) {
+            while let Some(next) =
+                lines.peek().filter(|l| l.len() - l.trim_start().len() > indent || l.trim().is_empty())
+            {
                 expr.push_str(next.trim());
                 expr.push(' ');
                 lines.next();
@@ -163,8 +173,9 @@ fn queries() -> Vec<(String, String)> {
         }
         out.push(("eps-alerts.yml".to_string(), expr.trim().to_string()));
     }
-    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(deploy("grafana/eps-dashboard.json")).unwrap())
-        .expect("the dashboard is JSON");
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(deploy("grafana/eps-dashboard.json")).unwrap())
+            .expect("the dashboard is JSON");
     for panel in dashboard["panels"].as_array().expect("panels") {
         for target in panel["targets"].as_array().map(Vec::as_slice).unwrap_or_default() {
             out.push((format!("panel {:?}", panel["title"]), target["expr"].as_str().expect("expr").to_string()));
@@ -195,9 +206,30 @@ fn queries() -> Vec<(String, String)> {
 /// `by (…)`-style label lists, that are not functions or keywords.
 fn metric_names(expr: &str) -> BTreeSet<String> {
     const KEYWORDS: &[&str] = &[
-        "and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right",
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
         // Aggregations, which may be followed by `by (…)` before their parenthesis.
-        "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk", "topk", "quantile",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
     ];
     const LABEL_LISTS: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
     let chars: Vec<char> = expr.chars().collect();
@@ -240,7 +272,9 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 
 #[test]
 fn metric_names_are_found_in_promql() {
-    let names = metric_names(r#"sum by (le, route) (rate(eps_a_bucket{job=~"x|y",route!="z"}[5m])) / on (instance) eps_b > 0.1e3 and up{job="p"} == 0"#);
+    let names = metric_names(
+        r#"sum by (le, route) (rate(eps_a_bucket{job=~"x|y",route!="z"}[5m])) / on (instance) eps_b > 0.1e3 and up{job="p"} == 0"#,
+    );
     assert_eq!(names, ["eps_a_bucket", "eps_b", "up"].into_iter().map(String::from).collect());
 }
 
@@ -250,7 +284,10 @@ fn every_dashboard_query_is_valid_promql() {
     let tmp = tempfile::tempdir().unwrap();
     let mut yaml = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (i, (_, q)) in queries().iter().enumerate() {
-        yaml.push_str(&format!("      - record: eps:dashboard_query_{i}\n        expr: {}\n", serde_json::to_string(q).unwrap()));
+        yaml.push_str(&format!(
+            "      - record: eps:dashboard_query_{i}\n        expr: {}\n",
+            serde_json::to_string(q).unwrap()
+        ));
     }
     std::fs::write(tmp.path().join("queries.yml"), &yaml).unwrap();
     let (ok, out, err) = tool("promtool", &["check", "rules", "queries.yml"], tmp.path(), &[]);
@@ -280,7 +317,8 @@ async fn every_metric_the_dashboard_and_alerts_use_is_served_by_the_server_or_th
     let prefix = "eps process metrics on http://";
     let processor_url = within(START_TIMEOUT, "the processor's metrics address", async {
         loop {
-            if let Some(addr) = follower.stdout().lines().find_map(|l| l.strip_prefix(prefix)?.strip_suffix("/metrics")) {
+            if let Some(addr) = follower.stdout().lines().find_map(|l| l.strip_prefix(prefix)?.strip_suffix("/metrics"))
+            {
                 return format!("http://{addr}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -357,15 +395,16 @@ fn the_debian_package_holds_the_binary_units_config_man_pages_and_completions() 
         &[("CARGO_TARGET_DIR", &target.display().to_string())],
     );
     assert!(ok, "scripts/package-deb:\n{out}\n{err}");
-    let deb = std::fs::read_dir(&out_dir).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "deb"));
+    let deb = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"));
     let deb = deb.expect("a .deb").display().to_string();
 
     let (ok, listing, err) = tool("dpkg-deb", &["-c", &deb], tmp.path(), &[]);
     assert!(ok, "dpkg-deb -c: {err}");
-    let entries: Vec<(&str, &str)> = listing
-        .lines()
-        .map(|l| (l.split_whitespace().next().unwrap(), l.split_whitespace().last().unwrap()))
-        .collect();
+    let entries: Vec<(&str, &str)> =
+        listing.lines().map(|l| (l.split_whitespace().next().unwrap(), l.split_whitespace().last().unwrap())).collect();
     let mode_of = |path: &str| entries.iter().find(|(_, p)| *p == path).map(|(m, _)| *m);
     for (path, mode) in [
         ("./usr/bin/eps", "-rwxr-xr-x"),
@@ -410,7 +449,8 @@ fn the_debian_package_holds_the_binary_units_config_man_pages_and_completions() 
     ] {
         assert_eq!(std::fs::read(root.join(inside)).unwrap(), std::fs::read(deploy(source)).unwrap(), "{inside}");
     }
-    let (ok, man, err) = tool("gzip", &["-dc", &root.join("usr/share/man/man1/eps-server.1.gz").display().to_string()], tmp.path(), &[]);
+    let (ok, man, err) =
+        tool("gzip", &["-dc", &root.join("usr/share/man/man1/eps-server.1.gz").display().to_string()], tmp.path(), &[]);
     assert!(ok && man.contains(".TH eps-server 1") && man.contains("listen"), "eps-server.1: {err}\n{man}");
     let (ok, version, err) = tool(&root.join("usr/bin/eps").display().to_string(), &["--version"], tmp.path(), &[]);
     assert!(ok && version.trim() == format!("eps {}", env!("CARGO_PKG_VERSION")), "{version}{err}");
@@ -456,6 +496,7 @@ async fn completions_and_man_pages_follow_the_command_line() {
         assert!(server.contains(word), "eps-server.1 lacks {word}:\n{server}");
     }
     // man(1) renders it.
-    let (ok, text, err) = tool("man", &["-l", &dir.join("eps-process.1").display().to_string()], tmp.path(), &[("MANWIDTH", "100")]);
+    let (ok, text, err) =
+        tool("man", &["-l", &dir.join("eps-process.1").display().to_string()], tmp.path(), &[("MANWIDTH", "100")]);
     assert!(ok && text.contains("--follow"), "man -l eps-process.1: {err}\n{text}");
 }

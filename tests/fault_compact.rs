@@ -113,7 +113,12 @@ async fn a_processor_behind_a_compacted_segment_goes_on_from_the_checkpoint(kind
     sigterm(slow_pid).await;
     let status = within(Duration::from_secs(20), "the follower to stop", slow.child.wait()).await.unwrap();
     assert!(status.success(), "follower: {status:?}: {}", slow.stderr());
-    assert_eq!(applied_count(&slow.stdout()), 70, "the follower applies the first and the last events: {}", slow.stdout());
+    assert_eq!(
+        applied_count(&slow.stdout()),
+        70,
+        "the follower applies the first and the last events: {}",
+        slow.stdout()
+    );
 
     let got = env.revenues().await;
     let t = tally(&want(&sent), &got, UNIT.parse().unwrap());
@@ -217,7 +222,10 @@ async fn the_default_minimum_age_is_the_servers_dedup_window() {
     // A server once ran on the log: its producer snapshot covers the segments (compaction needs one).
     let mut server = env.server().await;
     within(Duration::from_secs(10), "the server's start-up snapshot", async {
-        while !std::fs::read_dir(env.log_dir()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".snap")) {
+        while !std::fs::read_dir(env.log_dir())
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".snap"))
+        {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })

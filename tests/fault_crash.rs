@@ -409,19 +409,10 @@ async fn server_killed_at_random_while_the_client_retries(scenario: &'static str
     let url = server.url.clone();
 
     let mut client = ChildGuard::spawn(
-        &args(&[
-            "client",
-            &file.display().to_string(),
-            "--url",
-            &url,
-            "--progress",
-            "quiet",
-            "--max-attempts",
-            "1000",
-        ])
-        .into_iter()
-        .chain(client_args.iter().map(|a| a.to_string()))
-        .collect::<Vec<_>>(),
+        &args(&["client", &file.display().to_string(), "--url", &url, "--progress", "quiet", "--max-attempts", "1000"])
+            .into_iter()
+            .chain(client_args.iter().map(|a| a.to_string()))
+            .collect::<Vec<_>>(),
         &[],
         env.tmp.path(),
     );
@@ -655,10 +646,7 @@ async fn server_killed_at_aimed_moments() {
                 .map(|i| {
                     let user = format!("a{}", rng.random_range(0..USERS));
                     *want.entry(user.clone()).or_default() += Decimal::ONE;
-                    format!(
-                        r#"{{"userId":"{user}","name":"add_revenue","value":1,"id":"{run}-{}"}}"#,
-                        i + 1
-                    )
+                    format!(r#"{{"userId":"{user}","name":"add_revenue","value":1,"id":"{run}-{}"}}"#, i + 1)
                 })
                 .collect::<Vec<_>>()
                 .join("\n")
@@ -845,9 +833,16 @@ async fn server_killed_at_aimed_moments() {
     assert_exact(SCENARIO, &t, &want, &got);
     // Each kill in a stalled write left a torn line, and each restart after one must have cut it.
     let torn_kills = *kills.get("TornWrite").unwrap_or(&0);
-    assert!(torn_kills > 0 && torn_tails == torn_kills, "{torn_tails} restarts cut a torn tail after {torn_kills} kills mid-write");
+    assert!(
+        torn_kills > 0 && torn_tails == torn_kills,
+        "{torn_tails} restarts cut a torn tail after {torn_kills} kills mid-write"
+    );
     // Groups written but not synced at a kill were unanswered; their retries must have been recognised.
-    assert!(duplicates > 0, "no retry answered as a duplicate after {} kills between write and sync", kills["StalledSync"]);
+    assert!(
+        duplicates > 0,
+        "no retry answered as a duplicate after {} kills between write and sync",
+        kills["StalledSync"]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -898,7 +893,9 @@ async fn processor_killed_at_random(store: StoreKind) {
             loop {
                 if let Some(status) = p.child.try_wait().expect("try_wait") {
                     assert_exit_0(status, &p, "eps process");
-                    panic!("eps process finished the log after {kills} kills, before its checkpoint passed a kill point");
+                    panic!(
+                        "eps process finished the log after {kills} kills, before its checkpoint passed a kill point"
+                    );
                 }
                 if let Some((position, _)) = checkpoints.read().await {
                     done = position as f64 / end as f64;

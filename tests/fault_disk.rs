@@ -96,7 +96,15 @@ async fn a_full_disk_refuses_appends_and_none_of_them_is_applied() {
     let data_dir = mount.path.join("data");
     let db = env.tmp.path().join("eps.sqlite3");
     let db_url = format!("sqlite://{}", db.display());
-    let server_args = args(&["server", "--listen", "127.0.0.1:0", "--data-dir", &data_dir.display().to_string(), "--database-url", &db_url]);
+    let server_args = args(&[
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--database-url",
+        &db_url,
+    ]);
     let server = ServerProc::start(&server_args, &[], env.tmp.path()).await;
     let process_args = |extra: &[&str]| {
         let mut a = args(&["process", "--data-dir", &data_dir.display().to_string(), "--database-url", &db_url]);
@@ -127,7 +135,9 @@ async fn a_full_disk_refuses_appends_and_none_of_them_is_applied() {
     assert_eq!(status, 200, "the log did not recover once the disk had room again");
     let want = BTreeMap::from([("ghost".to_string(), Decimal::from(acked)), ("after".to_string(), Decimal::from(3))]);
     let read = || async {
-        let out = run_eps(&args(&["status", "--data-dir", &data_dir.display().to_string(), "--database-url", &db_url]), &[]).await;
+        let out =
+            run_eps(&args(&["status", "--data-dir", &data_dir.display().to_string(), "--database-url", &db_url]), &[])
+                .await;
         out
     };
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -190,6 +200,7 @@ impl Drop for Tmpfs {
 /// sync) must not leave two segments claiming the same positions; the next group retries the roll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_roll_failing_at_each_step_leaves_a_log_the_reader_continues_from() {
+    #[allow(clippy::type_complexity)] // a table of cases reads best as one
     let steps: [(&str, &str, fn(&Shim)); 3] = [
         ("the new segment's creation", "server-events-", |shim| shim.fail_create(1)),
         ("the new segment's sync", "server-events-", |shim| shim.fail_fsync(1)),
@@ -317,8 +328,7 @@ async fn random_disk_faults_under_load_with_followers(kind: StoreKind) {
     let env = Env::new(kind).await;
     let shim = Arc::new(Shim::new(env.tmp.path(), "server-events-"));
     let server = env.server_with_env(&["--segment-bytes", "65536"], &shim.env()).await;
-    let mut followers: Vec<ChildGuard> =
-        (0..2).map(|_| env.spawn_process(&["--follow", "--poll-ms", "1"])).collect();
+    let mut followers: Vec<ChildGuard> = (0..2).map(|_| env.spawn_process(&["--follow", "--poll-ms", "1"])).collect();
     let run_for = scaled(Duration::from_secs(4), Duration::from_secs(120));
     let users = 40;
     let want: Arc<Mutex<BTreeMap<String, Decimal>>> = Arc::default();
@@ -368,7 +378,8 @@ async fn random_disk_faults_under_load_with_followers(kind: StoreKind) {
                         match status {
                             200 => {
                                 assert_eq!(body["duplicates"], 0, "a refused attempt was stored: {body}");
-                                *want.lock().unwrap().entry(user.clone()).or_insert(Decimal::ZERO) += Decimal::from(batch.len());
+                                *want.lock().unwrap().entry(user.clone()).or_insert(Decimal::ZERO) +=
+                                    Decimal::from(batch.len());
                                 break;
                             }
                             503 if rng.random_bool(0.5) => continue,
@@ -410,7 +421,9 @@ async fn random_disk_faults_under_load_with_followers(kind: StoreKind) {
     }
     .write();
     let refused = refused.load(std::sync::atomic::Ordering::Relaxed);
-    eprintln!("{scenario}: {sent} events sent, {refused} refused and not retried, {injected} faults injected, {tally:?}");
+    eprintln!(
+        "{scenario}: {sent} events sent, {refused} refused and not retried, {injected} faults injected, {tally:?}"
+    );
     assert!(refused > 0, "no append was refused: the faults never met a group");
     assert_eq!(got, want, "{tally:?}");
 }

@@ -127,7 +127,11 @@ async fn a_deleted_and_recreated_stream_is_refused_until_adopted_and_nothing_ack
     let stderr = running.stderr();
     assert!(!exit.success(), "the processor went on: {stderr}");
     assert!(stderr.contains(&old_created) && stderr.contains("--adopt-new-log"), "{stderr}");
-    assert!(server.stderr().contains("the JetStream stream is gone"), "the server did not say so:\n{}", server.stderr());
+    assert!(
+        server.stderr().contains("the JetStream stream is gone"),
+        "the server did not say so:\n{}",
+        server.stderr()
+    );
     // A new one-shot run refuses too, with both identities, exit 1.
     let out = process(&nats.url(), &db, &[]).await;
     assert_eq!(out.code(), Some(1), "{out}");
@@ -222,7 +226,10 @@ async fn a_reconfigured_stream_is_refused_and_messages_removed_before_they_were_
     js.update_stream(config.clone()).await.unwrap();
     let out = process(&nats.url(), &db, &[]).await;
     assert_ne!(out.code(), Some(0), "{out}");
-    assert!(out.stderr.contains("max_msgs (--nats-max-msgs): the stream has 5, this process expects unlimited"), "{out}");
+    assert!(
+        out.stderr.contains("max_msgs (--nats-max-msgs): the stream has 5, this process expects unlimited"),
+        "{out}"
+    );
     let started = Instant::now();
     loop {
         let (status, _) = post_ndjson(&http(), &server.url, event("u1", 1, "refused")).await;
@@ -273,7 +280,10 @@ async fn a_reconfigured_stream_is_refused_and_messages_removed_before_they_were_
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let range = format!("{}..={}", checkpoint + 1, first - 1);
-    let gauge = text.lines().find_map(|l| l.strip_prefix("eps_jetstream_lost_last_sequence ")).map(|v| v.trim().parse::<f64>().unwrap());
+    let gauge = text
+        .lines()
+        .find_map(|l| l.strip_prefix("eps_jetstream_lost_last_sequence "))
+        .map(|v| v.trim().parse::<f64>().unwrap());
     assert_eq!(gauge, Some((first - 1) as f64), "{text}");
     // The 5 kept messages are applied: processing went on.
     let expected = applied + 5;
@@ -321,7 +331,10 @@ async fn retention_eps_was_told_is_recorded_and_what_it_removes_unapplied_is_rep
     // A processor not told the limit refuses, with both values.
     let out = process(&nats.url(), &db, &[]).await;
     assert!(out.code().is_some_and(|c| c != 0), "{out}");
-    assert!(out.stderr.contains("max_msgs (--nats-max-msgs): the stream has 5, this process expects unlimited"), "{out}");
+    assert!(
+        out.stderr.contains("max_msgs (--nats-max-msgs): the stream has 5, this process expects unlimited"),
+        "{out}"
+    );
     // One told it applies what is left and reports what is not, in its log and in the store.
     let out = process(&nats.url(), &db, &limit).await;
     assert_eq!(out.code(), Some(0), "{out}");
@@ -339,7 +352,15 @@ async fn retention_eps_was_told_is_recorded_and_what_it_removes_unapplied_is_rep
 
 /// `eps server` on the file log in `data`, with the store at `store`.
 async fn file_server(dir: &Path, data: &Path, store: &str) -> ServerProc {
-    let a = args(&["server", "--listen", "127.0.0.1:0", "--data-dir", &data.display().to_string(), "--database-url", store]);
+    let a = args(&[
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data.display().to_string(),
+        "--database-url",
+        store,
+    ]);
     ServerProc::start(&a, &[], dir).await
 }
 

@@ -368,13 +368,10 @@ async fn database_outage_mid_run() {
             let mut i = 0usize;
             while outage_started.elapsed() < outage_for {
                 let user = format!("{SCENARIO}-u{}", i % users);
-                let a = within(
-                    OUTAGE_ANSWER_LIMIT,
-                    "GET /userEvents during the outage",
-                    get(&http, &server.url, &user),
-                )
-                .await
-                .unwrap_or_else(|e| panic!("GET /userEvents/{user} during the outage: {e}"));
+                let a =
+                    within(OUTAGE_ANSWER_LIMIT, "GET /userEvents during the outage", get(&http, &server.url, &user))
+                        .await
+                        .unwrap_or_else(|e| panic!("GET /userEvents/{user} during the outage: {e}"));
                 assert_proper_503(&format!("GET /userEvents/{user} during outage {outage}"), &a);
                 probes += 1;
                 slowest_probe = slowest_probe.max(a.took);
@@ -383,10 +380,9 @@ async fn database_outage_mid_run() {
                     user: format!("{SCENARIO}-u{}", (i * 7) % users),
                     id: format!("{SCENARIO}-{seed}-single-{outage}-{i}"),
                 };
-                let a =
-                    within(OUTAGE_ANSWER_LIMIT, "POST /liveEvent during the outage", post(&http, &server.url, &ev))
-                        .await
-                        .unwrap_or_else(|e| panic!("POST during the outage: {e}"));
+                let a = within(OUTAGE_ANSWER_LIMIT, "POST /liveEvent during the outage", post(&http, &server.url, &ev))
+                    .await
+                    .unwrap_or_else(|e| panic!("POST during the outage: {e}"));
                 assert_stored(&format!("POST /liveEvent during outage {outage}"), &a);
                 singles.push(ev);
                 i += 1;
@@ -958,8 +954,7 @@ async fn lost_acknowledgements_with(scenario: &'static str, batch: usize) {
     // Every request whose first answer is swallowed is retried and then answered `duplicate` for each
     // of its events. The client's requests are the file's events in runs of `batch`.
     let requests = || events.chunks(batch);
-    let expected_duplicates =
-        requests().filter(|r| cut(seed, &r[0].id, 0)).map(|r| r.len() as u64).sum::<u64>();
+    let expected_duplicates = requests().filter(|r| cut(seed, &r[0].id, 0)).map(|r| r.len() as u64).sum::<u64>();
     let expected_cuts: u64 = requests().map(|r| (0..).take_while(|&a| cut(seed, &r[0].id, a)).count() as u64).sum();
     let batch_arg = batch.to_string();
 
@@ -1057,7 +1052,8 @@ async fn sigterm_while_the_database_is_down() {
     pg.pause("fast").await;
     // New lines the processor reads and cannot commit: it is in its retry loop.
     let base = std::fs::metadata(log_dir.join(segment_name(0))).unwrap().len();
-    std::fs::write(log_dir.join(segment_name(base)), format!("{}\n", event_line("term-a", "add_revenue", "2"))).unwrap();
+    std::fs::write(log_dir.join(segment_name(base)), format!("{}\n", event_line("term-a", "add_revenue", "2")))
+        .unwrap();
     within(Duration::from_secs(60), "the processor to retry the commit", async {
         while !processor.stderr().contains("nothing was committed, retrying") {
             assert!(processor.child.try_wait().unwrap().is_none(), "the processor exited: {}", processor.stderr());
@@ -1068,9 +1064,13 @@ async fn sigterm_while_the_database_is_down() {
 
     let asked = Instant::now();
     sigterm(processor.child.id().unwrap()).await;
-    let status = within(Duration::from_secs(20), "the processor to honour SIGTERM while the database is down", processor.child.wait())
-        .await
-        .unwrap();
+    let status = within(
+        Duration::from_secs(20),
+        "the processor to honour SIGTERM while the database is down",
+        processor.child.wait(),
+    )
+    .await
+    .unwrap();
     eprintln!("exited {status} {:?} after SIGTERM", asked.elapsed());
     assert!(status.success(), "{status}: {}", processor.stderr());
 
@@ -1138,9 +1138,13 @@ async fn sigterm_while_the_database_is_down_jetstream() {
     .await;
     let asked = Instant::now();
     sigterm(processor.child.id().unwrap()).await;
-    let status = within(Duration::from_secs(20), "the JetStream processor to honour SIGTERM while the database is down", processor.child.wait())
-        .await
-        .unwrap();
+    let status = within(
+        Duration::from_secs(20),
+        "the JetStream processor to honour SIGTERM while the database is down",
+        processor.child.wait(),
+    )
+    .await
+    .unwrap();
     eprintln!("exited {status} {:?} after SIGTERM", asked.elapsed());
     assert!(status.success(), "{status}: {}", processor.stderr());
 }

@@ -96,7 +96,10 @@ impl NetNs {
         ip(&["-n", &ns.name, "addr", "add", &format!("{}/30", ns.ns_addr), "dev", &ns.ns_if]);
         ip(&["-n", &ns.name, "link", "set", &ns.ns_if, "up"]);
         ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
-        eprintln!("network namespace {} ({} on {}), this machine at {} on {}", ns.name, ns.ns_addr, ns.ns_if, ns.host_addr, ns.host_if);
+        eprintln!(
+            "network namespace {} ({} on {}), this machine at {} on {}",
+            ns.name, ns.ns_addr, ns.ns_if, ns.host_addr, ns.host_if
+        );
         ns
     }
 
@@ -147,7 +150,9 @@ impl PgCluster {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         let var = |name: &str| -> Option<String> {
-            stdout.lines().find_map(|l| Some(l.strip_prefix(&format!("export {name}="))?.trim().trim_matches('\'').to_string()))
+            stdout
+                .lines()
+                .find_map(|l| Some(l.strip_prefix(&format!("export {name}="))?.trim().trim_matches('\'').to_string()))
         };
         let (Some(url), Some(dir)) = (var("EPS_TEST_PG_URL"), var("EPS_TEST_PG_DIR")) else {
             panic!("scripts/pg-throwaway start {extra:?} failed ({}):\n{stdout}\n{stderr}", out.status);
@@ -205,7 +210,10 @@ async fn partition_holders(pg: &tokio_postgres::Client) -> BTreeMap<String, i64>
 /// Events the checkpoints count, and every user's revenue (nothing before the tables exist).
 async fn applied(pg: &tokio_postgres::Client) -> (u64, BTreeMap<String, Decimal>) {
     let events = pg
-        .query_one("SELECT COALESCE(SUM(events_applied), 0)::bigint FROM eps_checkpoints WHERE stream LIKE 'jetstream/%'", &[])
+        .query_one(
+            "SELECT COALESCE(SUM(events_applied), 0)::bigint FROM eps_checkpoints WHERE stream LIKE 'jetstream/%'",
+            &[],
+        )
         .await
         .map_or(0, |r| r.get::<_, i64>(0) as u64);
     let revenues = match pg.query("SELECT user_id, revenue::text FROM users_revenue", &[]).await {
@@ -216,7 +224,13 @@ async fn applied(pg: &tokio_postgres::Client) -> (u64, BTreeMap<String, Decimal>
 }
 
 /// `n` events over `users` users (`prefix<k>`), two-decimal values, and their totals added to `expected`.
-fn events(rng: &mut rand::rngs::StdRng, prefix: &str, n: usize, users: usize, expected: &mut BTreeMap<String, Decimal>) -> Vec<String> {
+fn events(
+    rng: &mut rand::rngs::StdRng,
+    prefix: &str,
+    n: usize,
+    users: usize,
+    expected: &mut BTreeMap<String, Decimal>,
+) -> Vec<String> {
     (0..n)
         .map(|i| {
             let user = format!("{prefix}{}", i % users);
@@ -278,14 +292,20 @@ async fn a_processor_whose_network_is_cut_loses_its_partitions_within_the_stated
     })
     .await;
     let holders = partition_holders(&watch).await;
-    assert_eq!(holders.get(&net.ns_addr), Some(&(PARTITIONS as i64)), "A holds every partition: {holders:?}\n{}", a.stderr());
+    assert_eq!(
+        holders.get(&net.ns_addr),
+        Some(&(PARTITIONS as i64)),
+        "A holds every partition: {holders:?}\n{}",
+        a.stderr()
+    );
 
     // B, on this machine, joins; A gives it half.
     let b = ChildGuard::spawn(&processor(pg.url.clone()), &[], dir.path());
     let holders = within(Duration::from_secs(30), "A and B to share the partitions", async {
         loop {
             let holders = partition_holders(&watch).await;
-            let (on_a, on_b) = (holders.get(&net.ns_addr).copied().unwrap_or(0), holders.get("127.0.0.1").copied().unwrap_or(0));
+            let (on_a, on_b) =
+                (holders.get(&net.ns_addr).copied().unwrap_or(0), holders.get("127.0.0.1").copied().unwrap_or(0));
             if on_a > 0 && on_b > 0 && on_a + on_b == PARTITIONS as i64 {
                 return holders;
             }
@@ -344,7 +364,9 @@ async fn a_processor_whose_network_is_cut_loses_its_partitions_within_the_stated
     if let Some(line) = a_log.lines().find(|l| l.contains("tcp_keepalives_idle=")) {
         eprintln!("A's session: {line}");
     }
-    for setting in ["tcp_keepalives_idle=5s", "tcp_keepalives_interval=2s", "tcp_keepalives_count=3", "tcp_user_timeout=10000ms"] {
+    for setting in
+        ["tcp_keepalives_idle=5s", "tcp_keepalives_interval=2s", "tcp_keepalives_count=3", "tcp_user_timeout=10000ms"]
+    {
         assert!(a_log.contains(setting), "A's log does not show {setting} in force on its session:\n{a_log}");
     }
     assert!(a_log.contains("idle_session_timeout="), "A's log does not show idle_session_timeout:\n{a_log}");

@@ -90,7 +90,9 @@ impl Drop for LazyFs {
 }
 
 fn batch(tag: &str, user: &str, n: usize) -> String {
-    (0..n).map(|i| format!("{{\"userId\":\"{user}\",\"name\":\"add_revenue\",\"value\":1,\"id\":\"{tag}-{i}\"}}\n")).collect()
+    (0..n)
+        .map(|i| format!("{{\"userId\":\"{user}\",\"name\":\"add_revenue\",\"value\":1,\"id\":\"{tag}-{i}\"}}\n"))
+        .collect()
 }
 
 /// The answer to a batch, if it was 200.
@@ -109,10 +111,19 @@ async fn power_cuts_under_load_lose_no_acknowledged_event(kind: StoreKind) {
     // The store lives off the lazy filesystem: the subject is the log (SQLite's own durability is its).
     let mut store_args = env.db.args();
     if store_args.is_empty() {
-        store_args = vec!["--database-url".into(), format!("sqlite://{}", env.tmp.path().join("eps.sqlite3").display())];
+        store_args =
+            vec!["--database-url".into(), format!("sqlite://{}", env.tmp.path().join("eps.sqlite3").display())];
     }
     let server_args = {
-        let mut a = args(&["server", "--listen", "127.0.0.1:0", "--data-dir", &data_dir.display().to_string(), "--segment-bytes", "262144"]);
+        let mut a = args(&[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data_dir.display().to_string(),
+            "--segment-bytes",
+            "262144",
+        ]);
         a.extend(store_args.clone());
         a
     };
@@ -169,7 +180,11 @@ async fn power_cuts_under_load_lose_no_acknowledged_event(kind: StoreKind) {
         // Let requests the kernel already handed to the filesystem finish before the lights go out.
         tokio::time::sleep(Duration::from_millis(50)).await;
         fs.cut();
-        eprintln!("{scenario}: cut {} after {wait_ms} ms, {} events acknowledged so far", round + 1, sent.load(Ordering::Relaxed));
+        eprintln!(
+            "{scenario}: cut {} after {wait_ms} ms, {} events acknowledged so far",
+            round + 1,
+            sent.load(Ordering::Relaxed)
+        );
         server = ServerProc::start(&server_args, &[], env.tmp.path()).await;
         follower = ChildGuard::spawn(&process_args, &[], env.tmp.path());
         *url.lock().unwrap() = server.url.clone();

@@ -71,14 +71,21 @@ fn id_field(e: &Ev) -> String {
 
 /// The request body a client sends for `e`.
 fn request_of(e: &Ev) -> String {
-    format!(r#"{{"userId":{},"name":"{}","value":{}{}}}"#, serde_json::to_string(e.user).unwrap(), e.name, e.value, id_field(e))
+    format!(
+        r#"{{"userId":{},"name":"{}","value":{}{}}}"#,
+        serde_json::to_string(e.user).unwrap(),
+        e.name,
+        e.value,
+        id_field(e)
+    )
 }
 
 /// One log line in the writer's format (ARCHITECTURE.md, `write_log_line`'s documentation), written out
 /// here as literal text, with its newline.
 fn line_of(e: &Ev) -> Vec<u8> {
     let user = serde_json::to_string(e.user).unwrap();
-    format!(r#"{{"userId":{user},"name":"{}","value":{}{},"ts":{}}}"#, e.name, e.value, id_field(e), now_ms()).into_bytes()
+    format!(r#"{{"userId":{user},"name":"{}","value":{}{},"ts":{}}}"#, e.name, e.value, id_field(e), now_ms())
+        .into_bytes()
         .into_iter()
         .chain([b'\n'])
         .collect()
@@ -99,7 +106,11 @@ fn units(text: &str) -> i128 {
         "{text:?} is not plain decimal text with at most {PLACES} places"
     );
     let magnitude: i128 = format!("{int}{frac:0<PLACES$}").parse().unwrap();
-    if negative { -magnitude } else { magnitude }
+    if negative {
+        -magnitude
+    } else {
+        magnitude
+    }
 }
 
 /// The K complete events before the torn line.
@@ -210,7 +221,8 @@ impl World {
             .iter()
             .map(|e| Event::parse_request(request_of(e).as_bytes()).unwrap_or_else(|err| panic!("{e:?}: {err}")))
             .collect();
-        let answers = log.append(LogBatch::of(events.iter().map(Event::as_ref), now_ms())).await.expect("append after recovery");
+        let answers =
+            log.append(LogBatch::of(events.iter().map(Event::as_ref), now_ms())).await.expect("append after recovery");
         log.shutdown().await;
         answers
     }

@@ -25,10 +25,10 @@ fn edge_value(rng: &mut impl Rng) -> String {
         s
     };
     match rng.random_range(0..10) {
-        0 => "9999999999999999999999999999".into(),          // 28 nines
-        1 => "7922816251426433759354395033".into(),          // 28 digits near the top of the range
-        2 => "0.0000000000000000000000000001".into(),        // 1e-28
-        3 => "0.9999999999999999999999999999".into(),        // 28 decimal places
+        0 => "9999999999999999999999999999".into(),   // 28 nines
+        1 => "7922816251426433759354395033".into(),   // 28 digits near the top of the range
+        2 => "0.0000000000000000000000000001".into(), // 1e-28
+        3 => "0.9999999999999999999999999999".into(), // 28 decimal places
         4 => "1e-28".into(),
         5 => "9.999999999999999999999999999e27".into(),
         6 => ["0", "0.0", "0e5", "100000000000"][rng.random_range(0..4)].into(),
@@ -108,7 +108,11 @@ async fn extreme_values_mixed_per_user_are_applied_exactly(kind: StoreKind) {
             lines.push((user, add, value));
         }
         let (status, answer) = post_ndjson(&http, &server.url, body).await;
-        assert_eq!((status, &answer["accepted"]), (200, &serde_json::json!(100)), "valid edge values refused: {answer}");
+        assert_eq!(
+            (status, &answer["accepted"]),
+            (200, &serde_json::json!(100)),
+            "valid edge values refused: {answer}"
+        );
         sent.extend(lines);
     }
     // Caught up: every user's total stored, then compared.

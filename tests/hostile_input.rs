@@ -927,8 +927,15 @@ async fn clients_that_do_not_read_their_answers_lose_their_connection_slots() {
     let env = Env::new(StoreKind::Sqlite).await;
     let data_dir = env.data_dir.display().to_string();
     let server_args = args(&[
-        "server", "--listen", "127.0.0.1:0", "--data-dir", &data_dir, "--max-connections", "2",
-        "--request-timeout-secs", "120",
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_dir,
+        "--max-connections",
+        "2",
+        "--request-timeout-secs",
+        "120",
     ]);
     // The send timeout by its variable (EPS_SEND_TIMEOUT_SECS is --send-timeout-secs): a build without
     // the limit ignores it and starts, so this test fails there for the behaviour, not for a flag.

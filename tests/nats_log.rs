@@ -27,7 +27,11 @@ async fn post_batch(url: &str, body: String) -> (u16, Value) {
 }
 
 fn batch_body(run: &str, n: usize) -> String {
-    (0..n).map(|i| format!("{{\"userId\":\"u{}\",\"name\":\"add_revenue\",\"value\":{i},\"id\":\"{run}-{i}\"}}\n", i % 10)).collect()
+    (0..n)
+        .map(|i| {
+            format!("{{\"userId\":\"u{}\",\"name\":\"add_revenue\",\"value\":{i},\"id\":\"{run}-{i}\"}}\n", i % 10)
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,7 +41,8 @@ async fn events_go_to_their_users_partition_once_and_a_resent_batch_is_a_duplica
     let server = env.server_with(&["--log", &nats.url(), "--nats-partitions", "4"]).await;
     let http = http();
 
-    let (status, answer) = post_event(&http, &server.url, r#"{"userId":"seed","name":"add_revenue","value":100}"#).await;
+    let (status, answer) =
+        post_event(&http, &server.url, r#"{"userId":"seed","name":"add_revenue","value":100}"#).await;
     assert_eq!(status, 200, "{answer}");
     let (status, first) = post_batch(&server.url, batch_body("run", 100)).await;
     assert_eq!((status, &first["accepted"], &first["duplicates"]), (200, &100.into(), &0.into()), "{first}");
@@ -128,7 +133,8 @@ async fn an_event_larger_than_max_payload_is_refused_with_413_not_503() {
     let server = env.server_with(&["--log", &nats.url()]).await;
     let http = http();
 
-    let (status, answer) = post_event(&http, &server.url, r#"{"userId":"small","name":"add_revenue","value":1,"id":"s-1"}"#).await;
+    let (status, answer) =
+        post_event(&http, &server.url, r#"{"userId":"small","name":"add_revenue","value":1,"id":"s-1"}"#).await;
     assert_eq!(status, 200, "{answer}");
     // A userId of 255 quotes (each escaped in the log line, 512 bytes with its own quotes) and an id
     // of 128 control characters (6 bytes each): a line of about 1,360 bytes.
@@ -145,9 +151,13 @@ async fn an_event_larger_than_max_payload_is_refused_with_413_not_503() {
     let (status, _) = post_batch(&server.url, body).await;
     assert_eq!(status, 413, "the same answer on a retry");
     // Nothing of the refused request reached the stream; the server still takes events.
-    let (status, answer) = post_event(&http, &server.url, r#"{"userId":"small","name":"add_revenue","value":1,"id":"s-3"}"#).await;
+    let (status, answer) =
+        post_event(&http, &server.url, r#"{"userId":"small","name":"add_revenue","value":1,"id":"s-3"}"#).await;
     assert_eq!(status, 200, "{answer}");
-    let ids: Vec<String> =
-        stream_events(&nats.url(), "EPS_EVENTS").await.into_iter().map(|e| e["id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> = stream_events(&nats.url(), "EPS_EVENTS")
+        .await
+        .into_iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids, ["s-1", "s-3"]);
 }

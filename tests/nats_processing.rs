@@ -71,7 +71,10 @@ async fn client_succeeded(client: &mut ChildGuard, events: usize) {
     let status = within(limit, "the client to finish (hang guard)", client.child.wait()).await.unwrap();
     let out = client.stdout();
     assert!(status.success(), "client failed: {status}\nstdout: {out}\nstderr: {}", client.stderr());
-    assert!(out.contains(&format!("accepted {events}")) || out.contains(&format!("sent {events}, accepted")), "client output: {out}");
+    assert!(
+        out.contains(&format!("accepted {events}")) || out.contains(&format!("sent {events}, accepted")),
+        "client output: {out}"
+    );
     assert!(out.contains("failed 0"), "client output: {out}");
 }
 
@@ -107,7 +110,11 @@ async fn two_servers_and_three_processors_count_every_event_once_through_sigkill
     let mut processors: Vec<ChildGuard> = (0..3).map(|_| follower(dir.path(), &nats.url(), &db, &[])).collect();
     let (url_a, url_b) = (servers[0].url.clone(), servers[1].url.clone());
 
-    let mut client = ChildGuard::spawn(&client_args(&file, &[&url_a, &url_b], &["--batch", "50", "--concurrency", "4"]), &[], dir.path());
+    let mut client = ChildGuard::spawn(
+        &client_args(&file, &[&url_a, &url_b], &["--batch", "50", "--concurrency", "4"]),
+        &[],
+        dir.path(),
+    );
     // Each round SIGKILLs one server and one processor once the events applied pass the round's point (a
     // random point in each of equal stretches of the first half of the events: the processors follow
     // the client closely, so it is still sending), and restarts both once the next requests went to the
@@ -204,7 +211,11 @@ async fn a_jetstream_outage_gives_503s_and_loses_or_doubles_nothing() {
     let server = nats_server(dir.path(), &nats.url(), 0, "server").await;
     let _processor = follower(dir.path(), &nats.url(), &db, &[]);
 
-    let mut client = ChildGuard::spawn(&client_args(&file, &[&server.url], &["--batch", "20", "--concurrency", "4"]), &[], dir.path());
+    let mut client = ChildGuard::spawn(
+        &client_args(&file, &[&server.url], &["--batch", "20", "--concurrency", "4"]),
+        &[],
+        dir.path(),
+    );
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(client.child.try_wait().unwrap().is_none(), "the client finished before the outage: make the run longer");
     nats.stop();
@@ -247,7 +258,8 @@ async fn the_processor_drops_an_event_sent_again_in_another_message() {
     let db = TestDb::new(StoreKind::Postgres).await;
     let server = nats_server(dir.path(), &nats.url(), 0, "server").await;
     let http = http();
-    let line = |id: &str, value: &str| format!(r#"{{"userId":"dup","name":"add_revenue","value":{value},"id":"{id}"}}"#);
+    let line =
+        |id: &str, value: &str| format!(r#"{{"userId":"dup","name":"add_revenue","value":{value},"id":"{id}"}}"#);
     let post = |body: String| {
         let http = http.clone();
         let url = format!("{}/events", server.url);
@@ -391,12 +403,17 @@ async fn a_group_larger_than_max_payload_is_cut_into_messages_applied_once_and_r
     let partition = |user: &str| eps::log::user_key(user) % 16;
     let mut minnows = (0..).map(|k| format!("minnow{k}")).filter(|u| partition(u) != partition("whale"));
     for i in 0..3_000i64 {
-        body.push_str(&format!("{{\"userId\":\"whale\",\"name\":\"add_revenue\",\"value\":{},\"id\":\"w-{i}\"}}\n", i + 1));
+        body.push_str(&format!(
+            "{{\"userId\":\"whale\",\"name\":\"add_revenue\",\"value\":{},\"id\":\"w-{i}\"}}\n",
+            i + 1
+        ));
         *expected.entry("whale".into()).or_default() += i + 1;
         whale.push((format!("w-{i}"), i + 1));
         if i % 60 == 0 {
             let user = minnows.next().unwrap();
-            body.push_str(&format!("{{\"userId\":\"{user}\",\"name\":\"add_revenue\",\"value\":7,\"id\":\"m-{i}\"}}\n"));
+            body.push_str(&format!(
+                "{{\"userId\":\"{user}\",\"name\":\"add_revenue\",\"value\":7,\"id\":\"m-{i}\"}}\n"
+            ));
             *expected.entry(user).or_default() += 7;
         }
     }
@@ -433,7 +450,11 @@ async fn a_group_larger_than_max_payload_is_cut_into_messages_applied_once_and_r
     // the rest is stored.
     let (status, answer) = post_events(&server.url, &body).await;
     assert_eq!(status, 200, "{answer}\nnats-server: {}", nats.log());
-    assert_eq!((answer["accepted"].as_u64(), answer["duplicates"].as_u64()), (Some(events), Some(first_ids.len() as u64)), "{answer}");
+    assert_eq!(
+        (answer["accepted"].as_u64(), answer["duplicates"].as_u64()),
+        (Some(events), Some(first_ids.len() as u64)),
+        "{answer}"
+    );
     assert!(!nats.log().contains("Maximum Payload"), "{}", nats.log());
     let messages = common::nats::stream_messages(&nats.url(), "EPS_EVENTS").await;
     let whale_messages = messages.iter().filter(|(_, lines)| lines.iter().any(|l| l["userId"] == "whale")).count();
@@ -445,14 +466,22 @@ async fn a_group_larger_than_max_payload_is_cut_into_messages_applied_once_and_r
     a.extend(db.args());
     let out = run_eps(&a, &[]).await;
     assert_eq!(out.code(), Some(0), "{out}");
-    assert!(out.stdout.contains(&format!("applied {events} events")) && out.stdout.contains(" 0 duplicates dropped"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains(&format!("applied {events} events")) && out.stdout.contains(" 0 duplicates dropped"),
+        "{}",
+        out.stdout
+    );
     assert_eq!(db.revenues(dir.path()).await, expected);
 
     // The same request again: the same messages with the same ids, all dropped by JetStream.
     let (status, answer) = post_events(&server.url, &body).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!((answer["accepted"].as_u64(), answer["duplicates"].as_u64()), (Some(events), Some(events)), "{answer}");
-    assert_eq!(common::nats::stream_messages(&nats.url(), "EPS_EVENTS").await.len(), stored, "the resent request stored a message");
+    assert_eq!(
+        common::nats::stream_messages(&nats.url(), "EPS_EVENTS").await.len(),
+        stored,
+        "the resent request stored a message"
+    );
     let out = run_eps(&a, &[]).await;
     assert!(out.stdout.contains("applied 0 events"), "{}", out.stdout);
     assert_eq!(db.revenues(dir.path()).await, expected);
@@ -507,4 +536,3 @@ async fn a_sum_no_decimal_holds_is_applied_exactly_and_stops_no_partition() {
     let status = jetstream_status(&nats.url(), &db).await;
     assert_eq!(status["total_revenue"], "6.5000000000000000000000000001", "{status}");
 }
-

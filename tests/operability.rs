@@ -144,11 +144,13 @@ async fn server_metrics_count_requests_by_route_pattern_and_the_logs_syncs_witho
     let user = "metrics-user-5c1e";
     for value in ["1", "2.5", "3"] {
         let body = event_line(user, "add_revenue", value);
-        let (status, _, text) = call(&http, "POST", &format!("{}/liveEvent", server.url), Some(OPS_TOKEN), Some(&body)).await;
+        let (status, _, text) =
+            call(&http, "POST", &format!("{}/liveEvent", server.url), Some(OPS_TOKEN), Some(&body)).await;
         assert_eq!(status, 200, "{text}");
     }
     let bad = event_line(user, "add_revenue", "-1");
-    let (status, _, text) = call(&http, "POST", &format!("{}/liveEvent", server.url), Some(OPS_TOKEN), Some(&bad)).await;
+    let (status, _, text) =
+        call(&http, "POST", &format!("{}/liveEvent", server.url), Some(OPS_TOKEN), Some(&bad)).await;
     assert_eq!(status, 400, "{text}");
     // The store connects in the background: 503 until then, then 404 (nothing applied yet).
     let user_url = format!("{}/userEvents/{user}", server.url);
@@ -166,7 +168,8 @@ async fn server_metrics_count_requests_by_route_pattern_and_the_logs_syncs_witho
     assert_eq!(must_sample(&text, r#"eps_http_requests_total{route="/liveEvent",method="POST",status="200"}"#), 3.0);
     assert_eq!(must_sample(&text, r#"eps_http_requests_total{route="/liveEvent",method="POST",status="400"}"#), 1.0);
     assert!(
-        must_sample(&text, r#"eps_http_requests_total{route="/userEvents/{user_id}",method="GET",status="404"}"#) >= 1.0
+        must_sample(&text, r#"eps_http_requests_total{route="/userEvents/{user_id}",method="GET",status="404"}"#)
+            >= 1.0
     );
     assert_eq!(must_sample(&text, "eps_events_appended_total"), 3.0);
     let syncs = must_sample(&text, "eps_log_fsync_total");
@@ -358,7 +361,8 @@ async fn the_servers_metrics_show_the_processors_lag_and_last_commit_from_the_st
     assert_eq!(must_sample(&text, "eps_store_events_applied"), 0.0);
     assert!(must_sample(&text, "eps_store_lag_seconds") >= 0.0);
     assert_eq!(sample(&text, "eps_store_last_commit_age_seconds"), None, "no commit yet:\n{text}");
-    let (available, size) = (must_sample(&text, "eps_data_dir_available_bytes"), must_sample(&text, "eps_data_dir_size_bytes"));
+    let (available, size) =
+        (must_sample(&text, "eps_data_dir_available_bytes"), must_sample(&text, "eps_data_dir_size_bytes"));
     assert!(available > 0.0 && size >= available, "{available} of {size} bytes free");
 
     // A processor (not scraped: it has no metrics port) applies everything; the server sees it.
@@ -531,7 +535,8 @@ async fn the_openapi_document_lists_exactly_the_served_routes_and_documents_erro
                 !(status == 404 && text.contains("\"not found: ")),
                 "{method} {path} is documented but falls to the router's fallback: {text}"
             );
-            let responses = operation["responses"].as_object().unwrap_or_else(|| panic!("{method} {path}: no responses"));
+            let responses =
+                operation["responses"].as_object().unwrap_or_else(|| panic!("{method} {path}: no responses"));
             assert!(
                 responses.contains_key(&status.to_string()),
                 "{method} {path} answered {status}, which is not documented ({:?}): {text}",
@@ -581,7 +586,10 @@ async fn the_openapi_document_lists_exactly_the_served_routes_and_documents_erro
     );
     // The token is documented as the Authorization header on the routes that check it.
     let scheme = &doc["components"]["securitySchemes"]["token"];
-    assert_eq!((scheme["type"].as_str(), scheme["in"].as_str(), scheme["name"].as_str()), (Some("apiKey"), Some("header"), Some("Authorization")));
+    assert_eq!(
+        (scheme["type"].as_str(), scheme["in"].as_str(), scheme["name"].as_str()),
+        (Some("apiKey"), Some("header"), Some("Authorization"))
+    );
     for (path, method) in [("/liveEvent", "post"), ("/events", "post"), ("/userEvents/{userId}", "get")] {
         assert_eq!(doc["paths"][path][method]["security"], json!([{"token": []}]), "{method} {path}");
     }
@@ -627,7 +635,10 @@ async fn configuration_precedence_is_flag_then_env_then_file_and_config_redacts_
     // eps config: where each value came from, the token never shown.
     let out = run_eps(&args(&["--config", &file_s, "config"]), &[("EPS_TOKEN", "fromenv".into())]).await;
     assert!(out.status.success(), "{out}");
-    assert_eq!(config_line(&out.stdout, "server", "token"), "# token = <redacted>  # env EPS_TOKEN; set it here or in EPS_TOKEN");
+    assert_eq!(
+        config_line(&out.stdout, "server", "token"),
+        "# token = <redacted>  # env EPS_TOKEN; set it here or in EPS_TOKEN"
+    );
     assert_eq!(config_line(&out.stdout, "server", "listen"), format!(r#"listen = "127.0.0.1:{port}"  # file"#));
     assert_eq!(config_line(&out.stdout, "server", "body-limit"), r#"body-limit = "1048576"  # default"#);
     for s in secrets {
@@ -635,12 +646,16 @@ async fn configuration_precedence_is_flag_then_env_then_file_and_config_redacts_
     }
     let out = run_eps(&args(&["config"]), &[("EPS_CONFIG", file_s.clone())]).await;
     assert!(out.status.success(), "{out}");
-    assert_eq!(config_line(&out.stdout, "server", "token"), "# token = <redacted>  # file; set it here or in EPS_TOKEN");
+    assert_eq!(
+        config_line(&out.stdout, "server", "token"),
+        "# token = <redacted>  # file; set it here or in EPS_TOKEN"
+    );
     assert!(!out.stdout.contains("fromfile") && !out.stderr.contains("fromfile"), "{out}");
 
     // The server: flag over env over file.
     let http = http();
     let all = ["fromflag", "fromenv", "fromfile", TOKEN];
+    #[allow(clippy::type_complexity)] // a table of cases reads best as one
     let cases: [(&[&str], &[(&str, String)], &str); 3] = [
         (&["--token", "fromflag"], &[("EPS_TOKEN", "fromenv".into())], "fromflag"),
         (&[], &[("EPS_TOKEN", "fromenv".into())], "fromenv"),
@@ -661,7 +676,9 @@ async fn configuration_precedence_is_flag_then_env_then_file_and_config_redacts_
     }
 
     // An unknown key, in a table or at the top: exit 2, one line naming it.
-    for (name, text, key) in [("table.toml", "[server]\ntokn = \"x\"\n", "tokn"), ("top.toml", "lisen = \"x\"\n", "lisen")] {
+    for (name, text, key) in
+        [("table.toml", "[server]\ntokn = \"x\"\n", "tokn"), ("top.toml", "lisen = \"x\"\n", "lisen")]
+    {
         let bad = tmp.path().join(name);
         std::fs::write(&bad, text).unwrap();
         for command in ["config", "server"] {
@@ -692,7 +709,8 @@ async fn a_setting_in_a_command_table_applies_to_that_command_only() {
     .unwrap();
     let file_s = file.display().to_string();
     let mut wrong = Vec::new();
-    let server = ServerProc::start(&args(&["--config", &file_s, "server", "--listen", "127.0.0.1:0"]), &[], tmp.path()).await;
+    let server =
+        ServerProc::start(&args(&["--config", &file_s, "server", "--listen", "127.0.0.1:0"]), &[], tmp.path()).await;
     let accepted = accepted_tokens(&http(), &server.url, &["servertok", "clienttok"]).await;
     if accepted != ["servertok"] {
         wrong.push(format!("the server accepts {accepted:?}; [server] token is \"servertok\""));
@@ -738,6 +756,7 @@ async fn json_debug_logs_are_json_lines_with_one_request_line_each_and_never_the
     let wrong = "wrong-Kd81mZ";
     let bearer = format!("Bearer {OPS_TOKEN}");
     let event = event_line("log-user", "add_revenue", "1");
+    #[allow(clippy::type_complexity)] // a table of cases reads best as one
     let requests: Vec<(&str, String, Option<&str>, Option<&str>, u16)> = vec![
         ("POST", format!("{url}/liveEvent"), Some(OPS_TOKEN), Some(&event), 200),
         ("POST", format!("{url}/liveEvent"), Some(&bearer), Some(&event), 200),
@@ -761,7 +780,8 @@ async fn json_debug_logs_are_json_lines_with_one_request_line_each_and_never_the
     let stdout = server.stdout();
     let mut request_lines = Vec::new();
     for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
-        let value: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("stderr line is not JSON ({e}): {line}"));
+        let value: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("stderr line is not JSON ({e}): {line}"));
         if value["fields"]["message"] == "request" {
             assert_eq!(value["level"], "DEBUG", "{line}");
             request_lines.push(value["fields"].clone());
@@ -791,14 +811,19 @@ async fn under_json_logs_the_fatal_error_is_a_json_line_and_retry_delays_are_num
     for (extra, code, want) in [
         (vec!["server", "--listen", addr.as_str(), "--data-dir", &data_dir], 1, format!("cannot listen on {addr}")),
         // A configuration error (exit 2), found before anything starts.
-        (vec!["server", "--listen", "127.0.0.1:0", "--data-dir", &data_dir, "--token", ""], 2, "token must not be empty".into()),
+        (
+            vec!["server", "--listen", "127.0.0.1:0", "--data-dir", &data_dir, "--token", ""],
+            2,
+            "token must not be empty".into(),
+        ),
     ] {
         let mut a = args(&["--log-format", "json"]);
         a.extend(args(&extra));
         let out = run_eps(&a, &[]).await;
         assert_eq!(out.code(), Some(code), "{out}");
         let last = out.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
-        let line: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("the fatal line is not JSON ({e}): {out}"));
+        let line: Value =
+            serde_json::from_str(last).unwrap_or_else(|e| panic!("the fatal line is not JSON ({e}): {out}"));
         assert_eq!(line["level"], "ERROR", "{last}");
         assert_eq!(line["fields"]["exit_code"], json!(code), "{last}");
         let message = line["fields"]["message"].as_str().unwrap_or_default();
@@ -823,9 +848,10 @@ async fn under_json_logs_the_fatal_error_is_a_json_line_and_retry_delays_are_num
     let retry = eventually(Duration::from_secs(20), "the server's database retry line", || {
         let stderr = server.stderr();
         async move {
-            stderr.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|v| {
-                v["fields"]["message"].as_str().is_some_and(|m| m.starts_with("database not reachable"))
-            })
+            stderr
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| v["fields"]["message"].as_str().is_some_and(|m| m.starts_with("database not reachable")))
         }
     })
     .await;
@@ -836,7 +862,12 @@ async fn under_json_logs_the_fatal_error_is_a_json_line_and_retry_delays_are_num
 // 7. Retention
 
 /// Writes `count` events of users `prefix-0..7` to a file; returns its path and the (user, name, value)s.
-fn numbered_events(env: &Env, name: &str, prefix: &str, count: usize) -> (PathBuf, Vec<(String, &'static str, String)>) {
+fn numbered_events(
+    env: &Env,
+    name: &str,
+    prefix: &str,
+    count: usize,
+) -> (PathBuf, Vec<(String, &'static str, String)>) {
     let events: Vec<_> = (0..count)
         .map(|i| {
             let kind = if i % 4 == 3 { "subtract_revenue" } else { "add_revenue" };
@@ -857,7 +888,11 @@ async fn send_all(env: &Env, url: &str, name: &str, prefix: &str, count: usize) 
 
 /// Asserts what a compaction removed: exactly the segments before `checkpoint` other than the newest,
 /// the others untouched. Returns the names removed.
-fn check_compacted(before: &BTreeMap<String, Vec<u8>>, after: &BTreeMap<String, Vec<u8>>, checkpoint: u64) -> Vec<String> {
+fn check_compacted(
+    before: &BTreeMap<String, Vec<u8>>,
+    after: &BTreeMap<String, Vec<u8>>,
+    checkpoint: u64,
+) -> Vec<String> {
     let newest = before.keys().last().unwrap().clone();
     let mut removed = Vec::new();
     for (name, bytes) in before {
@@ -917,7 +952,8 @@ async fn compact_never_removes_a_segment_holding_an_unapplied_event(store: Store
         assert!(archived[name] == before[name], "{name} differs in the archive");
     }
     let status = status_json(&env).await;
-    let first_kept: u64 = after.keys().next().unwrap().trim_start_matches("server-events-").trim_end_matches(".jsonl").parse().unwrap();
+    let first_kept: u64 =
+        after.keys().next().unwrap().trim_start_matches("server-events-").trim_end_matches(".jsonl").parse().unwrap();
     assert!(first_kept > 0);
     assert_eq!(status["log_start"], first_kept, "{status}");
     assert_eq!(status["checkpoint"], checkpoint, "{status}");
@@ -1062,12 +1098,8 @@ async fn a_store_that_cannot_be_opened_stops_the_processor_at_once_and_the_serve
     assert!(last.contains("unable to open database file"), "the cause is missing: {out}");
 
     // The server takes events without its store, and says why it has none: in its log and /readyz.
-    let (server, url) = spawn_server(
-        &args(&["server", "--listen", "127.0.0.1:0", "--data-dir", &data_arg]),
-        &[],
-        tmp.path(),
-    )
-    .await;
+    let (server, url) =
+        spawn_server(&args(&["server", "--listen", "127.0.0.1:0", "--data-dir", &data_arg]), &[], tmp.path()).await;
     let http = http();
     let body = eventually(Duration::from_secs(20), "/readyz to name the cause", || {
         let (http, url) = (http.clone(), format!("{url}/readyz"));
@@ -1079,7 +1111,8 @@ async fn a_store_that_cannot_be_opened_stops_the_processor_at_once_and_the_serve
     })
     .await;
     assert!(body["database"].as_str().unwrap().contains(&sqlite.display().to_string()), "{body}");
-    let retry = server.stderr().lines().find(|l| l.contains("GET /userEvents answers 503 meanwhile")).map(str::to_string);
+    let retry =
+        server.stderr().lines().find(|l| l.contains("GET /userEvents answers 503 meanwhile")).map(str::to_string);
     let retry = retry.unwrap_or_else(|| panic!("no retry line: {}", server.stderr()));
     assert!(retry.contains("unable to open database file"), "the retry line has no cause: {retry}");
 
@@ -1099,7 +1132,9 @@ async fn commands_that_read_a_data_directory_never_create_one_and_name_the_missi
     // A mistyped path: an error naming it and how it is set (exit 2), and nothing created.
     let typo = tmp.path().join("daat");
     let typo_arg = typo.display().to_string();
-    for command in [vec!["status"], vec!["status", "--json"], vec!["compact", "--dry-run"], vec!["compact"], vec!["process"]] {
+    for command in
+        [vec!["status"], vec!["status", "--json"], vec!["compact", "--dry-run"], vec!["compact"], vec!["process"]]
+    {
         let mut a = args(&command);
         a.extend(args(&["--data-dir", &typo_arg]));
         let out = run_eps(&a, &[]).await;
@@ -1230,7 +1265,10 @@ async fn permanent_postgres_errors_stop_the_processor_at_once_with_the_databases
         assert_eq!(out.code(), Some(1), "{url}: {out}");
         assert!(!out.stderr.contains("retrying"), "a permanent error was retried: {out}");
         let last = out.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
-        assert!(last.starts_with("eps: error: ") && last.contains(&format!("({code}")) && last.contains(words), "{out}");
+        assert!(
+            last.starts_with("eps: error: ") && last.contains(&format!("({code}")) && last.contains(words),
+            "{out}"
+        );
     }
     // The server takes events meanwhile, and its /readyz and log show the database's own message.
     let env = Env::new(StoreKind::Sqlite).await;

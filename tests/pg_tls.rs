@@ -32,7 +32,9 @@ impl PgCluster {
             .expect("cannot run scripts/pg-throwaway");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let var = |name: &str| -> Option<String> {
-            stdout.lines().find_map(|l| Some(l.strip_prefix(&format!("export {name}="))?.trim().trim_matches('\'').to_string()))
+            stdout
+                .lines()
+                .find_map(|l| Some(l.strip_prefix(&format!("export {name}="))?.trim().trim_matches('\'').to_string()))
         };
         let (Some(url), Some(dir)) = (var("EPS_TEST_PG_URL"), var("EPS_TEST_PG_DIR")) else {
             panic!("scripts/pg-throwaway start failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));

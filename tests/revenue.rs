@@ -230,7 +230,10 @@ async fn a_total_that_comes_back_to_a_short_number_is_stored_on_every_store(stor
     }
     env.process(&[]).await;
     assert_eq!(revenue_of(&http, &server.url, "x").await, "7.5000000000000000000000000001");
-    assert_eq!(post_event(&http, &server.url, &event_line("x", "add_revenue", "0.4999999999999999999999999999")).await.0, 200);
+    assert_eq!(
+        post_event(&http, &server.url, &event_line("x", "add_revenue", "0.4999999999999999999999999999")).await.0,
+        200
+    );
     assert_eq!(post_event(&http, &server.url, &event_line("other", "add_revenue", "1")).await.0, 200);
     let out = env.process_unchecked(&[]).await;
     assert!(out.status.success(), "eps process: {out}");

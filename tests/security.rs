@@ -35,8 +35,11 @@ fn sighup(pid: u32) {
 async fn status_of(http: &reqwest::Client, url: &str, method: &str, path: &str, token: Option<&str>) -> u16 {
     let mut request = match method {
         "POST" => {
-            let (body, content_type) =
-                if path == "/events" { (format!("{EVENT}\n"), "application/x-ndjson") } else { (EVENT.to_string(), "application/json") };
+            let (body, content_type) = if path == "/events" {
+                (format!("{EVENT}\n"), "application/x-ndjson")
+            } else {
+                (EVENT.to_string(), "application/json")
+            };
             http.post(format!("{url}{path}")).header("Content-Type", content_type).body(body)
         }
         _ => http.get(format!("{url}{path}")),
@@ -81,9 +84,17 @@ async fn every_route_answers_401_403_or_200_by_token_and_scope() {
     let http = http();
     for &(method, path, scope) in PROTECTED {
         assert_eq!(status_of(&http, &server.url, method, path, None).await, 401, "{method} {path} without a token");
-        assert_eq!(status_of(&http, &server.url, method, path, Some("nope")).await, 401, "{method} {path} unknown token");
+        assert_eq!(
+            status_of(&http, &server.url, method, path, Some("nope")).await,
+            401,
+            "{method} {path} unknown token"
+        );
         // The seed's token is not in the file: unknown too.
-        assert_eq!(status_of(&http, &server.url, method, path, Some("secret")).await, 401, "{method} {path} seed token");
+        assert_eq!(
+            status_of(&http, &server.url, method, path, Some("secret")).await,
+            401,
+            "{method} {path} seed token"
+        );
         for (token, holds) in [
             ("ingest-token-1", scope == "ingest"),
             ("read-token-1", scope == "read"),
@@ -235,7 +246,9 @@ async fn a_burst_over_the_rate_limit_gets_429_and_the_client_stores_every_event_
     let http = http();
     // Over the burst at once: 429 with Retry-After, and nothing of the refused batch stored.
     let batch = |from: usize, n: usize| -> String {
-        (from..from + n).map(|i| format!("{{\"userId\":\"direct\",\"name\":\"add_revenue\",\"value\":1,\"id\":\"d-{i}\"}}\n")).collect()
+        (from..from + n)
+            .map(|i| format!("{{\"userId\":\"direct\",\"name\":\"add_revenue\",\"value\":1,\"id\":\"d-{i}\"}}\n"))
+            .collect()
     };
     let first = http
         .post(format!("{}/events", server.url))
@@ -308,7 +321,10 @@ fn allowed_origin(response: &reqwest::Response) -> Option<String> {
 async fn cors_preflights_are_answered_for_allowed_origins_on_the_ingest_routes_only() {
     let env = Env::new(StoreKind::Sqlite).await;
     let server = env
-        .server_with_env(&["--cors-origin", "https://shop.example"], &[("EPS_CORS_ORIGINS", "https://ignored.example".into())])
+        .server_with_env(
+            &["--cors-origin", "https://shop.example"],
+            &[("EPS_CORS_ORIGINS", "https://ignored.example".into())],
+        )
         .await;
     let http = http();
     for path in ["/liveEvent", "/events"] {
@@ -410,7 +426,8 @@ async fn gzip_bodies_are_taken_and_bombs_and_truncated_streams_refused() {
     let env = Env::new(StoreKind::Sqlite).await;
     let server = env.server_with(&["--body-limit", "65536", "--batch-body-limit", "1048576"]).await;
     let http = http();
-    let batch: String = (0..300).map(|i| format!("{{\"userId\":\"g{}\",\"name\":\"add_revenue\",\"value\":1}}\n", i % 7)).collect();
+    let batch: String =
+        (0..300).map(|i| format!("{{\"userId\":\"g{}\",\"name\":\"add_revenue\",\"value\":1}}\n", i % 7)).collect();
     let (status, answer) = post_gzip(&http, &server.url, "/events", gz(batch.as_bytes())).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["accepted"], 300, "{answer}");
@@ -439,7 +456,8 @@ async fn gzip_bodies_are_taken_and_bombs_and_truncated_streams_refused() {
     }
     assert_eq!(log_lines(&env.log_dir()).len(), 301, "a refused body was stored");
 
-    let lines: Vec<String> = (0..500).map(|i| format!("{{\"userId\":\"z{}\",\"name\":\"add_revenue\",\"value\":2}}", i % 5)).collect();
+    let lines: Vec<String> =
+        (0..500).map(|i| format!("{{\"userId\":\"z{}\",\"name\":\"add_revenue\",\"value\":2}}", i % 5)).collect();
     let file = env.write_file("gz.jsonl", &lines);
     let out = client(&file, &server.url, &["--compress", "gzip", "--batch", "100"]).await;
     assert!(out.status.success(), "{out}");

@@ -15,7 +15,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn tls_args<'a>(ca: &'a TestCa) -> [&'a str; 4] {
+fn tls_args(ca: &TestCa) -> [&str; 4] {
     ["--tls-cert", ca.cert.to_str().unwrap(), "--tls-key", ca.key.to_str().unwrap()]
 }
 
@@ -75,7 +75,9 @@ async fn healthz(stream: &mut tokio_rustls::client::TlsStream<TcpStream>) -> Str
         if let Some((head, body)) = text.split_once("\r\n\r\n") {
             let length = head
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap())
+                })
                 .unwrap_or(0);
             if body.len() >= length {
                 return head.lines().next().unwrap().to_owned();
@@ -110,8 +112,7 @@ async fn sighup_rotates_the_certificate_and_keeps_open_connections() {
     let (cert, key) = (env.tmp.path().join("live.crt"), env.tmp.path().join("live.key"));
     std::fs::copy(&old.cert, &cert).unwrap();
     std::fs::copy(&old.key, &key).unwrap();
-    let server =
-        env.server_with(&["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]).await;
+    let server = env.server_with(&["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]).await;
 
     let (mut kept, shown) = connect(server.port, &old.ca_cert).await.expect("the old certificate before the rotation");
     assert_eq!(shown, pem_der(&old.cert));
@@ -128,7 +129,7 @@ async fn sighup_rotates_the_certificate_and_keeps_open_connections() {
     let (mut fresh, shown) = connect(server.port, &new.ca_cert).await.expect("the new certificate after SIGHUP");
     assert_eq!(shown, pem_der(&new.cert));
     assert!(healthz(&mut fresh).await.contains("200"));
-    let refused = connect(server.port, &old.ca_cert).await.err().expect("the old CA does not sign the new certificate");
+    let refused = connect(server.port, &old.ca_cert).await.expect_err("the old CA does not sign the new certificate");
     assert!(refused.to_string().contains("UnknownIssuer"), "{refused}");
 
     // A broken file keeps the certificate in force, and the log says why.

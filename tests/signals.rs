@@ -12,9 +12,10 @@ use common::*;
 
 async fn send_signal(signal: &str, pid: u32) {
     let pid = pid.to_string();
-    let status = within(Duration::from_secs(10), "kill", tokio::process::Command::new("kill").args([signal, &pid]).status())
-        .await
-        .expect("running kill");
+    let status =
+        within(Duration::from_secs(10), "kill", tokio::process::Command::new("kill").args([signal, &pid]).status())
+            .await
+            .expect("running kill");
     assert!(status.success(), "kill {signal} {pid} failed");
 }
 

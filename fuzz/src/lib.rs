@@ -226,6 +226,7 @@ pub fn check_segment_reader(dir: &Path, case: &SegmentCase) {
             case.max_chunk
         );
         // Lines: consecutive positions, no newline inside, and together (with their newlines) the chunk.
+        #[allow(clippy::type_complexity)] // a table of cases reads best as one
         let lines: Vec<(u64, Result<&[u8], &[u8]>)> = chunk.lines().collect();
         let mut at = chunk.start;
         let mut rebuilt = Vec::new();

@@ -304,14 +304,11 @@ pub async fn run_until(
 /// `--new-run` (the checkpoint holds the new run's ids), quoted for a POSIX shell.
 pub fn resume_command(args: &[std::ffi::OsString]) -> String {
     let once = |a: &str| {
-        ["--from-start", "--new-run"].iter().any(|flag| a == *flag || a.strip_prefix(flag).is_some_and(|r| r.starts_with('=')))
+        ["--from-start", "--new-run"]
+            .iter()
+            .any(|flag| a == *flag || a.strip_prefix(flag).is_some_and(|r| r.starts_with('=')))
     };
-    args.iter()
-        .map(|a| a.to_string_lossy())
-        .filter(|a| !once(a))
-        .map(|a| shell_quote(&a))
-        .collect::<Vec<_>>()
-        .join(" ")
+    args.iter().map(|a| a.to_string_lossy()).filter(|a| !once(a)).map(|a| shell_quote(&a)).collect::<Vec<_>>().join(" ")
 }
 
 fn shell_quote(arg: &str) -> String {
@@ -670,12 +667,9 @@ impl fmt::Display for Stopped {
             Stopped::Signal(2) => write!(f, "interrupted (SIGINT)"),
             Stopped::Signal(15) => write!(f, "stopped (SIGTERM)"),
             Stopped::Signal(n) => write!(f, "stopped by signal {n}"),
-            Stopped::GaveUp { after, urls } => write!(
-                f,
-                "giving up: no server has taken a request for {}s ({})",
-                after.as_secs(),
-                urls.join(", ")
-            ),
+            Stopped::GaveUp { after, urls } => {
+                write!(f, "giving up: no server has taken a request for {}s ({})", after.as_secs(), urls.join(", "))
+            }
         }
     }
 }
@@ -1043,10 +1037,21 @@ fn trim_line(line: &[u8]) -> &[u8] {
 enum Outcome {
     /// The server took the request. `rejected` lists the lines of a batch it refused, by their
     /// 1-based position in the request.
-    Accepted { server: usize, duplicates: u64, rejected: Vec<(usize, String)> },
+    Accepted {
+        server: usize,
+        duplicates: u64,
+        rejected: Vec<(usize, String)>,
+    },
     /// The whole request was refused.
-    Rejected { status: StatusCode, error: String, lines: Vec<(usize, String)> },
-    Failed { attempts: u32, error: String },
+    Rejected {
+        status: StatusCode,
+        error: String,
+        lines: Vec<(usize, String)>,
+    },
+    Failed {
+        attempts: u32,
+        error: String,
+    },
     /// The run was stopped before the request was answered: its retries were not made.
     Interrupted,
 }
@@ -1187,7 +1192,8 @@ impl Sender {
                 // Retried like any failed connection (a server may be given a new certificate), but said
                 // once at the default level: otherwise the run only ends with "no server has taken a request".
                 if (certificate_refused(&e) || error.contains("invalid peer certificate"))
-                    && !CERTIFICATE_REFUSAL_SAID.swap(true, Ordering::Relaxed) {
+                    && !CERTIFICATE_REFUSAL_SAID.swap(true, Ordering::Relaxed)
+                {
                     tracing::error!(
                         server = %self.servers[server].name, error,
                         "the server's TLS certificate is not trusted: give the CA that signed it with --ca-cert (EPS_CA_CERT)"
@@ -1373,7 +1379,8 @@ enum Attempt {
 /// `body` as one gzip member.
 fn gzip(body: &[u8]) -> Vec<u8> {
     use std::io::Write;
-    let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4 + 64), flate2::Compression::default());
+    let mut encoder =
+        flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4 + 64), flate2::Compression::default());
     encoder.write_all(body).expect("writing to memory");
     encoder.finish().expect("writing to memory")
 }
@@ -1586,7 +1593,11 @@ impl Books {
                 counters.duplicates.fetch_add(duplicates, Ordering::Relaxed);
                 counters.rejected.fetch_add(refused, Ordering::Relaxed);
                 for (n, error) in rejected {
-                    self.reports.report(&self.console, file_line(&lines, n), format!("HTTP 200, line refused: {error}"));
+                    self.reports.report(
+                        &self.console,
+                        file_line(&lines, n),
+                        format!("HTTP 200, line refused: {error}"),
+                    );
                     failed_lines.push(n);
                 }
                 true
@@ -1606,7 +1617,9 @@ impl Books {
                 }
                 // A verdict on the lines themselves (400, 409 conflict, 422) is final: sending them again
                 // changes nothing. Any other refusal (a wrong token or URL, 413) leaves them to be sent again.
-                status == StatusCode::BAD_REQUEST || status == StatusCode::CONFLICT || status == StatusCode::UNPROCESSABLE_ENTITY
+                status == StatusCode::BAD_REQUEST
+                    || status == StatusCode::CONFLICT
+                    || status == StatusCode::UNPROCESSABLE_ENTITY
             }
             Outcome::Failed { attempts, error } => {
                 counters.failed.fetch_add(lines.len() as u64, Ordering::Relaxed);
@@ -1625,7 +1638,8 @@ impl Books {
         self.frontier.complete(seq, done);
         if let Some(out) = self.failed_out.as_mut() {
             for n in failed_lines {
-                let (Some((original, own_id)), Some(&line_no)) = (originals.get(n.wrapping_sub(1)), lines.get(n.wrapping_sub(1)))
+                let (Some((original, own_id)), Some(&line_no)) =
+                    (originals.get(n.wrapping_sub(1)), lines.get(n.wrapping_sub(1)))
                 else {
                     continue;
                 };
@@ -1978,11 +1992,14 @@ mod tests {
                     seen.len() == 1
                 };
                 if first {
-                    return (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "busy"}))).into_response();
+                    return (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "busy"})))
+                        .into_response();
                 }
                 let refused = usize::from(lines >= 2);
-                let errors: Vec<_> =
-                    (refused == 1).then(|| serde_json::json!({"line": 2, "error": "invalid event: made up"})).into_iter().collect();
+                let errors: Vec<_> = (refused == 1)
+                    .then(|| serde_json::json!({"line": 2, "error": "invalid event: made up"}))
+                    .into_iter()
+                    .collect();
                 let answer = serde_json::json!({
                     "accepted": lines - refused, "duplicates": 1, "rejected": refused, "errors": errors,
                 });
@@ -2035,7 +2052,10 @@ mod tests {
         // The rest of each line is sent as written (the value's text included).
         assert!(bodies[0].0.lines().nth(1).unwrap().contains(r#""value":1.50"#), "{}", bodies[0].0);
         assert_eq!(bodies[0].1.as_deref(), Some("application/x-ndjson"));
-        assert_eq!(bodies[2].0, format!("{{\"id\":\"{run}-6\",\"userId\":\"u5\",\"name\":\"add_revenue\",\"value\":3}}\n"));
+        assert_eq!(
+            bodies[2].0,
+            format!("{{\"id\":\"{run}-6\",\"userId\":\"u5\",\"name\":\"add_revenue\",\"value\":3}}\n")
+        );
     }
 
     #[tokio::test]
@@ -2260,7 +2280,8 @@ mod tests {
         let file = events(6);
         // What is checked is that the client gives up after max_attempts and says so; the time limits
         // only guard against a hang (generous, for a loaded machine), they are not speed checks.
-        let (summary, reports) = within_secs(60, run_fast(ClientOptions { max_attempts: 3, ..options(&file, &url) })).await;
+        let (summary, reports) =
+            within_secs(60, run_fast(ClientOptions { max_attempts: 3, ..options(&file, &url) })).await;
         assert_eq!((summary.sent, summary.failed, summary.accepted), (6, 6, 0));
         assert!(!summary.ok());
         assert!(reports[0].contains("failed after 3 attempts: "), "{reports:?}");
@@ -2511,8 +2532,15 @@ mod tests {
     #[test]
     fn the_resume_command_is_the_command_line_less_the_one_time_flags() {
         let args: Vec<std::ffi::OsString> = [
-            "eps", "client", "my events.jsonl", "--new-run", "--url", "http://a:1,http://b:2", "--from-start=true",
-            "--token", "it's",
+            "eps",
+            "client",
+            "my events.jsonl",
+            "--new-run",
+            "--url",
+            "http://a:1,http://b:2",
+            "--from-start=true",
+            "--token",
+            "it's",
         ]
         .iter()
         .map(Into::into)
@@ -2527,7 +2555,9 @@ mod tests {
     async fn a_stop_ends_the_run_without_sending_the_rest_and_without_retrying() {
         // Every request fails (503): without the stop the run would retry each for a long time.
         let rec = Recorder::new(|_| {
-            Box::pin(async { (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "busy"}))).into_response() })
+            Box::pin(async {
+                (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "busy"}))).into_response()
+            })
         });
         let url = serve(&rec).await;
         let file = events(1000);

@@ -155,7 +155,8 @@ impl StateDir {
         }
         candidates.sort();
         let Some((_, path)) = candidates.pop() else { return Ok(None) };
-        let text = std::fs::read(&path).map_err(|e| crate::fsutil::with_path(e, "cannot read the checkpoint", &path))?;
+        let text =
+            std::fs::read(&path).map_err(|e| crate::fsutil::with_path(e, "cannot read the checkpoint", &path))?;
         let checkpoint: Checkpoint = serde_json::from_slice(&text).map_err(|e| {
             io::Error::new(io::ErrorKind::InvalidData, format!("the checkpoint {} is unreadable: {e}", path.display()))
         })?;

@@ -69,7 +69,12 @@ pub struct DurableEndWriter {
 
 impl DurableEndWriter {
     pub fn open(log_dir: &Path) -> io::Result<DurableEndWriter> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(log_dir.join(DURABLE_END_FILE))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(log_dir.join(DURABLE_END_FILE))?;
         Ok(DurableEndWriter { file })
     }
 

@@ -94,6 +94,10 @@ struct BatchEntry {
     user: u64,
 }
 
+/// What the file log's de-duplication needs of an event with an id: its id digest, its content digest,
+/// and the producer and sequence when the id follows the producer scheme.
+pub type DedupKeys = (IdKey, u64, Option<(u64, u64)>);
+
 impl LogBatch {
     pub fn with_capacity(events: usize) -> LogBatch {
         LogBatch { data: Vec::with_capacity(events * 96), events: Vec::with_capacity(events) }
@@ -143,7 +147,7 @@ impl LogBatch {
 
     /// Each event's line and what the file log's de-duplication needs of it: the id digest, the
     /// [`content_digest`] and the scheme's producer and sequence.
-    pub fn lines_for_dedup(&self) -> impl Iterator<Item = (&[u8], Option<(IdKey, u64, Option<(u64, u64)>)>)> {
+    pub fn lines_for_dedup(&self) -> impl Iterator<Item = (&[u8], Option<DedupKeys>)> {
         self.entries().map(|(line, entry)| (line, entry.id.map(|id| (id, entry.content, entry.scheme))))
     }
 
@@ -170,7 +174,9 @@ impl LogBatch {
 /// A stable 64-bit hash of a userId (FNV-1a): the same on every machine and in every version, because
 /// it decides which partition of a partitioned log a user's events go to.
 pub fn user_key(user_id: &str) -> u64 {
-    user_id.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3))
+    user_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// A 128-bit digest of an event id: collisions (which would drop an event) are beyond practical reach,

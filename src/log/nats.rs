@@ -235,12 +235,13 @@ impl NatsLog {
             if let Some(id) = &message.msg_id {
                 headers.insert("Nats-Msg-Id", id.as_str());
             }
-            let ack = self.js.publish_with_headers(message.subject, headers, message.payload.into()).await.map_err(|e| {
-                if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
-                    self.stream_lost(&e);
-                }
-                unavailable("publishing to JetStream", e)
-            })?;
+            let ack =
+                self.js.publish_with_headers(message.subject, headers, message.payload.into()).await.map_err(|e| {
+                    if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                        self.stream_lost(&e);
+                    }
+                    unavailable("publishing to JetStream", e)
+                })?;
             pending.push(ack);
         }
         let mut duplicate = Vec::with_capacity(pending.len());
@@ -389,7 +390,8 @@ pub fn settings_mismatches(found: &stream::Config, opts: &NatsLogOptions) -> Vec
 /// A stream made by an older eps, without a partition count, gets this process's recorded. Servers and
 /// processors both call it, so either may start first.
 pub async fn ensure_stream(js: &jetstream::Context, opts: &NatsLogOptions) -> Result<stream::Stream, StreamError> {
-    let unavailable = |e: &dyn std::fmt::Display| StreamError::Unavailable(format!("JetStream stream {}: {e}", opts.stream));
+    let unavailable =
+        |e: &dyn std::fmt::Display| StreamError::Unavailable(format!("JetStream stream {}: {e}", opts.stream));
     let wanted = wanted_config(opts);
     let mut found = match js.get_stream(&opts.stream).await {
         Ok(found) => found,
@@ -530,7 +532,11 @@ pub fn plan_messages(batch: &LogBatch, opts: &NatsLogOptions, limit: usize) -> R
                 payload.extend_from_slice(lines[e].0);
                 message_of_event[e] = messages.len();
             }
-            messages.push(PlannedMessage { subject: subject.clone(), msg_id: ids.map(|ids| message_id(&ids)), payload });
+            messages.push(PlannedMessage {
+                subject: subject.clone(),
+                msg_id: ids.map(|ids| message_id(&ids)),
+                payload,
+            });
         }
     }
     Ok(Plan { messages, message_of_event })
@@ -596,7 +602,9 @@ mod tests {
     }
 
     fn events(user: &str, run: &str, n: usize) -> Vec<String> {
-        (0..n).map(|i| format!(r#"{{"userId":"{user}","name":"add_revenue","value":{i}.25,"id":"{run}-{i}"}}"#)).collect()
+        (0..n)
+            .map(|i| format!(r#"{{"userId":"{user}","name":"add_revenue","value":{i}.25,"id":"{run}-{i}"}}"#))
+            .collect()
     }
 
     #[test]
@@ -608,7 +616,9 @@ mod tests {
         let limit = 64 * 1024;
         let plan = plan_messages(&batch, &opts, limit).unwrap();
         let again = plan_messages(&batch_of(&lines), &opts, limit).unwrap();
-        let summary = |p: &Plan| p.messages.iter().map(|m| (m.subject.clone(), m.msg_id.clone(), m.payload.clone())).collect::<Vec<_>>();
+        let summary = |p: &Plan| {
+            p.messages.iter().map(|m| (m.subject.clone(), m.msg_id.clone(), m.payload.clone())).collect::<Vec<_>>()
+        };
         assert_eq!(summary(&plan), summary(&again), "the same request makes the same messages");
         assert!(plan.messages.len() > 3, "{} messages: the big group was not cut", plan.messages.len());
         let mut ids = std::collections::HashSet::new();
@@ -618,10 +628,19 @@ mod tests {
             assert!(ids.insert(m.msg_id.clone().expect("every event has an id")), "message ids are distinct");
         }
         // Each group's messages hold its lines, in order, each once; the events map to them.
-        for (user, subject) in [("big", opts.subject(opts.partition_of(super::super::user_key("big")))),
-                                ("small", opts.subject(opts.partition_of(super::super::user_key("small"))))] {
-            let text: Vec<u8> = plan.messages.iter().filter(|m| m.subject == subject).flat_map(|m| m.payload.clone()).collect();
-            let expected: Vec<u8> = batch.lines().map(|(l, _)| l).filter(|l| l.starts_with(format!(r#"{{"userId":"{user}""#).as_bytes())).flatten().copied().collect();
+        for (user, subject) in [
+            ("big", opts.subject(opts.partition_of(super::super::user_key("big")))),
+            ("small", opts.subject(opts.partition_of(super::super::user_key("small")))),
+        ] {
+            let text: Vec<u8> =
+                plan.messages.iter().filter(|m| m.subject == subject).flat_map(|m| m.payload.clone()).collect();
+            let expected: Vec<u8> = batch
+                .lines()
+                .map(|(l, _)| l)
+                .filter(|l| l.starts_with(format!(r#"{{"userId":"{user}""#).as_bytes()))
+                .flatten()
+                .copied()
+                .collect();
             assert_eq!(text, expected, "{user}");
         }
         // Each message is exactly the lines of the events mapped to it, in order, and its id is the
@@ -645,7 +664,8 @@ mod tests {
         assert_eq!(plan.messages[0].msg_id, Some(message_id(&ids)));
         assert_eq!(plan.messages[0].payload, batch.data());
         // Without ids: the same cut, no message id.
-        let plain: Vec<String> = (0..100).map(|i| format!(r#"{{"userId":"one","name":"add_revenue","value":{i}}}"#)).collect();
+        let plain: Vec<String> =
+            (0..100).map(|i| format!(r#"{{"userId":"one","name":"add_revenue","value":{i}}}"#)).collect();
         let plan = plan_messages(&batch_of(&plain), &opts, MAX_MESSAGE_BYTES).unwrap();
         assert_eq!((plan.messages.len(), plan.messages[0].msg_id.clone()), (1, None));
     }
@@ -666,7 +686,9 @@ mod tests {
     fn the_longest_valid_event_fits_max_log_line_bytes() {
         let user = "\\\"".repeat(255); // 255 quotes, each escaped in the log line
         let id = "\\u0001".repeat(128);
-        let body = format!(r#"{{"userId":"{user}","name":"subtract_revenue","value":0.1234567890123456789012345678,"id":"{id}"}}"#);
+        let body = format!(
+            r#"{{"userId":"{user}","name":"subtract_revenue","value":0.1234567890123456789012345678,"id":"{id}"}}"#
+        );
         let event = crate::event::EventRef::parse_request(body.as_bytes()).expect("valid at the limits");
         assert_eq!((event.user_id.len(), event.id.as_deref().map(str::len)), (255, Some(128)));
         let mut line = Vec::new();

@@ -292,7 +292,7 @@ pub fn list_snapshots(log_dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
             }
         }
     }
-    out.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    out.sort_unstable_by_key(|entry| std::cmp::Reverse(entry.0));
     Ok(out)
 }
 
@@ -320,7 +320,9 @@ pub fn load_newest(
                 snapshot = %path.display(), log_end,
                 "producer snapshot covers more than the log holds (or is misnamed); ignored"
             ),
-            None => tracing::warn!(snapshot = %path.display(), "producer snapshot is torn or not a snapshot; trying an older one"),
+            None => {
+                tracing::warn!(snapshot = %path.display(), "producer snapshot is torn or not a snapshot; trying an older one")
+            }
         }
     }
     Ok(None)
@@ -381,8 +383,16 @@ mod tests {
     fn the_id_scheme_is_exact() {
         assert_eq!(parse_scheme_id("0123456789abcdef-1"), Some((0x0123_4567_89ab_cdef, 1)));
         assert_eq!(parse_scheme_id("0123456789abcdef-0"), Some((0x0123_4567_89ab_cdef, 0)));
-        for other in ["0123456789ABCDEF-1", "0123456789abcdef-01", "0123456789abcde-1", "0123456789abcdef-", "0123456789abcdef-1a",
-            "0123456789abcdef-99999999999999999999", "run-1", "0123456789abcdef+1"] {
+        for other in [
+            "0123456789ABCDEF-1",
+            "0123456789abcdef-01",
+            "0123456789abcde-1",
+            "0123456789abcdef-",
+            "0123456789abcdef-1a",
+            "0123456789abcdef-99999999999999999999",
+            "run-1",
+            "0123456789abcdef+1",
+        ] {
             assert_eq!(parse_scheme_id(other), None, "{other}");
         }
     }

@@ -43,9 +43,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::durable_end::DurableEndWriter;
 use super::producers::{self, ProducerTable, Ranges, Verdict};
-use super::{content_digest, id_key, list_segments, segment_name, Appended, EventLog, IdKey, IdKeyHasher, LogBatch, LogError};
-use crate::event::EventRef;
+use super::{
+    content_digest, id_key, list_segments, segment_name, Appended, EventLog, IdKey, IdKeyHasher, LogBatch, LogError,
+};
 use crate::clock::wall_millis as now_millis;
+use crate::event::EventRef;
 use crate::fsutil::{create_dir_durable, sync_dir, with_path};
 
 /// Most requests one group commit takes from the queue; bounds the size of one write.
@@ -175,6 +177,9 @@ impl EventLog for FileLog {
     }
 }
 
+/// The snapshot writer's queue (position, encoded table) and its thread.
+type SnapshotThread = (std::sync::mpsc::Sender<(u64, Vec<u8>)>, std::thread::JoinHandle<()>);
+
 struct Writer {
     opts: FileLogOptions,
     /// Held for the writer's lifetime: the directory has one writer.
@@ -194,7 +199,7 @@ struct Writer {
     /// Position the newest snapshot of the producer table covers (or was queued to cover).
     snapshot_at: u64,
     /// The thread that writes snapshots, so a roll does not wait for one.
-    snapshots: Option<(std::sync::mpsc::Sender<(u64, Vec<u8>)>, std::thread::JoinHandle<()>)>,
+    snapshots: Option<SnapshotThread>,
     stats: Arc<LogStats>,
 }
 
@@ -248,8 +253,18 @@ impl Writer {
         })?;
         let snapshot_at = dedup.covered;
         let mut writer = Writer {
-            opts, _lock: lock, file, base, len, durable_end, cut_pending: None, roll_pending: false, dedup,
-            snapshot_at, snapshots: Some((tx, thread)), stats,
+            opts,
+            _lock: lock,
+            file,
+            base,
+            len,
+            durable_end,
+            cut_pending: None,
+            roll_pending: false,
+            dedup,
+            snapshot_at,
+            snapshots: Some((tx, thread)),
+            stats,
         };
         // What start-up read is saved at once: the next start (and `eps compact`) need not redo it.
         writer.snapshot(base + len, false);
@@ -436,7 +451,9 @@ impl Writer {
                 tracing::error!(error = %e, bytes = buf.len(), "log append failed; nothing in this group was acknowledged");
                 // Readers stop at the durable end, so they never saw these bytes; cut them off before
                 // anything else is written. If the cut fails too, say so durably for the next start.
-                let why = format!("log append failed ({e}) and its bytes could not be cut off yet; retrying with each new append");
+                let why = format!(
+                    "log append failed ({e}) and its bytes could not be cut off yet; retrying with each new append"
+                );
                 if let Err(mark) = self.durable_end.publish_cut_pending(self.base + self.len) {
                     tracing::error!(error = %mark, "cannot record the pending cut");
                 }
@@ -480,7 +497,10 @@ impl Writer {
         // to sync it; an empty leftover is reused, a non-empty one is never overwritten.
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
         if file.metadata()?.len() != 0 {
-            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists and is not empty", path.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not empty", path.display()),
+            ));
         }
         file.sync_all()?;
         sync_dir(&self.opts.dir)?;
@@ -535,7 +555,6 @@ fn repair_torn_tail(file: &File, path: &Path) -> io::Result<u64> {
     }
     Ok(end)
 }
-
 
 /// Milliseconds on the monotonic clock since the window was made: expiry never follows the wall
 /// clock, which an operator or NTP may step by minutes in either direction.

@@ -45,8 +45,8 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 
 use super::{
-    bind_log_identity, excerpt, open_store, parse_line, user_digest, with_retry, ExactSum, ProcessOptions, ProcessSummary,
-    Stop,
+    bind_log_identity, excerpt, open_store, parse_line, user_digest, with_retry, ExactSum, ProcessOptions,
+    ProcessSummary, Stop,
 };
 use crate::config::ConfigError;
 use crate::log::nats::{ensure_stream, jetstream_context, stream_identity, NatsLogOptions, StreamError};
@@ -98,7 +98,13 @@ impl std::fmt::Display for JetStreamSummary {
             f,
             "applied {} events for {} users, {} invalid lines, {} duplicates dropped, {} conflicts, in {:.2}s \
              ({:.0} events/s); partitions owned at the end: {:?}",
-            b.events_applied, b.users_touched, b.invalid_lines, self.duplicates, b.conflicts, secs, rate,
+            b.events_applied,
+            b.users_touched,
+            b.invalid_lines,
+            self.duplicates,
+            b.conflicts,
+            secs,
+            rate,
             self.partitions_owned
         )
     }
@@ -114,7 +120,10 @@ pub fn identity_scope(stream: &str) -> String {
     format!("jetstream/{stream}")
 }
 
-pub async fn run(opts: JetStreamProcessOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<JetStreamSummary> {
+pub async fn run(
+    opts: JetStreamProcessOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<JetStreamSummary> {
     let url = match opts.process.database_url.as_deref() {
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => url.to_string(),
         _ => {
@@ -319,7 +328,8 @@ impl Processor {
                 std::mem::replace(&mut state.batch, PartitionBatch { to, ..Default::default() })
             };
             let deltas = taken.sums.into_iter().map(|(user, sum)| (user, sum.total())).collect();
-            let batch = Batch { from: owned.checkpoint, to: taken.to, deltas, events: taken.events, invalid: taken.invalid };
+            let batch =
+                Batch { from: owned.checkpoint, to: taken.to, deltas, events: taken.events, invalid: taken.invalid };
             work.push((partition, checkpoint_name(stream, partition), batch));
         }
         self.summary.duplicates += duplicates;
@@ -353,7 +363,10 @@ impl Processor {
             let Some(outcome) = outcome? else {
                 // Stopping while the database is away: this batch was not committed; the next owner
                 // reads it again from the checkpoint.
-                tracing::warn!(partition, "shutdown while the database is away: the partition's batch was not committed");
+                tracing::warn!(
+                    partition,
+                    "shutdown while the database is away: the partition's batch was not committed"
+                );
                 continue;
             };
             match outcome {
@@ -536,7 +549,8 @@ impl Processor {
             let identity = stream_identity(&info, self.opts.nats.partitions);
             let scope = identity_scope(&self.opts.nats.stream);
             let first = info.state.first_sequence.saturating_sub(1);
-            let bound = bind_log_identity(&self.opts.process, &self.stop, &*self.store, &scope, &identity, first).await?;
+            let bound =
+                bind_log_identity(&self.opts.process, &self.stop, &*self.store, &scope, &identity, first).await?;
             if bound.is_none() {
                 return Ok(()); // shutting down
             }
@@ -702,7 +716,11 @@ pub struct PartitionStatus {
 
 impl std::fmt::Display for JetStreamStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "stream           {} ({} replicas): {} messages, {} bytes", self.stream, self.replicas, self.messages, self.bytes)?;
+        writeln!(
+            f,
+            "stream           {} ({} replicas): {} messages, {} bytes",
+            self.stream, self.replicas, self.messages, self.bytes
+        )?;
         writeln!(f, "identity         {}", self.identity)?;
         if let Some(bound) = &self.identity_mismatch {
             writeln!(
@@ -719,7 +737,11 @@ impl std::fmt::Display for JetStreamStatus {
         let unknown = || "unknown".to_string();
         for p in &self.partitions {
             let lag = p.lag_messages.map_or_else(unknown, |l| l.to_string());
-            writeln!(f, "{:>9}  {:>10}  {:>14}  {:>13}  {:>14}", p.partition, p.checkpoint, p.events_applied, p.invalid_lines, lag)?;
+            writeln!(
+                f,
+                "{:>9}  {:>10}  {:>14}  {:>13}  {:>14}",
+                p.partition, p.checkpoint, p.events_applied, p.invalid_lines, lag
+            )?;
         }
         match self.partitions.iter().map(|p| p.lag_messages).sum::<Option<u64>>() {
             Some(lag) => writeln!(f, "lag              {lag} messages")?,
@@ -749,10 +771,8 @@ pub async fn status(nats: &NatsLogOptions, database_url: Option<&str>) -> anyhow
     };
     let store = crate::store::open(Some(url), std::path::Path::new(".")).await?;
     let js = jetstream_context(nats, "eps status").await?;
-    let mut stream = js
-        .get_stream(&nats.stream)
-        .await
-        .map_err(|e| anyhow::anyhow!("JetStream stream {}: {e}", nats.stream))?;
+    let mut stream =
+        js.get_stream(&nats.stream).await.map_err(|e| anyhow::anyhow!("JetStream stream {}: {e}", nats.stream))?;
     let info = stream.info().await.map_err(|e| anyhow::anyhow!("JetStream stream {}: {e}", nats.stream))?.clone();
     let identity = stream_identity(&info, nats.partitions);
     let scope = identity_scope(&nats.stream);
@@ -860,13 +880,13 @@ impl PartitionReader {
             let messages = match self.stream.create_consumer(config).await {
                 Ok(consumer) => match self.check_stream(next).await {
                     Ok(()) => consumer
-                    .stream()
-                    .max_messages_per_batch(READ_BATCH_MESSAGES)
-                    .expires(Duration::from_secs(5))
-                    .heartbeat(Duration::from_secs(1))
-                    .messages()
-                    .await
-                    .map_err(|e| e.to_string()),
+                        .stream()
+                        .max_messages_per_batch(READ_BATCH_MESSAGES)
+                        .expires(Duration::from_secs(5))
+                        .heartbeat(Duration::from_secs(1))
+                        .messages()
+                        .await
+                        .map_err(|e| e.to_string()),
                     Err(Fatal(why)) => {
                         tracing::error!(partition, "{why}");
                         self.shared.state.lock().expect("partition state").fatal = Some(why);
@@ -909,7 +929,9 @@ impl PartitionReader {
                         delay = Duration::from_millis(100);
                     }
                 }
-                Err(e) => tracing::warn!(partition, error = %e, retry_in_secs = delay.as_secs_f64(), "cannot read the partition; retrying"),
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, retry_in_secs = delay.as_secs_f64(), "cannot read the partition; retrying")
+                }
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
@@ -1132,11 +1154,12 @@ impl Membership {
         config.keepalives(true).keepalives_idle(SERVER_KEEPALIVE_IDLE);
         config.keepalives_interval(SERVER_KEEPALIVE_INTERVAL).keepalives_retries(SERVER_KEEPALIVE_COUNT);
         config.tcp_user_timeout(SERVER_USER_TIMEOUT);
-        let (client, connection) = config.connect(tls).await.map_err(|e| match crate::store::pg_tls::tls_refusal(&e) {
-            // Not an outage: the store's own pool was refused the same way at start-up (see `pg_tls`).
-            Some(why) => StoreError::Other(format!("the partition-lock session was refused by TLS: {why}")),
-            None => StoreError::Unavailable(e.to_string()),
-        })?;
+        let (client, connection) =
+            config.connect(tls).await.map_err(|e| match crate::store::pg_tls::tls_refusal(&e) {
+                // Not an outage: the store's own pool was refused the same way at start-up (see `pg_tls`).
+                Some(why) => StoreError::Other(format!("the partition-lock session was refused by TLS: {why}")),
+                None => StoreError::Unavailable(e.to_string()),
+            })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(error = %e, "the partition-lock session ended");
@@ -1286,11 +1309,14 @@ mod tests {
     #[test]
     fn a_rebuilt_window_decides_as_one_that_read_everything() {
         // Messages of one partition at scattered sequences, ids repeating at various distances.
-        let messages: Vec<(u64, Vec<u128>)> =
-            (1..400u64).filter(|s| s % 3 != 0).map(|s| (s, vec![u128::from(s % 37), u128::from(s % 11) + 100])).collect();
+        let messages: Vec<(u64, Vec<u128>)> = (1..400u64)
+            .filter(|s| s % 3 != 0)
+            .map(|s| (s, vec![u128::from(s % 37), u128::from(s % 11) + 100]))
+            .collect();
         let window = 50;
         let all = |seen: &mut SeenIds, from: u64| {
-            let list: Vec<(u64, &[u128])> = messages.iter().filter(|(s, _)| *s >= from).map(|(s, ids)| (*s, ids.as_slice())).collect();
+            let list: Vec<(u64, &[u128])> =
+                messages.iter().filter(|(s, _)| *s >= from).map(|(s, ids)| (*s, ids.as_slice())).collect();
             duplicates(seen, &list)
         };
         let full = all(&mut SeenIds::new(window, 40), 1);

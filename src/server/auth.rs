@@ -91,7 +91,11 @@ pub(crate) struct Grant {
 
 impl Auth {
     /// Reads the tokens (a configuration error if they are not usable).
-    pub(crate) fn new(source: TokenSource, default_limit: Option<RateLimit>, loopback: bool) -> Result<Auth, ConfigError> {
+    pub(crate) fn new(
+        source: TokenSource,
+        default_limit: Option<RateLimit>,
+        loopback: bool,
+    ) -> Result<Auth, ConfigError> {
         let set = load(&source, default_limit, loopback, None)?;
         Ok(Auth { source, default_limit, loopback, current: RwLock::new(Arc::new(set)) })
     }
@@ -248,7 +252,9 @@ fn load(
             .and_then(|old| old.tokens.iter().find(|o| o.name == token.name && o.limit == token.limit))
             .and_then(|o| o.limiter.clone());
         token.limiter = kept.or_else(|| {
-            token.limit.map(|l| Arc::new(Limiter::direct(governor::Quota::per_second(l.per_second).allow_burst(l.burst))))
+            token
+                .limit
+                .map(|l| Arc::new(Limiter::direct(governor::Quota::per_second(l.per_second).allow_burst(l.burst))))
         });
     }
     Ok(TokenSet { tokens })
@@ -256,7 +262,8 @@ fn load(
 
 fn parse_file(path: &Path, default_limit: Option<RateLimit>) -> Result<Vec<Token>, ConfigError> {
     let shown = path.display();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError(format!("cannot read the tokens file {shown}: {e}")))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ConfigError(format!("cannot read the tokens file {shown}: {e}")))?;
     let file: TokensFile =
         toml::from_str(&text).map_err(|e| ConfigError(format!("the tokens file {shown} is not valid: {e}")))?;
     if file.token.is_empty() {

@@ -25,13 +25,13 @@ use futures::Stream;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::error::ApiError;
 use super::auth::Scope;
+use super::error::ApiError;
 use super::routes::authorize;
 use super::AppState;
+use crate::clock::{mono_millis, wall_millis as now_millis};
 use crate::event::EventRef;
 use crate::log::{list_segments, Appended};
-use crate::clock::{mono_millis, wall_millis as now_millis};
 use crate::processor::FILE_STREAM;
 
 const INDEX_HTML: &str = include_str!("console/index.html");
@@ -214,7 +214,8 @@ impl TailSampler {
     /// Offers the request's event number `index` (its place in the batch appended).
     pub(crate) fn offer(&mut self, console: &Console, index: usize, event: &EventRef<'_>, ts: u64) {
         // Loads before writes: once the second's budget is spent, requests only read shared state.
-        if console.tail_budget.load(Ordering::Relaxed) <= 0 || console.tail_budget.fetch_sub(1, Ordering::Relaxed) <= 0 {
+        if console.tail_budget.load(Ordering::Relaxed) <= 0 || console.tail_budget.fetch_sub(1, Ordering::Relaxed) <= 0
+        {
             if !console.tail_skipped.load(Ordering::Relaxed) {
                 console.tail_skipped.store(true, Ordering::Relaxed);
             }
@@ -247,7 +248,9 @@ pub(crate) async fn run_sampler(state: Arc<AppState>) {
         }
         let accepted = console.accepted.load(Ordering::Relaxed);
         let applied = match state.store.get() {
-            Some(store) => tokio::time::timeout(Duration::from_millis(800), store.events_applied()).await.ok().and_then(Result::ok),
+            Some(store) => {
+                tokio::time::timeout(Duration::from_millis(800), store.events_applied()).await.ok().and_then(Result::ok)
+            }
             None => None,
         };
         if let Some((last_accepted, last_applied)) = last {
@@ -267,7 +270,8 @@ pub(crate) async fn run_sampler(state: Arc<AppState>) {
         }
         last = Some((accepted, applied));
         // The tail's sample flag stays up for 5 s after events were skipped.
-        skipped_recently = if console.tail_skipped.swap(false, Ordering::Relaxed) { 5 } else { skipped_recently.saturating_sub(1) };
+        skipped_recently =
+            if console.tail_skipped.swap(false, Ordering::Relaxed) { 5 } else { skipped_recently.saturating_sub(1) };
         console.tail_budget.store(TAIL_PER_SECOND, Ordering::Relaxed);
         if console.is_open() {
             let summary = summarize(&state, accepted, applied, skipped_recently > 0).await;
@@ -301,8 +305,7 @@ async fn summarize(state: &AppState, accepted_total: u64, applied_total: Option<
         summary.total_revenue = Some(totals.revenue.to_string());
     }
     if let Ok(top) = store.top_users(TOP_USERS).await {
-        summary.top_users =
-            top.into_iter().map(|(user_id, r)| TopUser { user_id, revenue: r.to_string() }).collect();
+        summary.top_users = top.into_iter().map(|(user_id, r)| TopUser { user_id, revenue: r.to_string() }).collect();
     }
     if let Some(dir) = console.log_dir.clone() {
         if let Ok(progress) = store.progress(FILE_STREAM).await {
@@ -310,9 +313,8 @@ async fn summarize(state: &AppState, accepted_total: u64, applied_total: Option<
             if let Ok(Ok(view)) = view {
                 summary.log = Some(LogSize { bytes: view.bytes, segments: view.segments });
                 summary.lag_events = Some(view.lag_events);
-                summary.lag_seconds = Some(view.oldest_unapplied.map_or(0.0, |ts| {
-                    now_millis().saturating_sub(ts) as f64 / 1000.0
-                }));
+                summary.lag_seconds =
+                    Some(view.oldest_unapplied.map_or(0.0, |ts| now_millis().saturating_sub(ts) as f64 / 1000.0));
             }
         }
     }

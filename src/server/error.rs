@@ -54,10 +54,9 @@ impl From<LogError> for ApiError {
             // The writer has already logged the cause; the client learns only that it should retry.
             LogError::Unavailable(_) => ApiError::Unavailable(format!("event not stored, retry later: {e}")),
             // Nothing was stored and a retry would be refused the same way: not a 503.
-            LogError::TooLarge(why) => ApiError::Body {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                message: format!("nothing was stored: {why}"),
-            },
+            LogError::TooLarge(why) => {
+                ApiError::Body { status: StatusCode::PAYLOAD_TOO_LARGE, message: format!("nothing was stored: {why}") }
+            }
         }
     }
 }

@@ -328,8 +328,8 @@ fn cors_layer(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>,
                 Ok(value) if valid_origin(origin) => list.push(value),
                 _ => {
                     return Err(ConfigError(format!(
-                        "invalid --cors-origin {origin:?}: give scheme://host[:port], e.g. https://shop.example, or \"*\""
-                    )))
+                    "invalid --cors-origin {origin:?}: give scheme://host[:port], e.g. https://shop.example, or \"*\""
+                )))
                 }
             }
         }
@@ -358,7 +358,9 @@ async fn reload_tokens(state: Arc<AppState>, mut hangups: tokio::sync::watch::Re
     while hangups.changed().await.is_ok() {
         let path = state.auth.file().map(|p| p.display().to_string()).unwrap_or_default();
         match state.auth.reload() {
-            Ok(count) => tracing::info!(file = %path, tokens = count, "tokens file re-read; the new tokens are in force"),
+            Ok(count) => {
+                tracing::info!(file = %path, tokens = count, "tokens file re-read; the new tokens are in force")
+            }
             Err(e) => tracing::error!(error = %e, "tokens file not re-read; the tokens in force are unchanged"),
         }
     }
@@ -429,7 +431,8 @@ pub(crate) async fn refresh_store_metrics(state: &AppState) {
         let Some(dir) = state.console.log_dir.clone() else { return };
         let Ok(progress) = store.progress(crate::processor::FILE_STREAM).await else { return };
         metrics::gauge!("eps_store_checkpoint_bytes").set(progress.position as f64);
-        if let Ok(Ok(view)) = tokio::task::spawn_blocking(move || console::file_log_view(&dir, progress.position)).await {
+        if let Ok(Ok(view)) = tokio::task::spawn_blocking(move || console::file_log_view(&dir, progress.position)).await
+        {
             metrics::gauge!("eps_store_lag_bytes").set(view.lag_bytes as f64);
             metrics::gauge!("eps_store_lag_events").set(view.lag_events as f64);
             let lag_seconds = view.oldest_unapplied.map_or(0.0, |ts| {
@@ -503,6 +506,8 @@ pub fn ignore_hangup() {
                 }
             });
         }
-        Err(e) => tracing::warn!(error = %e, "cannot install the SIGHUP handler; a SIGHUP would stop eps without its drain"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot install the SIGHUP handler; a SIGHUP would stop eps without its drain")
+        }
     }
 }

@@ -114,10 +114,9 @@ fn gunzip(compressed: &[u8], limit: usize) -> Result<Bytes, ApiError> {
     use std::io::Read;
     let decoder = flate2::read::MultiGzDecoder::new(compressed);
     let mut out = Vec::with_capacity(compressed.len().saturating_mul(4).min(limit).saturating_add(1));
-    decoder
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| ApiError::BadRequest(format!("the gzip body cannot be decompressed (truncated or not gzip): {e}")))?;
+    decoder.take(limit as u64 + 1).read_to_end(&mut out).map_err(|e| {
+        ApiError::BadRequest(format!("the gzip body cannot be decompressed (truncated or not gzip): {e}"))
+    })?;
     if out.len() > limit {
         return Err(ApiError::Body {
             status: StatusCode::PAYLOAD_TOO_LARGE,

@@ -151,7 +151,10 @@ pub async fn serve(
     drop(listener);
     let _ = stopping_tx.send(true);
     if tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await.is_err() {
-        tracing::warn!(timeout_secs = limits.drain_timeout.as_secs_f64(), "requests still in flight at the end of the drain timeout");
+        tracing::warn!(
+            timeout_secs = limits.drain_timeout.as_secs_f64(),
+            "requests still in flight at the end of the drain timeout"
+        );
     }
     Ok(())
 }

@@ -37,7 +37,11 @@ impl TlsFiles {
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .map_err(|e| {
-                format!("the certificate {} and the key {} do not go together: {e}", self.cert.display(), self.key.display())
+                format!(
+                    "the certificate {} and the key {} do not go together: {e}",
+                    self.cert.display(),
+                    self.key.display()
+                )
             })?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))

@@ -65,7 +65,9 @@ pub struct InvalidLine {
 pub enum CommitOutcome {
     Committed,
     /// Another processor moved the checkpoint first; nothing was written.
-    Conflict { current: u64 },
+    Conflict {
+        current: u64,
+    },
 }
 
 /// Progress of one stream, for summaries and `eps status`.
@@ -278,10 +280,14 @@ pub fn record_store(data_dir: &Path, database_url: Option<&str>) -> std::io::Res
         return Ok(None);
     }
     let with_path = |e, what| crate::fsutil::with_path(e, what, &path);
-    let mut tmp = tempfile::NamedTempFile::new_in(data_dir).map_err(|e| with_path(e, "cannot create a temporary file for"))?;
-    tmp.write_all(format!("{name}\n").as_bytes()).and_then(|()| tmp.as_file().sync_all()).map_err(|e| with_path(e, "cannot write"))?;
+    let mut tmp =
+        tempfile::NamedTempFile::new_in(data_dir).map_err(|e| with_path(e, "cannot create a temporary file for"))?;
+    tmp.write_all(format!("{name}\n").as_bytes())
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(|e| with_path(e, "cannot write"))?;
     tmp.persist(&path).map_err(|e| with_path(e.error, "cannot write"))?;
-    crate::fsutil::sync_dir(data_dir).map_err(|e| crate::fsutil::with_path(e, "cannot sync the directory", data_dir))?;
+    crate::fsutil::sync_dir(data_dir)
+        .map_err(|e| crate::fsutil::with_path(e, "cannot sync the directory", data_dir))?;
     Ok(previous)
 }
 
@@ -325,12 +331,17 @@ pub const DATA_DIR_SOURCE: &str = "set by --data-dir, EPS_DATA_DIR or data-dir i
 pub fn require_data_dir(data_dir: &Path) -> Result<(), ConfigError> {
     match std::fs::metadata(data_dir) {
         Ok(meta) if meta.is_dir() => Ok(()),
-        Ok(_) => Err(ConfigError(format!("the data directory {} is not a directory ({DATA_DIR_SOURCE})", data_dir.display()))),
+        Ok(_) => Err(ConfigError(format!(
+            "the data directory {} is not a directory ({DATA_DIR_SOURCE})",
+            data_dir.display()
+        ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ConfigError(format!(
             "the data directory {} does not exist ({DATA_DIR_SOURCE}); eps server creates it",
             data_dir.display()
         ))),
-        Err(e) => Err(ConfigError(format!("cannot read the data directory {}: {e} ({DATA_DIR_SOURCE})", data_dir.display()))),
+        Err(e) => {
+            Err(ConfigError(format!("cannot read the data directory {}: {e} ({DATA_DIR_SOURCE})", data_dir.display())))
+        }
     }
 }
 
@@ -380,7 +391,10 @@ mod tests {
             name("postgres://eps:pw@db.example:5433/revenue?sslmode=verify-full&sslrootcert=/ca.pem"),
             "postgres://db.example:5433/revenue"
         );
-        assert_eq!(name("postgresql://other@db.example:5433/revenue"), name("postgres://db.example:5433/revenue?sslmode=require"));
+        assert_eq!(
+            name("postgresql://other@db.example:5433/revenue"),
+            name("postgres://db.example:5433/revenue?sslmode=require")
+        );
         assert_ne!(name("postgres://db.example:5433/revenue"), name("postgres://db.example:5433/other"));
         assert!(!name("postgres://eps:secret@h/db").contains("secret"));
     }

@@ -188,7 +188,8 @@ fn roots(path: Option<&str>) -> Result<Arc<RootCertStore>, ConfigError> {
             let (added, _) = store.add_parsable_certificates(certs);
             if added == 0 {
                 return Err(ConfigError(
-                    "the platform has no trusted certificates to verify PostgreSQL's with: give sslrootcert=PATH".into(),
+                    "the platform has no trusted certificates to verify PostgreSQL's with: give sslrootcert=PATH"
+                        .into(),
                 ));
             }
         }
@@ -335,8 +336,9 @@ where
     type Error = io::Error;
 
     fn make_tls_connect(&mut self, domain: &str) -> Result<RustlsConnect, io::Error> {
-        let name = ServerName::try_from(domain.to_owned())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{domain:?} as a TLS server name: {e}")))?;
+        let name = ServerName::try_from(domain.to_owned()).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{domain:?} as a TLS server name: {e}"))
+        })?;
         Ok(RustlsConnect { config: self.config.clone(), name })
     }
 }

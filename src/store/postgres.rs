@@ -55,9 +55,10 @@ const MIGRATION_LOCK_KEY: i64 = 0x0065_7073_6d69_6772;
 /// Versions 1 and 2 used to add the `eps_revenue_exact_range` CHECK (totals within a `Decimal`); a
 /// valid pair of events could then stop processing for good. They no longer add it, and version 3
 /// drops it from databases that have it.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE IF NOT EXISTS users_revenue (user_id VARCHAR(255) PRIMARY KEY, revenue NUMERIC NOT NULL);
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE IF NOT EXISTS users_revenue (user_id VARCHAR(255) PRIMARY KEY, revenue NUMERIC NOT NULL);
      CREATE TABLE IF NOT EXISTS eps_checkpoints (
          stream TEXT PRIMARY KEY,
          position BIGINT NOT NULL,
@@ -74,19 +75,22 @@ const MIGRATIONS: &[(i32, &str)] = &[(
          line TEXT,
          PRIMARY KEY (stream, position)
      );",
-), (
-    2,
-    // Narrowed version 1's CHECK to what a Decimal reads back exactly; totals are unbounded now.
-    "ALTER TABLE users_revenue DROP CONSTRAINT IF EXISTS eps_revenue_exact_range;",
-), (
-    3,
-    // Totals are exact decimals of any size: the narrowing CHECK of versions 1 and 2 goes.
-    "ALTER TABLE users_revenue DROP CONSTRAINT IF EXISTS eps_revenue_exact_range;",
-), (
-    4,
-    // What the checkpoints count (a stream's creation time and partition count, a file log's id), and
-    // the ranges found removed from the log before they were applied.
-    "CREATE TABLE IF NOT EXISTS eps_log_identity (
+    ),
+    (
+        2,
+        // Narrowed version 1's CHECK to what a Decimal reads back exactly; totals are unbounded now.
+        "ALTER TABLE users_revenue DROP CONSTRAINT IF EXISTS eps_revenue_exact_range;",
+    ),
+    (
+        3,
+        // Totals are exact decimals of any size: the narrowing CHECK of versions 1 and 2 goes.
+        "ALTER TABLE users_revenue DROP CONSTRAINT IF EXISTS eps_revenue_exact_range;",
+    ),
+    (
+        4,
+        // What the checkpoints count (a stream's creation time and partition count, a file log's id), and
+        // the ranges found removed from the log before they were applied.
+        "CREATE TABLE IF NOT EXISTS eps_log_identity (
          scope TEXT PRIMARY KEY,
          identity TEXT NOT NULL,
          bound_at TIMESTAMPTZ NOT NULL DEFAULT now()
@@ -100,7 +104,8 @@ const MIGRATIONS: &[(i32, &str)] = &[(
          detected_at TIMESTAMPTZ NOT NULL DEFAULT now(),
          PRIMARY KEY (scope, part, first_position)
      );",
-)];
+    ),
+];
 
 pub struct PostgresStore {
     pool: Pool,
@@ -359,7 +364,8 @@ fn adoption_problems(table: &PgTable, ours: Option<&str>) -> (Vec<SchemaProblem>
                         ))
                     }
                     "smallint" | "integer" | "bigint" => Some(
-                        "it rounds every amount to a whole number (10.5 would become 11, 0.3 would become 0)".to_owned(),
+                        "it rounds every amount to a whole number (10.5 would become 11, 0.3 would become 0)"
+                            .to_owned(),
                     ),
                     "real" | "double precision" => {
                         Some("binary floating point cannot hold most decimals exactly (0.1 + 0.2 is not 0.3)".into())
@@ -719,7 +725,9 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| pg_error(doing, e))?;
         // Serialised with other binders (and with commits, through the checkpoint rows' locks below).
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&(MIGRATION_LOCK_KEY + 1)]).await.map_err(|e| pg_error(doing, e))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&(MIGRATION_LOCK_KEY + 1)])
+            .await
+            .map_err(|e| pg_error(doing, e))?;
         let current: Option<String> = tx
             .query_opt("SELECT identity FROM eps_log_identity WHERE scope = $1", &[&scope])
             .await

@@ -44,10 +44,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_IDLE_CONNECTIONS: usize = 8;
 
 /// Schema versions, applied in order, each exactly once (recorded in `eps_schema_migrations`).
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    // IF NOT EXISTS: a users_revenue made before eps is adopted (when `adoption_problems` finds it exact).
-    "CREATE TABLE IF NOT EXISTS users_revenue (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        // IF NOT EXISTS: a users_revenue made before eps is adopted (when `adoption_problems` finds it exact).
+        "CREATE TABLE IF NOT EXISTS users_revenue (
          user_id TEXT PRIMARY KEY,
          revenue TEXT NOT NULL
      );
@@ -67,18 +68,20 @@ const MIGRATIONS: &[(i64, &str)] = &[(
          line TEXT,
          PRIMARY KEY (stream, position)
      );",
-), (
-    2,
-    // The exact order of revenues for the top users (version 1 ordered by CAST(revenue AS REAL), which
-    // cannot tell 10^20 from 10^20 + 1). Existing rows get their key here, once.
-    "ALTER TABLE users_revenue ADD COLUMN revenue_key TEXT;
+    ),
+    (
+        2,
+        // The exact order of revenues for the top users (version 1 ordered by CAST(revenue AS REAL), which
+        // cannot tell 10^20 from 10^20 + 1). Existing rows get their key here, once.
+        "ALTER TABLE users_revenue ADD COLUMN revenue_key TEXT;
      UPDATE users_revenue SET revenue_key = eps_dec_key(revenue);
      CREATE INDEX users_revenue_top ON users_revenue (revenue_key DESC, user_id);",
-), (
-    3,
-    // What the checkpoints count (a stream's creation time and partition count, a file log's id), and
-    // the ranges found removed from the log before they were applied.
-    "CREATE TABLE eps_log_identity (
+    ),
+    (
+        3,
+        // What the checkpoints count (a stream's creation time and partition count, a file log's id), and
+        // the ranges found removed from the log before they were applied.
+        "CREATE TABLE eps_log_identity (
          scope TEXT PRIMARY KEY,
          identity TEXT NOT NULL,
          bound_at TEXT
@@ -92,7 +95,8 @@ const MIGRATIONS: &[(i64, &str)] = &[(
          detected_at TEXT,
          PRIMARY KEY (scope, part, first_position)
      );",
-)];
+    ),
+];
 
 pub struct SqliteStore {
     inner: Arc<Inner>,
@@ -170,7 +174,8 @@ fn open_connection(path: &Path, create: bool) -> Result<Connection, StoreError> 
     if !create {
         flags.remove(OpenFlags::SQLITE_OPEN_CREATE);
     }
-    let conn = Connection::open_with_flags(path, flags).map_err(|e| sql_error(&format!("opening {}", path.display()), e))?;
+    let conn =
+        Connection::open_with_flags(path, flags).map_err(|e| sql_error(&format!("opening {}", path.display()), e))?;
     let setup = || -> rusqlite::Result<()> {
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // journal_mode answers with a row, hence query_row; WAL lets readers run beside the writer.
@@ -597,15 +602,21 @@ impl Store for SqliteStore {
     async fn users(&self, limit: usize) -> Result<Vec<(String, Total)>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with_conn(move |conn| {
-            user_rows(conn, "SELECT user_id, revenue FROM users_revenue ORDER BY user_id LIMIT ?1", limit, "listing users")
+            user_rows(
+                conn,
+                "SELECT user_id, revenue FROM users_revenue ORDER BY user_id LIMIT ?1",
+                limit,
+                "listing users",
+            )
         })
         .await
     }
 
     async fn totals(&self) -> Result<Totals, StoreError> {
         self.with_conn(|conn| {
-            let mut stmt =
-                conn.prepare("SELECT user_id, revenue FROM users_revenue").map_err(|e| sql_error("summing revenues", e))?;
+            let mut stmt = conn
+                .prepare("SELECT user_id, revenue FROM users_revenue")
+                .map_err(|e| sql_error("summing revenues", e))?;
             let rows = stmt
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
                 .map_err(|e| sql_error("summing revenues", e))?;
@@ -975,7 +986,13 @@ pub(crate) mod behaviours {
         // 79228162514264337593543951335 + 100000000000.0000000000000000000000000001 + 6 - 1e-29
         assert_eq!(totals.revenue.to_string(), "79228162514264337693543951341.00000000000000000000000000009");
         let top = s.top_users(2).await.unwrap();
-        assert_eq!(top, vec![("rich".to_string(), dec("79228162514264337593543951335")), ("precise".to_string(), dec("100000000000.0000000000000000000000000001"))]);
+        assert_eq!(
+            top,
+            vec![
+                ("rich".to_string(), dec("79228162514264337593543951335")),
+                ("precise".to_string(), dec("100000000000.0000000000000000000000000001"))
+            ]
+        );
         assert_eq!(s.users(10).await.unwrap().len(), 4);
         assert_eq!(
             s.progress("main").await.unwrap(),
@@ -1056,12 +1073,16 @@ pub(crate) mod behaviours {
         let (bound, old) = s.bind_log_identity(scope, Some("A"), "B", Some(0)).await.unwrap();
         assert!(bound);
         assert_eq!(old, vec![("jetstream/S/0".to_string(), 7), ("jetstream/S/1".to_string(), 9)]);
-        assert_eq!(s.progress("jetstream/S/1").await.unwrap(), StreamProgress { position: 0, events_applied: 1, invalid_lines: 0 });
+        assert_eq!(
+            s.progress("jetstream/S/1").await.unwrap(),
+            StreamProgress { position: 0, events_applied: 1, invalid_lines: 0 }
+        );
         assert_eq!(s.progress("jetstream/S2/0").await.unwrap().position, 5);
         assert_eq!(s.progress("file").await.unwrap().position, 3);
         assert_eq!(s.log_identity(scope).await.unwrap().as_deref(), Some("B"));
         // Lost ranges are recorded once.
-        let lost = crate::store::LostRange { scope: scope.into(), partition: 1, first: 10, last: 19, identity: "B".into() };
+        let lost =
+            crate::store::LostRange { scope: scope.into(), partition: 1, first: 10, last: 19, identity: "B".into() };
         assert!(s.record_lost(&lost).await.unwrap());
         assert!(!s.record_lost(&lost).await.unwrap());
         assert_eq!(s.lost_ranges(scope).await.unwrap(), vec![lost]);
@@ -1184,7 +1205,7 @@ mod tests {
             ("BLOB", Blob),
             ("INTEGER", Integer),
             ("BIGINT", Integer),
-            ("POINT", Integer), // contains INT
+            ("POINT", Integer),   // contains INT
             ("CHARINT", Integer), // INT wins over CHAR
             ("REAL", Real),
             ("DOUBLE PRECISION", Real),

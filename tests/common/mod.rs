@@ -204,7 +204,8 @@ impl TestDb {
                         .unwrap()
                         .map(|r| r.unwrap())
                         .map(|(u, t)| {
-                            let d = Decimal::from_str_exact(&t).unwrap_or_else(|e| panic!("revenue {t:?} of {u:?}: {e}"));
+                            let d =
+                                Decimal::from_str_exact(&t).unwrap_or_else(|e| panic!("revenue {t:?} of {u:?}: {e}"));
                             (u, d)
                         })
                         .collect();
@@ -360,7 +361,8 @@ pub fn eps_command_via(wrapper: &[&str], args: &[String], envs: &[(&str, String)
     // choose one gets a fresh one, so that two tests sending files of the same content (or the user's
     // own state) never resume each other's sends.
     if args.first().is_some_and(|a| a == "client") && !envs.iter().any(|(k, _)| *k == "EPS_STATE_DIR") {
-        let dir = std::env::temp_dir().join("eps-tests-client-state").join(format!("{:016x}", rand::rng().random::<u64>()));
+        let dir =
+            std::env::temp_dir().join("eps-tests-client-state").join(format!("{:016x}", rand::rng().random::<u64>()));
         cmd.env("EPS_STATE_DIR", dir);
     }
     cmd
@@ -451,7 +453,11 @@ impl ServerProc {
         let prefix = "eps server listening on http://";
         // With --tls-cert the line says https://.
         let scheme = if line.starts_with("eps server listening on https://") { "https" } else { "http" };
-        let Some(addr) = line.trim_end().strip_prefix(prefix).or_else(|| line.trim_end().strip_prefix("eps server listening on https://")) else {
+        let Some(addr) = line
+            .trim_end()
+            .strip_prefix(prefix)
+            .or_else(|| line.trim_end().strip_prefix("eps server listening on https://"))
+        else {
             let _ = child.start_kill();
             let _ = within(Duration::from_secs(10), "the failed server to exit", child.wait()).await;
             panic!(

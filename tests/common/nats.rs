@@ -203,8 +203,14 @@ impl Nats {
             std::fs::write(&path, text).unwrap();
             path
         });
-        let mut nats =
-            Nats { child: None, host: host.to_string(), port, store: dir.join("nats-store"), log: dir.join("nats-server.log"), config };
+        let mut nats = Nats {
+            child: None,
+            host: host.to_string(),
+            port,
+            store: dir.join("nats-store"),
+            log: dir.join("nats-server.log"),
+            config,
+        };
         nats.resume().await;
         nats
     }
@@ -453,10 +459,14 @@ pub async fn wait_for_totals(
 
 /// Sum of `events_applied` over the partitions' checkpoints.
 pub async fn checkpoint_events(db: &TestDb) -> u64 {
-    let (client, connection) = tokio_postgres::connect(db.url.as_deref().unwrap(), tokio_postgres::NoTls).await.unwrap();
+    let (client, connection) =
+        tokio_postgres::connect(db.url.as_deref().unwrap(), tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     let row = client
-        .query_one("SELECT COALESCE(SUM(events_applied), 0)::bigint FROM eps_checkpoints WHERE stream LIKE 'jetstream/%'", &[])
+        .query_one(
+            "SELECT COALESCE(SUM(events_applied), 0)::bigint FROM eps_checkpoints WHERE stream LIKE 'jetstream/%'",
+            &[],
+        )
         .await
         .unwrap();
     row.get::<_, i64>(0) as u64

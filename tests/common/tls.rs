@@ -32,10 +32,26 @@ impl TestCa {
         };
         let s = |p: &PathBuf| p.to_str().unwrap().to_owned();
         let subject = format!("/CN={name} test CA");
-        openssl(dir, &[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
-            "-subj", &subject, "-keyout", &s(&ca.ca_key), "-out", &s(&ca.ca_cert),
-        ]);
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &subject,
+                "-keyout",
+                &s(&ca.ca_key),
+                "-out",
+                &s(&ca.ca_cert),
+            ],
+        );
         ca.issue(names, &ca.cert, &ca.key);
         ca
     }
@@ -51,13 +67,42 @@ impl TestCa {
             .collect();
         std::fs::write(&ext, format!("subjectAltName={}\nbasicConstraints=CA:FALSE\n", san.join(","))).unwrap();
         let subject = format!("/CN={}", names[0]);
-        openssl(&self.dir, &[
-            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", &subject,
-            "-keyout", &s(key), "-out", &s(&csr),
-        ]);
-        openssl(&self.dir, &[
-            "x509", "-req", "-in", &s(&csr), "-CA", &s(&self.ca_cert), "-CAkey", &s(&self.ca_key),
-            "-CAcreateserial", "-days", "2", "-extfile", &s(&ext), "-out", &s(cert),
-        ]);
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &subject,
+                "-keyout",
+                &s(key),
+                "-out",
+                &s(&csr),
+            ],
+        );
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &s(&csr),
+                "-CA",
+                &s(&self.ca_cert),
+                "-CAkey",
+                &s(&self.ca_key),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &s(&ext),
+                "-out",
+                &s(cert),
+            ],
+        );
     }
 }
