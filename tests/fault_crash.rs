@@ -491,7 +491,8 @@ async fn server_killed_at_random_while_the_client_retries(scenario: &'static str
     let sqlite = env.revenues().await;
     tallies.push(("sqlite", tally(&events.totals, &sqlite), out, sqlite));
     let pg = TestDb::new(StoreKind::Postgres).await;
-    let mut process_args = args(&["process", "--data-dir", &env.data_dir.display().to_string()]);
+    // The server's store is SQLite: applying its log to PostgreSQL too is deliberate here.
+    let mut process_args = args(&["process", "--allow-other-store", "--data-dir", &env.data_dir.display().to_string()]);
     process_args.extend(pg.args());
     let out = run_eps(&process_args, &[]).await;
     assert!(out.status.success(), "eps process into PostgreSQL: {out}");

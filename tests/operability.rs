@@ -1198,19 +1198,15 @@ async fn a_processor_or_status_given_another_store_than_the_servers_is_refused_n
     // The store as the record and the errors name it: "sqlite", or the URL without its password.
     let (ours, other_args, other): (String, Vec<String>, String) = match store {
         StoreKind::Postgres => {
+            // The store is named by its database: hosts, ports and name, no role, password or options.
             let url = env.db.url.clone().unwrap();
-            let (scheme, rest) = url.split_once("://").unwrap();
-            let redacted = match rest.split_once('@') {
-                Some((user_password, host)) if user_password.contains(':') => {
-                    format!("{scheme}://{}:***@{host}", user_password.split_once(':').unwrap().0)
-                }
-                _ => url.clone(),
-            };
-            (redacted, vec![], "sqlite".into())
+            let rest = url.split_once("://").unwrap().1.split('?').next().unwrap();
+            let named = format!("postgres://{}", rest.rsplit_once('@').map_or(rest, |(_, host)| host));
+            (named, vec![], "sqlite".into())
         }
         StoreKind::Sqlite => {
             let url = format!("postgres://eps:pw@127.0.0.1:{}/eps", free_port());
-            ("sqlite".into(), vec!["--database-url".into(), url], "postgres://eps:***@127.0.0.1:".into())
+            ("sqlite".into(), vec!["--database-url".into(), url], "postgres://127.0.0.1:".into())
         }
     };
     let before = tree(&env.data_dir);

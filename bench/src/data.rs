@@ -127,7 +127,12 @@ pub fn write_client_file(path: &Path, n: u64, users: u64) -> anyhow::Result<Expe
 /// (`{"userId":…,"name":…,"value":…,"id":"bench-<i>","ts":…}`), streaming to disk. Segments are
 /// named like the server names them (`server-events-<20-digit global byte position>.jsonl`); a new one
 /// starts when the next line would take the current one past `segment_bytes` (`u64::MAX`: one file).
-pub fn write_canonical_log(log_dir: &Path, n: u64, users: u64, segment_bytes: u64) -> anyhow::Result<(Expected, Vec<PathBuf>)> {
+pub fn write_canonical_log(
+    log_dir: &Path,
+    n: u64,
+    users: u64,
+    segment_bytes: u64,
+) -> anyhow::Result<(Expected, Vec<PathBuf>)> {
     std::fs::create_dir_all(log_dir)?;
     let mut gen = Generator::new(SEED, users);
     let mut expected = Expected::new(users);
@@ -154,7 +159,10 @@ pub fn write_canonical_log(log_dir: &Path, n: u64, users: u64, segment_bytes: u6
                 w.flush()?;
             }
             let path = log_dir.join(format!("server-events-{:020}.jsonl", expected.bytes));
-            out = Some(BufWriter::with_capacity(1 << 20, File::create(&path).with_context(|| path.display().to_string())?));
+            out = Some(BufWriter::with_capacity(
+                1 << 20,
+                File::create(&path).with_context(|| path.display().to_string())?,
+            ));
             segments.push(path);
             segment_len = 0;
         }

@@ -2,7 +2,7 @@
 //!
 //! Scenarios (`eps-bench --help` lists them): ingest_single, ingest_batch, client,
 //! process_sqlite, process_postgres, freshness, process_memory, and on NATS JetStream nats_ingest_single,
-//! nats_ingest_batch, nats_process (each with a nats-server of its own). Every scenario starts what it needs in
+//! nats_ingest_batch, nats_process (each with a nats-server of its own), console_overhead and auth_overhead. Every scenario starts what it needs in
 //! a fresh temporary directory on free ports, generates its data from one fixed seed, and stops what it
 //! started whatever happens. `--quick` divides the sizes by 100 and runs loads for 2 s: it checks that
 //! everything works, its figures mean little.
@@ -40,6 +40,7 @@ enum Scenario {
     NatsIngestBatch,
     NatsProcess,
     ConsoleOverhead,
+    AuthOverhead,
 }
 
 /// How the freshness scenario generates its background load.
@@ -52,7 +53,10 @@ pub enum FreshnessLoad {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "eps-bench", about = "Benchmark driver for eps: one line per figure, compared with its reference and goal")]
+#[command(
+    name = "eps-bench",
+    about = "Benchmark driver for eps: one line per figure, compared with its reference and goal"
+)]
 struct Args {
     /// The eps binary to measure.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/eps"))]
@@ -147,10 +151,9 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<bool> {
     let started = Instant::now();
-    let eps = args
-        .eps
-        .canonicalize()
-        .with_context(|| format!("no eps binary at {} (build it: cargo build --release --bin eps)", args.eps.display()))?;
+    let eps = args.eps.canonicalize().with_context(|| {
+        format!("no eps binary at {} (build it: cargo build --release --bin eps)", args.eps.display())
+    })?;
     let here = std::env::current_exe()?.parent().context("no directory for the current executable")?.to_path_buf();
     let noop_server = sibling(&here, "noop-server")?;
     let reference_sum = sibling(&here, "reference-sum")?;
@@ -161,7 +164,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let rt = tokio::runtime::Runtime::new()?;
     let http = {
         let _enter = rt.enter();
-        reqwest::Client::builder().pool_max_idle_per_host(512).tcp_nodelay(true).timeout(Duration::from_secs(10)).build()?
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(512)
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(10))
+            .build()?
     };
     let mut ctx = Ctx {
         eps,
@@ -202,6 +209,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             Scenario::NatsIngestSingle => scenarios::nats::ingest_single(&mut ctx),
             Scenario::NatsIngestBatch => scenarios::nats::ingest_batch(&mut ctx),
             Scenario::ConsoleOverhead => scenarios::console::run(&mut ctx),
+            Scenario::AuthOverhead => scenarios::auth::run(&mut ctx),
             Scenario::NatsProcess => scenarios::nats::process(&mut ctx),
         };
         if let Err(e) = result {
@@ -233,7 +241,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
 fn sibling(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     if !path.exists() {
-        bail!("{} is missing: build the bench package (cargo build --release --manifest-path bench/Cargo.toml)", path.display());
+        bail!(
+            "{} is missing: build the bench package (cargo build --release --manifest-path bench/Cargo.toml)",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -243,7 +254,12 @@ fn machine_header(ctx: &Ctx) -> Vec<String> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".to_string());
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let git = |args: &[&str]| {

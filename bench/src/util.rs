@@ -118,7 +118,11 @@ impl Proc {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{} does not listen on {addr} after {timeout:?}; its log ends with:\n{}", self.name, tail(&self.log, 20));
+                bail!(
+                    "{} does not listen on {addr} after {timeout:?}; its log ends with:\n{}",
+                    self.name,
+                    tail(&self.log, 20)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

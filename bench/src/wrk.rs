@@ -59,7 +59,14 @@ pub fn write_post_script(script: &Path, body_file: &Path, content_type: &str) ->
 }
 
 /// `wrk -t<threads> -c<connections> -d<secs>s -s <script> <url>`; its output is kept in `log`.
-pub fn run(url: &str, script: &Path, threads: u32, connections: u32, secs: u64, log: &Path) -> anyhow::Result<WrkResult> {
+pub fn run(
+    url: &str,
+    script: &Path,
+    threads: u32,
+    connections: u32,
+    secs: u64,
+    log: &Path,
+) -> anyhow::Result<WrkResult> {
     let output = Command::new("wrk")
         .arg(format!("-t{threads}"))
         .arg(format!("-c{connections}"))

@@ -69,7 +69,8 @@ pub fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         let accepted = last["accepted_total"].as_u64().unwrap_or(0);
         let tail = last["tail"].as_array().map_or(0, Vec::len);
         if frames + 2 < secs || accepted == 0 || tail == 0 {
-            notes.push(format!("CONSOLE NOT LIVE: {frames} frames in {secs} s, accepted_total {accepted}, tail {tail}"));
+            notes
+                .push(format!("CONSOLE NOT LIVE: {frames} frames in {secs} s, accepted_total {accepted}, tail {tail}"));
             valid = false;
         }
     }

@@ -44,7 +44,11 @@ pub fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     // shutdown waits for connections that were opened but never used (hyper's client opens such spares).
     let http = {
         let _enter = ctx.rt.enter();
-        reqwest::Client::builder().pool_max_idle_per_host(512).tcp_nodelay(true).timeout(Duration::from_secs(10)).build()?
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(512)
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(10))
+            .build()?
     };
 
     // Warm-up: one probe must come through before measuring (the follower has opened the store).
@@ -124,7 +128,12 @@ impl Measured {
 }
 
 /// Load and probes for `duration`, then waits for the probes still polling.
-async fn measure(http: reqwest::Client, base: String, mode: FreshnessLoad, duration: Duration) -> anyhow::Result<Measured> {
+async fn measure(
+    http: reqwest::Client,
+    base: String,
+    mode: FreshnessLoad,
+    duration: Duration,
+) -> anyhow::Result<Measured> {
     let end = Instant::now() + duration;
     let load_events = Arc::new(AtomicU64::new(0));
     let load_errors = Arc::new(AtomicU64::new(0));
@@ -225,7 +234,13 @@ async fn measure(http: reqwest::Client, base: String, mode: FreshnessLoad, durat
 /// Posts one event for `user`, then polls GET /userEvents/`user` every 1 ms until it answers 200.
 /// Returns the time from the POST's 200 to the GET's first 200 (`timeout` if it never came). A GET
 /// answering anything but 200 or 404 is an error, except 503 when `allow_503`.
-async fn probe(http: reqwest::Client, base: String, user: String, timeout: Duration, allow_503: bool) -> anyhow::Result<Duration> {
+async fn probe(
+    http: reqwest::Client,
+    base: String,
+    user: String,
+    timeout: Duration,
+    allow_503: bool,
+) -> anyhow::Result<Duration> {
     let body = format!(r#"{{"userId":"{user}","name":"add_revenue","value":1}}"#);
     let resp = http
         .post(format!("{base}/liveEvent"))
@@ -249,7 +264,8 @@ async fn probe(http: reqwest::Client, base: String, user: String, timeout: Durat
         if status.is_success() {
             return Ok(acked.elapsed());
         }
-        let tolerated = status == reqwest::StatusCode::NOT_FOUND || (allow_503 && status == reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        let tolerated = status == reqwest::StatusCode::NOT_FOUND
+            || (allow_503 && status == reqwest::StatusCode::SERVICE_UNAVAILABLE);
         if !tolerated {
             anyhow::bail!("GET /userEvents/{user}: HTTP {status}");
         }

@@ -22,7 +22,14 @@ pub(crate) struct EpsRun {
 }
 
 /// Runs wrk against a fresh eps server and checks the log afterwards.
-pub(crate) fn wrk_against_eps(ctx: &Ctx, dir: &Path, path: &str, script: &Path, conns: u32, secs: u64) -> anyhow::Result<EpsRun> {
+pub(crate) fn wrk_against_eps(
+    ctx: &Ctx,
+    dir: &Path,
+    path: &str,
+    script: &Path,
+    conns: u32,
+    secs: u64,
+) -> anyhow::Result<EpsRun> {
     let data = dir.join("eps-data");
     let (server, addr) = start_eps_server(ctx, &data, &dir.join("eps-server.log"))?;
     let wrk = wrk::run(&format!("http://{addr}{path}"), script, 2, conns, secs, &dir.join("wrk-eps.txt"))?;
@@ -99,7 +106,8 @@ pub fn batch(ctx: &mut Ctx) -> anyhow::Result<()> {
     let script = wrk::write_post_files(dir.path(), body_text.as_bytes(), "application/x-ndjson")?;
 
     let (noop, addr) = start_noop_server(ctx, &dir.path().join("noop.log"))?;
-    let reference = wrk::run(&format!("http://{addr}/events"), &script, 2, conns, secs, &dir.path().join("wrk-noop.txt"))?;
+    let reference =
+        wrk::run(&format!("http://{addr}/events"), &script, 2, conns, secs, &dir.path().join("wrk-noop.txt"))?;
     noop.stop();
 
     // One request first, to say clearly what eps answers (POST /events is new).

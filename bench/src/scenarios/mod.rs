@@ -1,5 +1,6 @@
 //! One module per scenario; each adds its figures to `ctx.report`.
 
+pub mod auth;
 pub mod client;
 pub mod console;
 pub mod freshness;

@@ -35,7 +35,9 @@ use crate::data::{write_canonical_log, write_client_file, Expected};
 use crate::report::{Figure, Status};
 use crate::scenarios::client::client_command;
 use crate::scenarios::ingest::{log_check, wrk_against_eps, BATCH_EVENTS, SEED_BODY};
-use crate::scenarios::process::{create_database, drop_database, pg_connect, read_pg_totals, report_mismatches, PROCESS_TIMEOUT};
+use crate::scenarios::process::{
+    create_database, drop_database, pg_connect, read_pg_totals, report_mismatches, PROCESS_TIMEOUT,
+};
 use crate::scenarios::start_eps_server_with;
 use crate::util::{find_program, free_port, machine_busy_secs, process_cpu_secs, run_measured, tail, Proc};
 use crate::{wrk, Ctx};
@@ -135,7 +137,10 @@ async fn read_stream(url: &str) -> anyhow::Result<StreamCount> {
         return Ok(count);
     }
     let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig { deliver_policy: consumer::DeliverPolicy::All, ..Default::default() })
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
         .await?;
     let mut messages = consumer.messages().await?;
     while count.messages < total {
@@ -170,7 +175,12 @@ fn own_http_client(ctx: &Ctx) -> anyhow::Result<reqwest::Client> {
 
 /// One POST of `body`, retried while eps answers 503 (it connects to NATS in the background); fails
 /// unless it ends with a 2xx. Returns the answer's text.
-async fn post_until_accepted(http: &reqwest::Client, url: &str, content_type: &str, body: &str) -> anyhow::Result<String> {
+async fn post_until_accepted(
+    http: &reqwest::Client,
+    url: &str,
+    content_type: &str,
+    body: &str,
+) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let resp = http
@@ -201,7 +211,8 @@ async fn settled_appended_total(http: &reqwest::Client, base: &str) -> anyhow::R
         let total = text
             .lines()
             .filter(|l| {
-                l.strip_prefix("eps_events_appended_total").is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                l.strip_prefix("eps_events_appended_total")
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64;
@@ -250,7 +261,8 @@ fn wrk_against_nats_eps(
         }
     }
 
-    let (eps0, nats0, machine0, t0) = (process_cpu_secs(server.pid()), nats.cpu_secs(), machine_busy_secs(), Instant::now());
+    let (eps0, nats0, machine0, t0) =
+        (process_cpu_secs(server.pid()), nats.cpu_secs(), machine_busy_secs(), Instant::now());
     let wrk = wrk::run(&format!("{base}{path}"), script, 2, conns, secs, &dir.join("wrk-eps-nats.txt"))?;
     let cpu = CpuUse {
         eps: process_cpu_secs(server.pid()) - eps0,
@@ -318,7 +330,8 @@ pub fn ingest_single(ctx: &mut Ctx) -> anyhow::Result<()> {
     // VM figures drift 10-30 % within minutes, so the reference is taken right before the eps run.
     let (script, reference) = super::ingest::single_event_reference(ctx, dir.path(), conns, secs)?;
 
-    let run = wrk_against_nats_eps(ctx, dir.path(), "/liveEvent", &script, conns, secs, (SEED_BODY, "application/json", 1))?;
+    let run =
+        wrk_against_nats_eps(ctx, dir.path(), "/liveEvent", &script, conns, secs, (SEED_BODY, "application/json", 1))?;
     let ratio = run.wrk.rps / reference.rps;
     let mut notes = run.wrk.problems();
     let reference_problems = reference.problems();
@@ -399,7 +412,8 @@ impl ApplyRun {
     }
 
     fn note(&self, events: u64) -> String {
-        let split: Vec<String> = self.per_processor.iter().map(|a| a.map_or("?".to_string(), |a| a.to_string())).collect();
+        let split: Vec<String> =
+            self.per_processor.iter().map(|a| a.map_or("?".to_string(), |a| a.to_string())).collect();
         format!(
             "{} processor{}: {:.0} events/s in {:.2} s, applied {}, {}",
             self.processors,
@@ -421,7 +435,8 @@ fn applied_in_summary(log: &Path) -> Option<u64> {
 
 /// Sum of `events_applied` over the stream's checkpoints; 0 while eps has not made its tables yet.
 async fn applied_so_far(client: &tokio_postgres::Client) -> u64 {
-    let sql = "SELECT COALESCE(SUM(events_applied), 0)::bigint FROM eps_checkpoints WHERE left(stream, length($1)) = $1";
+    let sql =
+        "SELECT COALESCE(SUM(events_applied), 0)::bigint FROM eps_checkpoints WHERE left(stream, length($1)) = $1";
     match client.query_one(sql, &[&CHECKPOINT_PREFIX]).await {
         Ok(row) => row.get::<_, i64>(0) as u64,
         Err(_) => 0,
@@ -446,7 +461,13 @@ fn apply_stream(
         std::fs::create_dir_all(&data)?;
         let command = || {
             let mut cmd = ctx.eps_cmd();
-            cmd.arg("process").arg("--log").arg(&nats.url).arg("--database-url").arg(&db_url).arg("--data-dir").arg(&data);
+            cmd.arg("process")
+                .arg("--log")
+                .arg(&nats.url)
+                .arg("--database-url")
+                .arg(&db_url)
+                .arg("--data-dir")
+                .arg(&data);
             cmd
         };
         let logs: Vec<PathBuf> = (0..processors).map(|i| data.join(format!("process-{i}.log"))).collect();
@@ -515,7 +536,13 @@ fn apply_stream(
 
 /// The reference: the same events as a file log (one segment), applied by `eps process --data-dir DIR
 /// --database-url URL` to a fresh database. Its rate and its problems.
-fn file_log_reference(ctx: &Ctx, dir: &Path, admin_url: &str, events: u64, users: u64) -> anyhow::Result<(f64, Vec<String>)> {
+fn file_log_reference(
+    ctx: &Ctx,
+    dir: &Path,
+    admin_url: &str,
+    events: u64,
+    users: u64,
+) -> anyhow::Result<(f64, Vec<String>)> {
     let data = dir.join("file-log");
     let (expected, _) = write_canonical_log(&data.join("log"), events, users, u64::MAX)?;
     let (db, db_url) = create_database(ctx, admin_url)?;
@@ -539,7 +566,8 @@ fn file_log_reference(ctx: &Ctx, dir: &Path, admin_url: &str, events: u64, users
 /// nats_process: fill a stream through eps, then apply it to PostgreSQL with 1, 2 and 4 processors.
 pub fn process(ctx: &mut Ctx) -> anyhow::Result<()> {
     let Some(admin_url) = ctx.pg_url.clone() else {
-        ctx.report.line(format!("{:<16} SKIPPED (no --pg-url; scripts/bench starts a throwaway cluster)", "nats_process"));
+        ctx.report
+            .line(format!("{:<16} SKIPPED (no --pg-url; scripts/bench starts a throwaway cluster)", "nats_process"));
         return Ok(());
     };
     let dir = ctx.scratch("nats_process")?;

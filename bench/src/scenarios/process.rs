@@ -120,7 +120,11 @@ pub fn sqlite(ctx: &mut Ctx) -> anyhow::Result<()> {
 
 /// Runs `eps process --data-dir DIR` (the embedded store), measured, and reads back its totals.
 fn process_into_sqlite(ctx: &Ctx, dir: &Path) -> anyhow::Result<(Run, HashMap<String, Decimal>)> {
-    let run = run_measured(ctx.eps_cmd().arg("process").arg("--data-dir").arg(dir), &dir.join("process.log"), PROCESS_TIMEOUT)?;
+    let run = run_measured(
+        ctx.eps_cmd().arg("process").arg("--data-dir").arg(dir),
+        &dir.join("process.log"),
+        PROCESS_TIMEOUT,
+    )?;
     run.check_success("eps process")?;
     let actual = read_sqlite_totals(&dir.join(SQLITE_FILE))?;
     Ok((run, actual))
@@ -135,7 +139,8 @@ fn read_sqlite_totals(path: &Path) -> anyhow::Result<HashMap<String, Decimal>> {
     let mut out = HashMap::new();
     for row in rows {
         let (user, revenue) = row?;
-        let value = Decimal::from_str(&revenue).with_context(|| format!("revenue {revenue:?} of {user} is not a decimal"))?;
+        let value =
+            Decimal::from_str(&revenue).with_context(|| format!("revenue {revenue:?} of {user} is not a decimal"))?;
         out.insert(user, value);
     }
     Ok(out)
@@ -168,8 +173,9 @@ fn with_database(url: &str, db: &str) -> String {
 }
 
 pub(crate) async fn pg_connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) =
-        tokio_postgres::connect(url, tokio_postgres::NoTls).await.with_context(|| format!("cannot connect to {url}"))?;
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -216,7 +222,10 @@ pub(crate) fn read_pg_totals(ctx: &Ctx, db_url: &str) -> anyhow::Result<HashMap<
 /// process_postgres: `eps process --data-dir DIR2 --database-url URL` on a fresh database.
 pub fn postgres(ctx: &mut Ctx) -> anyhow::Result<()> {
     let Some(admin_url) = ctx.pg_url.clone() else {
-        ctx.report.line(format!("{:<16} SKIPPED (no --pg-url; scripts/bench starts a throwaway cluster)", "process_postgres"));
+        ctx.report.line(format!(
+            "{:<16} SKIPPED (no --pg-url; scripts/bench starts a throwaway cluster)",
+            "process_postgres"
+        ));
         return Ok(());
     };
     let (log_file, events, reference_secs) = {
@@ -267,7 +276,11 @@ pub fn memory(ctx: &mut Ctx) -> anyhow::Result<()> {
         if problems.is_empty() { Status::from_goal(rss < 64.0) } else { Status::Failed },
     );
     fig.notes = vec![
-        format!("peak RSS of eps process (wait4) on {n} events, {:.0} MiB in {} segments", mib(expected.bytes), segments.len()),
+        format!(
+            "peak RSS of eps process (wait4) on {n} events, {:.0} MiB in {} segments",
+            mib(expected.bytes),
+            segments.len()
+        ),
         format!("{:.0} events/s ({:.2} s)", n as f64 / run.secs(), run.secs()),
         if problems.is_empty() { "totals exact".to_string() } else { format!("{} MISMATCHES", problems.len()) },
     ];
