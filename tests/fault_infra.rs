@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::fault::{self, Report};
+use common::pg::PgCluster;
 use common::*;
 use rand::{Rng as _, SeedableRng as _};
 use rust_decimal::Decimal;
@@ -180,58 +181,7 @@ fn no_proxy_client(timeout: Duration) -> reqwest::Client {
 
 /// A PostgreSQL cluster of this test alone, made by `scripts/pg-throwaway start` and removed by
 /// `scripts/pg-throwaway stop` when dropped (also when the test fails).
-struct PgCluster {
-    dir: String,
-    url: String,
-}
-
-fn pg_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join("pg-throwaway")
-}
-
 impl PgCluster {
-    async fn start() -> PgCluster {
-        let mut cmd = tokio::process::Command::new(pg_script());
-        cmd.arg("start").kill_on_drop(true);
-        // May install PostgreSQL with apt-get the first time on a bare machine.
-        let out = within(Duration::from_secs(600), "scripts/pg-throwaway start", cmd.output())
-            .await
-            .expect("cannot run scripts/pg-throwaway");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let var = |name: &str| -> Option<String> {
-            stdout.lines().find_map(|l| {
-                let value = l.strip_prefix(&format!("export {name}="))?;
-                Some(value.trim().trim_matches('\'').to_string())
-            })
-        };
-        let (Some(url), Some(dir)) = (var("EPS_TEST_PG_URL"), var("EPS_TEST_PG_DIR")) else {
-            panic!("scripts/pg-throwaway start failed ({}):\n{stdout}\n{stderr}", out.status);
-        };
-        let cluster = PgCluster { dir, url };
-        assert!(out.status.success(), "scripts/pg-throwaway start: {}\n{stderr}", out.status);
-        assert!(!cluster.url.contains(":5432/"), "the throwaway cluster must not be on 5432: {}", cluster.url);
-        eprintln!("own PostgreSQL cluster at {} in {}", cluster.url, cluster.dir);
-        cluster
-    }
-
-    async fn script(&self, verb: &str, extra: &[&str]) -> Duration {
-        let started = Instant::now();
-        let mut cmd = tokio::process::Command::new(pg_script());
-        cmd.args([verb, &self.dir]).args(extra).kill_on_drop(true);
-        let out = within(Duration::from_secs(60), &format!("scripts/pg-throwaway {verb}"), cmd.output())
-            .await
-            .expect("cannot run scripts/pg-throwaway");
-        assert!(
-            out.status.success(),
-            "scripts/pg-throwaway {verb} {}: {}\n{}",
-            self.dir,
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        started.elapsed()
-    }
-
     /// `pg_ctl stop -m MODE` (`fast`: a clean shutdown; `immediate`: a crash): the cluster is down, its
     /// data kept.
     async fn pause(&self, mode: &str) -> Duration {
@@ -241,20 +191,6 @@ impl PgCluster {
     /// Starts the same cluster again on the same port.
     async fn resume(&self) -> Duration {
         self.script("resume", &[]).await
-    }
-
-    async fn connect(&self) -> tokio_postgres::Client {
-        let (client, connection) = within(
-            Duration::from_secs(20),
-            "connecting to the test's PostgreSQL",
-            tokio_postgres::connect(&self.url, tokio_postgres::NoTls),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.url));
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        client
     }
 
     /// `(position, events_applied)` of the processor's checkpoint, if any.
@@ -283,15 +219,6 @@ impl PgCluster {
     }
 }
 
-impl Drop for PgCluster {
-    fn drop(&mut self) {
-        let status = std::process::Command::new(pg_script()).args(["stop", &self.dir]).status();
-        if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("could not stop the test's PostgreSQL cluster in {}: {status:?}", self.dir);
-        }
-    }
-}
-
 /// Only a guard against a request that hangs while the database is down (it must answer 503 and
 /// Retry-After, which `assert_proper_503` checks): generous, so a loaded machine cannot fail it; how
 /// long the answers took is reported, not asserted.
@@ -308,7 +235,7 @@ async fn database_outage_mid_run() {
     let per_part = fault::scaled(1_000usize, 20_000);
     let users = fault::scaled(50usize, 500);
 
-    let pg = PgCluster::start().await;
+    let pg = PgCluster::start(&[]).await;
     let env = Env::new(StoreKind::Sqlite).await; // a data directory; the database is `pg`
     let db = ["--database-url", pg.url.as_str()];
     let server = env.server_with(&db).await;
@@ -1036,7 +963,7 @@ async fn lost_acknowledgements_with(scenario: &'static str, batch: usize) {
 /// The limit is a hang guard, not a speed check (the stated time is 5 s, `processor::STOP_GRACE`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_the_database_is_down() {
-    let pg = PgCluster::start().await;
+    let pg = PgCluster::start(&[]).await;
     let env = Env::new(StoreKind::Sqlite).await; // a data directory; the database is `pg`
     let log_dir = env.log_dir();
     write_log(&log_dir, &[event_line("term-a", "add_revenue", "1")], usize::MAX);
@@ -1083,7 +1010,7 @@ async fn sigterm_while_the_database_is_down() {
 /// to be committed stops it, exit 0, within the hang guard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_the_database_is_down_jetstream() {
-    let pg = PgCluster::start().await;
+    let pg = PgCluster::start(&[]).await;
     let dir = tempfile::tempdir().unwrap();
     let nats = common::nats::Nats::start(dir.path()).await;
     let a = args(&["process", "--log", &nats.url(), "--database-url", &pg.url, "--follow"]);

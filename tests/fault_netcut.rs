@@ -16,13 +16,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::process::Command as StdCommand;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use common::fault::{self, Report};
 use common::nats::Nats;
+use common::pg::PgCluster;
 use common::*;
 use rand::{Rng as _, SeedableRng as _};
 use rust_decimal::Decimal;
@@ -128,67 +128,9 @@ impl Drop for NetNs {
 // ---------------------------------------------------------------------------------------------------
 // The test's own PostgreSQL cluster (the shared throwaway one listens on loopback only)
 
-fn pg_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join("pg-throwaway")
-}
-
-/// A cluster made by `scripts/pg-throwaway start EXTRA`, stopped and removed when dropped.
-struct PgCluster {
-    dir: String,
-    /// On 127.0.0.1.
-    url: String,
-    port: u16,
-}
-
 impl PgCluster {
-    async fn start(extra: &[&str]) -> PgCluster {
-        let mut cmd = tokio::process::Command::new(pg_script());
-        cmd.arg("start").args(extra).kill_on_drop(true);
-        let out = within(Duration::from_secs(600), "scripts/pg-throwaway start", cmd.output())
-            .await
-            .expect("cannot run scripts/pg-throwaway");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let var = |name: &str| -> Option<String> {
-            stdout
-                .lines()
-                .find_map(|l| Some(l.strip_prefix(&format!("export {name}="))?.trim().trim_matches('\'').to_string()))
-        };
-        let (Some(url), Some(dir)) = (var("EPS_TEST_PG_URL"), var("EPS_TEST_PG_DIR")) else {
-            panic!("scripts/pg-throwaway start {extra:?} failed ({}):\n{stdout}\n{stderr}", out.status);
-        };
-        let port = url.rsplit(':').next().and_then(|rest| rest.split('/').next()).unwrap().parse().unwrap();
-        let cluster = PgCluster { dir, url, port };
-        assert!(out.status.success(), "scripts/pg-throwaway start: {}\n{stderr}", out.status);
-        assert_ne!(cluster.port, 5432, "the test's cluster must not be on 5432");
-        cluster
-    }
-
     fn url_on(&self, host: &str) -> String {
         format!("postgres://postgres@{host}:{}/postgres", self.port)
-    }
-
-    async fn connect(&self) -> tokio_postgres::Client {
-        let (client, connection) = within(
-            Duration::from_secs(20),
-            "connecting to the test's PostgreSQL",
-            tokio_postgres::connect(&self.url, tokio_postgres::NoTls),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.url));
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        client
-    }
-}
-
-impl Drop for PgCluster {
-    fn drop(&mut self) {
-        let status = StdCommand::new(pg_script()).args(["stop", &self.dir]).status();
-        if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("could not stop the test's PostgreSQL cluster in {}: {status:?}", self.dir);
-        }
     }
 }
 

@@ -7,42 +7,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
+use common::pg::PgCluster;
 use common::tls::TestCa;
-use common::{args, run_eps, within, Output};
-
-/// A PostgreSQL cluster of this test alone (`scripts/pg-throwaway`), removed when dropped.
-struct PgCluster {
-    dir: String,
-    port: String,
-}
-
-fn pg_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join("pg-throwaway")
-}
+use common::{args, run_eps, Output};
 
 impl PgCluster {
-    async fn start(extra: &[&str]) -> PgCluster {
-        let mut cmd = tokio::process::Command::new(pg_script());
-        cmd.arg("start").args(extra).kill_on_drop(true);
-        let out = within(Duration::from_secs(600), "scripts/pg-throwaway start", cmd.output())
-            .await
-            .expect("cannot run scripts/pg-throwaway");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let var = |name: &str| -> Option<String> {
-            stdout
-                .lines()
-                .find_map(|l| Some(l.strip_prefix(&format!("export {name}="))?.trim().trim_matches('\'').to_string()))
-        };
-        let (Some(url), Some(dir)) = (var("EPS_TEST_PG_URL"), var("EPS_TEST_PG_DIR")) else {
-            panic!("scripts/pg-throwaway start failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-        };
-        let port = url.rsplit_once(':').unwrap().1.split('/').next().unwrap().to_owned();
-        PgCluster { dir, port }
-    }
-
     /// Runs SQL as `postgres` over the cluster's Unix socket (no TLS involved).
     async fn sql(&self, sql: &str) {
         let url = format!("host={} port={} user=postgres dbname=postgres", self.dir, self.port);
@@ -53,12 +24,6 @@ impl PgCluster {
 
     fn url(&self, user: &str, host: &str, query: &str) -> String {
         format!("postgres://{user}@{host}:{}/postgres?{query}", self.port)
-    }
-}
-
-impl Drop for PgCluster {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(pg_script()).args(["stop", &self.dir]).status();
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod browser;
 pub mod fault;
 pub mod nats;
+pub mod pg;
 pub mod shim;
 pub mod tls;
 
