@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
+use rust_decimal::Decimal;
 use serde_json::Value;
 
 const N: usize = 1000;
@@ -264,4 +265,34 @@ async fn an_id_again_with_other_content_is_a_conflict_and_stores_nothing() {
     assert_eq!(log_lines(&env.log_dir()).len(), 4, "order-3 stored once, order-1 never again");
     let stored: Vec<Value> = log_lines(&env.log_dir());
     assert_eq!(stored.iter().filter(|l| l["id"] == "order-1").count(), 1);
+}
+
+/// Producer snapshots that cannot be written (every create of one fails, as on a full or broken disk)
+/// fail no append and delay no reader: a `--follow` processor applies every event exactly, and a
+/// restart without any snapshot reads the producers back from the log, so the re-sent file is all
+/// duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_that_cannot_be_written_fail_no_append_and_no_reader() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let shim = common::shim::Shim::new(env.tmp.path(), ".producers-");
+    shim.fail_create(1_000_000);
+    let mut server = env.server_with_env(SMALL_WINDOW, &shim.env()).await;
+    let _follower = env.spawn_process(&["--follow"]);
+    let file = first_file_then_others(&env, &server.url).await;
+    assert!(snapshots(&env.log_dir()).is_empty(), "a snapshot was written through the shim");
+    assert!(server.stderr().contains("cannot write the producer snapshot"), "{}", server.stderr());
+
+    // Every event applied once: 1 + 2 + … + 1000 from the first file, 10,000 × 1 from the others.
+    let want = Decimal::from(N * (N + 1) / 2 + 10_000);
+    within(Duration::from_secs(60), "the follower to apply every event", async {
+        while env.revenues().await.values().sum::<Decimal>() != want {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+
+    server.kill().await;
+    let server = env.server_with(SMALL_WINDOW).await;
+    assert_all_duplicates(&env, &file, &server.url).await;
+    assert_eq!(log_lines(&env.log_dir()).len(), N + 10_000);
 }
