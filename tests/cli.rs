@@ -362,7 +362,9 @@ async fn listen_takes_a_host_name_and_a_server_url_without_scheme_gets_a_hint() 
         ServerProc::start(&args(&["server", "--listen", "localhost:0", "--data-dir", &data]), &[], tmp.path()).await;
     let response = http().get(format!("http://localhost:{}/healthz", server.port)).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 200);
-    assert_eq!(response.json::<serde_json::Value>().await.unwrap(), json!({"status": "ok"}));
+    let health = response.json::<serde_json::Value>().await.unwrap();
+    assert_eq!(health["status"], json!("ok"), "{health}");
+    assert!(health["log"].as_str().is_some_and(|log| log.starts_with("file log ")), "{health}");
     // A name that does not resolve, or no port: a usage error naming the value.
     for bad in ["no-such-host.invalid:8000", "localhost"] {
         let out = run_eps(&args(&["server", "--listen", bad, "--data-dir", &data]), &[]).await;

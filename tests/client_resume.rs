@@ -380,3 +380,57 @@ async fn failed_out_holds_exactly_the_lines_to_send_again_unchanged() {
     assert_eq!(shown, 10, "invalid-line messages are capped: {out}");
     assert!(out.stderr.contains(&format!("({} more invalid lines were not shown)", invalid.len() - 10)), "{out}");
 }
+
+/// A checkpoint holds only for the log that acknowledged its lines (each server names its log in
+/// `GET /healthz`): after the server's data directory is deleted and a new server starts on the same
+/// address, or when the same file goes to another server, the file is sent whole again with the same
+/// ids; against the log that acknowledged it, a re-run sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_holds_only_for_the_log_that_acknowledged_it() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let n = 500;
+    let file = env.write_file("events.jsonl", &lines(1, n));
+    let state = env.tmp.path().join("state");
+    let mut server = env.server().await;
+    let out = run_client(&env, &file, &server.url, &state, &[]).await;
+    assert_eq!(summary_counts(&out.stdout), (n as u64, n as u64, 0), "{out}");
+    let producer = assert_each_line_once(&env.log_dir(), n);
+    let out = run_client(&env, &file, &server.url, &state, &[]).await;
+    assert_eq!(summary_counts(&out.stdout), (0, 0, 0), "the same log: nothing left to send; {out}");
+    // No server to say which log it is: nothing sent, the checkpoint kept, and what to do.
+    let dead = format!(
+        "http://127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    );
+    let out = run_client(&env, &file, &dead, &state, &["--max-attempts", "2"]).await;
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("cannot be checked") && out.stderr.contains("the checkpoint is kept"), "{out}");
+    assert_eq!(checkpoint_line(&state), n as u64);
+
+    // The data directory deleted, a new server on the same address: a new log, which has none of it.
+    let url = server.url.clone();
+    server.sigterm().await;
+    server.wait(Duration::from_secs(20)).await;
+    std::fs::remove_dir_all(&env.data_dir).unwrap();
+    let listen = url.trim_start_matches("http://").to_string();
+    let mut args = args(&["server", "--listen", &listen, "--data-dir"]);
+    args.push(env.data_dir.display().to_string());
+    args.extend(env.db.args());
+    let again = ServerProc::start(&args, &[], env.tmp.path()).await;
+    assert_eq!(again.url, url);
+    let out = run_client(&env, &file, &url, &state, &[]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(summary_counts(&out.stdout), (n as u64, n as u64, 0), "{out}");
+    assert!(out.stderr.contains("sending the file from its first line with the same ids"), "{out}");
+    assert_eq!(assert_each_line_once(&env.log_dir(), n), producer);
+
+    // Another server (its own data directory): sent whole to it too; back to the first, all duplicates.
+    let other = Env::new(StoreKind::Sqlite).await;
+    let other_server = other.server().await;
+    let out = run_client(&env, &file, &other_server.url, &state, &[]).await;
+    assert_eq!(summary_counts(&out.stdout), (n as u64, n as u64, 0), "{out}");
+    assert_eq!(assert_each_line_once(&other.log_dir(), n), producer);
+    let out = run_client(&env, &file, &url, &state, &[]).await;
+    assert_eq!(summary_counts(&out.stdout), (n as u64, n as u64, n as u64), "{out}");
+    assert_eq!(assert_each_line_once(&env.log_dir(), n), producer);
+}

@@ -381,6 +381,8 @@ pub(crate) async fn run_with(
     let started = Instant::now();
     let stop = Arc::new(Stop::default());
     let sender = Arc::new(Sender::new(&opts, &tuning, Arc::clone(&stop))?);
+    // From here a signal, or every server failing for `give_up_after`, stops the run.
+    let watcher = tokio::spawn(watch_for_stop(stop_signal, Arc::clone(&stop), Arc::clone(&sender), opts.give_up_after));
     let mut file = tokio::fs::File::open(&opts.file)
         .await
         .with_context(|| format!("cannot open the input file {}", opts.file.display()))?;
@@ -411,9 +413,35 @@ pub(crate) async fn run_with(
     } else {
         found.as_ref().map_or_else(|| state::hex64(fp), |f| f.checkpoint.producer.clone())
     };
+    // Which logs the servers append to: a checkpoint holds for the logs that acknowledged its lines.
+    let logs = match &state_dir {
+        Some(_) => sender.logs().await,
+        None => Logs::NotReported,
+    };
+    if let Some(found) = found.as_ref().filter(|f| !opts.from_start && !opts.new_run && f.checkpoint.line > 0) {
+        if logs == Logs::Unanswered && !stop.is_set() {
+            let urls = sender.servers.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
+            anyhow::bail!(
+                "no server said which log it appends to ({urls}: GET /healthz failed {} times each), so the \
+                 checkpoint of {} (line {}, {}) cannot be checked against it; nothing was sent and the checkpoint \
+                 is kept: run again once a server answers (or with --from-start to send the file from its first \
+                 line with the same ids)",
+                sender.max_attempts,
+                opts.file.display(),
+                found.checkpoint.line,
+                found.path.display()
+            );
+        }
+    }
     let mut start = Mark::default();
     let mut resumed_after = None;
-    if let Some(found) = found.as_ref().filter(|_| !opts.from_start && !opts.new_run) {
+    let other_log =
+        found.as_ref().filter(|f| !opts.from_start && !opts.new_run && f.checkpoint.line > 0).and_then(|found| {
+            let Logs::Known(now) = &logs else { return None };
+            let recorded = &found.checkpoint.logs;
+            (!now.iter().all(|log| recorded.contains(log))).then(|| (recorded.clone(), now.clone()))
+        });
+    if let Some(found) = found.as_ref().filter(|_| !opts.from_start && !opts.new_run && other_log.is_none()) {
         let cp = &found.checkpoint;
         let (path, offset) = (opts.file.clone(), cp.offset);
         let prefix = tokio::task::spawn_blocking(move || state::hash_prefix(&path, offset))
@@ -452,6 +480,25 @@ pub(crate) async fn run_with(
             offset: 0,
             prefix_hash: String::new(),
             updated_ms: 0,
+            logs: match &logs {
+                Logs::Known(now) => {
+                    // A resumed run adds to the logs its earlier runs reached (one server of a pool
+                    // may be down now); a run from the start counts only what it reaches.
+                    let mut all = now.clone();
+                    if resumed_after.is_some() {
+                        all.extend(found.iter().flat_map(|f| f.checkpoint.logs.iter().cloned()));
+                    }
+                    all.sort();
+                    all.dedup();
+                    all
+                }
+                // Kept (the same checkpoint, resumed), or none known: a later run cannot check this
+                // one and sends the file from its first line.
+                Logs::NotReported | Logs::Unanswered => match (&found, resumed_after) {
+                    (Some(found), Some(_)) => found.checkpoint.logs.clone(),
+                    _ => Vec::new(),
+                },
+            },
         },
         saved: found
             .as_ref()
@@ -479,6 +526,18 @@ pub(crate) async fn run_with(
     let counters = Arc::new(Counters::new(sender.servers.len()));
     counters.bytes.store(start.offset, Ordering::Relaxed);
     let console = Console::start(opts.progress, size, Arc::clone(&counters), started, tuning.capture);
+    if let (Some((recorded, now)), Some(found)) = (&other_log, &found) {
+        let recorded = if recorded.is_empty() { "no log recorded".to_string() } else { recorded.join(", ") };
+        console.report(&format!(
+            "eps client: the checkpoint of {} (line {}, {}) was acknowledged by {recorded}, but the servers now append \
+             to {}: sending the file from its first line with the same ids (what that log already has is recognised \
+             as duplicates)",
+            opts.file.display(),
+            found.checkpoint.line,
+            found.path.display(),
+            now.join(", ")
+        ));
+    }
     if let (Some(line), Some(saver)) = (resumed_after, &saver) {
         console.report(&format!(
             "eps client: resuming {} after line {line}, the last acknowledged (checkpoint {}); --from-start sends it \
@@ -500,7 +559,6 @@ pub(crate) async fn run_with(
         producer: producer.clone(),
     };
     let concurrency = opts.concurrency.max(1);
-    let watcher = tokio::spawn(watch_for_stop(stop_signal, Arc::clone(&stop), Arc::clone(&sender), opts.give_up_after));
 
     let batch_size = opts.batch.max(1);
     let keep_originals = books.failed_out.is_some();
@@ -1073,6 +1131,18 @@ struct Sender {
     gzip: bool,
 }
 
+/// What the servers said of the logs they append to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Logs {
+    /// Their identities, sorted, each once.
+    Known(Vec<String>),
+    /// A server answered without naming a log (an eps older than log identities): nothing to check
+    /// against.
+    NotReported,
+    /// No server named its log (none answered, or the run stopped first).
+    Unanswered,
+}
+
 /// One server: its URL as given (for messages and the summary) and where requests go.
 struct Server {
     name: String,
@@ -1132,6 +1202,51 @@ impl Sender {
             stop,
             gzip: opts.gzip,
         })
+    }
+
+    /// The logs the servers append to (`GET /healthz`, field `log`), asked of every server in turn
+    /// until at least one names its log; while none does (all down, or a JetStream server that has
+    /// not reached its stream), asked again, as many times as a request is attempted, unless the run
+    /// stops first (a signal, or every server failing for `--give-up-after`).
+    async fn logs(&self) -> Logs {
+        let mut round = 0;
+        loop {
+            let mut known = Vec::new();
+            for (index, server) in self.servers.iter().enumerate() {
+                let Ok(url) = server.endpoint.join("healthz") else { return Logs::NotReported };
+                let answer = async {
+                    let response = self.http.get(url).timeout(self.timeout).send().await?.error_for_status()?;
+                    response.json::<serde_json::Value>().await
+                };
+                match answer.await {
+                    Ok(health) => {
+                        self.pool.succeeded(index);
+                        match health.get("log") {
+                            None => return Logs::NotReported,
+                            Some(serde_json::Value::String(log)) => known.push(log.clone()),
+                            Some(_) => {}
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(server = %server.name, error = %e, "asking the server for its log failed");
+                        self.pool.failed(index, Instant::now());
+                    }
+                }
+            }
+            if !known.is_empty() {
+                known.sort();
+                known.dedup();
+                return Logs::Known(known);
+            }
+            round += 1;
+            if round >= self.max_attempts {
+                return Logs::Unanswered;
+            }
+            tokio::select! {
+                () = self.stop.wait() => return Logs::Unanswered,
+                () = tokio::time::sleep(self.backoff.delay(round)) => {}
+            }
+        }
     }
 
     /// Sends one request until it is accepted, rejected, or out of attempts. Each attempt goes to the

@@ -28,6 +28,11 @@
 //! `prefix_hash`) and continues after `line`. It is written whole to a temporary file, synced,
 //! renamed over the old one and the directory synced, so a crash leaves the old checkpoint or the
 //! new, never a torn one.
+//!
+//! A checkpoint also names the logs that acknowledged its lines (`logs`: each server's `GET /healthz`
+//! reports the identity of the log it appends to). A run asks the servers first, and continues after
+//! `line` only if every log they name now is one of those: sent to another server, or to one whose
+//! log was deleted and started again, the file goes again from its first line, with the same ids.
 
 use std::collections::VecDeque;
 use std::hash::Hasher as _;
@@ -98,6 +103,10 @@ pub struct Checkpoint {
     pub prefix_hash: String,
     /// When this was written, Unix milliseconds.
     pub updated_ms: u64,
+    /// The identities of the logs that acknowledged these lines (the servers' `GET /healthz`): the
+    /// checkpoint holds for them only. Empty when not known (a checkpoint of an older client).
+    #[serde(default)]
+    pub logs: Vec<String>,
 }
 
 /// The state directory.
@@ -374,6 +383,7 @@ mod tests {
             offset: small.len() as u64,
             prefix_hash: PrefixHash::default().hex(),
             updated_ms: 1,
+            logs: vec!["file log 0123".into()],
         };
         save(&path, &checkpoint).unwrap();
         let mut grown = small.clone();

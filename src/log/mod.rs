@@ -67,6 +67,12 @@ pub trait EventLog: Send + Sync + 'static {
         true
     }
 
+    /// The identity of the log appended to (the file log's id, or the JetStream stream's name and
+    /// creation time), once known: what a producer's checkpoint is bound to (`GET /healthz`).
+    fn identity(&self) -> Option<String> {
+        None
+    }
+
     /// Waits until every append begun before the call is answered, then releases the log.
     async fn shutdown(&self) {}
 }

@@ -131,6 +131,12 @@ impl NatsLog {
         })
     }
 
+    /// Checks (or makes) the stream once, so its identity is known before the first append; an
+    /// error is left for the appends to report.
+    pub async fn prepare(&self) {
+        let _ = self.ensure_stream().await;
+    }
+
     pub fn options(&self) -> &NatsLogOptions {
         &self.opts
     }
@@ -578,6 +584,13 @@ impl EventLog for NatsLog {
 
     fn ready(&self) -> bool {
         !self.failing.load(Ordering::Relaxed)
+    }
+
+    fn identity(&self) -> Option<String> {
+        // None while the stream is not known to be there (not checked yet, or a publish found none):
+        // a recreated stream is never reported under the old identity.
+        self.stream_ready.lock().expect("stream state").as_ref()?;
+        self.known_identity.lock().expect("stream state").clone()
     }
 }
 

@@ -122,6 +122,8 @@ enum Msg {
 pub struct FileLog {
     tx: mpsc::Sender<Msg>,
     stats: Arc<LogStats>,
+    /// The log's identity ([`super::identity`]).
+    id: String,
 }
 
 impl FileLog {
@@ -145,7 +147,7 @@ impl FileLog {
         let writer = Writer::recover(opts.clone(), lock, stats.clone())?;
         let (tx, rx) = mpsc::channel(opts.queue_depth);
         std::thread::Builder::new().name("eps-log-writer".into()).spawn(move || writer.run(rx))?;
-        Ok(FileLog { tx, stats })
+        Ok(FileLog { tx, stats, id })
     }
 
     pub fn stats(&self) -> &Arc<LogStats> {
@@ -166,6 +168,10 @@ impl EventLog for FileLog {
 
     fn ready(&self) -> bool {
         !self.stats.failing.load(Ordering::Relaxed)
+    }
+
+    fn identity(&self) -> Option<String> {
+        Some(self.id.clone())
     }
 
     /// Waits until every append queued before this call is synced and answered, then stops the writer.

@@ -178,7 +178,13 @@ impl Server {
             Some(url) if crate::log::nats::is_nats_url(url) => {
                 let mut nats = opts.nats.clone();
                 nats.url = url.clone();
-                Arc::new(NatsLog::connect(nats).await?)
+                let log = Arc::new(NatsLog::connect(nats).await?);
+                // The stream's identity is then known at once (GET /healthz), not at the first append.
+                tokio::spawn({
+                    let log = Arc::clone(&log);
+                    async move { log.prepare().await }
+                });
+                log
             }
             Some(url) => {
                 return Err(ConfigError(format!(

@@ -214,6 +214,11 @@ fn value_schema() -> utoipa::openapi::schema::Schema {
 pub(super) struct Health {
     #[schema(example = "ok")]
     status: String,
+    /// The identity of the log this server appends to (the file log's id, or the JetStream stream's
+    /// name and creation time); null while not known (the stream not reached yet). A producer binds
+    /// its checkpoint to it: a log that is not the one that acknowledged its lines is sent them again.
+    #[schema(example = "file log 5f0c2b9e8d7a4c1e9b3f6a2d4e8c1b7a")]
+    log: Option<String>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -517,10 +522,11 @@ pub(super) async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-/// `GET /healthz`: the process is up and serving. Unauthenticated, no I/O.
+/// `GET /healthz`: the process is up and serving, and which log it appends to. Unauthenticated, no
+/// I/O.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Up", body = Health)))]
-pub(super) async fn healthz() -> Json<Health> {
-    Json(Health { status: "ok".into() })
+pub(super) async fn healthz(State(state): State<Arc<AppState>>) -> Json<Health> {
+    Json(Health { status: "ok".into(), log: state.log.identity() })
 }
 
 /// `GET /readyz`: ready to take events (the log is writable) and to answer queries (the database

@@ -66,6 +66,10 @@ pub(crate) fn client_command(ctx: &Ctx, file: &Path, url: &str) -> Command {
     }
     let progress_none = progress_values(&help).iter().any(|v| v == "none");
     cmd.arg(file).arg("--url").arg(url);
+    // The client's checkpoints in the scenario's own directory, not the user's state directory.
+    if help.contains("--state-dir") {
+        cmd.arg("--state-dir").arg(file.with_extension("client-state"));
+    }
     cmd.arg("--progress").arg(if progress_none { "none" } else { "quiet" });
     cmd
 }
