@@ -1,16 +1,13 @@
-//! Configuration errors: settings eps refuses to start with. They exit with code 2 (usage error) at
-//! once, before anything is served or retried, because waiting cannot fix them.
-
-/// A configuration eps refuses to run with (exit code 2).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+//! The configuration file (`--config`, TOML): its settings mapped onto the flags' environment
+//! variables, and `eps config`, which prints one that `--config` accepts unchanged.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
 use clap::parser::ValueSource;
 use clap::CommandFactory;
+
+use crate::error::ConfigError;
 
 /// One setting of a configuration file: (table, or `None` for the top level; key; value).
 type Entry<'a> = (Option<&'a str>, &'a str, &'a toml::Value);

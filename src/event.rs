@@ -437,17 +437,6 @@ fn parse_plain_decimal(text: &[u8]) -> Option<Decimal> {
     Decimal::try_from_i128_with_scale(mantissa, frac_part.len() as u32).ok()
 }
 
-/// `a + b` if the result is exact, `None` if it would overflow or need rounding.
-///
-/// `Decimal::checked_add` only fails on overflow: when the exact sum needs more than 28 digits it
-/// silently rounds (10 + 1e-28 gives 10). Money must never be rounded, so the sum is verified: if it was
-/// rounded, subtracting `a` back cannot give `b` (the subtraction of two exact values at the sum's scale
-/// is itself exact).
-pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
-    let sum = a.checked_add(b)?;
-    (sum.checked_sub(a) == Some(b)).then_some(sum)
-}
-
 impl fmt::Display for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {} {}", self.user_id, self.kind.as_str(), self.value)
@@ -550,15 +539,6 @@ mod tests {
         let array = br#"["user1","add_revenue",100]"#;
         assert!(matches!(Event::parse_request(array), Err(EventError::Invalid(m)) if m.contains("object")));
         assert!(EventRef::parse_log_line(array).is_err());
-    }
-
-    #[test]
-    fn exact_add_refuses_to_round_or_overflow() {
-        assert_eq!(exact_add(dec("0.1"), dec("0.2")), Some(dec("0.3")));
-        assert_eq!(exact_add(dec("10"), dec("-10.5")), Some(dec("-0.5")));
-        assert_eq!(exact_add(dec("10"), dec("0.0000000000000000000000000001")), None);
-        assert_eq!(exact_add(Decimal::MAX, dec("1")), None);
-        assert_eq!(exact_add(dec("79228162514264337593543950"), dec("0.0001")), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod error;
 pub mod event;
 pub mod fsutil;
 pub mod log;

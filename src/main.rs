@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            let code = if e.downcast_ref::<eps::config::ConfigError>().is_some() { 2 } else { 1 };
+            let code = if e.downcast_ref::<eps::error::ConfigError>().is_some() { 2 } else { 1 };
             fatal(json, &format!("{e:#}"), code)
         }
     }
@@ -175,7 +175,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     println!("{summary}");
                 }
                 Some(other) => {
-                    return Err(eps::config::ConfigError(format!(
+                    return Err(eps::error::ConfigError(format!(
                         "unsupported --log {other:?}: use nats://host:port, or leave it out for the file log"
                     ))
                     .into())

@@ -264,6 +264,17 @@ impl ExactSum {
     }
 }
 
+/// `a + b` if the result is exact, `None` if it would overflow or need rounding.
+///
+/// `Decimal::checked_add` only fails on overflow: when the exact sum needs more than 28 digits it
+/// silently rounds (10 + 1e-28 gives 10). Money must never be rounded, so the sum is verified: if it was
+/// rounded, subtracting `a` back cannot give `b` (the subtraction of two exact values at the sum's scale
+/// is itself exact).
+pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
+    let sum = a.checked_add(b)?;
+    (sum.checked_sub(a) == Some(b)).then_some(sum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,5 +438,14 @@ mod tests {
         assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:#?}");
         assert_eq!(order_key("-0.50"), order_key("-0.5"));
         assert_eq!(order_key("0"), "1");
+    }
+
+    #[test]
+    fn exact_add_refuses_to_round_or_overflow() {
+        assert_eq!(exact_add(dec("0.1"), dec("0.2")), Some(dec("0.3")));
+        assert_eq!(exact_add(dec("10"), dec("-10.5")), Some(dec("-0.5")));
+        assert_eq!(exact_add(dec("10"), dec("0.0000000000000000000000000001")), None);
+        assert_eq!(exact_add(Decimal::MAX, dec("1")), None);
+        assert_eq!(exact_add(dec("79228162514264337593543950"), dec("0.0001")), None);
     }
 }

@@ -17,8 +17,8 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::log::{list_segments, LOG_DIR};
-use crate::processor::FILE_STREAM;
 use crate::store;
+use crate::store::FILE_STREAM;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {

@@ -25,20 +25,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::event::EventRef;
 use crate::log::reader::{lines_of, Chunk, LogReader, ReadError};
 use crate::log::LOG_DIR;
 pub(crate) use crate::money::ExactSum;
-use crate::store::{self, Batch, CommitOutcome, InvalidLine, Store, StoreError};
+use crate::store::{self, Batch, CommitOutcome, InvalidLine, Store, StoreError, FILE_STREAM};
 
 pub mod jetstream;
 pub mod stop;
 
 pub use stop::{Stop, STOP_GRACE};
 
-/// The checkpoint name of the file log.
-pub const FILE_STREAM: &str = "file";
 /// Dead-letter file, in the data directory.
 pub const DEAD_LETTER_FILE: &str = "dead-letter.jsonl";
 /// Longest excerpt of an invalid line that is kept.

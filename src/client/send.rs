@@ -122,7 +122,7 @@ impl Sender {
             let base = url.trim_end_matches('/');
             // "127.0.0.1:8000" or "localhost:8000": a host, not a URL; say what to add.
             if !base.contains("://") {
-                return Err(crate::config::ConfigError(format!(
+                return Err(crate::error::ConfigError(format!(
                     "invalid server URL {url:?}: it has no scheme; add http:// (--url http://{base})"
                 ))
                 .into());

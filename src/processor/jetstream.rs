@@ -48,7 +48,7 @@ use super::{
     bind_log_identity, excerpt, open_store, parse_line, user_digest, with_retry, ExactSum, ProcessOptions,
     ProcessSummary, Stop,
 };
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::log::nats::{ensure_stream, jetstream_context, stream_identity, NatsLogOptions, StreamError};
 use crate::log::{id_key, reader::lines_of, IdKeyHasher};
 use crate::store::{Batch, CommitOutcome, InvalidLine, LostRange, Store, StoreError};

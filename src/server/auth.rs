@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 type Limiter = governor::DefaultDirectRateLimiter;
 

@@ -32,7 +32,7 @@ use super::AppState;
 use crate::clock::{mono_millis, wall_millis as now_millis};
 use crate::event::EventRef;
 use crate::log::{list_segments, Appended};
-use crate::processor::FILE_STREAM;
+use crate::store::FILE_STREAM;
 
 const INDEX_HTML: &str = include_str!("console/index.html");
 const CONSOLE_CSS: &str = include_str!("console/console.css");

@@ -93,7 +93,7 @@ impl ServerOptions {
     }
 }
 
-pub use crate::config::ConfigError;
+pub use crate::error::ConfigError;
 
 pub(crate) struct AppState {
     pub(crate) log: Arc<dyn EventLog>,
@@ -435,7 +435,7 @@ pub(crate) async fn refresh_store_metrics(state: &AppState) {
             metrics::gauge!("eps_store_events_applied").set(applied as f64);
         }
         let Some(dir) = state.console.log_dir.clone() else { return };
-        let Ok(progress) = store.progress(crate::processor::FILE_STREAM).await else { return };
+        let Ok(progress) = store.progress(crate::store::FILE_STREAM).await else { return };
         metrics::gauge!("eps_store_checkpoint_bytes").set(progress.position as f64);
         if let Ok(Ok(view)) = tokio::task::spawn_blocking(move || console::file_log_view(&dir, progress.position)).await
         {

@@ -16,7 +16,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 /// The PEM files of the server's certificate chain and private key.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::money::Total;
 
 pub mod pg_tls;
@@ -31,6 +31,8 @@ pub mod sqlite;
 
 /// File name of the embedded database inside the data directory.
 pub const SQLITE_FILE: &str = "eps.sqlite3";
+/// The checkpoint name of the file log (a JetStream partition's is `jetstream/<stream>/<partition>`).
+pub const FILE_STREAM: &str = "file";
 
 /// One processor batch, ready to commit.
 #[derive(Debug, Clone, Default)]

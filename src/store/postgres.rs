@@ -36,7 +36,7 @@ use super::{
     quote_ident, schema_refusal, Batch, CommitOutcome, InvalidLine, LostRange, SchemaProblem, Store, StoreError,
     StreamProgress, Totals,
 };
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::event::MAX_USER_ID_BYTES;
 use crate::money::Total;
 

@@ -35,7 +35,7 @@ use super::{
     quote_ident, schema_refusal, Batch, CommitOutcome, InvalidLine, LostRange, SchemaProblem, Store, StoreError,
     StreamProgress, Totals,
 };
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::money::{ExactSum, Total};
 
 /// How long a statement waits for another writer's lock before the store reports `Unavailable`.
@@ -200,7 +200,7 @@ fn open_connection(path: &Path, create: bool) -> Result<Connection, StoreError> 
 /// `Decimal` exactly (the common case, no allocation beyond the answer), arbitrary precision otherwise.
 fn dec_add(a: &str, b: &str) -> Result<String, crate::money::ParseTotalError> {
     if let (Ok(x), Ok(y)) = (Decimal::from_str_exact(a), Decimal::from_str_exact(b)) {
-        if let Some(sum) = crate::event::exact_add(x, y) {
+        if let Some(sum) = crate::money::exact_add(x, y) {
             return Ok(sum.normalize().to_string());
         }
     }

@@ -1,0 +1,89 @@
+//! The layers of ARCHITECTURE.md hold in the code: no module uses a module above it. The order is the
+//! `<!-- layers -->` line of ARCHITECTURE.md; each `crate::<module>` path in a source file outside its
+//! `#[cfg(test)] mod tests` must name a module before the file's own in that line.
+
+use std::path::{Path, PathBuf};
+
+fn layers() -> Vec<String> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("ARCHITECTURE.md")).unwrap();
+    let start = text.find("<!-- layers -->").expect("ARCHITECTURE.md has no <!-- layers --> line") + 15;
+    let end = start + text[start..].find("<!-- /layers -->").expect("the layers line is not closed");
+    text[start..end].split_whitespace().map(|w| w.trim_matches('`').to_string()).collect()
+}
+
+fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The top-level module of a source file (`src/log/writer.rs` → `log`).
+fn module_of(src: &Path, file: &Path) -> String {
+    let rel = file.strip_prefix(src).unwrap();
+    let first = rel.components().next().unwrap().as_os_str().to_str().unwrap();
+    first.trim_end_matches(".rs").to_string()
+}
+
+/// The modules a source text names as `crate::<module>`, outside its unit tests.
+fn used_modules(text: &str) -> Vec<String> {
+    let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+    let mut found = Vec::new();
+    let mut rest = code;
+    while let Some(at) = rest.find("crate::") {
+        rest = &rest[at + 7..];
+        let name: String = rest.chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+        if !name.is_empty() && !found.contains(&name) {
+            found.push(name);
+        }
+    }
+    found
+}
+
+#[test]
+fn no_module_uses_a_module_above_it() {
+    let order = layers();
+    assert!(order.len() > 5, "the layers line lists too few modules: {order:?}");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    let mut upward = Vec::new();
+    let mut unlisted = Vec::new();
+    for file in &files {
+        let me = module_of(&src, file);
+        if me == "main" || me == "lib" {
+            continue;
+        }
+        let Some(my_rank) = order.iter().position(|m| *m == me) else {
+            unlisted.push(me);
+            continue;
+        };
+        let text = std::fs::read_to_string(file).unwrap();
+        for used in used_modules(&text) {
+            match order.iter().position(|m| *m == used) {
+                Some(rank) if rank > my_rank => upward.push(format!("{} uses crate::{used}", file.display())),
+                Some(_) => {}
+                None if used == me => {}
+                None => unlisted.push(used),
+            }
+        }
+    }
+    unlisted.sort();
+    unlisted.dedup();
+    assert!(unlisted.is_empty(), "modules missing from ARCHITECTURE.md's layers line: {unlisted:?}");
+    assert!(upward.is_empty(), "uses that point up the layers:\n{}", upward.join("\n"));
+}
+
+#[test]
+fn the_check_sees_a_use_that_points_up() {
+    let order = layers();
+    let text =
+        "use crate::server::AppState;\nfn f() { crate::log::x(); }\n#[cfg(test)]\nmod tests { use crate::main; }";
+    assert_eq!(used_modules(text), vec!["server".to_string(), "log".to_string()]);
+    let rank = |m: &str| order.iter().position(|x| x == m).unwrap();
+    assert!(rank("server") > rank("store"), "a store file naming crate::server would be reported");
+}
