@@ -124,7 +124,7 @@ pub fn expected_totals(files: &[&Path]) -> anyhow::Result<BTreeMap<String, Decim
     for file in files {
         for line in std::fs::read_to_string(file)?.lines().filter(|l| !l.trim().is_empty()) {
             let event = Event::parse_request(line.as_bytes())?;
-            *totals.entry(event.user_id.clone()).or_insert(Decimal::ZERO) += event.delta();
+            *totals.entry(event.user_id().to_owned()).or_insert(Decimal::ZERO) += event.delta();
         }
     }
     Ok(totals)

@@ -40,22 +40,23 @@ impl EventKind {
     }
 }
 
-/// A validated event, owned. `id` is the optional idempotency key (see ARCHITECTURE.md).
+/// A validated event, owned. `id` is the optional idempotency key (see ARCHITECTURE.md). Its fields
+/// are private: the parsers are the only way to make one, so every `Event` keeps the rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
-    pub user_id: String,
-    pub kind: EventKind,
-    pub value: Decimal,
-    pub id: Option<String>,
+    user_id: String,
+    kind: EventKind,
+    value: Decimal,
+    id: Option<String>,
 }
 
 /// A validated event borrowed from a buffer: the processor's hot path, no allocation for plain ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventRef<'a> {
-    pub user_id: Cow<'a, str>,
-    pub kind: EventKind,
-    pub value: Decimal,
-    pub id: Option<Cow<'a, str>>,
+    user_id: Cow<'a, str>,
+    kind: EventKind,
+    value: Decimal,
+    id: Option<Cow<'a, str>>,
 }
 
 /// Why an input is not an event. The message is written for the person who sent it.
@@ -74,6 +75,22 @@ impl EventError {
 }
 
 impl Event {
+    pub fn user_id(&self) -> &str {
+        &self.user_id
+    }
+
+    pub fn kind(&self) -> EventKind {
+        self.kind
+    }
+
+    pub fn value(&self) -> Decimal {
+        self.value
+    }
+
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+
     /// The signed change this event makes to the user's revenue.
     pub fn delta(&self) -> Decimal {
         signed(self.kind, self.value)
@@ -104,6 +121,27 @@ impl Event {
 }
 
 impl<'a> EventRef<'a> {
+    pub fn user_id(&self) -> &str {
+        &self.user_id
+    }
+
+    pub fn kind(&self) -> EventKind {
+        self.kind
+    }
+
+    pub fn value(&self) -> Decimal {
+        self.value
+    }
+
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+
+    /// The user id, borrowed from the buffer when it had no escapes (the processor's hot path).
+    pub fn into_user_id(self) -> Cow<'a, str> {
+        self.user_id
+    }
+
     /// [`Event::parse_request`] without copying: strings borrow from `bytes` unless they hold escapes.
     pub fn parse_request(bytes: &'a [u8]) -> Result<EventRef<'a>, EventError> {
         require_object(bytes)?;

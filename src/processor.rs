@@ -676,7 +676,7 @@ fn sum_part(data: &[u8], start: u64) -> PartSums<'_> {
         match parsed {
             Ok(event) => {
                 let delta = event.delta();
-                part.add_event(event.user_id, delta);
+                part.add_event(event.into_user_id(), delta);
                 part.events += 1;
             }
             Err((error, line)) => part.invalid.push((position, error, line)),

@@ -196,10 +196,10 @@ fn assembled_bodies_are_accepted_exactly_when_every_field_follows_the_readme() {
             let parsed = Event::parse_request(json.as_bytes());
             match (user_ok && kind.is_some() && id_ok && body.extra.is_none(), value, parsed) {
                 (true, Some(value), Ok(event)) => {
-                    prop_assert_eq!(&event.user_id, &body.user_id);
-                    prop_assert_eq!(Some(event.kind), kind);
-                    prop_assert_eq!(event.value, value, "value {}", body.value);
-                    prop_assert_eq!(event.id, body.id.clone());
+                    prop_assert_eq!(event.user_id(), body.user_id.as_str());
+                    prop_assert_eq!(Some(event.kind()), kind);
+                    prop_assert_eq!(event.value(), value, "value {}", body.value);
+                    prop_assert_eq!(event.id(), body.id.as_deref());
                 }
                 (true, Some(value), Err(e)) => {
                     prop_assert!(false, "{json} refused ({e}) though its value {value} and fields are valid")

@@ -830,7 +830,7 @@ async fn every_hostile_request_gets_its_answer_and_only_accepted_events_reach_th
         .map(|l| {
             let e = eps::event::EventRef::parse_log_line(l)
                 .unwrap_or_else(|e| panic!("log line {:?}: {e}", String::from_utf8_lossy(l)));
-            (e.user_id.into_owned(), e.kind.as_str().to_string(), e.value)
+            (e.user_id().to_owned(), e.kind().as_str().to_string(), e.value())
         })
         .collect();
     want.sort();

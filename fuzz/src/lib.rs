@@ -68,12 +68,12 @@ fn check_both_parsers(input: &[u8]) {
 /// The invariants of an accepted event; `input` is only used in the panic messages.
 pub fn check_event(event: &Event, input: &[u8]) {
     let input = || String::from_utf8_lossy(input).into_owned();
-    let user_bytes = event.user_id.len();
+    let user_bytes = event.user_id().len();
     assert!((1..=MAX_USER_ID_BYTES).contains(&user_bytes), "userId of {user_bytes} bytes accepted from {:?}", input());
-    assert!(!event.user_id.chars().any(char::is_control), "control character in userId accepted from {:?}", input());
-    assert!(event.value >= Decimal::ZERO, "negative value {} accepted from {:?}", event.value, input());
-    assert!(!event.value.is_sign_negative(), "negative zero {} accepted from {:?}", event.value, input());
-    if let Some(id) = &event.id {
+    assert!(!event.user_id().chars().any(char::is_control), "control character in userId accepted from {:?}", input());
+    assert!(event.value() >= Decimal::ZERO, "negative value {} accepted from {:?}", event.value(), input());
+    assert!(!event.value().is_sign_negative(), "negative zero {} accepted from {:?}", event.value(), input());
+    if let Some(id) = event.id() {
         assert!((1..=MAX_EVENT_ID_BYTES).contains(&id.len()), "id of {} bytes accepted from {:?}", id.len(), input());
     }
     let mut line = Vec::new();
@@ -91,15 +91,15 @@ pub fn check_event(event: &Event, input: &[u8]) {
         input()
     );
     // The same digits, not only the same number: what the processor reads is what the client sent.
-    assert_eq!(back.value.normalize().to_string(), event.value.normalize().to_string());
+    assert_eq!(back.value().normalize().to_string(), event.value().normalize().to_string());
     let mut again = Vec::new();
     back.write_log_line(TS, &mut again);
     assert_eq!(again, line, "the log line is not a fixpoint (input {:?})", input());
     // The processor reads the writer's lines on its fast path whenever the texts need no escaping and
     // the value is written with at most 28 digits (1e28 is written with 29).
     let plain = |s: &str| s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
-    let digits = event.value.normalize().to_string().bytes().filter(u8::is_ascii_digit).count();
-    if plain(&event.user_id) && event.id.as_deref().is_none_or(plain) && digits <= 28 {
+    let digits = event.value().normalize().to_string().bytes().filter(u8::is_ascii_digit).count();
+    if plain(event.user_id()) && event.id().is_none_or(plain) && digits <= 28 {
         let fast = EventRef::parse_canonical_log_line(&line)
             .unwrap_or_else(|| panic!("the fast path declines the log line {:?}", String::from_utf8_lossy(&line)));
         assert_eq!(&fast.into_owned(), event, "the fast path misreads {:?}", String::from_utf8_lossy(&line));

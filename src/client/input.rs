@@ -27,7 +27,7 @@ pub(super) fn prepare_line(line: &[u8], line_no: u64, producer: &str, body: &mut
     // A valid event is a JSON object with at least one field: its first non-blank byte is `{`.
     let brace = line.iter().position(|&b| b == b'{').ok_or("an event must be a JSON object")?;
     let line = &line[brace..];
-    let own_id = event.id.is_some();
+    let own_id = event.id().is_some();
     if own_id {
         body.extend_from_slice(line);
     } else {
@@ -43,11 +43,11 @@ pub(super) fn prepare_line(line: &[u8], line_no: u64, producer: &str, body: &mut
 /// says why the line is invalid.
 pub(super) fn prepare(line: &[u8], line_no: u64, producer: &str) -> Result<(Vec<u8>, bool), String> {
     let event = Event::parse_request(line).map_err(|e| e.to_string())?;
-    let id = match &event.id {
-        Some(id) => id.clone(),
+    let id = match event.id() {
+        Some(id) => id.to_owned(),
         None => format!("{producer}-{line_no}"),
     };
-    Ok((body(&event, &id)?, event.id.is_some()))
+    Ok((body(&event, &id)?, event.id().is_some()))
 }
 
 /// `{"userId":..,"name":..,"value":<decimal text>,"id":..}`.
@@ -61,9 +61,9 @@ pub(super) fn body(event: &Event, id: &str) -> Result<Vec<u8>, String> {
         id: &'a str,
     }
     // A Decimal's Display is digits with an optional '.', which is a JSON number.
-    let value = RawValue::from_string(event.value.normalize().to_string())
-        .map_err(|e| format!("value {} cannot be written as JSON: {e}", event.value))?;
-    let body = Body { user_id: &event.user_id, name: event.kind, value: &value, id };
+    let value = RawValue::from_string(event.value().normalize().to_string())
+        .map_err(|e| format!("value {} cannot be written as JSON: {e}", event.value()))?;
+    let body = Body { user_id: event.user_id(), name: event.kind(), value: &value, id };
     serde_json::to_vec(&body).map_err(|e| format!("cannot serialise the event: {e}"))
 }
 

@@ -122,14 +122,14 @@ impl LogBatch {
     pub fn push(&mut self, event: &EventRef<'_>, ts_millis: u64) {
         let start = self.data.len();
         event.write_log_line(ts_millis, &mut self.data);
-        let content = if event.id.is_some() { content_digest(&self.data[start..]) } else { 0 };
+        let content = if event.id().is_some() { content_digest(&self.data[start..]) } else { 0 };
         self.data.push(b'\n');
         self.events.push(BatchEntry {
             end: self.data.len(),
-            id: event.id.as_deref().map(id_key),
+            id: event.id().map(id_key),
             content,
-            scheme: event.id.as_deref().and_then(producers::parse_scheme_id),
-            user: user_key(&event.user_id),
+            scheme: event.id().and_then(producers::parse_scheme_id),
+            user: user_key(event.user_id()),
         });
     }
 

@@ -703,7 +703,7 @@ mod tests {
             r#"{{"userId":"{user}","name":"subtract_revenue","value":0.1234567890123456789012345678,"id":"{id}"}}"#
         );
         let event = crate::event::EventRef::parse_request(body.as_bytes()).expect("valid at the limits");
-        assert_eq!((event.user_id.len(), event.id.as_deref().map(str::len)), (255, Some(128)));
+        assert_eq!((event.user_id().len(), event.id().map(str::len)), (255, Some(128)));
         let mut line = Vec::new();
         event.write_log_line(u64::MAX, &mut line);
         line.push(b'\n');

@@ -915,7 +915,7 @@ mod tests {
             assert_eq!(chunk.start, position);
             for (_, line) in chunk.lines() {
                 let e = crate::event::EventRef::parse_log_line(line.unwrap()).unwrap();
-                users.push(e.user_id.into_owned());
+                users.push(e.into_user_id().into_owned());
             }
             position = chunk.end;
         }

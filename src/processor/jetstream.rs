@@ -836,7 +836,7 @@ pub async fn status(nats: &NatsLogOptions, database_url: Option<&str>) -> anyhow
 
 /// The event id of a log line, if it has one (for the de-duplication window only).
 fn event_id(line: &[u8]) -> Option<String> {
-    parse_line(Ok(line), "")?.ok()?.id.map(|id| id.into_owned())
+    parse_line(Ok(line), "")?.ok()?.id().map(str::to_owned)
 }
 
 /// Follows one partition's subject and sums what it reads into the partition's shared batch.
@@ -1007,17 +1007,17 @@ fn absorb(
         let Some(parsed) = parse_line(line, "line without its newline at the end of a message") else { continue };
         match parsed {
             Ok(event) => {
-                if let Some(id) = &event.id {
+                if let Some(id) = &event.id() {
                     if seen.insert(id_key(id), seq) {
                         duplicates += 1;
                         continue;
                     }
                 }
                 let delta = event.delta();
-                match batch.sums.get_mut(event.user_id.as_ref()) {
+                match batch.sums.get_mut(event.user_id()) {
                     Some(slot) => slot.add_decimal(delta),
                     None => {
-                        batch.sums.insert(event.user_id.into_owned(), ExactSum::of(delta));
+                        batch.sums.insert(event.user_id().to_owned(), ExactSum::of(delta));
                     }
                 }
                 batch.events += 1;

@@ -225,9 +225,9 @@ impl TailSampler {
             index,
             TailEvent {
                 seq: 0,
-                user_id: event.user_id.to_string(),
-                name: event.kind.as_str().to_string(),
-                value: event.value.normalize().to_string(),
+                user_id: event.user_id().to_string(),
+                name: event.kind().as_str().to_string(),
+                value: event.value().normalize().to_string(),
                 ts,
             },
         ));

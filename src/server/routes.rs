@@ -270,7 +270,7 @@ pub(super) async fn live_event(
         sampler.offer(&state.console, 0, &event, ts);
     }
     let answer = state.log.append(batch).await?;
-    if let Some(why) = answer.first().and_then(|a| refusal(*a, event.id.as_deref().unwrap_or_default())) {
+    if let Some(why) = answer.first().and_then(|a| refusal(*a, event.id().unwrap_or_default())) {
         return Err(ApiError::Conflict(why));
     }
     let duplicate = answer.first() == Some(&Appended::Duplicate);
@@ -428,7 +428,7 @@ pub(super) async fn post_events(
         let lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
         for (answer, &index) in answers.iter().zip(&line_of) {
             let line = lines.get(index).map(|l| l.strip_suffix(b"\r").unwrap_or(l)).unwrap_or_default();
-            let id = EventRef::parse_request(line).ok().and_then(|e| e.id.map(|id| id.into_owned()));
+            let id = EventRef::parse_request(line).ok().and_then(|e| e.id().map(str::to_owned));
             if let Some(why) = refusal(*answer, id.as_deref().unwrap_or_default()) {
                 errors.push(LineError { line: index + 1, error: why });
             }
