@@ -140,8 +140,22 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             // "listening" line, is a graceful stop, never the default action's kill.
             let shutdown = server::shutdown_signal();
             let server = server::Server::bind(opts).await?;
-            // Scripts and tests read this line to learn the port (useful with --listen 127.0.0.1:0).
-            println!("eps server listening on {}://{}", server.scheme(), server.local_addr());
+            // Scripts and tests read this line to learn the port (useful with --listen 127.0.0.1:0). It
+            // means ready: while a large log is still being recovered, another line comes first (the
+            // server answers meanwhile, 503 to what needs the log).
+            let (scheme, addr) = (server.scheme(), server.local_addr());
+            let listening = move || println!("eps server listening on {scheme}://{addr}");
+            match server.log_recovery() {
+                None => listening(),
+                Some(recovered) => {
+                    println!("eps server recovering the log on {scheme}://{addr}: 503 to what needs the log until it is open");
+                    tokio::spawn(async move {
+                        if recovered.await {
+                            listening();
+                        }
+                    });
+                }
+            }
             server.run(shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }

@@ -450,7 +450,12 @@ impl ServerProc {
         let mut child = cmd.spawn().expect("cannot start eps server");
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        let read = within(START_TIMEOUT, "the server's first stdout line", stdout.read_line(&mut line)).await;
+        let mut read = within(START_TIMEOUT, "the server's first stdout line", stdout.read_line(&mut line)).await;
+        // A server still recovering its log says so first; "listening" follows once it is ready.
+        if line.starts_with("eps server recovering the log") {
+            line.clear();
+            read = within(START_TIMEOUT, "the server's listening line", stdout.read_line(&mut line)).await;
+        }
         let prefix = "eps server listening on http://";
         // With --tls-cert the line says https://.
         let scheme = if line.starts_with("eps server listening on https://") { "https" } else { "http" };
