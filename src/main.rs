@@ -250,7 +250,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Status(args) => {
             if let Some(url) = args.log.filter(|u| eps::log::nats::is_nats_url(u)) {
-                let nats = nats_options(url, args.nats);
+                let nats = nats_stream_options(url, args.nats);
                 let status = processor::jetstream::status(&nats, args.store.database_url.as_deref()).await?;
                 if args.json {
                     println!("{}", serde_json::to_string_pretty(&status)?);
@@ -338,14 +338,22 @@ fn init_tracing(cli: &Cli) {
 /// The JetStream log's options from its flags (server and processor share them).
 fn nats_options(url: String, args: eps::cli::NatsArgs) -> eps::log::nats::NatsLogOptions {
     eps::log::nats::NatsLogOptions {
-        stream: args.nats_stream,
-        subject_prefix: args.nats_subject_prefix,
-        partitions: args.nats_partitions,
         replicas: args.nats_replicas,
         duplicate_window: Duration::from_secs(args.nats_duplicate_window_secs),
         max_age: Duration::from_secs(args.nats_max_age_secs),
         max_bytes: args.nats_max_bytes,
         max_messages: args.nats_max_msgs,
+        ..nats_stream_options(url, args.stream)
+    }
+}
+
+/// Which JetStream stream, for a command that only reads it (`eps status`): the stream's other
+/// settings are left at their defaults and read from the stream itself.
+fn nats_stream_options(url: String, args: eps::cli::NatsStreamArgs) -> eps::log::nats::NatsLogOptions {
+    eps::log::nats::NatsLogOptions {
+        stream: args.nats_stream,
+        subject_prefix: args.nats_subject_prefix,
+        partitions: args.nats_partitions,
         ..eps::log::nats::NatsLogOptions::new(url)
     }
 }

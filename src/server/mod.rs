@@ -2,7 +2,9 @@
 //!
 //! [`Server::bind`] does everything that can fail at start-up (open and repair the log, bind the port,
 //! check the token policy) before anything is served, so a misconfigured server exits at once with one
-//! readable line. [`Server::run`] serves until the shutdown future resolves, then stops accepting,
+//! readable line. The one exception is a file log whose recovery takes longer than [`RECOVERY_GRACE`]:
+//! the server then listens meanwhile, answering 503 to what needs the log (`recovering.rs`), and a
+//! recovery that fails later stops it with the error. [`Server::run`] serves until the shutdown future resolves, then stops accepting,
 //! lets in-flight requests finish (each waits for the sync that covers it) and stops the log writer
 //! after its last sync.
 //!
