@@ -332,7 +332,20 @@ fn init_tracing(cli: &Cli) {
         LogFormat::Json => eps::telemetry::LogFormat::Json,
         LogFormat::Text => eps::telemetry::LogFormat::Text,
     };
-    eps::telemetry::init_tracing(level, format);
+    // `--log-level` (or EPS_LOG_LEVEL, or the configuration file) wins; without it, RUST_LOG is used
+    // as given, as in any tracing program; else the default, with the dependencies held to warnings.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(rust_log) if !log_level_given() && !rust_log.trim().is_empty() => rust_log,
+        _ => eps::telemetry::quiet_dependencies(level),
+    };
+    eps::telemetry::init_tracing(&filter, format);
+}
+
+/// Whether the log level was set: `--log-level` on the command line, or EPS_LOG_LEVEL (which the
+/// configuration file's `log-level` sets too).
+fn log_level_given() -> bool {
+    std::env::var_os("EPS_LOG_LEVEL").is_some()
+        || std::env::args_os().any(|a| a == "--log-level" || a.to_string_lossy().starts_with("--log-level="))
 }
 
 /// The JetStream log's options from its flags (server and processor share them).

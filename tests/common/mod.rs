@@ -353,7 +353,8 @@ pub fn eps_command_via(wrapper: &[&str], args: &[String], envs: &[(&str, String)
     };
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
-        if k.starts_with("EPS_") || k == "DATABASE_URL" || k.to_ascii_lowercase().ends_with("_proxy") {
+        if k.starts_with("EPS_") || k == "DATABASE_URL" || k == "RUST_LOG" || k.to_ascii_lowercase().ends_with("_proxy")
+        {
             cmd.env_remove(&key);
         }
     }
