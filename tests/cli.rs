@@ -159,7 +159,8 @@ async fn help_groups_flags_under_headings_ends_with_examples_and_shows_each_comm
     const LOGGING: &str = "Logging";
     let order = [CORE, STORAGE, JETSTREAM, TLS, LOGGING];
     // (command, headings it has, [(flag, its heading)]).
-    let expected: &[(&str, &[&str], &[(&str, &str)])] = &[
+    type Expected<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)]);
+    let expected: &[Expected] = &[
         (
             "server",
             &[CORE, STORAGE, JETSTREAM, TLS, LOGGING],
