@@ -9,6 +9,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::log::producers::DEFAULT_HORIZON_SECS;
 use crate::log::writer::{DEFAULT_DEDUP_MAX_IDS, DEFAULT_DEDUP_WINDOW_SECS};
 
+// The headings `--help` groups flags under, in this order.
+const CORE: &str = "Core";
+const STORAGE: &str = "Storage";
+const JETSTREAM: &str = "JetStream (with --log nats://…)";
+const TLS_AND_TOKENS: &str = "TLS and tokens";
+const LOGGING: &str = "Logging";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "eps",
@@ -21,21 +28,28 @@ use crate::log::writer::{DEFAULT_DEDUP_MAX_IDS, DEFAULT_DEDUP_WINDOW_SECS};
         eps demo     runs all three on a sample, in a temporary directory.\n\n\
         Server and processor agree with no configuration: both use ./data and the SQLite file in it.\n\
         Every flag can also be set by the environment variable shown in its help.",
-    after_help = "Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error."
+    after_help = "Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.\n\n\
+        Examples:\n  \
+        eps demo                                # all of it on sample events, in a temp dir\n  \
+        eps server --token \"$TOKEN\"             # events on 127.0.0.1:8000 into ./data\n  \
+        eps client events.jsonl --token \"$TOKEN\"  # send a file (resumable)\n  \
+        eps process --follow                    # apply the log as it grows\n  \
+        eps status                              # log, checkpoint, lag, totals\n  \
+        eps server --help                       # a command's flags, by topic"
 )]
 pub struct Cli {
+    /// TOML file of settings (keys are flag names, at the top or in [server], [process], [client],
+    /// [status], [compact]). Flags win over environment variables, which win over the file.
+    #[arg(help_heading = CORE, long, global = true, env = "EPS_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Log format on stderr: human-readable text or one JSON object per line.
-    #[arg(long, global = true, env = "EPS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(help_heading = LOGGING, long, global = true, env = "EPS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
     /// Log filter, in tracing's EnvFilter syntax (e.g. "info", "eps=debug").
-    #[arg(long, global = true, env = "EPS_LOG_LEVEL", default_value = "info")]
+    #[arg(help_heading = LOGGING, long, global = true, env = "EPS_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
-
-    /// TOML file of settings (keys are flag names, at the top or in [server], [process], [client],
-    /// [status], [compact]). Flags win over environment variables, which win over the file.
-    #[arg(long, global = true, env = "EPS_CONFIG")]
-    pub config: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -67,11 +81,20 @@ pub enum Command {
     /// POST /liveEvent with a JSON event and the token in the Authorization header; the answer 200
     /// comes only once the event is synced to disk. GET /userEvents/{userId} answers the user's revenue
     /// as the processor has applied it.
+    #[command(after_help = "Examples:\n  \
+        eps server --token \"$TOKEN\"\n  \
+        eps server --listen 0.0.0.0:8443 --tls-cert cert.pem --tls-key key.pem --tokens-file tokens.toml\n  \
+        eps server --database-url postgres://eps@db/eps --data-dir /var/lib/eps\n  \
+        eps server --log nats://nats1:4222,nats2:4222 --database-url postgres://eps@db/eps")]
     Server(ServerArgs),
     /// Apply the logged events to the database, each exactly once.
     ///
     /// Reads the log from the checkpoint stored in the database and commits revenue changes together
     /// with the new checkpoint. Safe to re-run, to kill at any moment, and to run several at once.
+    #[command(after_help = "Examples:\n  \
+        eps process                             # apply ./data's log, then exit\n  \
+        eps process --follow --metrics-listen 127.0.0.1:9101\n  \
+        eps process --follow --log nats://nats1:4222 --database-url postgres://eps@db/eps")]
     Process(ProcessArgs),
     /// Send every event of a JSON Lines file to the server.
     ///
@@ -81,10 +104,18 @@ pub enum Command {
     /// sending, waits for the requests in flight, saves the checkpoint, prints the command that resumes,
     /// and exits 130 or 143. Exits 1 when any line was invalid, rejected by the server, or could not be
     /// delivered.
+    #[command(after_help = "Examples:\n  \
+        eps client events.jsonl --token \"$TOKEN\"\n  \
+        eps client events.jsonl --url https://a.example:8443,https://b.example:8443 --ca-cert ca.pem\n  \
+        eps client events.jsonl --batch 1       # one event per POST /liveEvent")]
     Client(ClientArgs),
     /// Run server, client and processor on sample events in a temporary directory, and print the result.
     Demo(DemoArgs),
     /// Show the log, the checkpoint, the lag and the store's totals.
+    #[command(after_help = "Examples:\n  \
+        eps status --data-dir /var/lib/eps\n  \
+        eps status --json --database-url postgres://eps@db/eps\n  \
+        eps status --log nats://nats1:4222 --database-url postgres://eps@db/eps")]
     Status(StatusArgs),
     /// Print every setting of every command, its value and where it came from (token redacted).
     Config,
@@ -93,6 +124,9 @@ pub enum Command {
     /// A segment goes only if it is not the newest, every line of it is behind the checkpoint, and it is
     /// older than --min-age-secs (default: --dedup-window-secs, the server's de-duplication window, set
     /// by the same variable and configuration key). Oldest first, no holes.
+    #[command(after_help = "Examples:\n  \
+        eps compact --dry-run\n  \
+        eps compact --archive-dir /srv/eps-archive --min-age-secs 604800")]
     Compact(CompactArgs),
     /// Print a shell completion script: eps completions bash > /etc/bash_completion.d/eps (zsh, fish too).
     Completions(CompletionsArgs),
@@ -116,6 +150,7 @@ pub struct ManArgs {
 }
 
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = STORAGE)]
 pub struct StoreArgs {
     /// Directory holding the log (log/) and the embedded SQLite database.
     #[arg(long, env = "EPS_DATA_DIR", default_value = "./data")]
@@ -128,6 +163,7 @@ pub struct StoreArgs {
 
 /// The check that a data directory's file log is read with its server's store.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = STORAGE)]
 pub struct StoreCheckArgs {
     /// Use this store even though the data directory's server records another one (its file "store"
     /// names it: "sqlite" or the PostgreSQL URL without its password). Without it such a run is
@@ -141,96 +177,97 @@ pub struct StoreCheckArgs {
 pub struct ServerArgs {
     /// Address to listen on (host:port; a host name is resolved, e.g. localhost:8000). A non-loopback
     /// address needs a token other than the default.
-    #[arg(long, env = "EPS_LISTEN", default_value = "127.0.0.1:8000", value_parser = socket_addr)]
+    #[arg(help_heading = CORE, long, env = "EPS_LISTEN", default_value = "127.0.0.1:8000", value_parser = socket_addr)]
     pub listen: SocketAddr,
 
-    /// Serve HTTPS on --listen with this PEM certificate chain (with --tls-key); re-read on SIGHUP.
-    #[arg(long, env = "EPS_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-
-    /// The PEM private key of --tls-cert; re-read with it on SIGHUP.
-    #[arg(long, env = "EPS_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-
-    #[command(flatten)]
-    pub store: StoreArgs,
-
-    /// Token clients must send as `Authorization: <token>` or `Authorization: Bearer <token>`.
-    /// Defaults to the seed's "secret", which is only allowed on a loopback address.
-    #[arg(long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true, hide_env_values = true)]
-    pub token: String,
-
-    /// TOML file of scoped tokens ([[token]] tables: name, scopes, value or sha256, optionally
-    /// events_per_second and burst), re-read on SIGHUP; replaces --token. See docs/SECURITY.md.
-    #[arg(long, env = "EPS_TOKENS_FILE")]
-    pub tokens_file: Option<PathBuf>,
-
-    /// Rate limit of each token that sets none in the tokens file (and of --token), in events per
-    /// second, with a burst of one second's worth; a batch costs its number of events. 0: no limit.
-    #[arg(long, env = "EPS_RATE_LIMIT_EVENTS_PER_SECOND", default_value_t = 0)]
-    pub rate_limit_events_per_second: u32,
-
-    /// Origin (https://shop.example) whose web pages may send events from a browser: preflights are
-    /// answered and CORS headers added on POST /liveEvent and POST /events only. Repeat the flag for
-    /// several (EPS_CORS_ORIGINS: comma-separated); "*" for any. The read routes never allow it.
-    #[arg(long, env = "EPS_CORS_ORIGINS", value_delimiter = ',')]
-    pub cors_origin: Vec<String>,
-
     /// Largest accepted POST /liveEvent body, in bytes (larger ones get 413).
-    #[arg(long, env = "EPS_BODY_LIMIT", default_value_t = 1024 * 1024)]
+    #[arg(help_heading = CORE, long, env = "EPS_BODY_LIMIT", default_value_t = 1024 * 1024)]
     pub body_limit: usize,
 
     /// Largest accepted POST /events (batch) body, in bytes (larger ones get 413). A batch also holds
     /// at most 10,000 events.
-    #[arg(long, env = "EPS_BATCH_BODY_LIMIT", default_value_t = 16 * 1024 * 1024)]
+    #[arg(help_heading = CORE, long, env = "EPS_BATCH_BODY_LIMIT", default_value_t = 16 * 1024 * 1024)]
     pub batch_body_limit: usize,
 
     /// Longest a client may take to send a request's headers, and then its body, in seconds (408 after).
-    #[arg(long, env = "EPS_REQUEST_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(help_heading = CORE, long, env = "EPS_REQUEST_TIMEOUT_SECS", default_value_t = 10)]
     pub request_timeout_secs: u64,
 
     /// Longest the server waits for a client to take any byte of an answer, in seconds. A connection
     /// whose answers are not read is closed after it, so clients that stop reading cannot hold the
     /// --max-connections slots.
-    #[arg(long, env = "EPS_SEND_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(help_heading = CORE, long, env = "EPS_SEND_TIMEOUT_SECS", default_value_t = 30)]
     pub send_timeout_secs: u64,
 
     /// Most client connections open at once; more wait in the listen backlog.
-    #[arg(long, env = "EPS_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(help_heading = CORE, long, env = "EPS_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
 
+    #[command(flatten)]
+    pub store: StoreArgs,
+
     /// Size at which the log starts a new segment file, in bytes.
-    #[arg(long, env = "EPS_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    #[arg(help_heading = STORAGE, long, env = "EPS_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub segment_bytes: u64,
 
     /// How long an event id is remembered to drop retried duplicates, in seconds.
-    #[arg(long, env = "EPS_DEDUP_WINDOW_SECS", default_value_t = DEFAULT_DEDUP_WINDOW_SECS)]
+    #[arg(help_heading = STORAGE, long, env = "EPS_DEDUP_WINDOW_SECS", default_value_t = DEFAULT_DEDUP_WINDOW_SECS)]
     pub dedup_window_secs: u64,
 
     /// Most event ids the id window remembers, with their content (the oldest are forgotten first).
     /// The window tells a repeat (200 duplicate) from a conflict (409) for any id.
-    #[arg(long, env = "EPS_DEDUP_MAX_IDS", default_value_t = DEFAULT_DEDUP_MAX_IDS)]
+    #[arg(help_heading = STORAGE, long, env = "EPS_DEDUP_MAX_IDS", default_value_t = DEFAULT_DEDUP_MAX_IDS)]
     pub dedup_max_ids: usize,
 
     /// File log: how long a producer of ids of the form <16 hex digits>-<sequence> (what `eps client`
     /// sends) is remembered after its last stored event, in seconds. Within it a repeat of any of its
     /// events is a duplicate whatever the traffic in between, across restarts, crashes and compaction.
-    #[arg(long, env = "EPS_DEDUP_HORIZON_SECS", default_value_t = DEFAULT_HORIZON_SECS)]
+    #[arg(help_heading = STORAGE, long, env = "EPS_DEDUP_HORIZON_SECS", default_value_t = DEFAULT_HORIZON_SECS)]
     pub dedup_horizon_secs: u64,
 
     /// Where events go: nats://host:port (several servers separated by commas) for a NATS JetStream
     /// stream; without it, the file log in the data directory. With JetStream, 200 means the stream
     /// acknowledged the event, and any number of servers may share the stream.
-    #[arg(long, env = "EPS_LOG")]
+    #[arg(help_heading = JETSTREAM, long, env = "EPS_LOG")]
     pub log: Option<String>,
 
     #[command(flatten)]
     pub nats: NatsArgs,
+
+    /// Serve HTTPS on --listen with this PEM certificate chain (with --tls-key); re-read on SIGHUP.
+    #[arg(help_heading = TLS_AND_TOKENS, long, env = "EPS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert; re-read with it on SIGHUP.
+    #[arg(help_heading = TLS_AND_TOKENS, long, env = "EPS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Token clients must send as `Authorization: <token>` or `Authorization: Bearer <token>`.
+    /// Defaults to the seed's "secret", which is only allowed on a loopback address.
+    #[arg(help_heading = TLS_AND_TOKENS, long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true, hide_env_values = true)]
+    pub token: String,
+
+    /// TOML file of scoped tokens ([[token]] tables: name, scopes, value or sha256, optionally
+    /// events_per_second and burst), re-read on SIGHUP; replaces --token. See docs/SECURITY.md.
+    #[arg(help_heading = TLS_AND_TOKENS, long, env = "EPS_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+
+    /// Rate limit of each token that sets none in the tokens file (and of --token), in events per
+    /// second, with a burst of one second's worth; a batch costs its number of events. 0: no limit.
+    #[arg(help_heading = TLS_AND_TOKENS, long, env = "EPS_RATE_LIMIT_EVENTS_PER_SECOND", default_value_t = 0)]
+    pub rate_limit_events_per_second: u32,
+
+    /// Origin (https://shop.example) whose web pages may send events from a browser: preflights are
+    /// answered and CORS headers added on POST /liveEvent and POST /events only. Repeat the flag for
+    /// several (EPS_CORS_ORIGINS: comma-separated); "*" for any. The read routes never allow it.
+    #[arg(help_heading = TLS_AND_TOKENS, long, env = "EPS_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
 }
 
-/// The JetStream log's settings (used with --log nats://…).
-#[derive(Debug, clap::Args)]
-pub struct NatsArgs {
+/// Which JetStream stream (used with --log nats://…): what every command that reads it needs.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = JETSTREAM)]
+pub struct NatsStreamArgs {
     /// JetStream stream holding the events (created if missing, its configuration checked if present).
     #[arg(long, env = "EPS_NATS_STREAM", default_value = "EPS_EVENTS")]
     pub nats_stream: String,
@@ -242,6 +279,15 @@ pub struct NatsArgs {
     /// Partitions of the stream; a user's events all go to one, chosen by a stable hash of the userId.
     #[arg(long, env = "EPS_NATS_PARTITIONS", default_value_t = 16)]
     pub nats_partitions: u32,
+}
+
+/// The JetStream log's settings (used with --log nats://…): the stream, and the settings the server
+/// and the processors create it with and check it against (`eps status` reads them from the stream).
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = JETSTREAM)]
+pub struct NatsArgs {
+    #[command(flatten)]
+    pub stream: NatsStreamArgs,
 
     /// Copies JetStream keeps of each message (1 on one node; 3 or 5 in a cluster).
     #[arg(long, env = "EPS_NATS_REPLICAS", default_value_t = 1)]
@@ -269,33 +315,33 @@ pub struct NatsArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ProcessArgs {
-    #[command(flatten)]
-    pub store: StoreArgs,
-
-    #[command(flatten)]
-    pub store_check: StoreCheckArgs,
-
     /// Keep running and apply new events as they arrive, instead of exiting when caught up.
-    #[arg(long, env = "EPS_FOLLOW")]
+    #[arg(help_heading = CORE, long, env = "EPS_FOLLOW")]
     pub follow: bool,
 
     /// Most bytes of log applied per database transaction. The log is read 8 MiB at a time and the
     /// transaction holds one sum per user, so memory stays small whatever this is; larger batches mean
     /// fewer, cheaper-per-event commits.
-    #[arg(long, env = "EPS_BATCH_BYTES", default_value_t = 256 * 1024 * 1024)]
+    #[arg(help_heading = CORE, long, env = "EPS_BATCH_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub batch_bytes: usize,
 
     /// With --follow: how often to look for new events, in milliseconds.
-    #[arg(long, env = "EPS_POLL_MS", default_value_t = 5)]
+    #[arg(help_heading = CORE, long, env = "EPS_POLL_MS", default_value_t = 5)]
     pub poll_ms: u64,
 
     /// Without --follow: how long to keep retrying an unreachable database, in seconds.
-    #[arg(long, env = "EPS_RETRY_SECS", default_value_t = 60)]
+    #[arg(help_heading = CORE, long, env = "EPS_RETRY_SECS", default_value_t = 60)]
     pub retry_secs: u64,
 
     /// Serve Prometheus metrics (GET /metrics) on this address while running, e.g. 127.0.0.1:9101.
-    #[arg(long, env = "EPS_METRICS_LISTEN", value_parser = socket_addr)]
+    #[arg(help_heading = CORE, long, env = "EPS_METRICS_LISTEN", value_parser = socket_addr)]
     pub metrics_listen: Option<SocketAddr>,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub store_check: StoreCheckArgs,
 
     /// The store's checkpoints are bound to the log they count (the file log's id; the JetStream
     /// stream's creation time and partition count), and a processor refuses a log other than that one.
@@ -303,14 +349,14 @@ pub struct ProcessArgs {
     /// reports how far the old log had been applied (what the old log held after that is gone). Use it
     /// once, after a stream was deleted and recreated or a log replaced on purpose (docs/SCALING.md);
     /// do not leave the variable set, or the next replaced log is adopted too.
-    #[arg(long, env = "EPS_ADOPT_NEW_LOG")]
+    #[arg(help_heading = STORAGE, long, env = "EPS_ADOPT_NEW_LOG")]
     pub adopt_new_log: bool,
 
     /// Where events are read from: nats://host:port (several servers separated by commas) for a NATS
     /// JetStream stream, which needs --database-url postgres://…; without it, the file log in the data
     /// directory. With JetStream any number of processors may run: they share the partitions (each owned
     /// by one processor at a time through a PostgreSQL advisory lock) and take over a dead one's.
-    #[arg(long, env = "EPS_LOG")]
+    #[arg(help_heading = JETSTREAM, long, env = "EPS_LOG")]
     pub log: Option<String>,
 
     #[command(flatten)]
@@ -318,25 +364,25 @@ pub struct ProcessArgs {
 
     /// With JetStream: how often a processor checks who owns which partition, in milliseconds. A dead
     /// processor's partitions are taken over within about this long.
-    #[arg(long, env = "EPS_NATS_REBALANCE_MS", default_value_t = 500)]
+    #[arg(help_heading = JETSTREAM, long, env = "EPS_NATS_REBALANCE_MS", default_value_t = 500)]
     pub nats_rebalance_ms: u64,
 
     /// With JetStream: an event whose id appeared in the same partition within this many earlier stream
     /// messages is dropped as a duplicate (on top of JetStream's own duplicate window, which only drops
     /// a message published again whole).
-    #[arg(long, env = "EPS_NATS_DEDUP_WINDOW_MESSAGES", default_value_t = 16_384)]
+    #[arg(help_heading = JETSTREAM, long, env = "EPS_NATS_DEDUP_WINDOW_MESSAGES", default_value_t = 16_384)]
     pub nats_dedup_window_messages: u64,
 
     /// With JetStream: most event ids that window holds per partition (the oldest messages are
     /// forgotten first); bounds the processor's memory.
-    #[arg(long, env = "EPS_NATS_DEDUP_MAX_IDS", default_value_t = 100_000)]
+    #[arg(help_heading = JETSTREAM, long, env = "EPS_NATS_DEDUP_MAX_IDS", default_value_t = 100_000)]
     pub nats_dedup_max_ids: usize,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
     /// JSON Lines file of events to send.
-    #[arg(env = "EPS_FILE", default_value = "events.jsonl")]
+    #[arg(help_heading = CORE, env = "EPS_FILE", default_value = "events.jsonl")]
     pub file: PathBuf,
 
     /// Base URL of a server; for several, repeat the flag or separate the URLs by commas.
@@ -348,37 +394,46 @@ pub struct ClientArgs {
     /// single probe request tells whether it is back. With every server down, attempts are spaced by
     /// the retry backoff, as with one server. The summary adds a line of the events each server
     /// accepted.
-    #[arg(long, env = "EPS_URL", value_delimiter = ',', default_value = "http://127.0.0.1:8000")]
+    #[arg(help_heading = CORE, long, env = "EPS_URL", value_delimiter = ',', default_value = "http://127.0.0.1:8000")]
     pub url: Vec<String>,
-
-    /// Token sent in the Authorization header (default: the seed's "secret").
-    #[arg(long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true, hide_env_values = true)]
-    pub token: String,
-
-    /// Trust only this CA (PEM) for https URLs, e.g. a private CA; without it, the platform's roots.
-    #[arg(long, env = "EPS_CA_CERT")]
-    pub ca_cert: Option<PathBuf>,
 
     /// Events per request. 1 sends each event alone to POST /liveEvent (what the seed's server
     /// takes); more sends JSON Lines batches to POST /events, much faster. A batch is also cut at 1 MiB.
-    #[arg(long, env = "EPS_BATCH", default_value_t = 1000)]
+    #[arg(help_heading = CORE, long, env = "EPS_BATCH", default_value_t = 1000)]
     pub batch: usize,
 
     /// Requests in flight at once [default: 64 with --batch 1, else 8].
-    #[arg(long, env = "EPS_CONCURRENCY")]
+    #[arg(help_heading = CORE, long, env = "EPS_CONCURRENCY")]
     pub concurrency: Option<usize>,
 
     /// Attempts per event before it counts as failed (connection errors, 408, 429 and 5xx are retried).
-    #[arg(long, env = "EPS_MAX_ATTEMPTS", default_value_t = 10)]
+    #[arg(help_heading = CORE, long, env = "EPS_MAX_ATTEMPTS", default_value_t = 10)]
     pub max_attempts: u32,
 
     /// Per-request timeout, in seconds.
-    #[arg(long, env = "EPS_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(help_heading = CORE, long, env = "EPS_TIMEOUT_SECS", default_value_t = 10)]
     pub timeout_secs: u64,
 
     /// Progress display: a bar on a terminal (auto), always a bar, plain lines, or nothing.
-    #[arg(long, env = "EPS_PROGRESS", value_enum, default_value_t = ProgressArg::Auto)]
+    #[arg(help_heading = CORE, long, env = "EPS_PROGRESS", value_enum, default_value_t = ProgressArg::Auto)]
     pub progress: ProgressArg,
+
+    /// Stop once every server has failed every request for this many seconds (0: never), saving the
+    /// checkpoint and printing the command that resumes. Exit code 1.
+    #[arg(help_heading = CORE, long, env = "EPS_GIVE_UP_AFTER_SECS", default_value_t = 30)]
+    pub give_up_after: u64,
+
+    /// Write every line that was invalid, refused by the server or not delivered to this file, one per
+    /// line, to be fixed and sent again. Invalid and refused lines are written unchanged; undelivered
+    /// lines with the id they were sent with added, so that sending them again and resuming the run
+    /// store them once. Emptied at the start of a send, appended to by a resumed run.
+    #[arg(help_heading = CORE, long, env = "EPS_FAILED_OUT")]
+    pub failed_out: Option<PathBuf>,
+
+    /// Compress request bodies: gzip (Content-Encoding: gzip; the server limits the decompressed
+    /// size), or none.
+    #[arg(help_heading = CORE, long, env = "EPS_COMPRESS", value_enum, default_value_t = CompressArg::None)]
+    pub compress: CompressArg,
 
     /// Directory of the checkpoints, one per input file [default: $XDG_STATE_HOME/eps/client, else
     /// ~/.local/state/eps/client].
@@ -390,35 +445,26 @@ pub struct ClientArgs {
     /// appends sends only its new lines. Interrupted at any moment, even by SIGKILL, a run loses
     /// nothing and the next one stores nothing twice: the ids are <fingerprint>-<line number>, the
     /// same on every run and on every machine, so the server recognises what it already has.
-    #[arg(long, env = "EPS_STATE_DIR")]
+    #[arg(help_heading = STORAGE, long, env = "EPS_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
 
     /// Send from the first line, ignoring the checkpoint. The ids are unchanged: events the server
     /// already has are answered as duplicates and not stored again.
-    #[arg(long, env = "EPS_FROM_START")]
+    #[arg(help_heading = STORAGE, long, env = "EPS_FROM_START")]
     pub from_start: bool,
 
     /// Send the file as new events (fresh ids), for a deliberate second send. The new ids are kept in
     /// the checkpoint: a later run without the flag resumes this send. Do not leave EPS_NEW_RUN set.
-    #[arg(long, env = "EPS_NEW_RUN", conflicts_with = "from_start")]
+    #[arg(help_heading = STORAGE, long, env = "EPS_NEW_RUN", conflicts_with = "from_start")]
     pub new_run: bool,
 
-    /// Stop once every server has failed every request for this many seconds (0: never), saving the
-    /// checkpoint and printing the command that resumes. Exit code 1.
-    #[arg(long, env = "EPS_GIVE_UP_AFTER_SECS", default_value_t = 30)]
-    pub give_up_after: u64,
+    /// Token sent in the Authorization header (default: the seed's "secret").
+    #[arg(help_heading = TLS_AND_TOKENS, long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true, hide_env_values = true)]
+    pub token: String,
 
-    /// Write every line that was invalid, refused by the server or not delivered to this file, one per
-    /// line, to be fixed and sent again. Invalid and refused lines are written unchanged; undelivered
-    /// lines with the id they were sent with added, so that sending them again and resuming the run
-    /// store them once. Emptied at the start of a send, appended to by a resumed run.
-    #[arg(long, env = "EPS_FAILED_OUT")]
-    pub failed_out: Option<PathBuf>,
-
-    /// Compress request bodies: gzip (Content-Encoding: gzip; the server limits the decompressed
-    /// size), or none.
-    #[arg(long, env = "EPS_COMPRESS", value_enum, default_value_t = CompressArg::None)]
-    pub compress: CompressArg,
+    /// Trust only this CA (PEM) for https URLs, e.g. a private CA; without it, the platform's roots.
+    #[arg(help_heading = TLS_AND_TOKENS, long, env = "EPS_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -437,58 +483,58 @@ pub enum ProgressArg {
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
+    /// Print JSON instead of text.
+    #[arg(help_heading = CORE, long, env = "EPS_STATUS_JSON")]
+    pub json: bool,
+
     #[command(flatten)]
     pub store: StoreArgs,
 
     #[command(flatten)]
     pub store_check: StoreCheckArgs,
 
-    /// Print JSON instead of text.
-    #[arg(long, env = "EPS_STATUS_JSON")]
-    pub json: bool,
-
     /// nats://host:port: show the JetStream stream's partitions instead of the file log (each one's
     /// checkpoint, last sequence and messages not yet applied), and how many processors share them.
-    /// Needs --database-url postgres://….
-    #[arg(long, env = "EPS_LOG")]
+    /// Needs --database-url postgres://…. The stream's settings (replicas, limits) are read from it.
+    #[arg(help_heading = JETSTREAM, long, env = "EPS_LOG")]
     pub log: Option<String>,
 
     #[command(flatten)]
-    pub nats: NatsArgs,
+    pub nats: NatsStreamArgs,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct CompactArgs {
-    #[command(flatten)]
-    pub store: StoreArgs,
-
-    #[command(flatten)]
-    pub store_check: StoreCheckArgs,
-
     /// Move removed segments to this directory instead of deleting them.
-    #[arg(long, env = "EPS_ARCHIVE_DIR")]
+    #[arg(help_heading = CORE, long, env = "EPS_ARCHIVE_DIR")]
     pub archive_dir: Option<PathBuf>,
 
     /// Keep segments written less than this many seconds ago. Default: --dedup-window-secs, the
     /// server's de-duplication window (a restart rebuilds that window from the recent segments).
-    #[arg(long, env = "EPS_MIN_AGE_SECS")]
+    #[arg(help_heading = CORE, long, env = "EPS_MIN_AGE_SECS")]
     pub min_age_secs: Option<u64>,
 
     /// The server's de-duplication window, in seconds: the same setting (and variable) as the
     /// server's, so a configuration file or environment shared with the server gives both one value.
     /// Only used as the default of --min-age-secs.
-    #[arg(long, env = "EPS_DEDUP_WINDOW_SECS", default_value_t = DEFAULT_DEDUP_WINDOW_SECS)]
+    #[arg(help_heading = CORE, long, env = "EPS_DEDUP_WINDOW_SECS", default_value_t = DEFAULT_DEDUP_WINDOW_SECS)]
     pub dedup_window_secs: u64,
 
     /// Print what would be removed, remove nothing.
-    #[arg(long, env = "EPS_DRY_RUN")]
+    #[arg(help_heading = CORE, long, env = "EPS_DRY_RUN")]
     pub dry_run: bool,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub store_check: StoreCheckArgs,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// Number of generated events sent after the seed's three.
-    #[arg(long, env = "EPS_DEMO_EVENTS", default_value_t = 10_000)]
+    #[arg(help_heading = CORE, long, env = "EPS_DEMO_EVENTS", default_value_t = 10_000)]
     pub events: usize,
 }
 

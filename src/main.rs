@@ -140,8 +140,22 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             // "listening" line, is a graceful stop, never the default action's kill.
             let shutdown = server::shutdown_signal();
             let server = server::Server::bind(opts).await?;
-            // Scripts and tests read this line to learn the port (useful with --listen 127.0.0.1:0).
-            println!("eps server listening on {}://{}", server.scheme(), server.local_addr());
+            // Scripts and tests read this line to learn the port (useful with --listen 127.0.0.1:0). It
+            // means ready: while a large log is still being recovered, another line comes first (the
+            // server answers meanwhile, 503 to what needs the log).
+            let (scheme, addr) = (server.scheme(), server.local_addr());
+            let listening = move || println!("eps server listening on {scheme}://{addr}");
+            match server.log_recovery() {
+                None => listening(),
+                Some(recovered) => {
+                    println!("eps server recovering the log on {scheme}://{addr}: 503 to what needs the log until it is open");
+                    tokio::spawn(async move {
+                        if recovered.await {
+                            listening();
+                        }
+                    });
+                }
+            }
             server.run(shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -236,7 +250,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Status(args) => {
             if let Some(url) = args.log.filter(|u| eps::log::nats::is_nats_url(u)) {
-                let nats = nats_options(url, args.nats);
+                let nats = nats_stream_options(url, args.nats);
                 let status = processor::jetstream::status(&nats, args.store.database_url.as_deref()).await?;
                 if args.json {
                     println!("{}", serde_json::to_string_pretty(&status)?);
@@ -318,20 +332,41 @@ fn init_tracing(cli: &Cli) {
         LogFormat::Json => eps::telemetry::LogFormat::Json,
         LogFormat::Text => eps::telemetry::LogFormat::Text,
     };
-    eps::telemetry::init_tracing(level, format);
+    // `--log-level` (or EPS_LOG_LEVEL, or the configuration file) wins; without it, RUST_LOG is used
+    // as given, as in any tracing program; else the default, with the dependencies held to warnings.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(rust_log) if !log_level_given() && !rust_log.trim().is_empty() => rust_log,
+        _ => eps::telemetry::quiet_dependencies(level),
+    };
+    eps::telemetry::init_tracing(&filter, format);
+}
+
+/// Whether the log level was set: `--log-level` on the command line, or EPS_LOG_LEVEL (which the
+/// configuration file's `log-level` sets too).
+fn log_level_given() -> bool {
+    std::env::var_os("EPS_LOG_LEVEL").is_some()
+        || std::env::args_os().any(|a| a == "--log-level" || a.to_string_lossy().starts_with("--log-level="))
 }
 
 /// The JetStream log's options from its flags (server and processor share them).
 fn nats_options(url: String, args: eps::cli::NatsArgs) -> eps::log::nats::NatsLogOptions {
     eps::log::nats::NatsLogOptions {
-        stream: args.nats_stream,
-        subject_prefix: args.nats_subject_prefix,
-        partitions: args.nats_partitions,
         replicas: args.nats_replicas,
         duplicate_window: Duration::from_secs(args.nats_duplicate_window_secs),
         max_age: Duration::from_secs(args.nats_max_age_secs),
         max_bytes: args.nats_max_bytes,
         max_messages: args.nats_max_msgs,
+        ..nats_stream_options(url, args.stream)
+    }
+}
+
+/// Which JetStream stream, for a command that only reads it (`eps status`): the stream's other
+/// settings are left at their defaults and read from the stream itself.
+fn nats_stream_options(url: String, args: eps::cli::NatsStreamArgs) -> eps::log::nats::NatsLogOptions {
+    eps::log::nats::NatsLogOptions {
+        stream: args.nats_stream,
+        subject_prefix: args.nats_subject_prefix,
+        partitions: args.nats_partitions,
         ..eps::log::nats::NatsLogOptions::new(url)
     }
 }

@@ -30,8 +30,8 @@ pub enum LogFormat {
 /// Sets up the global tracing subscriber: `filter` in EnvFilter syntax; text (colours only on a
 /// terminal) or JSON lines.
 pub fn init_tracing(filter: &str, format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(quiet_dependencies("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -40,6 +40,25 @@ pub fn init_tracing(filter: &str, format: LogFormat) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// The filter eps logs with, from `--log-level`: a bare level (`info`, `debug`, `trace`) is eps's own
+/// level, while every other target (the dependencies: async_nats, tokio_postgres, hyper, rustls, …) is
+/// held to warnings, so the default log has no third-party notices ("connected successfully", a
+/// PostgreSQL NOTICE of `IF NOT EXISTS`). A directive that names a target (`info,async_nats=debug`)
+/// still applies to it; a level of `warn` or quieter, and a filter without a bare level, are used as
+/// given.
+pub fn quiet_dependencies(filter: &str) -> String {
+    let verbose =
+        |directive: &str| ["info", "debug", "trace"].contains(&directive.trim().to_ascii_lowercase().as_str());
+    if !filter.split(',').any(verbose) {
+        return filter.to_string();
+    }
+    let mut out = vec!["warn".to_string()];
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        out.push(if verbose(directive) { format!("eps={directive}") } else { directive.to_string() });
+    }
+    out.join(",")
 }
 
 /// The process's metrics recorder, installed on first use. Durations are histograms in seconds;
@@ -289,4 +308,19 @@ pub async fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<std::ne
     });
     tracing::info!(addr = %bound, "serving processor metrics");
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_bare_level_is_eps_own_and_dependencies_stay_at_warn_unless_named() {
+        use super::quiet_dependencies as q;
+        assert_eq!(q("info"), "warn,eps=info");
+        assert_eq!(q("DEBUG"), "warn,eps=DEBUG");
+        assert_eq!(q("info,async_nats=debug"), "warn,eps=info,async_nats=debug");
+        assert_eq!(q("warn"), "warn");
+        assert_eq!(q("error"), "error");
+        assert_eq!(q("eps=debug"), "eps=debug");
+        assert_eq!(q("eps::server=trace,hyper=info"), "eps::server=trace,hyper=info");
+    }
 }

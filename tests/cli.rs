@@ -109,7 +109,9 @@ fn help_blocks(help: &str) -> Vec<(String, String)> {
             continue;
         }
         if !line.starts_with(' ') {
-            in_args = line.starts_with("Options:") || line.starts_with("Arguments:");
+            // "Options:", "Arguments:" and the topic headings ("Core:", "Storage:", …) hold flags;
+            // "Usage:", "Commands:" and "Examples:" do not.
+            in_args = line.ends_with(':') && !["Usage:", "Commands:", "Examples:"].contains(&line);
             continue;
         }
         let trimmed = line.trim_start();
@@ -126,6 +128,125 @@ fn help_blocks(help: &str) -> Vec<(String, String)> {
         }
     }
     blocks
+}
+
+/// The headings of `eps COMMAND --help`, in order, each with the flags listed under it.
+fn help_sections(help: &str) -> Vec<(String, Vec<String>)> {
+    let mut sections: Vec<(String, Vec<String>)> = Vec::new();
+    for line in help.lines() {
+        if !line.starts_with(' ') && line.ends_with(':') {
+            sections.push((line.trim_end_matches(':').to_string(), Vec::new()));
+        } else if let Some((_, flags)) = sections.last_mut() {
+            let trimmed = line.trim_start();
+            if line.len() - trimmed.len() <= 6 && (trimmed.starts_with('-') || trimmed.starts_with('[')) {
+                let name = trimmed.split([' ', ',']).find(|w| w.starts_with("--") || w.starts_with('['));
+                flags.extend(name.map(str::to_string));
+            }
+        }
+    }
+    sections
+}
+
+/// Issue 20, item 2: `--help` groups flags under headings (core, storage, JetStream, TLS and tokens,
+/// logging) and ends with examples; each command shows only the flags it uses (`eps status` no
+/// stream-creation settings, only the server TLS, only the client a CA).
+#[tokio::test]
+async fn help_groups_flags_under_headings_ends_with_examples_and_shows_each_command_only_its_flags() {
+    const CORE: &str = "Core";
+    const STORAGE: &str = "Storage";
+    const JETSTREAM: &str = "JetStream (with --log nats://…)";
+    const TLS: &str = "TLS and tokens";
+    const LOGGING: &str = "Logging";
+    let order = [CORE, STORAGE, JETSTREAM, TLS, LOGGING];
+    // (command, headings it has, [(flag, its heading)]).
+    type Expected<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)]);
+    let expected: &[Expected] = &[
+        (
+            "server",
+            &[CORE, STORAGE, JETSTREAM, TLS, LOGGING],
+            &[
+                ("--listen", CORE),
+                ("--data-dir", STORAGE),
+                ("--dedup-window-secs", STORAGE),
+                ("--log", JETSTREAM),
+                ("--nats-replicas", JETSTREAM),
+                ("--tls-cert", TLS),
+                ("--tokens-file", TLS),
+                ("--log-level", LOGGING),
+            ],
+        ),
+        (
+            "process",
+            &[CORE, STORAGE, JETSTREAM, LOGGING],
+            &[("--follow", CORE), ("--allow-other-store", STORAGE), ("--nats-max-msgs", JETSTREAM)],
+        ),
+        (
+            "client",
+            &[CORE, STORAGE, TLS, LOGGING],
+            &[("--url", CORE), ("--state-dir", STORAGE), ("--ca-cert", TLS), ("--token", TLS)],
+        ),
+        (
+            "status",
+            &[CORE, STORAGE, JETSTREAM, LOGGING],
+            &[("--json", CORE), ("--database-url", STORAGE), ("--nats-partitions", JETSTREAM)],
+        ),
+        ("compact", &[CORE, STORAGE, LOGGING], &[("--dry-run", CORE), ("--data-dir", STORAGE)]),
+    ];
+    for (command, headings, flags) in expected {
+        let out = help(command).await;
+        let sections = help_sections(&out.stdout);
+        let names: Vec<&str> = sections.iter().map(|(name, _)| name.as_str()).collect();
+        let topics: Vec<&str> = names.iter().copied().filter(|n| order.contains(n)).collect();
+        assert_eq!(topics, *headings, "eps {command} --help: its headings, in order:\n{}", out.stdout);
+        assert_eq!(names.last(), Some(&"Examples"), "eps {command} --help does not end with examples:\n{}", out.stdout);
+        let examples = out.stdout.rsplit("Examples:").next().unwrap();
+        assert!(
+            examples.lines().filter(|l| l.trim_start().starts_with(&format!("eps {command}"))).count() >= 2,
+            "eps {command} --help: fewer than two examples of the command:\n{examples}"
+        );
+        for (flag, heading) in *flags {
+            let under = sections.iter().find(|(_, f)| f.iter().any(|f| f == flag)).map(|(h, _)| h.as_str());
+            assert_eq!(under, Some(*heading), "eps {command} --help: {flag} is not under {heading}:\n{}", out.stdout);
+        }
+        // Only the top-level "Options:" holds no topic: -h (and -V) alone.
+        let options = sections.iter().find(|(name, _)| name == "Options").map(|(_, f)| f.clone()).unwrap_or_default();
+        assert_eq!(options, ["--help"], "eps {command} --help: flags without a heading:\n{}", out.stdout);
+    }
+    let top = help("").await;
+    assert!(top.stdout.contains("Examples:\n  eps demo"), "eps --help ends without examples:\n{}", top.stdout);
+
+    // Each flag only where it is used.
+    let used_by: &[(&str, &[&str])] = &[
+        // Stream creation and its checked settings: the server and the processors, never `eps status`.
+        ("--nats-replicas", &["server", "process"]),
+        ("--nats-duplicate-window-secs", &["server", "process"]),
+        ("--nats-max-age-secs", &["server", "process"]),
+        ("--nats-max-bytes", &["server", "process"]),
+        ("--nats-max-msgs", &["server", "process"]),
+        ("--nats-partitions", &["server", "process", "status"]),
+        ("--nats-rebalance-ms", &["process"]),
+        ("--tls-cert", &["server"]),
+        ("--tokens-file", &["server"]),
+        ("--ca-cert", &["client"]),
+        ("--follow", &["process"]),
+        ("--allow-other-store", &["process", "status", "compact"]),
+        ("--segment-bytes", &["server"]),
+        ("--dry-run", &["compact"]),
+    ];
+    let commands = ["server", "process", "client", "status", "compact", "demo"];
+    let mut helps = Vec::new();
+    for command in commands {
+        helps.push((command, help_sections(&help(command).await.stdout)));
+    }
+    for (flag, users) in used_by {
+        for (command, sections) in &helps {
+            let offered = sections.iter().any(|(_, flags)| flags.iter().any(|f| f == flag));
+            assert_eq!(offered, users.contains(command), "eps {command} --help offers {flag}: {offered}");
+        }
+    }
+    // And a flag a command does not take is refused, not silently ignored.
+    let out = run_eps(&args(&["status", "--nats-replicas", "3"]), &[]).await;
+    assert_eq!(out.code(), Some(2), "{out}");
 }
 
 /// README: "every flag also reads an environment variable"; `eps --help`: "Every flag can also be set

@@ -1382,3 +1382,57 @@ async fn the_processors_retry_lines_carry_the_delay_as_a_number_and_the_cause() 
         assert!(error.contains("PostgreSQL unavailable while connecting"), "the retry line has no cause: {line}");
     }
 }
+
+/// Issue 20, item 4: at the default log level no dependency writes a line at info (async_nats'
+/// "connected successfully", tokio_postgres relaying PostgreSQL's NOTICEs of `IF NOT EXISTS`): a server
+/// and processors on the JetStream log and PostgreSQL, run twice (a new database, then an existing one),
+/// log only eps's own lines below warnings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_default_level_no_dependency_logs_at_info_on_jetstream_and_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = common::nats::Nats::start(dir.path()).await;
+    let db = TestDb::new(StoreKind::Postgres).await;
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut a = args(&["server", "--listen", "127.0.0.1:0", "--data-dir", &data.display().to_string()]);
+    a.extend(["--log".to_string(), nats.url()]);
+    a.extend(db.args());
+    let mut server = ServerProc::start(&a, &[], dir.path()).await;
+    let http = http();
+    eventually(Duration::from_secs(30), "an event accepted on JetStream", || {
+        let (http, url) = (http.clone(), server.url.clone());
+        async move {
+            let (status, _) = post_ndjson(&http, &url, format!("{}\n", event_line("quiet", "add_revenue", "1"))).await;
+            (status == 200).then_some(())
+        }
+    })
+    .await;
+    let mut logs = Vec::new();
+    for _ in 0..2 {
+        let mut a = args(&["process", "--log", &nats.url()]);
+        a.extend(db.args());
+        let out = run_eps(&a, &[]).await;
+        assert!(out.status.success(), "{out}");
+        logs.push(out.stderr);
+    }
+    server.sigterm().await;
+    assert!(server.wait(Duration::from_secs(20)).await.success(), "{}", server.stderr());
+    logs.push(server.stderr());
+    let logs = logs.join("");
+
+    // Text lines: "<time> <LEVEL> <target>: <message>".
+    let below_warn: Vec<(&str, &str)> = logs
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let (_, level, target) = (words.next()?, words.next()?, words.next()?);
+            ["INFO", "DEBUG", "TRACE"].contains(&level).then(|| (target.trim_end_matches(':'), line))
+        })
+        .collect();
+    let foreign: Vec<&str> =
+        below_warn.iter().filter(|(target, _)| !target.starts_with("eps")).map(|(_, line)| *line).collect();
+    assert!(foreign.is_empty(), "dependencies logging at info by default:\n{}", foreign.join("\n"));
+    // eps's own info lines are still there: the filter holds back the dependencies, not eps.
+    assert!(below_warn.iter().any(|(target, _)| *target == "eps::log::nats"), "{logs}");
+    assert!(below_warn.iter().any(|(target, _)| *target == "eps::server"), "{logs}");
+}

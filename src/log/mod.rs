@@ -20,6 +20,7 @@ pub mod identity;
 pub mod nats;
 pub mod producers;
 pub mod reader;
+pub mod recovery;
 pub mod writer;
 
 pub use writer::{FileLog, FileLogOptions};

@@ -43,6 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::durable_end::DurableEndWriter;
 use super::producers::{self, ProducerTable, Ranges, Verdict};
+use super::recovery::{RecoveryProgress, Stage};
 use super::{
     content_digest, id_key, list_segments, segment_name, Appended, EventLog, IdKey, IdKeyHasher, LogBatch, LogError,
 };
@@ -80,6 +81,8 @@ pub struct FileLogOptions {
     pub dedup_horizon: Duration,
     /// Requests that may wait for the writer before handlers are made to wait.
     pub queue_depth: usize,
+    /// Where [`FileLog::open`] reports how far its recovery has got (and learns that it must stop).
+    pub progress: Arc<RecoveryProgress>,
 }
 
 impl FileLogOptions {
@@ -91,6 +94,7 @@ impl FileLogOptions {
             dedup_max_ids: DEFAULT_DEDUP_MAX_IDS,
             dedup_horizon: Duration::from_secs(producers::DEFAULT_HORIZON_SECS),
             queue_depth: 16 * 1024,
+            progress: Arc::default(),
         }
     }
 }
@@ -211,6 +215,7 @@ struct Writer {
 
 impl Writer {
     fn recover(opts: FileLogOptions, lock: File, stats: Arc<LogStats>) -> io::Result<Writer> {
+        let started = Instant::now();
         // Every error of the start-up names its path: an operator must know which file failed.
         let durable_end =
             DurableEndWriter::open(&opts.dir).map_err(|e| with_path(e, "cannot open the durable end in", &opts.dir))?;
@@ -238,15 +243,20 @@ impl Writer {
         sync_dir(&opts.dir).map_err(|e| with_path(e, "cannot sync", &opts.dir))?;
         durable_end.publish(base + len).map_err(|e| with_path(e, "cannot publish the durable end in", &opts.dir))?;
         producers::remove_leftovers(&opts.dir);
+        opts.progress.set_stage(Stage::Reading);
         let dedup = Dedup::rebuild(&opts, &segments, base + len)?;
+        opts.progress.set_stage(Stage::Done);
         stats.end_position.store(base + len, Ordering::Relaxed);
         stats.segments.store(segments.len().max(1) as u64, Ordering::Relaxed);
         metrics::gauge!("eps_log_segments").set(segments.len().max(1) as f64);
         metrics::gauge!("eps_log_end_position_bytes").set((base + len) as f64);
+        let read = opts.progress.snapshot();
         tracing::info!(
             segment = %path.display(), position = base + len, remembered_ids = dedup.len(),
             producers = dedup.producers.len(), producer_ranges = dedup.producers.ranges(),
-            snapshot = dedup.covered, "log opened"
+            snapshot = dedup.covered, bytes_read = read.bytes_read, segment_reads = read.segments_read,
+            took_secs = started.elapsed().as_secs_f64(),
+            "log opened: recovered in {:.2} s", started.elapsed().as_secs_f64()
         );
         let (tx, rx) = std::sync::mpsc::channel::<(u64, Vec<u8>)>();
         let dir = opts.dir.clone();
@@ -702,12 +712,29 @@ impl Dedup {
             dedup.covered = covered;
         }
         let covered = dedup.covered;
+        // Where each segment ends (the newest at the durable end): what reading it costs.
+        let end_of = |i: usize| segments.get(i + 1).map_or(log_end, |(next, _)| *next);
+        let recent_from = segments
+            .iter()
+            .rposition(|(_, path)| {
+                let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                let millis = modified.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
+                millis.is_some_and(|m| m < since)
+            })
+            .map_or(0, |older| older + 1);
+        let progress = &opts.progress;
+        for (i, (base, _)) in segments.iter().enumerate() {
+            let planned = [end_of(i) > covered, i >= recent_from].iter().filter(|&&read| read).count() as u64;
+            progress.plan(planned, planned * end_of(i).saturating_sub(*base));
+        }
         for (i, (base, path)) in segments.iter().enumerate() {
-            let end = segments.get(i + 1).map_or(log_end, |(next, _)| *next);
+            let end = end_of(i);
             if end <= covered {
                 continue;
             }
+            progress.check()?;
             let Some(data) = read_segment(path)? else { continue };
+            progress.read(data.len() as u64);
             let skip = covered.saturating_sub(*base) as usize;
             for line in whole_lines(&data).get(skip..).unwrap_or_default().split(|&b| b == b'\n') {
                 if let Some((id, ts)) = id_and_time(line) {
@@ -721,14 +748,6 @@ impl Dedup {
         }
 
         // The id window: newest segments first, until the window's start or its size.
-        let recent_from = segments
-            .iter()
-            .rposition(|(_, path)| {
-                let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-                let millis = modified.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
-                millis.is_some_and(|m| m < since)
-            })
-            .map_or(0, |older| older + 1);
         let mut found: Vec<Vec<(IdKey, u64, u64)>> = Vec::new();
         let mut count = 0usize;
         let mut scratch = Vec::new();
@@ -736,7 +755,9 @@ impl Dedup {
             if count >= dedup.ids.max {
                 break;
             }
+            progress.check()?;
             let Some(data) = read_segment(path)? else { continue };
+            progress.read(data.len() as u64);
             let mut ids = Vec::new();
             for line in whole_lines(&data).split(|&b| b == b'\n') {
                 if let Some((id, ts)) = id_and_time(line) {

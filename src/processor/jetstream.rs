@@ -777,7 +777,17 @@ pub async fn status(nats: &NatsLogOptions, database_url: Option<&str>) -> anyhow
     let identity = stream_identity(&info, nats.partitions);
     let scope = identity_scope(&nats.stream);
     let identity_mismatch = store.log_identity(&scope).await?.filter(|bound| *bound != identity);
-    let settings_mismatches = crate::log::nats::settings_mismatches(&info.config, nats);
+    // `eps status` creates nothing and takes no creation settings: it reads with the stream's own
+    // replicas, duplicate window and limits, and checks only what names the stream's layout.
+    let as_found = NatsLogOptions {
+        replicas: info.config.num_replicas,
+        duplicate_window: info.config.duplicate_window,
+        max_age: info.config.max_age,
+        max_bytes: info.config.max_bytes.max(0),
+        max_messages: info.config.max_messages.max(0),
+        ..nats.clone()
+    };
+    let settings_mismatches = crate::log::nats::settings_mismatches(&info.config, &as_found);
     let mut partitions = Vec::with_capacity(nats.partitions as usize);
     for partition in 0..nats.partitions {
         let progress = store.progress(&checkpoint_name(&nats.stream, partition)).await?;

@@ -2,7 +2,9 @@
 //!
 //! [`Server::bind`] does everything that can fail at start-up (open and repair the log, bind the port,
 //! check the token policy) before anything is served, so a misconfigured server exits at once with one
-//! readable line. [`Server::run`] serves until the shutdown future resolves, then stops accepting,
+//! readable line. The one exception is a file log whose recovery takes longer than [`RECOVERY_GRACE`]:
+//! the server then listens meanwhile, answering 503 to what needs the log (`recovering.rs`), and a
+//! recovery that fails later stops it with the error. [`Server::run`] serves until the shutdown future resolves, then stops accepting,
 //! lets in-flight requests finish (each waits for the sync that covers it) and stops the log writer
 //! after its last sync.
 //!
@@ -22,12 +24,13 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::log::nats::{NatsLog, NatsLogOptions};
-use crate::log::{EventLog, FileLog, FileLogOptions, LOG_DIR};
+use crate::log::{EventLog, FileLogOptions, LOG_DIR};
 use crate::store::{self, Store};
 
 pub mod auth;
 mod console;
 mod error;
+mod recovering;
 mod routes;
 pub mod serve;
 pub mod tls;
@@ -109,11 +112,18 @@ pub(crate) struct AppState {
     /// Why the last attempt to open the store failed (the database's own error, without the URL),
     /// while it is not open: what `/readyz` shows.
     store_error: std::sync::Mutex<Option<String>>,
+    /// The file log while it is recovered in the background (`None` for the JetStream log).
+    recovering: Option<Arc<recovering::RecoveringLog>>,
 }
 
 impl AppState {
-    fn log_ready(&self) -> bool {
-        self.log.ready()
+    /// Why the log cannot take events now (`None`: it can): still being recovered, or the last append
+    /// failed.
+    fn log_not_ready(&self) -> Option<String> {
+        if let Some(why) = self.recovering.as_ref().and_then(|log| log.not_open()) {
+            return Some(why);
+        }
+        (!self.log.ready()).then(|| "the last append failed; see the server's log".to_string())
     }
 
     /// Why the store is not open yet: the last attempt's error, with its cause.
@@ -142,6 +152,11 @@ pub struct Server {
     /// CORS for the ingest routes, when origins are given.
     cors: Option<tower_http::cors::CorsLayer>,
 }
+
+/// How long [`Server::bind`] waits for the file log's recovery before it listens anyway (answering 503
+/// to what needs the log until recovery ends): a small log is open by then, and a start-up failure
+/// (the directory cannot be written, another server holds it) stops the server before it listens.
+const RECOVERY_GRACE: Duration = Duration::from_millis(500);
 
 impl Server {
     pub async fn bind(opts: ServerOptions) -> anyhow::Result<Server> {
@@ -174,6 +189,7 @@ impl Server {
                 None
             }
         };
+        let mut recovering = None;
         let log: Arc<dyn EventLog> = match &opts.log_url {
             Some(url) if crate::log::nats::is_nats_url(url) => {
                 let mut nats = opts.nats.clone();
@@ -198,18 +214,31 @@ impl Server {
                 log_opts.dedup_window = opts.dedup_window;
                 log_opts.dedup_max_ids = opts.dedup_max_ids;
                 log_opts.dedup_horizon = opts.dedup_horizon;
-                let log = Arc::new(tokio::task::block_in_place(|| FileLog::open(log_opts))?);
-                // Which store this log is applied to: processors and `eps status` check it.
-                if let Some(previous) = store::record_store(&opts.data_dir, opts.database_url.as_deref())? {
-                    tracing::warn!(previous = %previous, store = %store::store_name(opts.database_url.as_deref()),
-                        "this data directory's server used another store before: processors must now use this one");
+                let (data_dir, database_url) = (opts.data_dir.clone(), opts.database_url.clone());
+                // Recovered in the background: a large log takes seconds, during which the server
+                // listens and says so (503 with Retry-After) instead of being silent and unreachable.
+                let log = recovering::RecoveringLog::start(log_opts, move || {
+                    // Which store this log is applied to: processors and `eps status` check it.
+                    if let Some(previous) = store::record_store(&data_dir, database_url.as_deref())? {
+                        tracing::warn!(previous = %previous, store = %store::store_name(database_url.as_deref()),
+                            "this data directory's server used another store before: processors must now use this one");
+                    }
+                    Ok(())
+                });
+                if let Ok(Err(why)) = tokio::time::timeout(RECOVERY_GRACE, log.finished()).await {
+                    return Err(anyhow::anyhow!(why));
                 }
+                recovering = Some(log.clone());
                 log
             }
         };
-        let listener = TcpListener::bind(opts.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.listen))?;
+        let listener = match TcpListener::bind(opts.listen).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                log.shutdown().await;
+                return Err(anyhow::anyhow!("cannot listen on {}: {e}", opts.listen));
+            }
+        };
         let state = Arc::new(AppState {
             log: log.clone(),
             auth,
@@ -221,9 +250,17 @@ impl Server {
             data_dir: opts.data_dir.clone(),
             store_metrics_at: tokio::sync::Mutex::new(None),
             store_error: std::sync::Mutex::new(None),
+            recovering,
         });
         let hangups = state.auth.file().is_some().then(hangups);
         Ok(Server { listener, tls, state, log, opts, hangups, cors })
+    }
+
+    /// While the file log is still being recovered: a future that resolves once recovery has ended
+    /// (true when the log is open). `None` when the log is open already.
+    pub fn log_recovery(&self) -> Option<impl Future<Output = bool> + Send + 'static> {
+        let log = self.state.recovering.clone().filter(|log| log.not_open().is_some())?;
+        Some(async move { log.finished().await.is_ok() })
     }
 
     /// `https` with `--tls-cert`, else `http`.
@@ -276,11 +313,27 @@ impl Server {
     /// `GET /userEvents` answering 503 forever would hide it.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let (refused_tx, refused_rx) = oneshot::channel();
+        // A recovery that fails after the server began to listen stops it the same graceful way.
+        let recovering = self.state.recovering.clone();
+        let recovery_failed = async move {
+            match recovering {
+                Some(log) => match log.finished().await {
+                    Err(why) => why,
+                    Ok(()) => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
         let store_task = tokio::spawn(connect_store(self.state.clone(), self.opts.clone(), refused_tx));
         let sampler_task = tokio::spawn(console::run_sampler(self.state.clone()));
         let tokens_task = self.hangups.clone().map(|hangups| tokio::spawn(reload_tokens(self.state.clone(), hangups)));
         let router = self.router();
-        tracing::info!(addr = %self.local_addr(), data_dir = %self.opts.data_dir.display(), "eps server listening");
+        if self.state.recovering.as_ref().is_some_and(|log| log.not_open().is_some()) {
+            tracing::info!(addr = %self.local_addr(), data_dir = %self.opts.data_dir.display(),
+                "eps server listening while the log is recovered: 503 to what needs the log until it is open");
+        } else {
+            tracing::info!(addr = %self.local_addr(), data_dir = %self.opts.data_dir.display(), "eps server listening");
+        }
         // At shutdown the consoles' event streams end first, so the drain does not wait for them.
         let state = self.state.clone();
         let refused = Arc::new(std::sync::Mutex::new(None));
@@ -291,6 +344,10 @@ impl Server {
                 Ok(e) = refused_rx => {
                     tracing::error!("the database is misconfigured; stopping the server");
                     *refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                }
+                why = recovery_failed => {
+                    tracing::error!(error = %why, "the log could not be opened; stopping the server");
+                    *refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some(anyhow::anyhow!(why));
                 }
             }
             state.console.close();

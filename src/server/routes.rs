@@ -533,10 +533,12 @@ pub(super) async fn healthz(State(state): State<Arc<AppState>>) -> Json<Health> 
 /// answers a ping within a second). Unauthenticated and cheap: no write, one trivial query.
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses(
     (status = 200, description = "Ready: the log is writable and the database answers", body = Readiness),
-    (status = 503, description = "Not ready; the body says which part is not", body = Readiness),
+    (status = 503, description = "Not ready (the log still being recovered at start-up, an append failing, the database away); the body says which part is not; retry after Retry-After seconds", body = Readiness,
+        headers(("Retry-After" = u64, description = "Seconds to wait before asking again"))),
 ))]
-pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Readiness>) {
-    let log_ok = state.log_ready();
+pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> axum::response::Response {
+    let log_not_ready = state.log_not_ready();
+    let log_ok = log_not_ready.is_none();
     let database = match state.store() {
         Err(_) => Err(state.store_not_open()),
         Ok(store) => match tokio::time::timeout(std::time::Duration::from_secs(1), store.ping()).await {
@@ -549,10 +551,14 @@ pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, J
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = Readiness {
         status: if ready { "ready" } else { "not ready" }.into(),
-        log: if log_ok { "ok" } else { "the last append failed; see the server's log" }.into(),
+        log: log_not_ready.unwrap_or_else(|| "ok".to_string()),
         database: database.err().unwrap_or_else(|| "ok".to_string()),
     };
-    (status, Json(body))
+    let mut response = axum::response::IntoResponse::into_response((status, Json(body)));
+    if !ready {
+        response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    response
 }
 
 /// `GET /metrics`: Prometheus text format. Unauthenticated like most scrape targets; it holds counts

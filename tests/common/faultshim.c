@@ -21,6 +21,8 @@
  *  48  int32  fail_write           the next N matching write(2) calls write half and then fail (ENOSPC), as
  *                                  fail_pwrite does for pwrite (for files written with write, such as the
  *                                  dead-letter file of versions that appended to it)
+ *  52  int32  stall_read_ms        each matching read(2) sleeps this long first (stalled_now is 1 meanwhile):
+ *                                  a slow disk under a start-up that reads the log
  *  64  char[64] filter             only fds whose path contains this text are affected ("" = all)
  *
  * "Matching" means the file descriptor's path (from /proc/self/fd) contains the filter (a filter ending
@@ -54,7 +56,8 @@ struct ctl {
     int32_t stall_partial_write_ms;
     int32_t fail_create;
     int32_t fail_write;
-    char pad[64 - 52];
+    int32_t stall_read_ms;
+    char pad[64 - 56];
     char filter[64];
 };
 
@@ -207,6 +210,20 @@ ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset) {
     static ssize_t (*real)(int, const void *, size_t, off_t);
     if (!real) real = dlsym(RTLD_NEXT, "pwrite");
     return pwrite_common(real, fd, buf, count, offset);
+}
+
+/* read(2): a slow disk. Only the stall's own load when nothing is armed; the path is looked up only then. */
+ssize_t read(int fd, void *buf, size_t count) {
+    static ssize_t (*real)(int, void *, size_t);
+    if (!real) real = dlsym(RTLD_NEXT, "read");
+    int32_t stall = ctl ? __atomic_load_n(&ctl->stall_read_ms, __ATOMIC_SEQ_CST) : 0;
+    if (stall > 0 && fd_matches(fd)) {
+        __atomic_store_n(&ctl->stalled_now, 1, __ATOMIC_SEQ_CST);
+        struct timespec ts = {stall / 1000, (long)(stall % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+        __atomic_store_n(&ctl->stalled_now, 0, __ATOMIC_SEQ_CST);
+    }
+    return real(fd, buf, count);
 }
 
 /* write(2): a full disk mid-write, as for pwrite; the refusal of the rest goes to the same fd only (other

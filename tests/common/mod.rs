@@ -353,7 +353,8 @@ pub fn eps_command_via(wrapper: &[&str], args: &[String], envs: &[(&str, String)
     };
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
-        if k.starts_with("EPS_") || k == "DATABASE_URL" || k.to_ascii_lowercase().ends_with("_proxy") {
+        if k.starts_with("EPS_") || k == "DATABASE_URL" || k == "RUST_LOG" || k.to_ascii_lowercase().ends_with("_proxy")
+        {
             cmd.env_remove(&key);
         }
     }
@@ -450,7 +451,12 @@ impl ServerProc {
         let mut child = cmd.spawn().expect("cannot start eps server");
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        let read = within(START_TIMEOUT, "the server's first stdout line", stdout.read_line(&mut line)).await;
+        let mut read = within(START_TIMEOUT, "the server's first stdout line", stdout.read_line(&mut line)).await;
+        // A server still recovering its log says so first; "listening" follows once it is ready.
+        if line.starts_with("eps server recovering the log") {
+            line.clear();
+            read = within(START_TIMEOUT, "the server's listening line", stdout.read_line(&mut line)).await;
+        }
         let prefix = "eps server listening on http://";
         // With --tls-cert the line says https://.
         let scheme = if line.starts_with("eps server listening on https://") { "https" } else { "http" };

@@ -41,6 +41,7 @@ const COUNT_SYNCS: u64 = 36;
 const STALL_PARTIAL_WRITE_MS: u64 = 40;
 const FAIL_CREATE: u64 = 44;
 const FAIL_WRITE: u64 = 48;
+const STALL_READ_MS: u64 = 52;
 const FILTER: u64 = 64;
 
 /// One control file; every process started with [`Shim::env`] obeys it.
@@ -114,7 +115,11 @@ impl Shim {
     pub fn stall_after_partial_write_ms(&self, ms: i32) {
         self.set_i32(STALL_PARTIAL_WRITE_MS, ms);
     }
-    /// Whether a matching sync (or a partial write, see above) is stalled right now.
+    /// Every read(2) of a matching file first sleeps this long (0: no stall): a slow disk.
+    pub fn stall_reads_ms(&self, ms: i32) {
+        self.set_i32(STALL_READ_MS, ms);
+    }
+    /// Whether a matching sync (or a partial write or a read, see above) is stalled right now.
     pub fn stalled(&self) -> bool {
         self.get_i32(STALLED_NOW) == 1
     }
@@ -136,7 +141,9 @@ impl Shim {
     }
     /// Disarms every fault (the trace and the sync count go on).
     pub fn disarm(&self) {
-        for at in [FAIL_FDATASYNC, FAIL_FSYNC, FAIL_PWRITE, FAIL_WRITE, STALL_SYNC_MS, STALL_PARTIAL_WRITE_MS] {
+        for at in
+            [FAIL_FDATASYNC, FAIL_FSYNC, FAIL_PWRITE, FAIL_WRITE, STALL_SYNC_MS, STALL_PARTIAL_WRITE_MS, STALL_READ_MS]
+        {
             self.set_i32(at, 0);
         }
         self.wall_clock_offset_ms(0);
