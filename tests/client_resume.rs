@@ -123,7 +123,20 @@ async fn signal(name: &str, pid: u32) {
 /// resumes; the next run says it resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_stopped_again_and_again_and_run_again_stores_every_event_once() {
-    let scenario = "client_interrupted_and_resumed";
+    stopped_again_and_again("client_interrupted_and_resumed", true).await;
+}
+
+/// The same with the client's state directory removed before every run (another machine, a lost
+/// disk), SIGINT and SIGKILL: each run sends the file from its first line, the server answers what it
+/// has as duplicates (the ids come from the file's content), and the log still holds every line once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stopped_again_and_again_and_run_again_without_its_state_stores_every_event_once() {
+    stopped_again_and_again("client_interrupted_and_rerun_without_state", false).await;
+}
+
+/// The two tests above: with `keep_state` the runs share one state directory (and stops are SIGINT,
+/// SIGKILL or SIGTERM); without, it is removed before each run (and stops are SIGINT or SIGKILL).
+async fn stopped_again_and_again(scenario: &'static str, keep_state: bool) {
     let seed = fault::seed(scenario);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let started = Instant::now();
@@ -140,11 +153,15 @@ async fn a_client_stopped_again_and_again_and_run_again_stores_every_event_once(
     shim.stall_syncs_ms(2);
 
     let mut kills = 0;
+    let mut resent = 0;
     for round in 0..rounds {
         let target = (round + 1) * n / (rounds + 2);
         // Each kind at least once, then at random.
-        let kinds = ["-INT", "-KILL", "-TERM"];
-        let kind = if round < kinds.len() { kinds[round] } else { kinds[rng.random_range(0..3)] };
+        let kinds: &[&str] = if keep_state { &["-INT", "-KILL", "-TERM"] } else { &["-INT", "-KILL"] };
+        let kind = if round < kinds.len() { kinds[round] } else { kinds[rng.random_range(0..kinds.len())] };
+        if !keep_state && state.exists() {
+            std::fs::remove_dir_all(&state).unwrap();
+        }
         let resumes = checkpoint_line(&state) > 0;
         let mut cmd = eps_command(&a, &[]);
         cmd.current_dir(env.tmp.path()).stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -196,11 +213,22 @@ async fn a_client_stopped_again_and_again_and_run_again_stores_every_event_once(
         eprintln!("round {round}: {kind} with {stored} of {n} events stored");
     }
     shim.disarm();
+    if !keep_state && state.exists() {
+        std::fs::remove_dir_all(&state).unwrap();
+    }
+    let before = lines_so_far(&env.log_dir());
     let out = run_eps_in(env.tmp.path(), &a, &[]).await;
     assert_eq!(out.code(), Some(0), "the last run: {out}");
-    assert!(out.stderr.contains("resuming "), "{out}");
-    let (sent, _, _) = summary_counts(&out.stdout);
-    assert!((sent as usize) < n * 3 / 4, "the last run sent {sent}: it did not resume");
+    let (sent, accepted, duplicates) = summary_counts(&out.stdout);
+    if keep_state {
+        assert!(out.stderr.contains("resuming "), "{out}");
+        assert!((sent as usize) < n * 3 / 4, "the last run sent {sent}: it did not resume");
+    } else {
+        assert!(!out.stderr.contains("resuming "), "{out}");
+        // From the first line: what the stopped runs stored comes back as duplicates.
+        assert_eq!((sent, accepted, duplicates), (n as u64, n as u64, before as u64), "the last run: {out}");
+        resent = duplicates;
+    }
 
     assert_each_line_once(&env.log_dir(), n);
     drop(server);
@@ -217,11 +245,19 @@ async fn a_client_stopped_again_and_again_and_run_again_stores_every_event_once(
         events_lost: t.events_lost,
         events_doubled: t.events_doubled,
         duration: started.elapsed(),
-        notes: format!(
-            "eps client sending a {n}-event file (--batch {batch} --concurrency 2, syncs slowed 2 ms) stopped {rounds} \
-             times at random points by SIGINT, SIGTERM or SIGKILL and run again with the same command each time; \
-             the log held each line once; lost/doubled are those of the totals"
-        ),
+        notes: if keep_state {
+            format!(
+                "eps client sending a {n}-event file (--batch {batch} --concurrency 2, syncs slowed 2 ms) stopped \
+                 {rounds} times at random points by SIGINT, SIGTERM or SIGKILL and run again with the same command \
+                 each time; the log held each line once; lost/doubled are those of the totals"
+            )
+        } else {
+            format!(
+                "as client_interrupted_and_resumed (SIGINT or SIGKILL, {rounds} times) with the state directory \
+                 removed before every run: each run sent the file from line 1, the last one {resent} duplicates; \
+                 the log held each line once; lost/doubled are those of the totals"
+            )
+        },
         ..Default::default()
     }
     .write();

@@ -104,17 +104,88 @@ async fn assert_all_duplicates(env: &Env, file: &Path, url: &str) {
     assert!(twice.is_empty(), "ids stored twice: {twice:?}");
 }
 
+/// Newlines in a log, read one segment at a time (the long run's log is a gigabyte).
+fn count_lines(log_dir: &Path) -> usize {
+    segments(log_dir).iter().map(|(_, p)| std::fs::read(p).unwrap().iter().filter(|&&b| b == b'\n').count()).sum()
+}
+
+/// `events` events from 1,000 other producers (scheme ids, as other `eps client` runs send them), in
+/// 1,000-event batches of one producer, 4 in flight.
+async fn other_runs(url: &str, events: usize) {
+    use futures::StreamExt as _;
+    let per_producer = events / 1000;
+    let http = http();
+    let batches: Vec<(usize, usize)> =
+        (1..=per_producer).step_by(1000).flat_map(|first| (0..1000).map(move |p| (p, first))).collect();
+    let mut answers = futures::stream::iter(batches)
+        .map(|(p, first)| {
+            let http = http.clone();
+            async move {
+                let producer = format!("{:016x}", 0x0123_0000_0000_0000u64 + p as u64);
+                let last = (first + 999).min(per_producer);
+                let body: Vec<String> = (first..=last)
+                    .map(|i| format!(r#"{{"userId":"run{p}","name":"add_revenue","value":1,"id":"{producer}-{i}"}}"#))
+                    .collect();
+                let (status, answer) = post_ndjson(&http, url, body.join("\n")).await;
+                assert_eq!((status, answer["accepted"].as_u64()), (200, Some((last - first + 1) as u64)), "{answer}");
+            }
+        })
+        .buffer_unordered(4);
+    while answers.next().await.is_some() {}
+}
+
 /// A 1,000-event file, then 10,000 events from other producers (past the id window's cap), the server
 /// SIGKILLed and restarted, the file re-sent with a fresh state dir: 1,000 duplicates, nothing stored.
+/// The long run (scripts/fault-suite) does it at full size with the server's defaults: 10,000,000
+/// events from 1,000 other producers after the file, far past the default id window (458,752 ids).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_resent_after_others_traffic_and_a_sigkill_is_all_duplicates() {
+    let scenario = "file_resent_after_10m_others_and_a_sigkill";
+    let seed = common::fault::seed(scenario);
+    let started = std::time::Instant::now();
     let env = Env::new(StoreKind::Sqlite).await;
-    let mut server = env.server_with(SMALL_WINDOW).await;
-    let file = first_file_then_others(&env, &server.url).await;
+    let settings: &[&str] = common::fault::scaled(SMALL_WINDOW, &[]);
+    let others = common::fault::scaled(10_000, 10_000_000);
+    let mut server = env.server_with(settings).await;
+    let file = if common::fault::long() {
+        let file = env.write_file("first.jsonl", &lines(N, "first"));
+        let (sent, accepted, dups, out) = send_fresh(&env, &file, &server.url).await;
+        assert_eq!((sent, accepted, dups), (N as u64, N as u64, 0), "{out}");
+        other_runs(&server.url, others).await;
+        file
+    } else {
+        first_file_then_others(&env, &server.url).await
+    };
+    assert_eq!(count_lines(&env.log_dir()), N + others);
     server.kill().await;
-    let server = env.server_with(SMALL_WINDOW).await;
-    assert_all_duplicates(&env, &file, &server.url).await;
-    assert_eq!(log_lines(&env.log_dir()).len(), N + 10_000);
+    let restarted = std::time::Instant::now();
+    let server = env.server_with(settings).await;
+    let startup = restarted.elapsed();
+    let (sent, accepted, dups, out) = send_fresh(&env, &file, &server.url).await;
+    assert_eq!((sent, accepted, dups), (N as u64, N as u64, N as u64), "the re-sent file: {out}");
+    assert_eq!(count_lines(&env.log_dir()), N + others, "nothing stored by the re-send");
+    if !common::fault::long() {
+        let twice: Vec<_> = ids_in_log(&env.log_dir()).into_iter().filter(|(_, c)| *c > 1).take(5).collect();
+        assert!(twice.is_empty(), "ids stored twice: {twice:?}");
+    }
+    common::fault::Report {
+        scenario,
+        store: "sqlite",
+        seed,
+        events_sent: (N + others + N) as u64,
+        kills: 1,
+        duration: started.elapsed(),
+        notes: format!(
+            "a {N}-event file sent by eps client, then {others} events from 1000 other producers (scheme ids){}, the \
+             server SIGKILLed and restarted (ready in {:.1} s), the file re-sent with a fresh state dir: {dups} \
+             duplicates, the log {} lines before and after",
+            if common::fault::long() { ", server defaults" } else { " past a 1000-id window" },
+            startup.as_secs_f64(),
+            N + others
+        ),
+        ..Default::default()
+    }
+    .write();
 }
 
 /// The same after `eps compact` removed every segment that held the first file: the restarted server

@@ -127,7 +127,12 @@ impl RecoveryProgress {
         self.bytes_planned.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// One planned segment read done (`bytes` read).
+    /// `bytes` more read, within a segment read under way.
+    pub(crate) fn add_bytes(&self, bytes: u64) {
+        self.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// One planned segment read done (and `bytes` more read).
     pub(crate) fn read(&self, bytes: u64) {
         self.segments_read.fetch_add(1, Ordering::Relaxed);
         self.bytes_read.fetch_add(bytes, Ordering::Relaxed);

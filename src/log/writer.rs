@@ -30,7 +30,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -621,6 +621,14 @@ impl IdWindow {
         while self.order.len() >= self.max {
             self.pop_oldest();
         }
+        if self.keys.capacity() == 0 {
+            // The size the churn of forgetting leads to (deleted slots make a table at 7/8 load double
+            // once; at half load it rehashes in place), taken at once: growing there by doublings would
+            // hold the old table and the new together at the last one (12.5 MiB more at the default
+            // cap, the server's peak). Only the control bytes are written now (1 MiB at the default
+            // cap); the rest becomes resident as ids land in it.
+            self.keys.reserve(2 * self.max);
+        }
         if self.order.len() == self.order.capacity() {
             // Grown by hand, never past `max`: a doubling would overshoot the cap by up to half.
             let more = self.order.capacity().max(1024).min(self.max - self.order.len()).max(1);
@@ -688,7 +696,8 @@ impl Dedup {
     ///
     /// The id window is read from the newest segments backwards, stopping at the first segment last
     /// written before the window or once `--dedup-max-ids` ids are read, so start-up reads no more
-    /// than the window holds. The producer table is the newest whole snapshot plus every line after
+    /// than the window holds (those segments are read twice: counted newest first, then inserted oldest
+    /// first), in 1 MiB chunks. The producer table is the newest whole snapshot plus every line after
     /// the position it covers; without one, every segment that exists.
     ///
     /// `eps compact` may remove segments between the listing and the reading here. A segment that
@@ -732,11 +741,8 @@ impl Dedup {
             if end <= covered {
                 continue;
             }
-            progress.check()?;
-            let Some(data) = read_segment(path)? else { continue };
-            progress.read(data.len() as u64);
-            let skip = covered.saturating_sub(*base) as usize;
-            for line in whole_lines(&data).get(skip..).unwrap_or_default().split(|&b| b == b'\n') {
+            let skip = covered.saturating_sub(*base);
+            for_each_line(path, skip, progress, |line| {
                 if let Some((id, ts)) = id_and_time(line) {
                     if let Some((producer, seq)) = producers::parse_scheme_id(&id) {
                         if let Some(expires) = producers::expiry_of(ts, horizon_ms, 0, now_wall) {
@@ -744,34 +750,41 @@ impl Dedup {
                         }
                     }
                 }
-            }
+            })?;
         }
 
         // The id window: newest segments first, until the window's start or its size.
-        let mut found: Vec<Vec<(IdKey, u64, u64)>> = Vec::new();
+        // Newest first, each segment's ids within the window counted until the cap is reached; then
+        // those segments read again oldest first, straight into the window (which forgets the oldest
+        // past the cap, as it did while the server ran). Read in chunks, never a whole segment or its
+        // ids at once: start-up holds the window and a chunk, not a 64 MiB segment and a copy of its ids.
+        let mut needed: Vec<usize> = Vec::new();
         let mut count = 0usize;
-        let mut scratch = Vec::new();
-        for (_, path) in segments[recent_from..].iter().rev() {
+        for (i, (_, path)) in segments.iter().enumerate().skip(recent_from).rev() {
             if count >= dedup.ids.max {
                 break;
             }
-            progress.check()?;
-            let Some(data) = read_segment(path)? else { continue };
-            progress.read(data.len() as u64);
-            let mut ids = Vec::new();
-            for line in whole_lines(&data).split(|&b| b == b'\n') {
+            let found = for_each_line(path, 0, progress, |line| {
+                if id_and_time(line).is_some_and(|(_, ts)| ts >= since) {
+                    count += 1;
+                }
+            })?;
+            if found {
+                needed.push(i);
+            }
+        }
+        // The second reading of those segments, now that it is known which.
+        progress.plan(needed.len() as u64, needed.iter().map(|&i| end_of(i).saturating_sub(segments[i].0)).sum());
+        let mut scratch = Vec::new();
+        for &i in needed.iter().rev() {
+            for_each_line(&segments[i].1, 0, progress, |line| {
                 if let Some((id, ts)) = id_and_time(line) {
                     if ts >= since {
-                        ids.push((id_key(&id), content_of(line, &mut scratch), ts));
+                        let age = now_wall.saturating_sub(ts);
+                        dedup.ids.insert(id_key(&id), content_of(line, &mut scratch), window_ms - age.min(window_ms));
                     }
                 }
-            }
-            count += ids.len();
-            found.push(ids);
-        }
-        for (key, content, ts) in found.into_iter().rev().flatten() {
-            let age = now_wall.saturating_sub(ts);
-            dedup.ids.insert(key, content, window_ms - age.min(window_ms));
+            })?;
         }
         Ok(dedup)
     }
@@ -792,25 +805,49 @@ impl Dedup {
     }
 }
 
-/// A segment's bytes, or `None` if it was removed (by compaction) since it was listed.
-fn read_segment(path: &Path) -> io::Result<Option<Vec<u8>>> {
+/// Calls `f` on every whole line of a segment from the byte offset `from` (a line boundary), read in
+/// 1 MiB chunks; an unterminated last line is not a line. `false` if the segment was removed (by
+/// compaction) since it was listed.
+fn for_each_line(path: &Path, from: u64, progress: &RecoveryProgress, mut f: impl FnMut(&[u8])) -> io::Result<bool> {
     // Once open, the file stays readable even if it is removed meanwhile.
-    let mut file = match File::open(path) {
+    let file = match File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             tracing::info!(segment = %path.display(), "segment removed by compaction during start-up; skipped");
-            return Ok(None);
+            progress.read(0);
+            return Ok(false);
         }
         Err(e) => return Err(with_path(e, "cannot open", path)),
     };
-    let mut data = Vec::new();
-    file.read_to_end(&mut data).map_err(|e| with_path(e, "cannot read", path))?;
-    Ok(Some(data))
-}
-
-/// Only whole lines: bytes after the last newline are a torn write, never an event.
-fn whole_lines(data: &[u8]) -> &[u8] {
-    &data[..data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)]
+    const CHUNK: usize = 1 << 20;
+    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
+    let mut offset = from;
+    loop {
+        // `buf` holds the start of a line the previous chunk cut; read the next chunk after it.
+        let kept = buf.len();
+        buf.resize(kept + CHUNK, 0);
+        progress.check()?;
+        let n = file.read_at(&mut buf[kept..], offset).map_err(|e| with_path(e, "cannot read", path))?;
+        progress.add_bytes(n as u64);
+        buf.truncate(kept + n);
+        offset += n as u64;
+        let Some(last_newline) = buf.iter().rposition(|&b| b == b'\n') else {
+            if n == 0 {
+                // The end: what is left is no whole line.
+                progress.read(0);
+                return Ok(true);
+            }
+            continue;
+        };
+        for line in buf[..last_newline].split(|&b| b == b'\n') {
+            f(line);
+        }
+        buf.drain(..=last_newline);
+        if n == 0 {
+            progress.read(0);
+            return Ok(true);
+        }
+    }
 }
 
 /// A log line's `id` and `ts`, if it has both.
@@ -980,6 +1017,31 @@ mod tests {
 #[cfg(test)]
 mod memory {
     use super::*;
+
+    /// `for_each_line` (start-up's chunked reading) gives exactly the whole lines after `from`, whatever
+    /// falls on a 1 MiB chunk boundary: lines cut by it, a line longer than a chunk, an unterminated tail.
+    #[test]
+    fn for_each_line_gives_every_whole_line_across_chunk_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("segment");
+        let mut lines: Vec<Vec<u8>> =
+            (0..40_000).map(|i| format!("line {i} {}", "x".repeat(i % 97)).into_bytes()).collect();
+        lines.insert(20_000, vec![b'y'; 3 << 20]);
+        lines.push(Vec::new());
+        let mut data = lines.join(&b'\n');
+        data.extend_from_slice(b"\nunterminated tail");
+        std::fs::write(&path, &data).unwrap();
+        let collect = |from: u64| {
+            let mut got = Vec::new();
+            assert!(for_each_line(&path, from, &RecoveryProgress::default(), |l| got.push(l.to_vec())).unwrap());
+            got
+        };
+        assert_eq!(collect(0), lines);
+        let from = lines[..3].iter().map(|l| l.len() as u64 + 1).sum();
+        assert_eq!(collect(from), lines[3..]);
+        assert!(collect(data.len() as u64).is_empty());
+        assert!(!for_each_line(&dir.path().join("gone"), 0, &RecoveryProgress::default(), |_| ()).unwrap());
+    }
 
     /// The id window's memory per id, from the capacities of its two tables after a churn of three times its
     /// size (hash table: 24-byte entry and 1 control byte per bucket, capacity = 7/8 of the buckets;

@@ -21,7 +21,7 @@
  *  48  int32  fail_write           the next N matching write(2) calls write half and then fail (ENOSPC), as
  *                                  fail_pwrite does for pwrite (for files written with write, such as the
  *                                  dead-letter file of versions that appended to it)
- *  52  int32  stall_read_ms        each matching read(2) sleeps this long first (stalled_now is 1 meanwhile):
+ *  52  int32  stall_read_ms        each matching read(2) or pread(2) sleeps this long first (stalled_now is 1 meanwhile):
  *                                  a slow disk under a start-up that reads the log
  *  64  char[64] filter             only fds whose path contains this text are affected ("" = all)
  *
@@ -224,6 +224,31 @@ ssize_t read(int fd, void *buf, size_t count) {
         __atomic_store_n(&ctl->stalled_now, 0, __ATOMIC_SEQ_CST);
     }
     return real(fd, buf, count);
+}
+
+/* pread(2), as read(2) above: the log's start-up reads its segments with pread in 1 MiB chunks. */
+static void stall_read(int fd) {
+    int32_t stall = ctl ? __atomic_load_n(&ctl->stall_read_ms, __ATOMIC_SEQ_CST) : 0;
+    if (stall > 0 && fd_matches(fd)) {
+        __atomic_store_n(&ctl->stalled_now, 1, __ATOMIC_SEQ_CST);
+        struct timespec ts = {stall / 1000, (long)(stall % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+        __atomic_store_n(&ctl->stalled_now, 0, __ATOMIC_SEQ_CST);
+    }
+}
+
+ssize_t pread64(int fd, void *buf, size_t count, off_t offset) {
+    static ssize_t (*real)(int, void *, size_t, off_t);
+    if (!real) real = dlsym(RTLD_NEXT, "pread64");
+    stall_read(fd);
+    return real(fd, buf, count, offset);
+}
+
+ssize_t pread(int fd, void *buf, size_t count, off_t offset) {
+    static ssize_t (*real)(int, void *, size_t, off_t);
+    if (!real) real = dlsym(RTLD_NEXT, "pread");
+    stall_read(fd);
+    return real(fd, buf, count, offset);
 }
 
 /* write(2): a full disk mid-write, as for pwrite; the refusal of the rest goes to the same fd only (other

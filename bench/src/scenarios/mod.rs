@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod client;
 pub mod console;
+pub mod dedup;
 pub mod freshness;
 pub mod ingest;
 pub mod nats;
