@@ -52,11 +52,10 @@ pub fn sqlite(ctx: &mut Ctx) -> anyhow::Result<()> {
 
 pub fn postgres(ctx: &mut Ctx) -> anyhow::Result<()> {
     let name = "process_postgres_1m_users";
-    let Some(admin_url) = ctx.pg_url.clone() else {
+    if ctx.pg_url.is_none() {
         ctx.report.line(format!("{name:<16} SKIPPED (no --pg-url; scripts/bench starts a throwaway cluster)"));
         return Ok(());
-    };
-    let _ = admin_url;
+    }
     scenario(ctx, Backend::Postgres, name)
 }
 
@@ -138,7 +137,8 @@ fn measure(ctx: &mut Ctx, backend: Backend, name: &str, events: u64, users: u64)
         Backend::Postgres => {
             let admin_url = ctx.pg_url.clone().context("no --pg-url")?;
             let (db, db_url) = create_database(ctx, &admin_url)?;
-            let result = process(ctx, dir.path(), Some(&db_url)).and_then(|run| Ok((run, read_pg_totals(ctx, &db_url)?)));
+            let result =
+                process(ctx, dir.path(), Some(&db_url)).and_then(|run| Ok((run, read_pg_totals(ctx, &db_url)?)));
             let dropped = drop_database(ctx, &admin_url, &db);
             let measured = result?;
             dropped?;
