@@ -190,21 +190,22 @@ fn read_sqlite_totals(path: &Path) -> anyhow::Result<HashMap<String, Decimal>> {
     Ok(out)
 }
 
-/// The per-user sums of `expected` in key (byte) order, as exact decimal text.
-fn sorted_sums(expected: &Expected) -> Vec<(String, String)> {
-    let mut rows: Vec<(String, String)> = expected
-        .totals
-        .iter()
-        .enumerate()
-        .filter_map(|(user, total)| total.map(|t| (format!("user{user}"), t.normalize().to_string())))
-        .collect();
-    rows.sort_unstable();
+/// The per-user sums of `expected` as a processor holds them: a hash map (in no particular order).
+fn sums(expected: &Expected) -> HashMap<String, Decimal> {
+    expected.totals.iter().enumerate().filter_map(|(user, total)| total.map(|t| (format!("user{user}"), t))).collect()
+}
+
+/// The sums in key (byte) order, as exact decimal text: part of each reference's timed work, as
+/// sorting and formatting are part of eps's store phase.
+fn sorted_text(sums: &HashMap<String, Decimal>) -> Vec<(&str, String)> {
+    let mut rows: Vec<(&str, String)> = sums.iter().map(|(u, t)| (u.as_str(), t.normalize().to_string())).collect();
+    rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
     rows
 }
 
 /// Seconds the reference takes to write `expected`'s sums into a fresh store of eps's schema.
 fn reference_store(ctx: &Ctx, backend: Backend, expected: &Expected) -> anyhow::Result<f64> {
-    let rows = sorted_sums(expected);
+    let rows = sums(expected);
     // The schema is eps's own: an `eps process` on an empty log makes it.
     let dir = ctx.scratch("reference-store")?;
     std::fs::create_dir_all(dir.path().join("log"))?;
@@ -228,19 +229,20 @@ fn reference_store(ctx: &Ctx, backend: Backend, expected: &Expected) -> anyhow::
 
 /// One prepared upsert per user, in key order, in one transaction, with a page cache that holds the
 /// table and its indexes (256 MiB); WAL and `synchronous=FULL` as eps runs it.
-fn sqlite_reference(dir: &TempDir, rows: &[(String, String)]) -> anyhow::Result<f64> {
+fn sqlite_reference(dir: &TempDir, sums: &HashMap<String, Decimal>) -> anyhow::Result<f64> {
     let mut conn = rusqlite::Connection::open(dir.path().join("eps.sqlite3"))?;
     conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "cache_size", -256 * 1024)?;
     let started = Instant::now();
+    let rows = sorted_text(sums);
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
         let mut upsert = tx.prepare(
             "INSERT INTO users_revenue (user_id, revenue, revenue_key) VALUES (?1, ?2, ?3)
              ON CONFLICT (user_id) DO UPDATE SET revenue = excluded.revenue, revenue_key = excluded.revenue_key",
         )?;
-        for (user, revenue) in rows {
+        for (user, revenue) in &rows {
             upsert.execute((user, revenue, order_key(revenue)))?;
         }
     }
@@ -249,16 +251,17 @@ fn sqlite_reference(dir: &TempDir, rows: &[(String, String)]) -> anyhow::Result<
 }
 
 /// COPY (text format) into a temporary table, then one INSERT … SELECT … ON CONFLICT, one transaction.
-async fn postgres_reference(db_url: &str, rows: &[(String, String)]) -> anyhow::Result<f64> {
+async fn postgres_reference(db_url: &str, sums: &HashMap<String, Decimal>) -> anyhow::Result<f64> {
     use futures::SinkExt as _;
     let mut client = pg_connect(db_url).await?;
     let started = Instant::now();
+    let rows = sorted_text(sums);
     let tx = client.transaction().await?;
     tx.batch_execute("CREATE TEMP TABLE reference_sums (user_id TEXT, revenue NUMERIC) ON COMMIT DROP").await?;
     let sink = tx.copy_in("COPY reference_sums FROM STDIN").await?;
     futures::pin_mut!(sink);
     let mut buf = Vec::with_capacity(1 << 20);
-    for (user, revenue) in rows {
+    for (user, revenue) in &rows {
         // userIds of the generator need no escaping in COPY's text format.
         buf.extend_from_slice(user.as_bytes());
         buf.push(b'\t');
