@@ -87,6 +87,8 @@ pub struct ProcessSummary {
     pub conflicts: u64,
     pub position: u64,
     pub elapsed: Duration,
+    /// Time spent in `Store::commit` (the store phase), over `batches` commits.
+    pub store_time: Duration,
 }
 
 impl std::fmt::Display for ProcessSummary {
@@ -95,8 +97,17 @@ impl std::fmt::Display for ProcessSummary {
         let rate = if secs > 0.0 { self.events_applied as f64 / secs } else { 0.0 };
         write!(
             f,
-            "applied {} events for {} users, {} invalid lines, {} conflicts, in {:.2}s ({:.0} events/s); checkpoint at byte {}",
-            self.events_applied, self.users_touched, self.invalid_lines, self.conflicts, secs, rate, self.position
+            "applied {} events for {} users, {} invalid lines, {} conflicts, in {:.2}s ({:.0} events/s); checkpoint at byte {}; \
+             store {:.3}s in {} commits",
+            self.events_applied,
+            self.users_touched,
+            self.invalid_lines,
+            self.conflicts,
+            secs,
+            rate,
+            self.position,
+            self.store_time.as_secs_f64(),
+            self.batches
         )
     }
 }
@@ -308,7 +319,9 @@ async fn apply(opts: ProcessOptions, store: Arc<dyn Store>, stop: Stop) -> anyho
             // Stopped while the database was away: nothing of this batch was committed.
             break;
         };
-        metrics::histogram!("eps_processor_commit_duration_seconds").record(commit_started.elapsed().as_secs_f64());
+        let commit_time = commit_started.elapsed();
+        metrics::histogram!("eps_processor_commit_duration_seconds").record(commit_time.as_secs_f64());
+        summary.store_time += commit_time;
         match outcome {
             CommitOutcome::Committed => {
                 metrics::counter!("eps_processor_commits_total").increment(1);
@@ -503,7 +516,11 @@ where
 /// Log bytes read at a time; a transaction gathers several reads (see [`Pending`]).
 const READ_CHUNK_BYTES: usize = 8 * 1024 * 1024;
 /// A transaction is committed once it touches this many users (bounds the memory of the sums)...
-const MAX_USERS_PER_COMMIT: usize = 200_000;
+///
+/// A commit's cost in either database grows with the pages it touches, and users spread over a large
+/// table put nearly every one on its own page: five commits of 200,000 such users rewrite the table five
+/// times where one commit of 1,000,000 writes it once (docs/PERFORMANCE.md, "A million users").
+const MAX_USERS_PER_COMMIT: usize = 1_000_000;
 /// ... or holds this many invalid lines (each keeps an excerpt of up to 4 KiB).
 const MAX_INVALID_PER_COMMIT: usize = 1_000;
 

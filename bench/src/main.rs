@@ -2,7 +2,8 @@
 //!
 //! Scenarios (`eps-bench --help` lists them): ingest_single, ingest_batch, client,
 //! process_sqlite, process_postgres, freshness, process_memory, and on NATS JetStream nats_ingest_single,
-//! nats_ingest_batch, nats_process (each with a nats-server of its own), console_overhead, auth_overhead and dedup_state. Every scenario starts what it needs in
+//! nats_ingest_batch, nats_process (each with a nats-server of its own), console_overhead, auth_overhead,
+//! dedup_state, process_sqlite_1m_users and process_postgres_1m_users. Every scenario starts what it needs in
 //! a fresh temporary directory on free ports, generates its data from one fixed seed, and stops what it
 //! started whatever happens. `--quick` divides the sizes by 100 and runs loads for 2 s: it checks that
 //! everything works, its figures mean little.
@@ -42,6 +43,10 @@ enum Scenario {
     ConsoleOverhead,
     AuthOverhead,
     DedupState,
+    #[value(name = "process_sqlite_1m_users")]
+    ProcessSqlite1mUsers,
+    #[value(name = "process_postgres_1m_users")]
+    ProcessPostgres1mUsers,
 }
 
 /// How the freshness scenario generates its background load.
@@ -213,6 +218,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
             Scenario::AuthOverhead => scenarios::auth::run(&mut ctx),
             Scenario::NatsProcess => scenarios::nats::process(&mut ctx),
             Scenario::DedupState => scenarios::dedup::run(&mut ctx),
+            Scenario::ProcessSqlite1mUsers => scenarios::users::sqlite(&mut ctx),
+            Scenario::ProcessPostgres1mUsers => scenarios::users::postgres(&mut ctx),
         };
         if let Err(e) = result {
             ctx.report.failed = true;

@@ -18,7 +18,8 @@
 //!   (`SELECT ... FOR UPDATE`): concurrent processors, in any number of processes, are serialised
 //!   there, and the compare-and-set is decided under the lock.
 //! - Deltas are applied in `user_id` order in one statement, so two transactions touching the same
-//!   users lock their rows in the same order (no deadlock even across streams).
+//!   users lock their rows in the same order (no deadlock even across streams). They reach the server
+//!   by binary COPY into a temporary table, in that order: the cost per user is the database's own.
 //! - Every wait is bounded (connect, pool wait/create/recycle): with the database down a call fails
 //!   with `Unavailable` within seconds instead of hanging.
 
@@ -28,7 +29,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
 #[cfg(test)]
 use tokio_postgres::NoTls;
 
@@ -575,7 +578,6 @@ impl Store for PostgresStore {
         let events = to_i64(batch.events, "event count")?;
         let mut deltas: Vec<(&str, String)> = batch.deltas.iter().map(|(u, d)| (u.as_str(), d.to_string())).collect();
         deltas.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let (users, amounts): (Vec<&str>, Vec<String>) = deltas.into_iter().unzip();
 
         let mut positions = Vec::with_capacity(batch.invalid.len());
         let mut offsets = Vec::with_capacity(batch.invalid.len());
@@ -606,13 +608,32 @@ impl Store for PostgresStore {
             // Dropping `tx` rolls back (and releases the row lock).
             return Ok(CommitOutcome::Conflict { current: current as u64 });
         }
-        if !users.is_empty() {
-            // Exact decimal text, cast by PostgreSQL: NUMERIC takes any size the text has.
+        if !deltas.is_empty() {
+            // The sums go in by binary COPY into this session's temporary table (emptied at every commit),
+            // then into users_revenue by one statement. Exact decimal text, cast by PostgreSQL: NUMERIC
+            // takes any size the text has. The table is scanned in the order it was filled (a fresh
+            // temporary table: no synchronised or parallel scan), which is user_id order.
+            tx.batch_execute(
+                "SET LOCAL client_min_messages = warning;
+                 CREATE TEMP TABLE IF NOT EXISTS eps_commit_deltas (user_id TEXT, revenue TEXT) ON COMMIT DELETE ROWS",
+            )
+            .await
+            .map_err(|e| pg_error("preparing the revenue deltas", e))?;
+            let sink = tx
+                .copy_in("COPY eps_commit_deltas (user_id, revenue) FROM STDIN (FORMAT binary)")
+                .await
+                .map_err(|e| pg_error("sending the revenue deltas", e))?;
+            let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::TEXT]);
+            futures::pin_mut!(writer);
+            for (user, amount) in &deltas {
+                writer.as_mut().write(&[user, amount]).await.map_err(|e| pg_error("sending the revenue deltas", e))?;
+            }
+            writer.finish().await.map_err(|e| pg_error("sending the revenue deltas", e))?;
             tx.execute(
                 "INSERT INTO users_revenue (user_id, revenue)
-                 SELECT d.user_id, d.revenue::numeric FROM UNNEST($1::varchar[], $2::text[]) AS d(user_id, revenue)
+                 SELECT d.user_id, d.revenue::numeric FROM eps_commit_deltas AS d
                  ON CONFLICT (user_id) DO UPDATE SET revenue = users_revenue.revenue + EXCLUDED.revenue",
-                &[&users, &amounts],
+                &[],
             )
             .await
             .map_err(|e| pg_error("updating revenues", e))?;
