@@ -7,7 +7,8 @@
 //!   everything it applied: each line's effect lands exactly once;
 //! - several processors may run at once: they race for each chunk, one commits, the others are told
 //!   where the checkpoint now is and go on from there;
-//! - memory is bounded by one chunk and its distinct users, whatever the size of the log.
+//! - memory is bounded by one commit's distinct users (and the summary's count of users, capped),
+//!   whatever the size of the log and however long a `--follow` run lasts.
 //!
 //! A line that is not a valid event is not applied; it is recorded in the same transaction (so it is
 //! reported exactly once), and the dead-letter file is brought up to date from those records afterwards
@@ -80,7 +81,10 @@ impl ProcessOptions {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProcessSummary {
     pub events_applied: u64,
+    /// Distinct users the run touched, counted up to [`MAX_USERS_COUNTED`].
     pub users_touched: u64,
+    /// More users than [`MAX_USERS_COUNTED`] were touched: `users_touched` is a lower bound.
+    pub users_over: bool,
     pub invalid_lines: u64,
     pub batches: u64,
     /// Chunks another processor committed first.
@@ -97,9 +101,10 @@ impl std::fmt::Display for ProcessSummary {
         let rate = if secs > 0.0 { self.events_applied as f64 / secs } else { 0.0 };
         write!(
             f,
-            "applied {} events for {} users, {} invalid lines, {} conflicts, in {:.2}s ({:.0} events/s); checkpoint at byte {}; \
+            "applied {} events for {}{} users, {} invalid lines, {} conflicts, in {:.2}s ({:.0} events/s); checkpoint at byte {}; \
              store {:.3}s in {} commits",
             self.events_applied,
+            if self.users_over { "over " } else { "" },
             self.users_touched,
             self.invalid_lines,
             self.conflicts,
@@ -343,7 +348,7 @@ async fn apply(opts: ProcessOptions, store: Arc<dyn Store>, stop: Stop) -> anyho
                 summary.events_applied += batch.events;
                 summary.invalid_lines += batch.invalid.len() as u64;
                 summary.batches += 1;
-                users.extend(batch_users);
+                count_users(&mut users, batch_users, MAX_USERS_COUNTED, &mut summary.users_over);
                 position = batch.to;
             }
             CommitOutcome::Conflict { current } => {
@@ -515,6 +520,29 @@ where
 
 /// Log bytes read at a time; a transaction gathers several reads (see [`Pending`]).
 const READ_CHUNK_BYTES: usize = 8 * 1024 * 1024;
+/// The summary counts distinct users up to this many; past it, it says "over" (a `--follow` run that
+/// lasts months must not keep a digest of every user it ever touched).
+pub const MAX_USERS_COUNTED: usize = 1_000_000;
+
+/// Adds a commit's users to the run's distinct users, never holding more than `cap` of them.
+pub(crate) fn count_users(
+    users: &mut HashSet<u64>,
+    batch_users: impl IntoIterator<Item = u64>,
+    cap: usize,
+    over: &mut bool,
+) {
+    for user in batch_users {
+        if users.len() >= cap {
+            *over |= !users.contains(&user);
+            if *over {
+                return;
+            }
+            continue;
+        }
+        users.insert(user);
+    }
+}
+
 /// A transaction is committed once it touches this many users (bounds the memory of the sums)...
 ///
 /// A commit's cost in either database grows with the pages it touches, and users spread over a large
@@ -1003,5 +1031,18 @@ mod tests {
         // The same chunk twice: every total doubled, against totals kept from the input's numbers.
         let doubled: BTreeMap<String, i128> = want.into_iter().map(|(u, h)| (u, 2 * h)).collect();
         assert_eq!(in_hundredths(batch.deltas.clone()), doubled);
+    }
+
+    #[test]
+    fn the_count_of_users_holds_at_most_its_cap_and_says_over() {
+        let (mut users, mut over) = (HashSet::new(), false);
+        count_users(&mut users, [1, 2, 3, 2], 3, &mut over);
+        assert_eq!((users.len(), over), (3, false));
+        count_users(&mut users, [3, 1], 3, &mut over);
+        assert_eq!((users.len(), over), (3, false), "users already counted are not more");
+        count_users(&mut users, [4, 5, 6], 3, &mut over);
+        assert_eq!((users.len(), over), (3, true), "never more than the cap");
+        let summary = ProcessSummary { users_touched: 3, users_over: true, ..Default::default() };
+        assert!(summary.to_string().contains("for over 3 users"), "{summary}");
     }
 }

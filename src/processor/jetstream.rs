@@ -96,9 +96,10 @@ impl std::fmt::Display for JetStreamSummary {
         let rate = if secs > 0.0 { b.events_applied as f64 / secs } else { 0.0 };
         write!(
             f,
-            "applied {} events for {} users, {} invalid lines, {} duplicates dropped, {} conflicts, in {:.2}s \
+            "applied {} events for {}{} users, {} invalid lines, {} duplicates dropped, {} conflicts, in {:.2}s \
              ({:.0} events/s); partitions owned at the end: {:?}",
             b.events_applied,
+            if b.users_over { "over " } else { "" },
             b.users_touched,
             b.invalid_lines,
             self.duplicates,
@@ -381,7 +382,13 @@ impl Processor {
                     self.summary.base.events_applied += batch.events;
                     self.summary.base.invalid_lines += batch.invalid.len() as u64;
                     self.summary.base.batches += 1;
-                    self.users.extend(batch.deltas.iter().map(|(u, _)| user_digest(u)));
+                    let users = batch.deltas.iter().map(|(u, _)| user_digest(u));
+                    crate::processor::count_users(
+                        &mut self.users,
+                        users,
+                        crate::processor::MAX_USERS_COUNTED,
+                        &mut self.summary.base.users_over,
+                    );
                     if let Some(owned) = self.owned.get_mut(&partition) {
                         owned.checkpoint = batch.to;
                         owned.shared.committed.store(batch.to, std::sync::atomic::Ordering::Relaxed);
