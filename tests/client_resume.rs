@@ -469,4 +469,36 @@ async fn a_checkpoint_holds_only_for_the_log_that_acknowledged_it() {
     let out = run_client(&env, &file, &url, &state, &[]).await;
     assert_eq!(summary_counts(&out.stdout), (n as u64, n as u64, n as u64), "{out}");
     assert_eq!(assert_each_line_once(&env.log_dir(), n), producer);
+    // That quick re-send (under the checkpoint's save interval, ending where the old one ended) still
+    // rewrote the checkpoint with the log it reached: nothing left to send to it.
+    let out = run_client(&env, &file, &url, &state, &[]).await;
+    assert_eq!(summary_counts(&out.stdout), (0, 0, 0), "{out}");
+}
+
+/// A pool of servers with logs of their own, one of them down during the first run: the next run, with
+/// both up, continues after the checkpoint (a log the checkpoint names is still there) instead of
+/// sending the file again, which would store in the second log the lines the first already has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_server_that_was_down_does_not_make_the_file_go_again() {
+    let a = Env::new(StoreKind::Sqlite).await;
+    let b = Env::new(StoreKind::Sqlite).await;
+    let n = 400;
+    let file = a.write_file("events.jsonl", &lines(1, n));
+    let state = a.tmp.path().join("state");
+    let server_a = a.server().await;
+    let port_b = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url_b = format!("http://127.0.0.1:{port_b}");
+    let urls = format!("{},{url_b}", server_a.url);
+    let out = run_client(&a, &file, &urls, &state, &["--batch", "50"]).await;
+    assert_eq!(summary_counts(&out.stdout), (n as u64, n as u64, 0), "{out}");
+    assert_each_line_once(&a.log_dir(), n);
+
+    let mut args = args(&["server", "--listen", &format!("127.0.0.1:{port_b}"), "--data-dir"]);
+    args.push(b.data_dir.display().to_string());
+    args.extend(b.db.args());
+    let _server_b = ServerProc::start(&args, &[], b.tmp.path()).await;
+    let out = run_client(&a, &file, &urls, &state, &["--batch", "50"]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(summary_counts(&out.stdout), (0, 0, 0), "{out}");
+    assert_eq!(lines_so_far(&b.log_dir()), 0, "nothing stored a second time in the other log");
 }

@@ -65,13 +65,17 @@ pub(crate) async fn run_with(
         None => Logs::NotReported,
     };
     if let Some(found) = found.as_ref().filter(|f| !opts.from_start && !opts.new_run && f.checkpoint.line > 0) {
-        if logs == Logs::Unanswered && !stop.is_set() {
+        if let (Logs::Unanswered { answered }, false) = (&logs, stop.is_set()) {
             let urls = sender.servers.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
+            let how = if *answered {
+                "answered GET /healthz without naming its log yet (a JetStream server that has not reached its stream)"
+            } else {
+                "answered GET /healthz"
+            };
             anyhow::bail!(
-                "no server said which log it appends to ({urls}: GET /healthz failed {} times each), so the \
-                 checkpoint of {} (line {}, {}) cannot be checked against it; nothing was sent and the checkpoint \
-                 is kept: run again once a server answers (or with --from-start to send the file from its first \
-                 line with the same ids)",
+                "no server ({urls}) {how} in {} attempts, so the checkpoint of {} (line {}, {}) cannot be checked \
+                 against the log it would send to; nothing was sent and the checkpoint is kept: run again once a \
+                 server answers (or with --from-start to send the file from its first line with the same ids)",
                 sender.max_attempts,
                 opts.file.display(),
                 found.checkpoint.line,
@@ -81,11 +85,15 @@ pub(crate) async fn run_with(
     }
     let mut start = Mark::default();
     let mut resumed_after = None;
+    // The same destination if any log named now acknowledged lines before: a pool whose servers each
+    // have a log of their own may have had one down (or gained one) since; resending to it would store
+    // again in the new log what another already has. None of them: another server, or a log deleted
+    // and made again, which has none of those lines.
     let other_log =
         found.as_ref().filter(|f| !opts.from_start && !opts.new_run && f.checkpoint.line > 0).and_then(|found| {
             let Logs::Known(now) = &logs else { return None };
             let recorded = &found.checkpoint.logs;
-            (!now.iter().all(|log| recorded.contains(log))).then(|| (recorded.clone(), now.clone()))
+            (!now.iter().any(|log| recorded.contains(log))).then(|| (recorded.clone(), now.clone()))
         });
     if let Some(found) = found.as_ref().filter(|_| !opts.from_start && !opts.new_run && other_log.is_none()) {
         let cp = &found.checkpoint;
@@ -140,15 +148,17 @@ pub(crate) async fn run_with(
                 }
                 // Kept (the same checkpoint, resumed), or none known: a later run cannot check this
                 // one and sends the file from its first line.
-                Logs::NotReported | Logs::Unanswered => match (&found, resumed_after) {
+                Logs::NotReported | Logs::Unanswered { .. } => match (&found, resumed_after) {
                     (Some(found), Some(_)) => found.checkpoint.logs.clone(),
                     _ => Vec::new(),
                 },
             },
         },
+        // What the file on disk says, when this run continues it (otherwise even the same line and
+        // offset must be written again, with this run's logs).
         saved: found
             .as_ref()
-            .filter(|f| f.checkpoint.producer == producer)
+            .filter(|f| f.checkpoint.producer == producer && resumed_after.is_some())
             .map(|f| (f.checkpoint.line, f.checkpoint.offset)),
         last: Instant::now(),
         path,

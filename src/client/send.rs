@@ -104,8 +104,9 @@ pub(super) enum Logs {
     /// A server answered without naming a log (an eps older than log identities): nothing to check
     /// against.
     NotReported,
-    /// No server named its log (none answered, or the run stopped first).
-    Unanswered,
+    /// No server named its log (none answered, or the run stopped first); `answered`: some answered,
+    /// without a log yet.
+    Unanswered { answered: bool },
 }
 
 /// One server: its URL as given (for messages and the summary) and where requests go.
@@ -175,8 +176,10 @@ impl Sender {
     /// stops first (a signal, or every server failing for `--give-up-after`).
     pub(super) async fn logs(&self) -> Logs {
         let mut round = 0;
+        let mut answered = false;
         loop {
             let mut known = Vec::new();
+            let mut unnamed = false;
             for (index, server) in self.servers.iter().enumerate() {
                 let Ok(url) = server.endpoint.join("healthz") else { return Logs::NotReported };
                 let answer = async {
@@ -186,8 +189,9 @@ impl Sender {
                 match answer.await {
                     Ok(health) => {
                         self.pool.succeeded(index);
+                        answered = true;
                         match health.get("log") {
-                            None => return Logs::NotReported,
+                            None => unnamed = true,
                             Some(serde_json::Value::String(log)) => known.push(log.clone()),
                             Some(_) => {}
                         }
@@ -198,17 +202,22 @@ impl Sender {
                     }
                 }
             }
+            // Those that name their log decide; only when none does and one answered without the
+            // field at all (an eps older than log identities) is there nothing to check against.
             if !known.is_empty() {
                 known.sort();
                 known.dedup();
                 return Logs::Known(known);
             }
+            if unnamed {
+                return Logs::NotReported;
+            }
             round += 1;
             if round >= self.max_attempts {
-                return Logs::Unanswered;
+                return Logs::Unanswered { answered };
             }
             tokio::select! {
-                () = self.stop.wait() => return Logs::Unanswered,
+                () = self.stop.wait() => return Logs::Unanswered { answered },
                 () = tokio::time::sleep(self.backoff.delay(round)) => {}
             }
         }

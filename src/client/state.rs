@@ -31,8 +31,10 @@
 //!
 //! A checkpoint also names the logs that acknowledged its lines (`logs`: each server's `GET /healthz`
 //! reports the identity of the log it appends to). A run asks the servers first, and continues after
-//! `line` only if every log they name now is one of those: sent to another server, or to one whose
-//! log was deleted and started again, the file goes again from its first line, with the same ids.
+//! `line` if any log they name now is one of those (a pool of servers with logs of their own may have
+//! had one down, or gained one: resending would store in that log lines another already has). When
+//! none is (another server, or one whose log was deleted and started again), the file goes again from
+//! its first line, with the same ids.
 
 use std::collections::VecDeque;
 use std::hash::Hasher as _;

@@ -131,10 +131,15 @@ impl NatsLog {
         })
     }
 
-    /// Checks (or makes) the stream once, so its identity is known before the first append; an
-    /// error is left for the appends to report.
-    pub async fn prepare(&self) {
-        let _ = self.ensure_stream().await;
+    /// Checks (or makes) the stream now and then every [`STREAM_RECHECK`], for as long as the server
+    /// runs, so its identity (`GET /healthz`) is known before the first append, comes back after an
+    /// outage without waiting for an append, and follows a stream deleted and made again within about
+    /// two rechecks even on an idle server. An error is left for the appends to report.
+    pub async fn keep_checked(&self) {
+        loop {
+            let _ = self.ensure_stream().await;
+            tokio::time::sleep(STREAM_RECHECK).await;
+        }
     }
 
     pub fn options(&self) -> &NatsLogOptions {
@@ -587,9 +592,13 @@ impl EventLog for NatsLog {
     }
 
     fn identity(&self) -> Option<String> {
-        // None while the stream is not known to be there (not checked yet, or a publish found none):
-        // a recreated stream is never reported under the old identity.
-        self.stream_ready.lock().expect("stream state").as_ref()?;
+        // None while the stream is not known to be there (not checked yet, a publish found none, or
+        // its last check is older than two rechecks): a stream deleted and made again is reported
+        // under its old identity for at most that long.
+        let (checked, _) = (*self.stream_ready.lock().expect("stream state"))?;
+        if checked.elapsed() > 2 * STREAM_RECHECK {
+            return None;
+        }
         self.known_identity.lock().expect("stream state").clone()
     }
 }

@@ -195,10 +195,11 @@ impl Server {
                 let mut nats = opts.nats.clone();
                 nats.url = url.clone();
                 let log = Arc::new(NatsLog::connect(nats).await?);
-                // The stream's identity is then known at once (GET /healthz), not at the first append.
+                // The stream's identity is known at once (GET /healthz), not at the first append, and
+                // kept current while the server is idle.
                 tokio::spawn({
                     let log = Arc::clone(&log);
-                    async move { log.prepare().await }
+                    async move { log.keep_checked().await }
                 });
                 log
             }
