@@ -320,7 +320,7 @@ fn allowed_origin(response: &reqwest::Response) -> Option<String> {
 #[tokio::test]
 async fn cors_preflights_are_answered_for_allowed_origins_on_the_ingest_routes_only() {
     let env = Env::new(StoreKind::Sqlite).await;
-    let server = env
+    let mut server = env
         .server_with_env(
             &["--cors-origin", "https://shop.example"],
             &[("EPS_CORS_ORIGINS", "https://ignored.example".into())],
@@ -361,7 +361,8 @@ async fn cors_preflights_are_answered_for_allowed_origins_on_the_ingest_routes_o
             .unwrap();
         assert_eq!(allowed_origin(&get), None, "GET {path} allowed a cross-origin read");
     }
-    drop(server);
+    // Gone before the next server takes the data directory's writer lock.
+    server.kill().await;
     // The environment's comma-separated list, when no flag is given.
     let server = env.server_with_env(&[], &[("EPS_CORS_ORIGINS", "https://a.example, https://b.example".into())]).await;
     let b = preflight(&http, &server.url, "/events", "https://b.example").await;

@@ -43,6 +43,12 @@ use crate::error::ConfigError;
 use crate::event::MAX_USER_ID_BYTES;
 use crate::money::Total;
 
+/// From this many users a commit sends its sums by binary COPY into a temporary table and applies
+/// them with one statement (the database's own pace for large commits, docs/PERFORMANCE.md "A million
+/// users"); below it, one `UNNEST` statement: a single round trip, which is what the small commits of
+/// followers and JetStream partitions need.
+const COPY_FROM_USERS: usize = 1_000;
+
 const POOL_SIZE: usize = 8;
 /// Bound on every wait for a connection: pool slot, new connection, recycle check.
 const POOL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -608,7 +614,18 @@ impl Store for PostgresStore {
             // Dropping `tx` rolls back (and releases the row lock).
             return Ok(CommitOutcome::Conflict { current: current as u64 });
         }
-        if !deltas.is_empty() {
+        if !deltas.is_empty() && deltas.len() < COPY_FROM_USERS {
+            // A small commit (a follower's, a JetStream partition's): one statement, one round trip.
+            let (users, amounts): (Vec<&str>, Vec<&str>) = deltas.iter().map(|(u, a)| (*u, a.as_str())).unzip();
+            tx.execute(
+                "INSERT INTO users_revenue (user_id, revenue)
+                 SELECT d.user_id, d.revenue::numeric FROM UNNEST($1::varchar[], $2::text[]) AS d(user_id, revenue)
+                 ON CONFLICT (user_id) DO UPDATE SET revenue = users_revenue.revenue + EXCLUDED.revenue",
+                &[&users, &amounts],
+            )
+            .await
+            .map_err(|e| pg_error("updating revenues", e))?;
+        } else if !deltas.is_empty() {
             // The sums go in by binary COPY into this session's temporary table (emptied at every commit),
             // then into users_revenue by one statement. Exact decimal text, cast by PostgreSQL: NUMERIC
             // takes any size the text has. The table is scanned in the order it was filled (a fresh
