@@ -197,7 +197,9 @@ impl Sender {
                         }
                     }
                     Err(e) => {
-                        tracing::debug!(server = %server.name, error = %e, "asking the server for its log failed");
+                        let error = describe(&e, self.timeout);
+                        self.say_certificate_refusal(index, &e, &error);
+                        tracing::debug!(server = %server.name, error, "asking the server for its log failed");
                         self.pool.failed(index, Instant::now());
                     }
                 }
@@ -220,6 +222,20 @@ impl Sender {
                 () = self.stop.wait() => return Logs::Unanswered { answered },
                 () = tokio::time::sleep(self.backoff.delay(round)) => {}
             }
+        }
+    }
+
+    /// A certificate refusal is retried like any failed connection (a server may be given a new
+    /// certificate), but said once at the default level: otherwise the run only ends with "no server
+    /// has taken a request".
+    fn say_certificate_refusal(&self, server: usize, e: &reqwest::Error, error: &str) {
+        if (certificate_refused(e) || error.contains("invalid peer certificate"))
+            && !CERTIFICATE_REFUSAL_SAID.swap(true, Ordering::Relaxed)
+        {
+            tracing::error!(
+                server = %self.servers[server].name, error,
+                "the server's TLS certificate is not trusted: give the CA that signed it with --ca-cert (EPS_CA_CERT)"
+            );
         }
     }
 
@@ -278,16 +294,7 @@ impl Sender {
             Ok(response) => response,
             Err(e) => {
                 let error = describe(&e, self.timeout);
-                // Retried like any failed connection (a server may be given a new certificate), but said
-                // once at the default level: otherwise the run only ends with "no server has taken a request".
-                if (certificate_refused(&e) || error.contains("invalid peer certificate"))
-                    && !CERTIFICATE_REFUSAL_SAID.swap(true, Ordering::Relaxed)
-                {
-                    tracing::error!(
-                        server = %self.servers[server].name, error,
-                        "the server's TLS certificate is not trusted: give the CA that signed it with --ca-cert (EPS_CA_CERT)"
-                    );
-                }
+                self.say_certificate_refusal(server, &e, &error);
                 return Attempt::Retry { error, retry_after: None };
             }
         };
