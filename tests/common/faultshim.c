@@ -212,21 +212,7 @@ ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset) {
     return pwrite_common(real, fd, buf, count, offset);
 }
 
-/* read(2): a slow disk. Only the stall's own load when nothing is armed; the path is looked up only then. */
-ssize_t read(int fd, void *buf, size_t count) {
-    static ssize_t (*real)(int, void *, size_t);
-    if (!real) real = dlsym(RTLD_NEXT, "read");
-    int32_t stall = ctl ? __atomic_load_n(&ctl->stall_read_ms, __ATOMIC_SEQ_CST) : 0;
-    if (stall > 0 && fd_matches(fd)) {
-        __atomic_store_n(&ctl->stalled_now, 1, __ATOMIC_SEQ_CST);
-        struct timespec ts = {stall / 1000, (long)(stall % 1000) * 1000000L};
-        nanosleep(&ts, NULL);
-        __atomic_store_n(&ctl->stalled_now, 0, __ATOMIC_SEQ_CST);
-    }
-    return real(fd, buf, count);
-}
-
-/* pread(2), as read(2) above: the log's start-up reads its segments with pread in 1 MiB chunks. */
+/* The read stall, shared by read(2) and pread(2). */
 static void stall_read(int fd) {
     int32_t stall = ctl ? __atomic_load_n(&ctl->stall_read_ms, __ATOMIC_SEQ_CST) : 0;
     if (stall > 0 && fd_matches(fd)) {
@@ -237,6 +223,15 @@ static void stall_read(int fd) {
     }
 }
 
+/* read(2): a slow disk. Only the stall's own load when nothing is armed; the path is looked up only then. */
+ssize_t read(int fd, void *buf, size_t count) {
+    static ssize_t (*real)(int, void *, size_t);
+    if (!real) real = dlsym(RTLD_NEXT, "read");
+    stall_read(fd);
+    return real(fd, buf, count);
+}
+
+/* pread(2), as read(2) above: the log's start-up reads its segments with pread in 1 MiB chunks. */
 ssize_t pread64(int fd, void *buf, size_t count, off_t offset) {
     static ssize_t (*real)(int, void *, size_t, off_t);
     if (!real) real = dlsym(RTLD_NEXT, "pread64");
