@@ -180,6 +180,12 @@ impl NatsLog {
                     );
                 }
                 let max = usize::try_from(stream.cached_info().config.max_message_size).ok().filter(|&max| max > 0);
+                if cached.is_none() {
+                    // Said when it becomes ready (at start, or after an outage or a mismatch), not on
+                    // every re-check.
+                    let config = &stream.cached_info().config;
+                    tracing::info!(stream = %config.name, subjects = ?config.subjects, replicas = config.num_replicas, partitions = self.opts.partitions, "JetStream stream ready");
+                }
                 *self.stream_ready.lock().expect("stream state") = Some((Instant::now(), max));
                 *self.last_mismatch.lock().expect("stream state") = None;
                 Ok(max)
@@ -439,7 +445,7 @@ pub async fn ensure_stream(js: &jetstream::Context, opts: &NatsLogOptions) -> Re
             mismatches.join("; ")
         )));
     }
-    tracing::info!(stream = %config.name, subjects = ?config.subjects, replicas = config.num_replicas, partitions = opts.partitions, "JetStream stream ready");
+    tracing::debug!(stream = %config.name, subjects = ?config.subjects, replicas = config.num_replicas, partitions = opts.partitions, "JetStream stream checked");
     Ok(found)
 }
 

@@ -530,7 +530,10 @@ impl Processor {
     async fn rebalance(&mut self) -> anyhow::Result<()> {
         if self.stream.is_none() {
             match ensure_stream(&self.js, &self.opts.nats).await {
-                Ok(stream) => self.stream = Some(stream),
+                Ok(stream) => {
+                    tracing::info!(stream = %self.opts.nats.stream, "JetStream stream ready");
+                    self.stream = Some(stream)
+                }
                 // Another partition count, limits, storage…: this processor would read the stream
                 // wrongly. Refuse to start, with both values.
                 Err(StreamError::Mismatch(why)) => return Err(ConfigError(why).into()),
