@@ -1,5 +1,5 @@
 //! The invariants the fuzz targets check, shared with the proptest properties of the cargo test suite
-//! (`tests/fuzz_properties.rs` includes this file as a module), so both say the same thing:
+//! (`tests/processing/fuzz_properties.rs` includes this file as a module), so both say the same thing:
 //!
 //! - [`check_event_bytes`]: any bytes given to `Event::parse_request` or `EventRef::parse_log_line` never
 //!   panic; an accepted event has a userId of 1 to 255 bytes without control characters, a value `>= 0`
