@@ -4,6 +4,7 @@
 //! → `store` (revenue totals + checkpoint, one transaction) → `server` answers `GET /userEvents/:id`.
 //! See ARCHITECTURE.md for the invariants.
 
+pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod clock;

@@ -8,7 +8,6 @@
 //! window: the server rebuilds that window from recent segments, so removing a younger one could let
 //! a late retry through twice). Segments go oldest first, so the log never has a hole.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -16,6 +15,7 @@ use crate::money::Total;
 use anyhow::Context;
 use serde::Serialize;
 
+use crate::log::measure::measure_past;
 use crate::log::{list_segments, LOG_DIR};
 use crate::store;
 use crate::store::FILE_STREAM;
@@ -90,51 +90,24 @@ pub async fn status(data_dir: &Path, database_url: Option<&str>, allow_other_sto
         (Some(bound), Some(found)) if bound != found => Some(bound.clone()),
         _ => None,
     };
-    let segments = list_segments(&log_dir)?;
-    let mut log_bytes = 0;
-    let mut log_end = 0;
-    let mut lag_events = 0;
-    for (base, path) in &segments {
-        let len = std::fs::metadata(path)?.len();
-        log_bytes += len;
-        log_end = base + len;
-        if base + len > progress.position {
-            lag_events += count_lines(path, progress.position.saturating_sub(*base))?;
-        }
-    }
+    let past = measure_past(&log_dir, progress.position, u64::MAX)?;
     Ok(Status {
         data_dir: data_dir.to_path_buf(),
         backend: store.backend(),
-        segments: segments.len(),
-        log_bytes,
-        log_start: segments.first().map_or(0, |(b, _)| *b),
-        log_end,
+        segments: past.segments,
+        log_bytes: past.log_bytes,
+        log_start: past.log_start,
+        log_end: past.log_end,
         checkpoint: progress.position,
         events_applied: progress.events_applied,
         invalid_lines: progress.invalid_lines,
-        lag_bytes: identity_mismatch.is_none().then(|| log_end.saturating_sub(progress.position)),
-        lag_events: identity_mismatch.is_none().then_some(lag_events),
+        lag_bytes: identity_mismatch.is_none().then(|| past.log_end.saturating_sub(progress.position)),
+        lag_events: identity_mismatch.is_none().then_some(past.lines_counted),
         log_identity,
         identity_mismatch,
         users: totals.users,
         total_revenue: totals.revenue,
     })
-}
-
-/// Newlines in `path` from byte `from` on.
-fn count_lines(path: &Path, from: u64) -> std::io::Result<u64> {
-    use std::io::Seek;
-    let mut file = std::fs::File::open(path)?;
-    file.seek(std::io::SeekFrom::Start(from))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut lines = 0;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(lines);
-        }
-        lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
-    }
 }
 
 #[derive(Debug, Clone)]

@@ -229,12 +229,15 @@ pub(crate) struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            backoff: Backoff::default(),
+            backoff: REQUEST_BACKOFF,
             server_down: Backoff { base: SERVER_DOWN_BASE, cap: SERVER_DOWN_CAP },
             capture: None,
         }
     }
 }
+
+/// Between attempts of a request when no other server is up: 50 ms doubling to 5 s, full jitter.
+const REQUEST_BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
 
 /// How long a server that failed is left out at first.
 pub const SERVER_DOWN_BASE: Duration = Duration::from_millis(500);

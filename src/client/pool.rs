@@ -4,34 +4,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rand::Rng as _;
-
-/// Full-jitter exponential backoff.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Backoff {
-    pub base: Duration,
-    pub cap: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff { base: Duration::from_millis(50), cap: Duration::from_secs(5) }
-    }
-}
-
-impl Backoff {
-    /// The longest sleep after the `attempt`-th (1-based) failed attempt.
-    pub(super) fn ceiling(&self, attempt: u32) -> Duration {
-        let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
-        self.base.saturating_mul(factor).min(self.cap)
-    }
-
-    /// A random sleep in `[0, ceiling(attempt)]`.
-    pub(super) fn delay(&self, attempt: u32) -> Duration {
-        let ceiling = u64::try_from(self.ceiling(attempt).as_micros()).unwrap_or(u64::MAX);
-        Duration::from_micros(rand::rng().random_range(0..=ceiling))
-    }
-}
+pub(crate) use crate::backoff::Backoff;
 
 /// Which server a request goes to: round-robin over the servers considered up, failover to the next
 /// one after a failure, a down server left out for a backoff of its own (doubling from `base` to
@@ -117,7 +90,7 @@ impl ServerPool {
     /// down) goes down again for twice as long, up to the cap; the failure of a request sent before
     /// it was marked down changes nothing. True if it was up until now.
     pub(crate) fn failed(&self, server: usize, now: Instant) -> bool {
-        let Backoff { base, cap } = self.down;
+        let base = self.down.base;
         let mut state = self.lock();
         let state = &mut *state;
         let Some(health) = state.servers.get_mut(server) else { return false };
@@ -129,7 +102,7 @@ impl ServerPool {
                 true
             }
             Some(until) if now >= until => {
-                health.backoff = health.backoff.saturating_mul(2).min(cap).max(base);
+                health.backoff = self.down.after(health.backoff);
                 health.down_until = Some(now + health.backoff);
                 false
             }
@@ -174,19 +147,6 @@ impl PoolState {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_from_the_base_up_to_the_cap() {
-        let b = Backoff::default();
-        assert_eq!(b.ceiling(1), Duration::from_millis(50));
-        assert_eq!(b.ceiling(2), Duration::from_millis(100));
-        assert_eq!(b.ceiling(7), Duration::from_millis(3200));
-        assert_eq!(b.ceiling(8), Duration::from_secs(5));
-        assert_eq!(b.ceiling(1000), Duration::from_secs(5));
-        for attempt in 1..20 {
-            assert!(b.delay(attempt) <= b.ceiling(attempt));
-        }
-    }
 
     const DOWN: Backoff = Backoff { base: Duration::from_millis(500), cap: Duration::from_secs(5) };
 

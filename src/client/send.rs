@@ -220,7 +220,7 @@ impl Sender {
             }
             tokio::select! {
                 () = self.stop.wait() => return Logs::Unanswered { answered },
-                () = tokio::time::sleep(self.backoff.delay(round)) => {}
+                () = tokio::time::sleep(self.backoff.full_jitter(round)) => {}
             }
         }
     }
@@ -270,7 +270,7 @@ impl Sender {
             if next.all_down {
                 let pause = match retry_after {
                     Some(after) => after.min(MAX_RETRY_AFTER),
-                    None => self.backoff.delay(attempt),
+                    None => self.backoff.full_jitter(attempt),
                 };
                 tracing::debug!(attempt, ?pause, error, "retrying a request");
                 tokio::select! {

@@ -17,6 +17,7 @@ use crate::event::EventRef;
 
 pub mod durable_end;
 pub mod identity;
+pub mod measure;
 pub mod nats;
 pub mod producers;
 pub mod reader;

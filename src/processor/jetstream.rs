@@ -1,23 +1,13 @@
 //! `eps process --log nats://…`: applies the JetStream log to PostgreSQL, exactly once, with any number
 //! of processors sharing the stream's partitions.
 //!
-//! Ownership: every processor holds one PostgreSQL session (the membership connection) and in it a
-//! session-level advisory lock per partition it owns, plus one "member" lock so the processors can
-//! count each other. Every `--rebalance-ms` a processor computes its share, `ceil(partitions /
-//! members)`, releases partitions above it and tries to lock free ones below it. A processor that dies
-//! loses its session, PostgreSQL releases its locks, and the survivors lock the partitions at their
-//! next rebalance: takeover takes one rebalance interval plus the reading of the de-duplication window
-//! (below) after PostgreSQL ended the session.
-//!
-//! When the session ends: at once if the processor's machine closes the socket (the process died); if
-//! the machine or its network vanished instead, the *server* must notice, since nothing is left on the
-//! processor's side to close anything. So the membership session sets PostgreSQL's own TCP settings on
-//! its backend's socket ([`SERVER_KEEPALIVE_IDLE`] and the constants after it): the backend gives up
-//! about [`SERVER_GIVES_UP_AFTER`] after the last packet it received from the processor, instead of the
-//! kernel's two hours. `idle_session_timeout` ([`idle_session_timeout`]) also ends a session whose
-//! processor is reachable but stopped querying (frozen); every rebalance queries the session, and a
-//! long commit pings it, so a working processor never reaches it. A processor whose session ended finds
-//! out at its next rebalance, drops all its partitions and joins again.
+//! Ownership ([`crate::processor::ownership`]): processors share the stream's partitions through
+//! advisory locks in one PostgreSQL session each. Every `--rebalance-ms` a processor computes its share,
+//! `ceil(partitions / members)`, releases partitions above it and tries to lock free ones below it. A
+//! processor that dies loses its session, PostgreSQL releases its locks, and the survivors lock the
+//! partitions at their next rebalance: takeover takes one rebalance interval plus the reading of the
+//! de-duplication window (below) after PostgreSQL ended the session. A processor whose session ended
+//! finds out at its next rebalance, drops all its partitions and joins again.
 //!
 //! Exactly once: for each owned partition a reader task follows the partition's subject from its
 //! checkpoint (an ordered pull consumer: no acknowledgements, nothing stored in JetStream on our
@@ -44,13 +34,21 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 
-use super::{
-    bind_log_identity, excerpt, open_store, parse_line, user_digest, with_retry, ExactSum, ProcessOptions,
-    ProcessSummary, Stop,
-};
+use crate::backoff::Backoff;
 use crate::error::ConfigError;
 use crate::log::nats::{ensure_stream, jetstream_context, stream_identity, NatsLogOptions, StreamError};
 use crate::log::{id_key, reader::lines_of, IdKeyHasher};
+use crate::processor::ownership::Membership;
+pub use crate::processor::ownership::{
+    idle_session_timeout, IDLE_SESSION_TIMEOUT_MIN, SERVER_GIVES_UP_AFTER, SERVER_KEEPALIVE_COUNT,
+    SERVER_KEEPALIVE_IDLE, SERVER_KEEPALIVE_INTERVAL, SERVER_USER_TIMEOUT,
+};
+use crate::processor::stop::{self, Stop};
+use crate::processor::{
+    bind_log_identity, count_users, excerpt, open_store, parse_line, user_digest, with_retry, ExactSum,
+    IdentityMismatch, ProcessOptions, ProcessSummary, MAX_INVALID_PER_COMMIT, MAX_USERS_COUNTED,
+    MAX_USERS_PER_PARTITION_COMMIT,
+};
 use crate::store::{Batch, CommitOutcome, InvalidLine, LostRange, Store, StoreError};
 
 #[derive(Debug, Clone)]
@@ -139,7 +137,7 @@ pub async fn run(
     if opts.nats.partitions == 0 {
         return Err(ConfigError("--nats-partitions must be at least 1".into()).into());
     }
-    super::stop::until(shutdown, |stop| async move {
+    stop::until(shutdown, |stop| async move {
         let Some(store) = open_store(&opts.process, &stop).await? else { return Ok(JetStreamSummary::default()) };
         let js = tokio::select! {
             js = jetstream_context(&opts.nats, "eps process") => js?,
@@ -203,13 +201,9 @@ struct PartitionBatch {
 impl PartitionBatch {
     /// Whether the reader should wait for a commit before summing more (bounds memory).
     fn is_full(&self) -> bool {
-        self.sums.len() >= MAX_USERS_PER_COMMIT || self.invalid.len() >= MAX_INVALID_PER_COMMIT
+        self.sums.len() >= MAX_USERS_PER_PARTITION_COMMIT || self.invalid.len() >= MAX_INVALID_PER_COMMIT
     }
 }
-
-/// A partition's batch is committed before it holds more users or invalid lines than this.
-const MAX_USERS_PER_COMMIT: usize = 200_000;
-const MAX_INVALID_PER_COMMIT: usize = 1_000;
 
 struct Processor {
     opts: JetStreamProcessOptions,
@@ -383,12 +377,7 @@ impl Processor {
                     self.summary.base.invalid_lines += batch.invalid.len() as u64;
                     self.summary.base.batches += 1;
                     let users = batch.deltas.iter().map(|(u, _)| user_digest(u));
-                    crate::processor::count_users(
-                        &mut self.users,
-                        users,
-                        crate::processor::MAX_USERS_COUNTED,
-                        &mut self.summary.base.users_over,
-                    );
+                    count_users(&mut self.users, users, MAX_USERS_COUNTED, &mut self.summary.base.users_over);
                     if let Some(owned) = self.owned.get_mut(&partition) {
                         owned.checkpoint = batch.to;
                         owned.shared.committed.store(batch.to, std::sync::atomic::Ordering::Relaxed);
@@ -604,16 +593,8 @@ impl Processor {
 
     async fn balance_with(&mut self, membership: &Membership) -> Result<(), StoreError> {
         let partitions = self.opts.nats.partitions;
-        // Asked on every rebalance, also by a one-shot run that already owns everything: the query is
-        // what tells a processor that its session (and every lock in it) is gone, and what keeps a
-        // working processor's session from looking idle to PostgreSQL.
-        let members = membership.members().await?.max(1);
-        let share = if self.opts.process.follow {
-            partitions.div_ceil(members)
-        } else {
-            // A one-shot run takes every partition nobody else holds.
-            partitions
-        };
+        // Asked on every rebalance, also by a one-shot run that already owns everything.
+        let share = membership.share(partitions, self.opts.process.follow).await?;
         // Give back the highest partitions above the share (their batches were just committed).
         while self.owned.len() > share as usize {
             let (&partition, _) = self.owned.iter().next_back().expect("not empty");
@@ -621,12 +602,10 @@ impl Processor {
             membership.release(partition).await?;
             tracing::info!(partition, share, "gave a partition back to spread the work");
         }
-        let offset = membership.slot.unsigned_abs() * 7 % partitions;
-        for k in 0..partitions {
+        for partition in membership.candidates(partitions) {
             if self.owned.len() >= share as usize {
                 break;
             }
-            let partition = (offset + k) % partitions;
             if self.owned.contains_key(&partition) || !membership.try_own(partition).await? {
                 continue;
             }
@@ -884,7 +863,7 @@ impl PartitionReader {
     async fn run(mut self, from: u64) {
         let partition = self.partition;
         let mut next = from;
-        let mut delay = Duration::from_millis(100);
+        let mut delays = Backoff::new(Duration::from_millis(100), Duration::from_secs(2)).delays();
         // Whether "the stream is gone" was said since the reader last had a consumer.
         let mut gone = false;
         loop {
@@ -946,15 +925,14 @@ impl PartitionReader {
                         }
                         self.take(seq, pending, &message.payload).await;
                         next = seq + 1;
-                        delay = Duration::from_millis(100);
+                        delays.reset();
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(partition, error = %e, retry_in_secs = delay.as_secs_f64(), "cannot read the partition; retrying")
+                    tracing::warn!(partition, error = %e, retry_in_secs = delays.current().as_secs_f64(), "cannot read the partition; retrying")
                 }
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+            tokio::time::sleep(delays.next_delay()).await;
         }
     }
 
@@ -969,7 +947,7 @@ impl PartitionReader {
         let identity = stream_identity(info, self.partitions);
         if identity != self.identity {
             return Err(Fatal(
-                super::IdentityMismatch {
+                IdentityMismatch {
                     scope: identity_scope(&info.config.name),
                     bound: self.identity.clone(),
                     found: identity,
@@ -1109,184 +1087,6 @@ impl SeenIds {
         ids.push(id);
         self.ids += 1;
         self.latest.insert(id, seq).is_some()
-    }
-}
-
-/// This processor's PostgreSQL session, holding its member lock and one lock per partition it owns.
-struct Membership {
-    client: tokio_postgres::Client,
-    partitions_key: i32,
-    members_key: i32,
-    slot: i32,
-}
-
-/// Most processors that can share one stream.
-const MAX_MEMBERS: i32 = 1024;
-
-/// PostgreSQL's `tcp_keepalives_idle` on the membership session: the backend's socket sends its first
-/// keepalive probe after this long without a packet from the processor.
-pub const SERVER_KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
-/// `tcp_keepalives_interval`: then one probe every this long.
-pub const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
-/// `tcp_keepalives_count`: the backend gives up after this many unanswered probes (Linux: when no
-/// `tcp_user_timeout` is in force).
-pub const SERVER_KEEPALIVE_COUNT: u32 = 3;
-/// `tcp_user_timeout`: the backend gives up when what it sent stays unacknowledged this long, and
-/// (Linux) when a keepalive probe is due this long after the last packet received.
-pub const SERVER_USER_TIMEOUT: Duration = Duration::from_secs(10);
-/// The latest the backend of a vanished processor gives up, counted from the last packet it received:
-/// the first probe due after [`SERVER_USER_TIMEOUT`] (5 + 2 + 2 + 2 s), which is also idle + count ×
-/// interval where the user timeout does not apply (Linux clamps the probes to the user timeout: about
-/// 10 s there; tests/fault_netcut.rs measures it). The locks go with the backend; the survivors take
-/// them at their next rebalance.
-pub const SERVER_GIVES_UP_AFTER: Duration = Duration::from_secs(11);
-/// The least `idle_session_timeout` of the membership session.
-pub const IDLE_SESSION_TIMEOUT_MIN: Duration = Duration::from_secs(60);
-
-/// `idle_session_timeout` of the membership session: a processor queries its session at every
-/// rebalance (and pings it during commits), so only one that stopped working (frozen, hung) stays
-/// idle this long; PostgreSQL then ends the session and frees the partitions. At least
-/// [`IDLE_SESSION_TIMEOUT_MIN`], and 20 rebalance rounds.
-pub fn idle_session_timeout(rebalance_interval: Duration, poll_interval: Duration) -> Duration {
-    IDLE_SESSION_TIMEOUT_MIN.max((rebalance_interval + poll_interval) * 20)
-}
-
-impl Membership {
-    async fn join(url: &str, stream: &str, idle_session_timeout: Duration) -> Result<Membership, StoreError> {
-        let mut membership = Membership::observe(url, stream).await?;
-        membership.make_server_give_up(idle_session_timeout).await?;
-        for slot in 0..MAX_MEMBERS {
-            if membership.try_lock(membership.members_key, slot).await? {
-                membership.slot = slot;
-                return Ok(membership);
-            }
-        }
-        Err(StoreError::Other(format!("more than {MAX_MEMBERS} processors on stream {stream}")))
-    }
-
-    /// A session that sees the processors of `stream` without being one of them.
-    async fn observe(url: &str, stream: &str) -> Result<Membership, StoreError> {
-        let (mut config, tls) = crate::store::pg_tls::connect_config(url).map_err(|e| StoreError::Other(e.0))?;
-        config.application_name("eps process (partition locks)");
-        config.connect_timeout(Duration::from_secs(5));
-        // This side's socket: a dead network ends the session for the processor within seconds, so it
-        // stops believing it owns its partitions. The server's side is set in `make_server_give_up`.
-        config.keepalives(true).keepalives_idle(SERVER_KEEPALIVE_IDLE);
-        config.keepalives_interval(SERVER_KEEPALIVE_INTERVAL).keepalives_retries(SERVER_KEEPALIVE_COUNT);
-        config.tcp_user_timeout(SERVER_USER_TIMEOUT);
-        let (client, connection) =
-            config.connect(tls).await.map_err(|e| match crate::store::pg_tls::tls_refusal(&e) {
-                // Not an outage: the store's own pool was refused the same way at start-up (see `pg_tls`).
-                Some(why) => StoreError::Other(format!("the partition-lock session was refused by TLS: {why}")),
-                None => StoreError::Unavailable(e.to_string()),
-            })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "the partition-lock session ended");
-            }
-        });
-        // Two 31-bit keys derived from the stream's name: one class for partitions, one for members.
-        let base = (crate::log::user_key(stream) & 0x3FFF_FFFF) as i32;
-        Ok(Membership { client, partitions_key: base, members_key: base | 0x4000_0000, slot: -1 })
-    }
-
-    /// Sets, on the session's backend, when PostgreSQL ends it if the processor stops answering (see
-    /// [`SERVER_KEEPALIVE_IDLE`] and after), then reads them back from the session and logs what is in
-    /// force. A setting the server does not know (older than PostgreSQL 12 for `tcp_user_timeout`, 14
-    /// for `idle_session_timeout`) is reported and skipped. Over a Unix socket the TCP settings read 0:
-    /// they do not apply there (the processor is on the database's machine; its socket closes with it).
-    async fn make_server_give_up(&self, idle_session_timeout: Duration) -> Result<(), StoreError> {
-        let wanted: [(&str, u128, &str); 5] = [
-            ("tcp_keepalives_idle", SERVER_KEEPALIVE_IDLE.as_secs().into(), "s"),
-            ("tcp_keepalives_interval", SERVER_KEEPALIVE_INTERVAL.as_secs().into(), "s"),
-            ("tcp_keepalives_count", SERVER_KEEPALIVE_COUNT.into(), ""),
-            ("tcp_user_timeout", SERVER_USER_TIMEOUT.as_millis(), "ms"),
-            ("idle_session_timeout", idle_session_timeout.as_millis(), "ms"),
-        ];
-        for (name, value, _) in wanted {
-            if let Err(e) = self.client.batch_execute(&format!("SET {name} = {value}")).await {
-                if self.client.is_closed() {
-                    return Err(StoreError::Unavailable(format!("setting {name} on the partition-lock session: {e}")));
-                }
-                tracing::warn!(setting = name, error = %e, "PostgreSQL does not take this setting of the partition-lock session");
-            }
-        }
-        let names: Vec<&str> = wanted.iter().map(|(name, _, _)| *name).collect();
-        let rows = self
-            .client
-            .query("SELECT name, setting FROM pg_settings WHERE name = ANY($1)", &[&names])
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("reading the partition-lock session's settings: {e}")))?;
-        let shown: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        let in_force = wanted
-            .iter()
-            .map(|(name, _, unit)| format!("{name}={}{unit}", shown.get(*name).map_or("(unknown)", String::as_str)))
-            .collect::<Vec<_>>()
-            .join(" ");
-        if shown.get("tcp_keepalives_idle").map(String::as_str) == Some("0") {
-            tracing::info!(settings = %in_force, "the partition-lock session is over a Unix socket: PostgreSQL's TCP \
-                settings do not apply (a process that dies closes it at once)");
-        } else if wanted.iter().all(|(name, value, _)| shown.get(*name) == Some(&value.to_string())) {
-            tracing::info!(settings = %in_force, gives_up_after = ?SERVER_GIVES_UP_AFTER,
-                "PostgreSQL ends the partition-lock session when this processor stops answering");
-        } else {
-            tracing::warn!(settings = %in_force, "PostgreSQL did not take every setting of the partition-lock session: \
-                a vanished processor may keep its partitions until the server's own TCP timeouts");
-        }
-        Ok(())
-    }
-
-    /// Runs `work`, querying the session every `every` meanwhile so PostgreSQL does not count it idle.
-    /// A failed ping is left to the next rebalance, which finds the session gone.
-    async fn kept_busy_during<T>(&self, every: Duration, work: impl Future<Output = T>) -> T {
-        let pings = async {
-            loop {
-                tokio::time::sleep(every).await;
-                if self.client.simple_query("SELECT 1").await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        tokio::select! {
-            out = work => out,
-            () = pings => unreachable!("the pings never end"),
-        }
-    }
-
-    async fn try_lock(&self, key: i32, sub: i32) -> Result<bool, StoreError> {
-        let row = self
-            .client
-            .query_one("SELECT pg_try_advisory_lock($1::int4, $2::int4)", &[&key, &sub])
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("taking a partition lock: {e}")))?;
-        Ok(row.get(0))
-    }
-
-    async fn try_own(&self, partition: u32) -> Result<bool, StoreError> {
-        self.try_lock(self.partitions_key, partition as i32).await
-    }
-
-    async fn release(&self, partition: u32) -> Result<(), StoreError> {
-        self.client
-            .query_one("SELECT pg_advisory_unlock($1::int4, $2::int4)", &[&self.partitions_key, &(partition as i32)])
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("releasing a partition lock: {e}")))?;
-        Ok(())
-    }
-
-    /// Processors sharing the stream now (each holds one member lock in this database).
-    async fn members(&self) -> Result<u32, StoreError> {
-        let row = self
-            .client
-            .query_one(
-                "SELECT count(*) FROM pg_locks
-                 WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = $1::int8::oid
-                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-                &[&i64::from(self.members_key)],
-            )
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("counting the processors: {e}")))?;
-        Ok(row.get::<_, i64>(0) as u32)
     }
 }
 

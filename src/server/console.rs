@@ -10,7 +10,6 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::io::{Read, Seek};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,7 +30,8 @@ use super::routes::authorize;
 use super::AppState;
 use crate::clock::{mono_millis, wall_millis as now_millis};
 use crate::event::EventRef;
-use crate::log::{list_segments, Appended};
+use crate::log::measure::measure_past;
+use crate::log::Appended;
 use crate::store::FILE_STREAM;
 
 const INDEX_HTML: &str = include_str!("console/index.html");
@@ -334,48 +334,18 @@ pub(super) struct LogView {
 /// The file log's size, and what lies after the checkpoint: lines (counted up to 1 MiB of lag,
 /// estimated beyond from the lines counted) and the acceptance time of the first one.
 pub(super) fn file_log_view(dir: &std::path::Path, checkpoint: u64) -> std::io::Result<LogView> {
-    let segments = list_segments(dir)?;
-    let mut view =
-        LogView { bytes: 0, segments: segments.len() as u64, lag_bytes: 0, lag_events: 0, oldest_unapplied: None };
-    let mut lag_bytes = 0u64;
-    let (mut counted_bytes, mut counted_lines) = (0u64, 0u64);
-    let mut first_line = Vec::new();
-    for (base, path) in &segments {
-        let len = std::fs::metadata(path)?.len();
-        view.bytes += len;
-        let end = base + len;
-        if end <= checkpoint {
-            continue;
-        }
-        let from = checkpoint.saturating_sub(*base);
-        lag_bytes += len - from;
-        if counted_bytes >= COUNT_LAG_BYTES && !first_line.is_empty() {
-            continue;
-        }
-        let mut file = std::fs::File::open(path)?;
-        file.seek(std::io::SeekFrom::Start(from))?;
-        let mut rest = Vec::new();
-        file.take(COUNT_LAG_BYTES.saturating_sub(counted_bytes).max(4096)).read_to_end(&mut rest)?;
-        if first_line.is_empty() {
-            if let Some(nl) = rest.iter().position(|&b| b == b'\n') {
-                first_line = rest[..nl].to_vec();
-            }
-        }
-        counted_bytes += rest.len() as u64;
-        counted_lines += rest.iter().filter(|&&b| b == b'\n').count() as u64;
-    }
-    view.lag_bytes = lag_bytes;
-    view.lag_events = if lag_bytes <= counted_bytes || counted_bytes == 0 {
-        counted_lines
-    } else {
-        (lag_bytes as f64 * counted_lines as f64 / counted_bytes as f64).round() as u64
-    };
-    if !first_line.is_empty() {
-        view.oldest_unapplied = serde_json::from_slice::<serde_json::Value>(&first_line)
-            .ok()
-            .and_then(|line| line.get("ts").and_then(serde_json::Value::as_u64));
-    }
-    Ok(view)
+    let past = measure_past(dir, checkpoint, COUNT_LAG_BYTES)?;
+    // No first line: empty, not JSON, no `ts`.
+    let oldest_unapplied = serde_json::from_slice::<serde_json::Value>(&past.first_line)
+        .ok()
+        .and_then(|line| line.get("ts").and_then(serde_json::Value::as_u64));
+    Ok(LogView {
+        bytes: past.log_bytes,
+        segments: past.segments as u64,
+        lag_bytes: past.bytes_after,
+        lag_events: past.lines_after(),
+        oldest_unapplied,
+    })
 }
 
 /// The latest summary, made now if none is fresh (the first request of a newly opened console).

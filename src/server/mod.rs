@@ -433,7 +433,7 @@ async fn reload_tokens(state: Arc<AppState>, mut hangups: tokio::sync::watch::Re
 /// Opens the store, retrying until it works: the server takes events whether the database is up or not.
 /// A configuration error is not retried: it goes to `refused`, which stops the server.
 async fn connect_store(state: Arc<AppState>, opts: ServerOptions, refused: oneshot::Sender<anyhow::Error>) {
-    let mut delay = Duration::from_millis(200);
+    let mut delays = crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10)).delays();
     loop {
         match store::open(opts.database_url.as_deref(), &opts.data_dir).await {
             Ok(store) => {
@@ -454,12 +454,12 @@ async fn connect_store(state: Arc<AppState>, opts: ServerOptions, refused: onesh
                 } else {
                     "database refused the connection (fix the cause; retrying meanwhile); GET /userEvents answers 503 meanwhile"
                 };
+                let delay = delays.next_delay();
                 tracing::warn!(error = %cause, retry_in_secs = delay.as_secs_f64(), "{what}");
                 // /readyz is unauthenticated: it shows the database's own error, not the URL around it.
                 let root = e.chain().last().map_or_else(String::new, ToString::to_string);
                 *state.store_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(root);
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
     }
