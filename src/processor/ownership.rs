@@ -50,7 +50,7 @@ pub const SERVER_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The latest the backend of a vanished processor gives up, counted from the last packet it received:
 /// the first probe due after [`SERVER_USER_TIMEOUT`] (5 + 2 + 2 + 2 s), which is also idle + count ×
 /// interval where the user timeout does not apply (Linux clamps the probes to the user timeout: about
-/// 10 s there; tests/fault_netcut.rs measures it). The locks go with the backend; the survivors take
+/// 10 s there; tests/faults/fault_netcut.rs measures it). The locks go with the backend; the survivors take
 /// them at their next rebalance.
 pub const SERVER_GIVES_UP_AFTER: Duration = Duration::from_secs(11);
 /// The least `idle_session_timeout` of the membership session.

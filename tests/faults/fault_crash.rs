@@ -1275,7 +1275,7 @@ fn the_reader_never_returns_a_line_still_being_written_even_when_a_new_segment_s
 /// README: "`eps process --follow` stops the same way [on SIGTERM]: after its current transaction", exit 0.
 /// Its SIGTERM handler used to be installed only when the processor first polled its shutdown future
 /// (`server::shutdown_signal()` was an `async fn` whose signal streams were created on first poll, and the
-/// loop in src/processor.rs polled it only once caught up or after a commit). Until then SIGTERM had its
+/// loop in src/processor/file.rs polled it only once caught up or after a commit). Until then SIGTERM had its
 /// default effect: the process died by the signal (exit status 143, no summary). Nothing half-done was left
 /// (the transaction rolls back), but a supervisor saw a failure. Found by the `--follow` scenario, whose
 /// last follower used to be stopped before it had anything to do.

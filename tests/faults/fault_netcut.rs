@@ -31,7 +31,7 @@ use rust_decimal::Decimal;
 const PARTITIONS: u32 = 16;
 /// A guard, not a speed requirement: PostgreSQL must give up on A's session and B take its partitions
 /// well before the kernel's two-hour keepalive that applied before; about 11 s are expected
-/// (`SERVER_GIVES_UP_AFTER` in src/processor/jetstream.rs), this leaves room for a loaded machine.
+/// (`SERVER_GIVES_UP_AFTER` in src/processor/ownership.rs), this leaves room for a loaded machine.
 const TAKEOVER_BOUND: Duration = Duration::from_secs(45);
 
 // ---------------------------------------------------------------------------------------------------
