@@ -44,7 +44,7 @@ impl EventKind {
 /// are private: the parsers are the only way to make one, so every `Event` keeps the rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
-    user_id: String,
+    user_id: UserId<'static>,
     kind: EventKind,
     value: Decimal,
     id: Option<String>,
@@ -53,7 +53,7 @@ pub struct Event {
 /// A validated event borrowed from a buffer: the processor's hot path, no allocation for plain ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventRef<'a> {
-    user_id: Cow<'a, str>,
+    user_id: UserId<'a>,
     kind: EventKind,
     value: Decimal,
     id: Option<Cow<'a, str>>,
@@ -76,7 +76,7 @@ impl EventError {
 
 impl Event {
     pub fn user_id(&self) -> &str {
-        &self.user_id
+        self.user_id.as_str()
     }
 
     pub fn kind(&self) -> EventKind {
@@ -107,7 +107,7 @@ impl Event {
     /// The event borrowed, e.g. to write it with [`EventRef::write_log_line`].
     pub fn as_ref(&self) -> EventRef<'_> {
         EventRef {
-            user_id: Cow::Borrowed(&self.user_id),
+            user_id: self.user_id.borrowed(),
             kind: self.kind,
             value: self.value,
             id: self.id.as_deref().map(Cow::Borrowed),
@@ -122,7 +122,7 @@ impl Event {
 
 impl<'a> EventRef<'a> {
     pub fn user_id(&self) -> &str {
-        &self.user_id
+        self.user_id.as_str()
     }
 
     pub fn kind(&self) -> EventKind {
@@ -139,7 +139,7 @@ impl<'a> EventRef<'a> {
 
     /// The user id, borrowed from the buffer when it had no escapes (the processor's hot path).
     pub fn into_user_id(self) -> Cow<'a, str> {
-        self.user_id
+        self.user_id.into_cow()
     }
 
     /// [`Event::parse_request`] without copying: strings borrow from `bytes` unless they hold escapes.
@@ -164,7 +164,7 @@ impl<'a> EventRef<'a> {
     pub fn write_log_line(&self, ts_millis: u64, out: &mut Vec<u8>) {
         use std::io::Write as _;
         out.extend_from_slice(b"{\"userId\":");
-        write_json_string(out, &self.user_id);
+        write_json_string(out, self.user_id.as_str());
         out.extend_from_slice(b",\"name\":\"");
         out.extend_from_slice(self.kind.as_str().as_bytes());
         out.extend_from_slice(b"\",\"value\":");
@@ -213,7 +213,9 @@ impl<'a> EventRef<'a> {
             }
             None => rest,
         };
-        (rest == b"}").then_some(EventRef { user_id: Cow::Borrowed(user_id), kind, value, id })
+        // `plain_string` took 1 to 255 bytes of printable ASCII: a userId by the rule, as it stands.
+        let user_id = UserId(Cow::Borrowed(user_id));
+        (rest == b"}").then_some(EventRef { user_id, kind, value, id })
     }
 
     /// Parses one line of the log. Lenient about extra fields (the log may be written by other
@@ -354,27 +356,76 @@ pub enum UserIdError {
     TooLong(usize),
 }
 
-/// The one rule for a `userId`, wherever it comes from: an event's field (HTTP body, client file, log
-/// line) or a URL path (`GET /userEvents/{userId}`). 1 to [`MAX_USER_ID_BYTES`] bytes of UTF-8 and no
-/// control character (Unicode category Cc: U+0000 to U+001F and U+007F to U+009F). The NUL it refuses
-/// is also the one character PostgreSQL's TEXT cannot hold: a userId that passes can always be stored
-/// and looked up on both stores.
-pub fn parse_user_id<'a>(user_id: impl Into<Cow<'a, str>>) -> Result<Cow<'a, str>, UserIdError> {
-    let user_id = user_id.into();
-    if user_id.is_empty() {
-        return Err(UserIdError::Empty);
+/// A `userId` that keeps the one rule ([`UserId::parse`]), borrowed from the buffer it was read from
+/// (the hot paths: no allocation) or owned. Events hold one; `GET /userEvents/{userId}` parses its path
+/// into one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UserId<'a>(Cow<'a, str>);
+
+impl<'a> UserId<'a> {
+    /// The one rule for a `userId`, wherever it comes from: an event's field (HTTP body, client file,
+    /// log line) or a URL path (`GET /userEvents/{userId}`). 1 to [`MAX_USER_ID_BYTES`] bytes of UTF-8
+    /// and no control character (Unicode category Cc: U+0000 to U+001F and U+007F to U+009F). The NUL
+    /// it refuses is also the one character PostgreSQL's TEXT cannot hold: a userId that passes can
+    /// always be stored and looked up on both stores.
+    pub fn parse(user_id: impl Into<Cow<'a, str>>) -> Result<UserId<'a>, UserIdError> {
+        let user_id = user_id.into();
+        if user_id.is_empty() {
+            return Err(UserIdError::Empty);
+        }
+        if user_id.chars().any(char::is_control) {
+            return Err(UserIdError::ControlCharacter);
+        }
+        if user_id.len() > MAX_USER_ID_BYTES {
+            return Err(UserIdError::TooLong(user_id.len()));
+        }
+        Ok(UserId(user_id))
     }
-    if user_id.chars().any(char::is_control) {
-        return Err(UserIdError::ControlCharacter);
+
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
-    if user_id.len() > MAX_USER_ID_BYTES {
-        return Err(UserIdError::TooLong(user_id.len()));
+
+    /// The text, still borrowed when it was (what [`EventRef::into_user_id`] gives).
+    pub fn into_cow(self) -> Cow<'a, str> {
+        self.0
     }
-    Ok(user_id)
+
+    pub fn into_string(self) -> String {
+        self.0.into_owned()
+    }
+
+    pub fn into_owned(self) -> UserId<'static> {
+        UserId(Cow::Owned(self.0.into_owned()))
+    }
+
+    /// The same id, borrowed from this one.
+    pub fn borrowed(&self) -> UserId<'_> {
+        UserId(Cow::Borrowed(&self.0))
+    }
 }
 
-fn check_user_id(user_id: Cow<'_, str>) -> Result<Cow<'_, str>, EventError> {
-    parse_user_id(user_id).map_err(|e| EventError::invalid(e.to_string()))
+/// Shown as its text (`"user1"`), as the `String` it replaced was.
+impl fmt::Debug for UserId<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl PartialEq<&str> for UserId<'_> {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl fmt::Display for UserId<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn check_user_id(user_id: Cow<'_, str>) -> Result<UserId<'_>, EventError> {
+    UserId::parse(user_id).map_err(|e| EventError::invalid(e.to_string()))
 }
 
 fn check_event_id(id: Cow<'_, str>) -> Result<Cow<'_, str>, EventError> {
@@ -619,15 +670,15 @@ mod tests {
 
     #[test]
     fn the_user_id_rule_is_one_for_events_and_paths() {
-        assert_eq!(parse_user_id("user 1").unwrap(), "user 1");
-        assert_eq!(parse_user_id(""), Err(UserIdError::Empty));
+        assert_eq!(UserId::parse("user 1").unwrap().as_str(), "user 1");
+        assert_eq!(UserId::parse(""), Err(UserIdError::Empty));
         for bad in ["\0", "a\0b", "\u{1}", "a\nb", "\u{7f}", "\u{85}"] {
-            assert_eq!(parse_user_id(bad), Err(UserIdError::ControlCharacter), "{bad:?}");
+            assert_eq!(UserId::parse(bad), Err(UserIdError::ControlCharacter), "{bad:?}");
             let body = serde_json::json!({"userId": bad, "name": "add_revenue", "value": 1}).to_string();
             let refused = Event::parse_request(body.as_bytes()).unwrap_err();
             assert_eq!(refused, EventError::Invalid(UserIdError::ControlCharacter.to_string()), "{body}");
         }
-        assert_eq!(parse_user_id("é".repeat(128)), Err(UserIdError::TooLong(256)));
+        assert_eq!(UserId::parse("é".repeat(128)), Err(UserIdError::TooLong(256)));
     }
 
     #[test]

@@ -13,18 +13,27 @@
 //! Scopes: `ingest` (POST /liveEvent, POST /events), `read` (GET /userEvents, the console's data),
 //! `admin` (everything). `/healthz`, `/readyz`, `/metrics`, `/openapi.json` and the console's page
 //! and assets need no token.
+//!
+//! The check is a layer on each route that needs a token ([`guard`]), run before the route's handler
+//! (and so before any other check of the request): a refusal is answered there, and a request that
+//! passes carries its [`Grant`] in its extensions, for the handler to charge its events to.
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::MethodRouter;
 use governor::clock::Clock;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
+use super::AppState;
 use crate::error::ConfigError;
 
 type Limiter = governor::DefaultDirectRateLimiter;
@@ -83,7 +92,9 @@ pub(crate) struct Auth {
     current: RwLock<Arc<TokenSet>>,
 }
 
-/// A request's token, found and holding the scope: what its rate limit is charged to.
+/// A request's token, found and holding the scope: what its rate limit is charged to. Put in the
+/// request's extensions by [`guard`]'s layer (`Extension<Grant>` in a handler).
+#[derive(Clone)]
 pub(crate) struct Grant {
     limiter: Option<Arc<Limiter>>,
     burst: u32,
@@ -173,17 +184,44 @@ impl Grant {
             }
             Err(_) => {
                 refused(route, "over_burst");
-                Err(ApiError::Body {
-                    status: axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-                    message: format!(
-                        "{events} events in one request are more than this token's burst of {}: nothing was stored; \
-                         send smaller batches",
-                        self.burst
-                    ),
-                })
+                Err(ApiError::PayloadTooLarge(format!(
+                    "{events} events in one request are more than this token's burst of {}: nothing was stored; \
+                     send smaller batches",
+                    self.burst
+                )))
             }
         }
     }
+}
+
+/// What one route needs of a request's token: the scope, and the route's label in the refusal
+/// counters (the route's path as the router has it, e.g. `/userEvents/{user_id}`).
+#[derive(Clone)]
+struct Guard {
+    state: Arc<AppState>,
+    scope: Scope,
+    route: &'static str,
+}
+
+/// `route` (a method router of one path) with its token check: each of its methods registered so far
+/// answers 401 or 403 before its handler runs. Methods added after (the CORS routes' OPTIONS) are not
+/// checked; layers added after wrap the check.
+pub(crate) fn guard(
+    route: MethodRouter<Arc<AppState>>,
+    state: &Arc<AppState>,
+    scope: Scope,
+    label: &'static str,
+) -> MethodRouter<Arc<AppState>> {
+    let guard = Guard { state: state.clone(), scope, route: label };
+    route.route_layer(axum::middleware::from_fn_with_state(guard, check))
+}
+
+/// The layer of [`guard`]: accepts `Authorization: <token>` (what the seed's client sends) and
+/// `Authorization: Bearer <token>`, for a token holding the route's scope.
+async fn check(State(guard): State<Guard>, mut request: Request, next: Next) -> Result<Response, ApiError> {
+    let grant = guard.state.auth.authorize(request.headers(), guard.scope, guard.route)?;
+    request.extensions_mut().insert(grant);
+    Ok(next.run(request).await)
 }
 
 fn refused(route: &'static str, reason: &'static str) {
@@ -351,7 +389,7 @@ mod tests {
         let grant = auth.authorize(&headers("ingest-1"), Scope::Ingest, "/t").unwrap();
         assert!(grant.charge(5, "/t").is_ok());
         assert!(matches!(grant.charge(1, "/t"), Err(ApiError::TooManyRequests { .. })));
-        assert!(matches!(grant.charge(6, "/t"), Err(ApiError::Body { .. })));
+        assert!(matches!(grant.charge(6, "/t"), Err(ApiError::PayloadTooLarge(_))));
         std::fs::write(&path, "[[token]]\nname = 3\n").unwrap();
         assert!(auth.reload().is_err());
         assert!(auth.authorize(&headers("ingest-1"), Scope::Ingest, "/t").is_ok(), "a broken file keeps the old set");

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap};
+use axum::http::header;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -24,9 +24,7 @@ use futures::Stream;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::auth::Scope;
-use super::error::ApiError;
-use super::routes::authorize;
+use super::error::ErrorBody;
 use super::AppState;
 use crate::clock::{mono_millis, wall_millis as now_millis};
 use crate::event::EventRef;
@@ -373,14 +371,13 @@ async fn current_summary(state: &AppState) -> Arc<Summary> {
     security(("token" = [])),
     responses(
         (status = 200, description = "What the console shows: rates over five minutes, lag, log, users, totals, top users, tail", body = Summary),
-        (status = 401, description = "Missing or unknown token", body = super::routes::ErrorBody),
-        (status = 403, description = "The token is known but does not hold the scope this route needs (see docs/SECURITY.md)", body = super::routes::ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "The token is known but does not hold the scope this route needs (see docs/SECURITY.md)", body = ErrorBody),
     )
 )]
 /// `GET /console/summary`: the console's data now.
-pub(super) async fn summary(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Summary>, ApiError> {
-    authorize(&state, &headers, Scope::Read, "/console/summary")?;
-    Ok(Json(current_summary(&state).await.as_ref().clone()))
+pub(super) async fn summary(State(state): State<Arc<AppState>>) -> Json<Summary> {
+    Json(current_summary(&state).await.as_ref().clone())
 }
 
 /// One event of `GET /console/stream`, for the OpenAPI document (OpenAPI 3.1 has the schema of a
@@ -418,16 +415,14 @@ impl utoipa::ToSchema for SummaryEvent {}
     responses(
         (status = 200, description = "Server-Sent Events: an `event: summary` whose data is the JSON of GET /console/summary, about every second, until the server stops",
          content_type = "text/event-stream", body = inline(SummaryEvent)),
-        (status = 401, description = "Missing or unknown token", body = super::routes::ErrorBody),
-        (status = 403, description = "The token is known but does not hold the scope this route needs (see docs/SECURITY.md)", body = super::routes::ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "The token is known but does not hold the scope this route needs (see docs/SECURITY.md)", body = ErrorBody),
     )
 )]
 /// `GET /console/stream`: the summary pushed as Server-Sent Events about every second.
 pub(super) async fn stream(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    authorize(&state, &headers, Scope::Read, "/console/stream")?;
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let first = current_summary(&state).await;
     let rx = state.console.latest.subscribe();
     let events = futures::stream::unfold((Some(first), rx, state), |(first, mut rx, state)| async move {
@@ -443,7 +438,7 @@ pub(super) async fn stream(
         let data = serde_json::to_string(summary.as_ref()).unwrap_or_default();
         Some((Ok(SseEvent::default().event("summary").data(data)), (None, rx, state)))
     });
-    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+    Sse::new(events).keep_alive(KeepAlive::default())
 }
 
 /// The console's Content-Security-Policy: the page loads its one script and one stylesheet from this

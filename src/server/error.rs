@@ -1,9 +1,11 @@
 //! The API's one error type: every failure a handler can have, mapped to a status and a JSON body in
-//! one place, so no error reaches a client as an HTML page, an empty body or a stack trace.
+//! one place, so no error reaches a client as an HTML page, an empty body or a stack trace. Also
+//! [`ErrorBody`], that body's schema for the OpenAPI document.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Serialize;
 use serde_json::json;
 
 use crate::event::EventError;
@@ -12,6 +14,13 @@ use crate::store::StoreError;
 
 /// Seconds a client is asked to wait before retrying a 503.
 const RETRY_AFTER_SECS: &str = "1";
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody {
+    /// What went wrong, for a person.
+    pub(crate) error: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -25,10 +34,18 @@ pub enum ApiError {
     TooManyRequests { retry_after_secs: u64 },
     #[error("{0}")]
     BadRequest(String),
-    #[error("{message}")]
-    Body { status: StatusCode, message: String },
+    /// The body did not arrive within the time limit.
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// Too large to take: the body, a batch's events, more events than the token's burst, or an event
+    /// the log cannot hold. Nothing stored, and a retry is refused the same way.
+    #[error("{0}")]
+    PayloadTooLarge(String),
     #[error("Content-Type must be application/json (got {0:?})")]
     UnsupportedMediaType(String),
+    /// A `Content-Encoding` other than gzip (or none).
+    #[error("Content-Encoding {0:?} is not supported: send gzip or no Content-Encoding")]
+    UnsupportedEncoding(String),
     #[error("no events for user {0:?}")]
     UnknownUser(String),
     #[error("not found: {0}")]
@@ -54,9 +71,7 @@ impl From<LogError> for ApiError {
             // The writer has already logged the cause; the client learns only that it should retry.
             LogError::Unavailable(_) => ApiError::Unavailable(format!("event not stored, retry later: {e}")),
             // Nothing was stored and a retry would be refused the same way: not a 503.
-            LogError::TooLarge(why) => {
-                ApiError::Body { status: StatusCode::PAYLOAD_TOO_LARGE, message: format!("nothing was stored: {why}") }
-            }
+            LogError::TooLarge(why) => ApiError::PayloadTooLarge(format!("nothing was stored: {why}")),
         }
     }
 }
@@ -75,8 +90,9 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Body { status, .. } => *status,
-            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) | ApiError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::UnknownUser(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,

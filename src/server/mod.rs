@@ -30,6 +30,7 @@ use crate::store::{self, Store};
 pub mod auth;
 mod console;
 mod error;
+mod openapi;
 mod recovering;
 mod routes;
 pub mod serve;
@@ -278,28 +279,38 @@ impl Server {
     }
 
     pub fn router(&self) -> Router {
+        use auth::Scope;
+        type Route = axum::routing::MethodRouter<Arc<AppState>>;
+        // The token check is a layer on each route that needs one, by scope: `ingest` for the ingest
+        // routes, `read` for GET /userEvents and the console's data (`label` names the route in the
+        // refusal counters).
         // Browsers may send events (CORS, when origins are configured) to the ingest routes only: the
         // layer is on their method routers, so no other route ever answers a preflight or allows a
         // cross-origin read.
         // The layer answers a preflight (OPTIONS) before the route's OPTIONS handler, which answers
-        // any other OPTIONS 405 as before.
-        let ingest = |route: axum::routing::MethodRouter<Arc<AppState>>| match &self.cors {
-            Some(cors) => route.options(routes::method_not_allowed).layer(cors.clone()),
-            None => route,
+        // any other OPTIONS 405 as before; both without a token (the check is on POST only), and the
+        // token's refusals carry the CORS headers (the CORS layer wraps the check).
+        let ingest = |label, route: Route| {
+            let route = auth::guard(route, &self.state, Scope::Ingest, label);
+            match &self.cors {
+                Some(cors) => route.options(routes::method_not_allowed).layer(cors.clone()),
+                None => route,
+            }
         };
+        let read = |label, route: Route| auth::guard(route, &self.state, Scope::Read, label);
         Router::new()
-            .route("/liveEvent", ingest(post(routes::live_event)))
-            .route("/events", ingest(post(routes::post_events)))
-            .route("/userEvents/{user_id}", get(routes::user_events))
+            .route("/liveEvent", ingest("/liveEvent", post(routes::live_event)))
+            .route("/events", ingest("/events", post(routes::post_events)))
+            .route("/userEvents/{user_id}", read("/userEvents/{user_id}", get(routes::user_events)))
             .route("/healthz", get(routes::healthz))
             .route("/readyz", get(routes::readyz))
             .route("/metrics", get(routes::metrics))
-            .route("/openapi.json", get(routes::openapi_json))
+            .route("/openapi.json", get(openapi::openapi_json))
             .route("/", get(console::index))
             .route("/console/console.css", get(console::css))
             .route("/console/console.js", get(console::js))
-            .route("/console/summary", get(console::summary))
-            .route("/console/stream", get(console::stream))
+            .route("/console/summary", read("/console/summary", get(console::summary)))
+            .route("/console/stream", read("/console/stream", get(console::stream)))
             .fallback(routes::not_found)
             .method_not_allowed_fallback(routes::method_not_allowed)
             .layer(DefaultBodyLimit::max(self.opts.body_limit))

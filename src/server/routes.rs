@@ -1,8 +1,10 @@
 //! The HTTP routes: the seed's `POST /liveEvent` and `GET /userEvents/{userId}`.
 //!
-//! Order of checks on ingest: token and scope, content type, content encoding and body size (of the
-//! decompressed body), event validity, the token's rate limit, then the durable append.
+//! Order of checks on ingest: token and scope (the layer of [`super::auth::guard`], before the
+//! handler), content type, content encoding and body size (of the decompressed body), event validity,
+//! the token's rate limit, then the durable append.
 //! Nothing is written unless every check passed, and 200 is only sent after the log's sync.
+//! The OpenAPI document gathers these handlers' annotations in `openapi.rs`.
 
 use std::sync::Arc;
 
@@ -10,25 +12,14 @@ use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Serialize;
 
-use super::auth::Scope;
-use super::error::ApiError;
+use super::auth::Grant;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
-use crate::event::{parse_user_id, EventRef};
+use crate::event::{EventRef, UserId};
 use crate::log::{Appended, LogBatch};
-
-/// Accepts `Authorization: <token>` (what the seed's client sends) and `Authorization: Bearer <token>`,
-/// for a token holding `scope` (see [`super::auth`]); `route` labels the refusal counters.
-pub(super) fn authorize(
-    state: &AppState,
-    headers: &HeaderMap,
-    scope: Scope,
-    route: &'static str,
-) -> Result<super::auth::Grant, ApiError> {
-    state.auth.authorize(headers, scope, route)
-}
 
 /// JSON or nothing: a missing Content-Type is taken as JSON (old clients omit it); any other is refused.
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -62,16 +53,10 @@ fn require_media_type(headers: &HeaderMap, accepts: impl Fn(&str) -> bool) -> Re
 /// they are produced (see [`gunzip`]).
 async fn body_bytes(state: &AppState, headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let gzip = content_encoding(headers)?;
-    let too_large = || ApiError::Body {
-        status: StatusCode::PAYLOAD_TOO_LARGE,
-        message: format!("request body larger than the limit of {limit} bytes"),
-    };
+    let too_large = || ApiError::PayloadTooLarge(format!("request body larger than the limit of {limit} bytes"));
     let bytes = match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, limit)).await {
         Err(_) => {
-            return Err(ApiError::Body {
-                status: StatusCode::REQUEST_TIMEOUT,
-                message: format!("request body not received within {:?}", state.body_timeout),
-            })
+            return Err(ApiError::RequestTimeout(format!("request body not received within {:?}", state.body_timeout)))
         }
         Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) => {
@@ -100,10 +85,7 @@ fn content_encoding(headers: &HeaderMap) -> Result<bool, ApiError> {
     match text.as_str() {
         "identity" => Ok(false),
         "gzip" | "x-gzip" => Ok(true),
-        _ => Err(ApiError::Body {
-            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            message: format!("Content-Encoding {text:?} is not supported: send gzip or no Content-Encoding"),
-        }),
+        _ => Err(ApiError::UnsupportedEncoding(text)),
     }
 }
 
@@ -118,10 +100,9 @@ fn gunzip(compressed: &[u8], limit: usize) -> Result<Bytes, ApiError> {
         ApiError::BadRequest(format!("the gzip body cannot be decompressed (truncated or not gzip): {e}"))
     })?;
     if out.len() > limit {
-        return Err(ApiError::Body {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            message: format!("request body larger than the limit of {limit} bytes once decompressed"),
-        });
+        return Err(ApiError::PayloadTooLarge(format!(
+            "request body larger than the limit of {limit} bytes once decompressed"
+        )));
     }
     Ok(Bytes::from(out))
 }
@@ -145,13 +126,6 @@ pub(super) struct UserRevenue {
     /// totals are not bounded, only each event's value is.
     #[schema(example = "50")]
     revenue: String,
-}
-
-/// The body of every error answer.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub(crate) struct ErrorBody {
-    /// What went wrong, for a person.
-    pub(crate) error: String,
 }
 
 /// One event, as `POST /liveEvent` takes it (documentation only: parsing is `Event::parse_request`).
@@ -254,10 +228,10 @@ pub(super) struct Readiness {
 )]
 pub(super) async fn live_event(
     State(state): State<Arc<AppState>>,
+    Extension(grant): Extension<Grant>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Received>, ApiError> {
-    let grant = authorize(&state, &headers, Scope::Ingest, "/liveEvent")?;
     require_json(&headers)?;
     let body = body_bytes(&state, &headers, body, state.body_limit).await?;
     let event = EventRef::parse_request(&body)?;
@@ -374,10 +348,10 @@ pub(super) struct LineError {
 /// reported by line number and change nothing.
 pub(super) async fn post_events(
     State(state): State<Arc<AppState>>,
+    Extension(grant): Extension<Grant>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<BatchReceived>, BatchError> {
-    let grant = authorize(&state, &headers, Scope::Ingest, "/events")?;
     require_json_lines(&headers)?;
     let body = body_bytes(&state, &headers, body, state.batch_body_limit).await?;
     let ts = crate::clock::wall_millis();
@@ -392,10 +366,9 @@ pub(super) async fn post_events(
             continue;
         }
         if batch.len() + errors.len() == MAX_BATCH_EVENTS {
-            return Err(ApiError::Body {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                message: format!("a batch holds at most {MAX_BATCH_EVENTS} events; split it"),
-            }
+            return Err(ApiError::PayloadTooLarge(format!(
+                "a batch holds at most {MAX_BATCH_EVENTS} events; split it"
+            ))
             .into());
         }
         match EventRef::parse_request(line) {
@@ -497,20 +470,17 @@ impl axum::response::IntoResponse for BatchError {
 )]
 pub(super) async fn user_events(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     user_id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<UserRevenue>, ApiError> {
-    authorize(&state, &headers, Scope::Read, "/userEvents/{user_id}")?;
     let Path(user_id) = user_id.map_err(|r| ApiError::BadRequest(r.body_text()))?;
     // The same rule as an event's userId: an id no event can carry is a 400 on every store, and never
     // reaches the database (PostgreSQL refuses a NUL with an error that would read as an outage).
-    let user_id = parse_user_id(user_id)
-        .map_err(|e| ApiError::BadRequest(format!("invalid userId in the path: {e}")))?
-        .into_owned();
+    let user_id =
+        UserId::parse(user_id).map_err(|e| ApiError::BadRequest(format!("invalid userId in the path: {e}")))?;
     let store = state.store()?;
-    match store.revenue(&user_id).await? {
-        Some(revenue) => Ok(Json(UserRevenue { user_id, revenue: revenue.to_string() })),
-        None => Err(ApiError::UnknownUser(user_id)),
+    match store.revenue(user_id.as_str()).await? {
+        Some(revenue) => Ok(Json(UserRevenue { user_id: user_id.into_string(), revenue: revenue.to_string() })),
+        None => Err(ApiError::UnknownUser(user_id.into_string())),
     }
 }
 
@@ -569,39 +539,4 @@ pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> axum::response
 pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> ([(header::HeaderName, &'static str); 1], String) {
     super::refresh_store_metrics(&state).await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::render())
-}
-
-/// The OpenAPI 3 document of every route, generated from the handlers' annotations above.
-#[derive(utoipa::OpenApi)]
-#[openapi(
-    info(title = "eps", description = "Event processing system: durable ingest, exactly-once revenue."),
-    paths(live_event, post_events, user_events, healthz, readyz, metrics, openapi_json, super::console::summary, super::console::stream),
-    components(schemas(Received, BatchReceived, BatchRefused, LineError, UserRevenue, ErrorBody, EventBody, Health, Readiness,
-        super::console::Summary, super::console::Point, super::console::TailEvent, super::console::TopUser, super::console::LogSize)),
-    modifiers(&TokenScheme),
-)]
-pub(crate) struct ApiDoc;
-
-struct TokenScheme;
-
-impl utoipa::Modify for TokenScheme {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "token",
-            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
-                "Authorization",
-                "The token, bare (`secret`, as the seed's client sends it) or as `Bearer <token>`",
-            ))),
-        );
-    }
-}
-
-/// `GET /openapi.json`: this document.
-#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses(
-    (status = 200, description = "The OpenAPI 3 document of this server", content_type = "application/json"),
-))]
-pub(super) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(<ApiDoc as utoipa::OpenApi>::openapi())
 }

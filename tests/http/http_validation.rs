@@ -285,3 +285,73 @@ async fn a_body_that_does_not_arrive_in_time_gets_408_with_a_json_error_and_is_n
     assert!(json_body["error"].is_string(), "{text}");
     assert!(log_lines(&env.log_dir()).is_empty());
 }
+
+/// Issue 16: one `UserId` rule for an event's `userId` and the path of `GET /userEvents/{userId}`:
+/// every id the body refuses the path refuses too (400, with the same reason), and every id the body
+/// takes the path takes (404 here: nothing was applied). Each path byte is percent-encoded, so the
+/// server decodes exactly the id the body carried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_path_and_the_body_take_the_same_user_ids() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let server = env.server().await;
+    let http = http();
+    let (status, body) = get_user(&http, &server.url, "nobody-yet").await;
+    assert_eq!(status, 404, "the store is connected: {body}");
+    let ids = [
+        "u".repeat(255),
+        "u".repeat(256),
+        "é".repeat(127),
+        "é".repeat(128),
+        " spaces inside ".to_string(),
+        "a\tb".to_string(),
+        "\u{85}".to_string(),
+        "\u{7f}".to_string(),
+        "zero\u{200b}width".to_string(),
+    ];
+    for id in &ids {
+        let event = json!({"userId": id, "name": "add_revenue", "value": 0}).to_string();
+        let (body_status, body_answer) = post_event(&http, &server.url, &event).await;
+        let path: String = id.bytes().map(|b| format!("%{b:02X}")).collect();
+        let (path_status, text) = get_user_once(&http, &server.url, &path).await;
+        let path_answer: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        match body_status {
+            200 => assert_eq!(path_status, 404, "{id:?}: the body took it, the path answered {path_answer}"),
+            400 => {
+                assert_eq!(
+                    path_status, 400,
+                    "{id:?}: the body refused it ({body_answer}), the path answered {path_answer}"
+                );
+                let reason = body_answer["error"].as_str().unwrap().strip_prefix("invalid event: ").unwrap();
+                let path_error = path_answer["error"].as_str().unwrap();
+                assert_eq!(path_error, format!("invalid userId in the path: {reason}"), "{id:?}");
+            }
+            other => panic!("{id:?}: POST /liveEvent answered {other} {body_answer}"),
+        }
+    }
+}
+
+/// The token is checked before anything else of the request: a wrong token with a bad body, a bad
+/// Content-Type or a bad path is a 401, not the 400/415 the request would get with the right token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_is_refused_before_the_request_is_looked_at() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let server = env.server().await;
+    let http = http();
+    let url = &server.url;
+    let requests = [
+        http.post(format!("{url}/liveEvent")).header("Content-Type", "application/json").body("not json"),
+        http.post(format!("{url}/liveEvent")).header("Content-Type", "text/html").body("{}"),
+        http.post(format!("{url}/liveEvent")).header("Content-Encoding", "br").body("{}"),
+        http.post(format!("{url}/events")).body("not json\n"),
+        http.get(format!("{url}/userEvents/%00")),
+        http.get(format!("{url}/userEvents/{}", "u".repeat(256))),
+    ];
+    for request in requests {
+        let response = request.header("Authorization", "wrong").send().await.unwrap();
+        let what = format!("{} {}", response.url().path(), response.status());
+        assert_eq!(response.status().as_u16(), 401, "{what}");
+        assert_eq!(response.headers()["www-authenticate"], "Bearer", "{what}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body, json!({"error": "missing or wrong token in the Authorization header"}), "{what}");
+    }
+}
