@@ -1,13 +1,25 @@
-//! The command line: every flag, its `EPS_*` environment variable, its default, and what it is for.
-//! `main.rs` turns these into the option structs of each part; nothing here does any work.
+//! The command line: every flag, its `EPS_*` environment variable, its default, and what it is for;
+//! and, next to each command's arguments, their conversion (`From`, or `TryFrom` where the flags can
+//! name nothing usable) into the option struct of the part that runs it, which `main.rs` hands over.
+//! The defaults are the parts' own constants. Nothing here does any work.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::client::{self, ClientOptions, Progress, DEFAULT_GIVE_UP_AFTER};
+use crate::error::ConfigError;
+use crate::log::nats::{self, NatsLogOptions};
 use crate::log::producers::DEFAULT_HORIZON_SECS;
-use crate::log::writer::{DEFAULT_DEDUP_MAX_IDS, DEFAULT_DEDUP_WINDOW_SECS};
+use crate::log::writer::{DEFAULT_DEDUP_MAX_IDS, DEFAULT_DEDUP_WINDOW_SECS, DEFAULT_SEGMENT_BYTES};
+use crate::log::LogBackend;
+use crate::ops::CompactOptions;
+use crate::processor::jetstream::JetStreamProcessOptions;
+use crate::processor::ProcessOptions;
+use crate::server::serve::{self, DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SEND_TIMEOUT};
+use crate::server::{self as srv, ServerOptions, DEFAULT_BATCH_BODY_LIMIT, DEFAULT_BODY_LIMIT, DEFAULT_LISTEN};
 
 // The headings `--help` groups flags under, in this order.
 const CORE: &str = "Core";
@@ -72,6 +84,15 @@ fn socket_addr(text: &str) -> Result<SocketAddr, String> {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+impl From<LogFormat> for crate::telemetry::LogFormat {
+    fn from(format: LogFormat) -> Self {
+        match format {
+            LogFormat::Text => crate::telemetry::LogFormat::Text,
+            LogFormat::Json => crate::telemetry::LogFormat::Json,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,37 +198,37 @@ pub struct StoreCheckArgs {
 pub struct ServerArgs {
     /// Address to listen on (host:port; a host name is resolved, e.g. localhost:8000). A non-loopback
     /// address needs a token other than the default.
-    #[arg(help_heading = CORE, long, env = "EPS_LISTEN", default_value = "127.0.0.1:8000", value_parser = socket_addr)]
+    #[arg(help_heading = CORE, long, env = "EPS_LISTEN", default_value_t = DEFAULT_LISTEN, value_parser = socket_addr)]
     pub listen: SocketAddr,
 
     /// Largest accepted POST /liveEvent body, in bytes (larger ones get 413).
-    #[arg(help_heading = CORE, long, env = "EPS_BODY_LIMIT", default_value_t = 1024 * 1024)]
+    #[arg(help_heading = CORE, long, env = "EPS_BODY_LIMIT", default_value_t = DEFAULT_BODY_LIMIT)]
     pub body_limit: usize,
 
     /// Largest accepted POST /events (batch) body, in bytes (larger ones get 413). A batch also holds
     /// at most 10,000 events.
-    #[arg(help_heading = CORE, long, env = "EPS_BATCH_BODY_LIMIT", default_value_t = 16 * 1024 * 1024)]
+    #[arg(help_heading = CORE, long, env = "EPS_BATCH_BODY_LIMIT", default_value_t = DEFAULT_BATCH_BODY_LIMIT)]
     pub batch_body_limit: usize,
 
     /// Longest a client may take to send a request's headers, and then its body, in seconds (408 after).
-    #[arg(help_heading = CORE, long, env = "EPS_REQUEST_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(help_heading = CORE, long, env = "EPS_REQUEST_TIMEOUT_SECS", default_value_t = DEFAULT_REQUEST_TIMEOUT.as_secs())]
     pub request_timeout_secs: u64,
 
     /// Longest the server waits for a client to take any byte of an answer, in seconds. A connection
     /// whose answers are not read is closed after it, so clients that stop reading cannot hold the
     /// --max-connections slots.
-    #[arg(help_heading = CORE, long, env = "EPS_SEND_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(help_heading = CORE, long, env = "EPS_SEND_TIMEOUT_SECS", default_value_t = DEFAULT_SEND_TIMEOUT.as_secs())]
     pub send_timeout_secs: u64,
 
     /// Most client connections open at once; more wait in the listen backlog.
-    #[arg(help_heading = CORE, long, env = "EPS_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(help_heading = CORE, long, env = "EPS_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
 
     #[command(flatten)]
     pub store: StoreArgs,
 
     /// Size at which the log starts a new segment file, in bytes.
-    #[arg(help_heading = STORAGE, long, env = "EPS_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    #[arg(help_heading = STORAGE, long, env = "EPS_SEGMENT_BYTES", default_value_t = DEFAULT_SEGMENT_BYTES)]
     pub segment_bytes: u64,
 
     /// How long an event id is remembered to drop retried duplicates, in seconds.
@@ -244,7 +265,7 @@ pub struct ServerArgs {
 
     /// Token clients must send as `Authorization: <token>` or `Authorization: Bearer <token>`.
     /// Defaults to the seed's "secret", which is only allowed on a loopback address.
-    #[arg(help_heading = TLS_AND_TOKENS, long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true, hide_env_values = true)]
+    #[arg(help_heading = TLS_AND_TOKENS, long, env = "EPS_TOKEN", default_value = srv::DEFAULT_TOKEN, hide_default_value = true, hide_env_values = true)]
     pub token: String,
 
     /// TOML file of scoped tokens ([[token]] tables: name, scopes, value or sha256, optionally
@@ -264,21 +285,65 @@ pub struct ServerArgs {
     pub cors_origin: Vec<String>,
 }
 
+impl From<ServerArgs> for ServerOptions {
+    fn from(args: ServerArgs) -> ServerOptions {
+        let nats = args.nats;
+        ServerOptions {
+            listen: args.listen,
+            data_dir: args.store.data_dir,
+            tokens_file: args.tokens_file,
+            cors_origins: args.cors_origin,
+            rate_limit: srv::auth::RateLimit::per_second(args.rate_limit_events_per_second),
+            token: args.token,
+            database_url: args.store.database_url,
+            body_limit: args.body_limit,
+            batch_body_limit: args.batch_body_limit,
+            segment_bytes: args.segment_bytes,
+            dedup_window: Duration::from_secs(args.dedup_window_secs),
+            dedup_max_ids: args.dedup_max_ids,
+            dedup_horizon: Duration::from_secs(args.dedup_horizon_secs),
+            limits: serve::Limits {
+                max_connections: args.max_connections,
+                header_read_timeout: Duration::from_secs(args.request_timeout_secs),
+                send_timeout: Duration::from_secs(args.send_timeout_secs),
+                ..Default::default()
+            },
+            body_timeout: Duration::from_secs(args.request_timeout_secs),
+            // An unsupported --log is refused by `Server::bind`, where the log is opened.
+            log: LogBackend::from_flag(args.log, |url| nats.options(url)),
+            tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| srv::tls::TlsFiles { cert, key }),
+        }
+    }
+}
+
 /// Which JetStream stream (used with --log nats://…): what every command that reads it needs.
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = JETSTREAM)]
 pub struct NatsStreamArgs {
     /// JetStream stream holding the events (created if missing, its configuration checked if present).
-    #[arg(long, env = "EPS_NATS_STREAM", default_value = "EPS_EVENTS")]
+    #[arg(long, env = "EPS_NATS_STREAM", default_value = nats::DEFAULT_STREAM)]
     pub nats_stream: String,
 
     /// Subjects are <prefix>.<partition>.
-    #[arg(long, env = "EPS_NATS_SUBJECT_PREFIX", default_value = "eps.events")]
+    #[arg(long, env = "EPS_NATS_SUBJECT_PREFIX", default_value = nats::DEFAULT_SUBJECT_PREFIX)]
     pub nats_subject_prefix: String,
 
     /// Partitions of the stream; a user's events all go to one, chosen by a stable hash of the userId.
-    #[arg(long, env = "EPS_NATS_PARTITIONS", default_value_t = 16)]
+    #[arg(long, env = "EPS_NATS_PARTITIONS", default_value_t = nats::DEFAULT_PARTITIONS)]
     pub nats_partitions: u32,
+}
+
+impl NatsStreamArgs {
+    /// The options of the stream at `url`, for a command that only reads it (`eps status`): the
+    /// stream's other settings are left at their defaults and read from the stream itself.
+    pub fn options(self, url: String) -> NatsLogOptions {
+        NatsLogOptions {
+            stream: self.nats_stream,
+            subject_prefix: self.nats_subject_prefix,
+            partitions: self.nats_partitions,
+            ..NatsLogOptions::new(url)
+        }
+    }
 }
 
 /// The JetStream log's settings (used with --log nats://…): the stream, and the settings the server
@@ -290,11 +355,11 @@ pub struct NatsArgs {
     pub stream: NatsStreamArgs,
 
     /// Copies JetStream keeps of each message (1 on one node; 3 or 5 in a cluster).
-    #[arg(long, env = "EPS_NATS_REPLICAS", default_value_t = 1)]
+    #[arg(long, env = "EPS_NATS_REPLICAS", default_value_t = nats::DEFAULT_REPLICAS)]
     pub nats_replicas: usize,
 
     /// How long JetStream remembers message ids to drop a retried publish, in seconds.
-    #[arg(long, env = "EPS_NATS_DUPLICATE_WINDOW_SECS", default_value_t = 900)]
+    #[arg(long, env = "EPS_NATS_DUPLICATE_WINDOW_SECS", default_value_t = nats::DEFAULT_DUPLICATE_WINDOW.as_secs())]
     pub nats_duplicate_window_secs: u64,
 
     /// The stream's retention by age, in seconds (0: keep everything). JetStream removes older
@@ -311,6 +376,20 @@ pub struct NatsArgs {
     /// The stream's retention by message count (0: unlimited); as --nats-max-age-secs.
     #[arg(long, env = "EPS_NATS_MAX_MSGS", default_value_t = 0)]
     pub nats_max_msgs: i64,
+}
+
+impl NatsArgs {
+    /// The options of the stream at `url` (server and processor share them).
+    pub fn options(self, url: String) -> NatsLogOptions {
+        NatsLogOptions {
+            replicas: self.nats_replicas,
+            duplicate_window: Duration::from_secs(self.nats_duplicate_window_secs),
+            max_age: Duration::from_secs(self.nats_max_age_secs),
+            max_bytes: self.nats_max_bytes,
+            max_messages: self.nats_max_msgs,
+            ..self.stream.options(url)
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -379,10 +458,48 @@ pub struct ProcessArgs {
     pub nats_dedup_max_ids: usize,
 }
 
+/// What `eps process` runs: the file log's processor, or one of a JetStream stream's processors.
+#[derive(Debug)]
+pub enum ProcessRun {
+    File(ProcessOptions),
+    JetStream(JetStreamProcessOptions),
+}
+
+/// `--metrics-listen` is not part of it: the binary serves the metrics before the run is built.
+impl TryFrom<ProcessArgs> for ProcessRun {
+    type Error = ConfigError;
+
+    fn try_from(args: ProcessArgs) -> Result<ProcessRun, ConfigError> {
+        let opts = ProcessOptions {
+            data_dir: args.store.data_dir,
+            database_url: args.store.database_url,
+            follow: args.follow,
+            batch_bytes: args.batch_bytes,
+            poll_interval: Duration::from_millis(args.poll_ms),
+            retry_for: Duration::from_secs(args.retry_secs),
+            adopt_new_log: args.adopt_new_log,
+            allow_other_store: args.store_check.allow_other_store,
+        };
+        let nats = args.nats;
+        match LogBackend::from_flag(args.log, |url| nats.options(url)) {
+            LogBackend::File => Ok(ProcessRun::File(opts)),
+            LogBackend::JetStream(nats) => Ok(ProcessRun::JetStream(JetStreamProcessOptions {
+                rebalance_interval: Duration::from_millis(args.nats_rebalance_ms.max(10)),
+                dedup_window_messages: args.nats_dedup_window_messages.max(1),
+                dedup_max_ids: args.nats_dedup_max_ids,
+                ..JetStreamProcessOptions::new(opts, nats)
+            })),
+            LogBackend::Unsupported(other) => Err(ConfigError(format!(
+                "unsupported --log {other:?}: use nats://host:port, or leave it out for the file log"
+            ))),
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
     /// JSON Lines file of events to send.
-    #[arg(help_heading = CORE, env = "EPS_FILE", default_value = "events.jsonl")]
+    #[arg(help_heading = CORE, env = "EPS_FILE", default_value = client::DEFAULT_FILE)]
     pub file: PathBuf,
 
     /// Base URL of a server; for several, repeat the flag or separate the URLs by commas.
@@ -394,12 +511,12 @@ pub struct ClientArgs {
     /// single probe request tells whether it is back. With every server down, attempts are spaced by
     /// the retry backoff, as with one server. The summary adds a line of the events each server
     /// accepted.
-    #[arg(help_heading = CORE, long, env = "EPS_URL", value_delimiter = ',', default_value = "http://127.0.0.1:8000")]
+    #[arg(help_heading = CORE, long, env = "EPS_URL", value_delimiter = ',', default_value = client::DEFAULT_URL)]
     pub url: Vec<String>,
 
     /// Events per request. 1 sends each event alone to POST /liveEvent (what the seed's server
     /// takes); more sends JSON Lines batches to POST /events, much faster. A batch is also cut at 1 MiB.
-    #[arg(help_heading = CORE, long, env = "EPS_BATCH", default_value_t = 1000)]
+    #[arg(help_heading = CORE, long, env = "EPS_BATCH", default_value_t = client::DEFAULT_BATCH)]
     pub batch: usize,
 
     /// Requests in flight at once [default: 64 with --batch 1, else 8].
@@ -407,11 +524,11 @@ pub struct ClientArgs {
     pub concurrency: Option<usize>,
 
     /// Attempts per event before it counts as failed (connection errors, 408, 429 and 5xx are retried).
-    #[arg(help_heading = CORE, long, env = "EPS_MAX_ATTEMPTS", default_value_t = 10)]
+    #[arg(help_heading = CORE, long, env = "EPS_MAX_ATTEMPTS", default_value_t = client::DEFAULT_MAX_ATTEMPTS)]
     pub max_attempts: u32,
 
     /// Per-request timeout, in seconds.
-    #[arg(help_heading = CORE, long, env = "EPS_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(help_heading = CORE, long, env = "EPS_TIMEOUT_SECS", default_value_t = client::DEFAULT_TIMEOUT.as_secs())]
     pub timeout_secs: u64,
 
     /// Progress display: a bar on a terminal (auto), always a bar, plain lines, or nothing.
@@ -420,7 +537,7 @@ pub struct ClientArgs {
 
     /// Stop once every server has failed every request for this many seconds (0: never), saving the
     /// checkpoint and printing the command that resumes. Exit code 1.
-    #[arg(help_heading = CORE, long, env = "EPS_GIVE_UP_AFTER_SECS", default_value_t = 30)]
+    #[arg(help_heading = CORE, long, env = "EPS_GIVE_UP_AFTER_SECS", default_value_t = DEFAULT_GIVE_UP_AFTER.as_secs())]
     pub give_up_after: u64,
 
     /// Write every line that was invalid, refused by the server or not delivered to this file, one per
@@ -459,12 +576,34 @@ pub struct ClientArgs {
     pub new_run: bool,
 
     /// Token sent in the Authorization header (default: the seed's "secret").
-    #[arg(help_heading = TLS_AND_TOKENS, long, env = "EPS_TOKEN", default_value = "secret", hide_default_value = true, hide_env_values = true)]
+    #[arg(help_heading = TLS_AND_TOKENS, long, env = "EPS_TOKEN", default_value = srv::DEFAULT_TOKEN, hide_default_value = true, hide_env_values = true)]
     pub token: String,
 
     /// Trust only this CA (PEM) for https URLs, e.g. a private CA; without it, the platform's roots.
     #[arg(help_heading = TLS_AND_TOKENS, long, env = "EPS_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
+}
+
+impl From<ClientArgs> for ClientOptions {
+    fn from(args: ClientArgs) -> ClientOptions {
+        ClientOptions {
+            file: args.file,
+            urls: args.url,
+            token: args.token,
+            batch: args.batch.max(1),
+            concurrency: args.concurrency.unwrap_or_else(|| client::default_concurrency(args.batch)).max(1),
+            max_attempts: args.max_attempts.max(1),
+            timeout: Duration::from_secs(args.timeout_secs),
+            progress: args.progress.into(),
+            state_dir: Some(args.state_dir.unwrap_or_else(client::state::StateDir::default_dir)),
+            from_start: args.from_start,
+            new_run: args.new_run,
+            give_up_after: (args.give_up_after > 0).then(|| Duration::from_secs(args.give_up_after)),
+            failed_out: args.failed_out,
+            ca_cert: args.ca_cert,
+            gzip: args.compress == CompressArg::Gzip,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -479,6 +618,17 @@ pub enum ProgressArg {
     Bar,
     Plain,
     Quiet,
+}
+
+impl From<ProgressArg> for Progress {
+    fn from(progress: ProgressArg) -> Progress {
+        match progress {
+            ProgressArg::Auto => Progress::Auto,
+            ProgressArg::Bar => Progress::Bar,
+            ProgressArg::Plain => Progress::Plain,
+            ProgressArg::Quiet => Progress::Quiet,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -501,6 +651,31 @@ pub struct StatusArgs {
 
     #[command(flatten)]
     pub nats: NatsStreamArgs,
+}
+
+/// What `eps status` shows: the log's state (the file log's, or the JetStream stream's), and the store's.
+#[derive(Debug)]
+pub struct StatusOptions {
+    /// An unsupported `--log` shows the file log, as it always has.
+    pub log: LogBackend,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    pub allow_other_store: bool,
+    /// Print JSON instead of text.
+    pub json: bool,
+}
+
+impl From<StatusArgs> for StatusOptions {
+    fn from(args: StatusArgs) -> StatusOptions {
+        let nats = args.nats;
+        StatusOptions {
+            log: LogBackend::from_flag(args.log, |url| nats.options(url)),
+            data_dir: args.store.data_dir,
+            database_url: args.store.database_url,
+            allow_other_store: args.store_check.allow_other_store,
+            json: args.json,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -529,6 +704,19 @@ pub struct CompactArgs {
 
     #[command(flatten)]
     pub store_check: StoreCheckArgs,
+}
+
+impl From<CompactArgs> for CompactOptions {
+    fn from(args: CompactArgs) -> CompactOptions {
+        CompactOptions {
+            data_dir: args.store.data_dir,
+            database_url: args.store.database_url,
+            archive_dir: args.archive_dir,
+            min_age: Duration::from_secs(args.min_age_secs.unwrap_or(args.dedup_window_secs)),
+            dry_run: args.dry_run,
+            allow_other_store: args.store_check.allow_other_store,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -571,5 +759,30 @@ mod tests {
         let compact = Cli::try_parse_from(["eps", "compact"]).unwrap();
         let (Command::Server(server), Command::Compact(compact)) = (server.command, compact.command) else { panic!() };
         assert_eq!((compact.min_age_secs, compact.dedup_window_secs), (None, server.dedup_window_secs));
+    }
+
+    #[test]
+    fn the_flags_defaults_are_the_option_structs_defaults() {
+        let Command::Server(args) = Cli::try_parse_from(["eps", "server"]).unwrap().command else { panic!() };
+        assert_eq!(format!("{:?}", ServerOptions::from(args)), format!("{:?}", ServerOptions::new("./data")));
+        let Command::Server(args) = Cli::try_parse_from(["eps", "server", "--log", "nats://n:4222"]).unwrap().command
+        else {
+            panic!()
+        };
+        let LogBackend::JetStream(nats) = ServerOptions::from(args).log else { panic!() };
+        assert_eq!(format!("{nats:?}"), format!("{:?}", NatsLogOptions::new("nats://n:4222")));
+    }
+
+    #[test]
+    fn an_unsupported_log_is_refused_by_the_processor_and_shown_as_the_file_log_by_status() {
+        let Command::Process(args) = Cli::try_parse_from(["eps", "process", "--log", "x"]).unwrap().command else {
+            panic!()
+        };
+        let refused = ProcessRun::try_from(args).unwrap_err().to_string();
+        assert_eq!(refused, "unsupported --log \"x\": use nats://host:port, or leave it out for the file log");
+        let Command::Status(args) = Cli::try_parse_from(["eps", "status", "--log", "x"]).unwrap().command else {
+            panic!()
+        };
+        assert!(matches!(StatusOptions::from(args).log, LogBackend::Unsupported(_)));
     }
 }

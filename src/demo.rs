@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use rand::{Rng, SeedableRng};
@@ -46,8 +45,8 @@ pub async fn run(generated_events: usize) -> anyhow::Result<()> {
             token: DEFAULT_TOKEN.into(),
             batch: client::DEFAULT_BATCH,
             concurrency: client::default_concurrency(client::DEFAULT_BATCH),
-            max_attempts: 10,
-            timeout: Duration::from_secs(10),
+            max_attempts: client::DEFAULT_MAX_ATTEMPTS,
+            timeout: client::DEFAULT_TIMEOUT,
             progress: Progress::Quiet,
             // The demo's files live in its temporary directory: no checkpoint to keep.
             ..Default::default()

@@ -1,10 +1,10 @@
 //! The `eps` binary: parses the command line, sets up logging, runs one part, maps errors to exit codes.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
-use eps::cli::{Cli, Command, LogFormat, ProgressArg};
+use eps::cli::{Cli, Command, LogFormat, ProcessRun, StatusOptions};
+use eps::log::LogBackend;
 use eps::{client, demo, processor, server};
 
 fn main() -> ExitCode {
@@ -110,55 +110,7 @@ fn man_pages(dir: Option<&std::path::Path>) -> Result<(), String> {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Server(args) => {
-            let opts = server::ServerOptions {
-                listen: args.listen,
-                data_dir: args.store.data_dir,
-                tokens_file: args.tokens_file,
-                cors_origins: args.cors_origin,
-                rate_limit: server::auth::RateLimit::per_second(args.rate_limit_events_per_second),
-                token: args.token,
-                database_url: args.store.database_url,
-                body_limit: args.body_limit,
-                batch_body_limit: args.batch_body_limit,
-                segment_bytes: args.segment_bytes,
-                dedup_window: Duration::from_secs(args.dedup_window_secs),
-                dedup_max_ids: args.dedup_max_ids,
-                dedup_horizon: Duration::from_secs(args.dedup_horizon_secs),
-                limits: server::serve::Limits {
-                    max_connections: args.max_connections,
-                    header_read_timeout: Duration::from_secs(args.request_timeout_secs),
-                    send_timeout: Duration::from_secs(args.send_timeout_secs),
-                    ..Default::default()
-                },
-                body_timeout: Duration::from_secs(args.request_timeout_secs),
-                nats: nats_options(args.log.clone().unwrap_or_default(), args.nats),
-                log_url: args.log,
-                tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| server::tls::TlsFiles { cert, key }),
-            };
-            // Signals are taken over before anything else: a SIGTERM during recovery, or just after the
-            // "listening" line, is a graceful stop, never the default action's kill.
-            let shutdown = server::shutdown_signal();
-            let server = server::Server::bind(opts).await?;
-            // Scripts and tests read this line to learn the port (useful with --listen 127.0.0.1:0). It
-            // means ready: while a large log is still being recovered, another line comes first (the
-            // server answers meanwhile, 503 to what needs the log).
-            let (scheme, addr) = (server.scheme(), server.local_addr());
-            let listening = move || println!("eps server listening on {scheme}://{addr}");
-            match server.log_recovery() {
-                None => listening(),
-                Some(recovered) => {
-                    println!("eps server recovering the log on {scheme}://{addr}: 503 to what needs the log until it is open");
-                    tokio::spawn(async move {
-                        if recovered.await {
-                            listening();
-                        }
-                    });
-                }
-            }
-            server.run(shutdown).await?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Server(args) => serve(args.into()).await,
         Command::Process(args) => {
             // As for the server: a signal during start-up is a graceful stop, not the default kill.
             let shutdown = server::shutdown_signal();
@@ -166,123 +118,29 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 let bound = eps::telemetry::serve_metrics(addr).await?;
                 println!("eps process metrics on http://{bound}/metrics");
             }
-            let opts = processor::ProcessOptions {
-                data_dir: args.store.data_dir,
-                database_url: args.store.database_url,
-                follow: args.follow,
-                batch_bytes: args.batch_bytes,
-                poll_interval: Duration::from_millis(args.poll_ms),
-                retry_for: Duration::from_secs(args.retry_secs),
-                adopt_new_log: args.adopt_new_log,
-                allow_other_store: args.store_check.allow_other_store,
-            };
-            match args.log {
-                Some(url) if eps::log::nats::is_nats_url(&url) => {
-                    let nats = nats_options(url, args.nats);
-                    let opts = processor::jetstream::JetStreamProcessOptions {
-                        rebalance_interval: Duration::from_millis(args.nats_rebalance_ms.max(10)),
-                        dedup_window_messages: args.nats_dedup_window_messages.max(1),
-                        dedup_max_ids: args.nats_dedup_max_ids,
-                        ..processor::jetstream::JetStreamProcessOptions::new(opts, nats)
-                    };
-                    let summary = processor::jetstream::run(opts, shutdown).await?;
-                    println!("{summary}");
-                }
-                Some(other) => {
-                    return Err(eps::error::ConfigError(format!(
-                        "unsupported --log {other:?}: use nats://host:port, or leave it out for the file log"
-                    ))
-                    .into())
-                }
-                None => {
-                    let summary = processor::run(opts, shutdown).await?;
-                    println!("{summary}");
-                }
+            match ProcessRun::try_from(args)? {
+                ProcessRun::File(opts) => println!("{}", processor::run(opts, shutdown).await?),
+                ProcessRun::JetStream(opts) => println!("{}", processor::jetstream::run(opts, shutdown).await?),
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Client(args) => {
-            let opts = client::ClientOptions {
-                file: args.file,
-                urls: args.url,
-                token: args.token,
-                batch: args.batch.max(1),
-                concurrency: args.concurrency.unwrap_or_else(|| client::default_concurrency(args.batch)).max(1),
-                max_attempts: args.max_attempts.max(1),
-                timeout: Duration::from_secs(args.timeout_secs),
-                progress: match args.progress {
-                    ProgressArg::Auto => client::Progress::Auto,
-                    ProgressArg::Bar => client::Progress::Bar,
-                    ProgressArg::Plain => client::Progress::Plain,
-                    ProgressArg::Quiet => client::Progress::Quiet,
-                },
-                state_dir: Some(args.state_dir.unwrap_or_else(client::state::StateDir::default_dir)),
-                from_start: args.from_start,
-                new_run: args.new_run,
-                give_up_after: (args.give_up_after > 0).then(|| Duration::from_secs(args.give_up_after)),
-                failed_out: args.failed_out,
-                ca_cert: args.ca_cert,
-                gzip: args.compress == eps::cli::CompressArg::Gzip,
-            };
-            let file = opts.file.clone();
-            let summary = client::run_until(opts, client_stop_signal()).await?;
-            println!("{summary}");
-            if let Some(per_server) = summary.per_server_line() {
-                println!("{per_server}");
-            }
-            if summary.failed_out > 0 {
-                eprintln!("eps client: {} lines written to --failed-out", summary.failed_out);
-            }
-            if let Some(stopped) = &summary.stopped {
-                eprintln!("eps client: {stopped}");
-                if let Some((line, path)) = &summary.checkpoint {
-                    eprintln!(
-                        "eps client: lines 1 to {line} of {} are done; checkpoint saved in {}",
-                        file.display(),
-                        path.display()
-                    );
-                }
-                let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-                eprintln!("eps client: to resume, run: {}", client::resume_command(&args));
-                return Ok(ExitCode::from(stopped.exit_code()));
-            }
-            Ok(if summary.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
-        }
+        Command::Client(args) => send(args.into()).await,
         Command::Status(args) => {
-            if let Some(url) = args.log.filter(|u| eps::log::nats::is_nats_url(u)) {
-                let nats = nats_stream_options(url, args.nats);
-                let status = processor::jetstream::status(&nats, args.store.database_url.as_deref()).await?;
-                if args.json {
-                    println!("{}", serde_json::to_string_pretty(&status)?);
-                } else {
-                    println!("{status}");
+            let opts = StatusOptions::from(args);
+            match &opts.log {
+                LogBackend::JetStream(nats) => {
+                    print_status(&processor::jetstream::status(nats, opts.database_url.as_deref()).await?, opts.json)
                 }
-                return Ok(ExitCode::SUCCESS);
+                LogBackend::File | LogBackend::Unsupported(_) => print_status(
+                    &eps::ops::status(&opts.data_dir, opts.database_url.as_deref(), opts.allow_other_store).await?,
+                    opts.json,
+                ),
             }
-            let status = eps::ops::status(
-                &args.store.data_dir,
-                args.store.database_url.as_deref(),
-                args.store_check.allow_other_store,
-            )
-            .await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                println!("{status}");
-            }
-            Ok(ExitCode::SUCCESS)
         }
         Command::Compact(args) => {
-            let report = eps::ops::compact(&eps::ops::CompactOptions {
-                data_dir: args.store.data_dir,
-                database_url: args.store.database_url,
-                archive_dir: args.archive_dir,
-                min_age: Duration::from_secs(args.min_age_secs.unwrap_or(args.dedup_window_secs)),
-                dry_run: args.dry_run,
-                allow_other_store: args.store_check.allow_other_store,
-            })
-            .await?;
-            println!("{report}{}", if args.dry_run { " (dry run: nothing removed)" } else { "" });
+            let opts = eps::ops::CompactOptions::from(args);
+            let report = eps::ops::compact(&opts).await?;
+            println!("{report}{}", if opts.dry_run { " (dry run: nothing removed)" } else { "" });
             Ok(ExitCode::SUCCESS)
         }
         Command::Config | Command::Completions(_) | Command::Man(_) => {
@@ -293,6 +151,71 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `eps server`: binds, says where it listens (or that it is still recovering the log), serves until
+/// a signal.
+async fn serve(opts: server::ServerOptions) -> anyhow::Result<ExitCode> {
+    // Signals are taken over before anything else: a SIGTERM during recovery, or just after the
+    // "listening" line, is a graceful stop, never the default action's kill.
+    let shutdown = server::shutdown_signal();
+    let server = server::Server::bind(opts).await?;
+    // Scripts and tests read this line to learn the port (useful with --listen 127.0.0.1:0). It
+    // means ready: while a large log is still being recovered, another line comes first (the
+    // server answers meanwhile, 503 to what needs the log).
+    let (scheme, addr) = (server.scheme(), server.local_addr());
+    let listening = move || println!("eps server listening on {scheme}://{addr}");
+    match server.log_recovery() {
+        None => listening(),
+        Some(recovered) => {
+            println!("eps server recovering the log on {scheme}://{addr}: 503 to what needs the log until it is open");
+            tokio::spawn(async move {
+                if recovered.await {
+                    listening();
+                }
+            });
+        }
+    }
+    server.run(shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `eps client`: sends the file, prints the summary, and on a stop where the run ended and how to
+/// resume it.
+async fn send(opts: client::ClientOptions) -> anyhow::Result<ExitCode> {
+    let file = opts.file.clone();
+    let summary = client::run_until(opts, client_stop_signal()).await?;
+    println!("{summary}");
+    if let Some(per_server) = summary.per_server_line() {
+        println!("{per_server}");
+    }
+    if summary.failed_out > 0 {
+        eprintln!("eps client: {} lines written to --failed-out", summary.failed_out);
+    }
+    if let Some(stopped) = &summary.stopped {
+        eprintln!("eps client: {stopped}");
+        if let Some((line, path)) = &summary.checkpoint {
+            eprintln!(
+                "eps client: lines 1 to {line} of {} are done; checkpoint saved in {}",
+                file.display(),
+                path.display()
+            );
+        }
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        eprintln!("eps client: to resume, run: {}", client::resume_command(&args));
+        return Ok(ExitCode::from(stopped.exit_code()));
+    }
+    Ok(if summary.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// `eps status`'s answer, as text or (`--json`) as JSON.
+fn print_status(status: &(impl serde::Serialize + std::fmt::Display), json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(status)?);
+    } else {
+        println!("{status}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The client's stop: the first SIGINT or SIGTERM ends the run gracefully (see `client::run_until`);
@@ -328,10 +251,7 @@ fn init_tracing(cli: &Cli) {
         Command::Demo(_) if cli.log_level == "info" => "warn",
         _ => cli.log_level.as_str(),
     };
-    let format = match cli.log_format {
-        LogFormat::Json => eps::telemetry::LogFormat::Json,
-        LogFormat::Text => eps::telemetry::LogFormat::Text,
-    };
+    let format = cli.log_format.into();
     // `--log-level` (or EPS_LOG_LEVEL, or the configuration file) wins; without it, RUST_LOG is used
     // as given, as in any tracing program; else the default, with the dependencies held to warnings.
     let filter = match std::env::var("RUST_LOG") {
@@ -346,27 +266,4 @@ fn init_tracing(cli: &Cli) {
 fn log_level_given() -> bool {
     std::env::var_os("EPS_LOG_LEVEL").is_some()
         || std::env::args_os().any(|a| a == "--log-level" || a.to_string_lossy().starts_with("--log-level="))
-}
-
-/// The JetStream log's options from its flags (server and processor share them).
-fn nats_options(url: String, args: eps::cli::NatsArgs) -> eps::log::nats::NatsLogOptions {
-    eps::log::nats::NatsLogOptions {
-        replicas: args.nats_replicas,
-        duplicate_window: Duration::from_secs(args.nats_duplicate_window_secs),
-        max_age: Duration::from_secs(args.nats_max_age_secs),
-        max_bytes: args.nats_max_bytes,
-        max_messages: args.nats_max_msgs,
-        ..nats_stream_options(url, args.stream)
-    }
-}
-
-/// Which JetStream stream, for a command that only reads it (`eps status`): the stream's other
-/// settings are left at their defaults and read from the stream itself.
-fn nats_stream_options(url: String, args: eps::cli::NatsStreamArgs) -> eps::log::nats::NatsLogOptions {
-    eps::log::nats::NatsLogOptions {
-        stream: args.nats_stream,
-        subject_prefix: args.nats_subject_prefix,
-        partitions: args.nats_partitions,
-        ..eps::log::nats::NatsLogOptions::new(url)
-    }
 }

@@ -81,8 +81,16 @@ use std::time::Duration;
 use pool::Backoff;
 use run::run_with;
 
+/// The input file by default.
+pub const DEFAULT_FILE: &str = "events.jsonl";
+/// The server by default: `eps server`'s default address.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:8000";
 /// Events per request by default.
 pub const DEFAULT_BATCH: usize = 1000;
+/// Attempts per event by default, the first included.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+/// Per-request timeout by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A batch is sent once its body reaches this size, even with fewer events (well under the server's
 /// default limit of 16 MiB for `POST /events`).
 pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
@@ -144,13 +152,13 @@ pub struct ClientOptions {
 impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
-            file: PathBuf::from("events.jsonl"),
-            urls: vec!["http://127.0.0.1:8000".to_owned()],
+            file: PathBuf::from(DEFAULT_FILE),
+            urls: vec![DEFAULT_URL.to_owned()],
             token: String::new(),
             batch: DEFAULT_BATCH,
             concurrency: default_concurrency(DEFAULT_BATCH),
-            max_attempts: 10,
-            timeout: Duration::from_secs(10),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            timeout: DEFAULT_TIMEOUT,
             progress: Progress::Auto,
             state_dir: None,
             from_start: false,

@@ -15,6 +15,7 @@ use async_trait::async_trait;
 
 use crate::event::EventRef;
 
+pub mod backend;
 pub mod durable_end;
 pub mod identity;
 pub mod measure;
@@ -24,6 +25,7 @@ pub mod reader;
 pub mod recovery;
 pub mod writer;
 
+pub use backend::LogBackend;
 pub use writer::{FileLog, FileLogOptions};
 
 /// Directory inside the data directory that holds the segments.

@@ -38,6 +38,17 @@ use async_trait::async_trait;
 
 use super::{Appended, EventLog, IdKey, LogBatch, LogError};
 
+/// The default stream (`--nats-stream`).
+pub const DEFAULT_STREAM: &str = "EPS_EVENTS";
+/// The default subject prefix (`--nats-subject-prefix`): subjects are `<prefix>.<partition>`.
+pub const DEFAULT_SUBJECT_PREFIX: &str = "eps.events";
+/// The default number of partitions (`--nats-partitions`).
+pub const DEFAULT_PARTITIONS: u32 = 16;
+/// The default number of copies of each message (`--nats-replicas`): one, for a single node.
+pub const DEFAULT_REPLICAS: usize = 1;
+/// The default JetStream duplicate window (`--nats-duplicate-window-secs`): 15 minutes.
+pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(15 * 60);
+
 #[derive(Debug, Clone)]
 pub struct NatsLogOptions {
     /// `nats://host:port` (several servers of a cluster separated by commas).
@@ -63,11 +74,11 @@ impl NatsLogOptions {
     pub fn new(url: impl Into<String>) -> Self {
         NatsLogOptions {
             url: url.into(),
-            stream: "EPS_EVENTS".into(),
-            subject_prefix: "eps.events".into(),
-            partitions: 16,
-            replicas: 1,
-            duplicate_window: Duration::from_secs(15 * 60),
+            stream: DEFAULT_STREAM.into(),
+            subject_prefix: DEFAULT_SUBJECT_PREFIX.into(),
+            partitions: DEFAULT_PARTITIONS,
+            replicas: DEFAULT_REPLICAS,
+            duplicate_window: DEFAULT_DUPLICATE_WINDOW,
             timeout: Duration::from_secs(2),
             max_age: Duration::ZERO,
             max_bytes: 0,

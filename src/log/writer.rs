@@ -66,6 +66,8 @@ pub const DEFAULT_DEDUP_WINDOW_SECS: u64 = 24 * 3600;
 /// deleted slots are then reclaimed in place). At 25 bytes a bucket and 24 a ring slot that is
 /// 35.5 MiB (81 bytes per id), which leaves the rest of a 64 MiB budget to the producer table.
 pub const DEFAULT_DEDUP_MAX_IDS: usize = 458_752;
+/// The default size at which a new segment is started, in bytes (`--segment-bytes`): 64 MiB.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct FileLogOptions {
@@ -89,7 +91,7 @@ impl FileLogOptions {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         FileLogOptions {
             dir: dir.into(),
-            segment_bytes: 64 * 1024 * 1024,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
             dedup_window: Duration::from_secs(DEFAULT_DEDUP_WINDOW_SECS),
             dedup_max_ids: DEFAULT_DEDUP_MAX_IDS,
             dedup_horizon: Duration::from_secs(producers::DEFAULT_HORIZON_SECS),

@@ -12,7 +12,7 @@
 //! `GET /userEvents` answers 503 until it is reachable.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -23,8 +23,9 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use crate::log::nats::{NatsLog, NatsLogOptions};
-use crate::log::{EventLog, FileLogOptions, LOG_DIR};
+use crate::log::nats::NatsLog;
+use crate::log::writer::{DEFAULT_DEDUP_MAX_IDS, DEFAULT_DEDUP_WINDOW_SECS, DEFAULT_SEGMENT_BYTES};
+use crate::log::{producers::DEFAULT_HORIZON_SECS, EventLog, FileLogOptions, LogBackend, LOG_DIR};
 use crate::store::{self, Store};
 
 pub mod auth;
@@ -40,6 +41,12 @@ use error::ApiError;
 
 /// The seed's token. Accepted for compatibility, but only on a loopback address.
 pub const DEFAULT_TOKEN: &str = "secret";
+/// The default of `--listen`: the loopback address, port 8000.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8000));
+/// The default of `--body-limit`: the largest `POST /liveEvent` body, 1 MiB.
+pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
+/// The default of `--batch-body-limit`: the largest `POST /events` body, 16 MiB.
+pub const DEFAULT_BATCH_BODY_LIMIT: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -64,10 +71,8 @@ pub struct ServerOptions {
     pub limits: serve::Limits,
     /// Longest a client may take to send a request body (408 after).
     pub body_timeout: Duration,
-    /// `nats://…` for the JetStream log; `None` for the file log in the data directory.
-    pub log_url: Option<String>,
-    /// The JetStream log's options (its `url` is taken from `log_url`).
-    pub nats: NatsLogOptions,
+    /// Where events go: the file log in the data directory, or a JetStream stream (`--log`).
+    pub log: LogBackend,
     /// Serve HTTPS with these PEM files (re-read on SIGHUP); `None` serves plain HTTP.
     pub tls: Option<tls::TlsFiles>,
 }
@@ -75,23 +80,22 @@ pub struct ServerOptions {
 impl ServerOptions {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         ServerOptions {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            listen: DEFAULT_LISTEN,
             data_dir: data_dir.into(),
             token: DEFAULT_TOKEN.into(),
             tokens_file: None,
             rate_limit: None,
             cors_origins: Vec::new(),
             database_url: None,
-            body_limit: 1024 * 1024,
-            batch_body_limit: 16 * 1024 * 1024,
-            segment_bytes: 64 * 1024 * 1024,
-            dedup_window: Duration::from_secs(crate::log::writer::DEFAULT_DEDUP_WINDOW_SECS),
-            dedup_max_ids: crate::log::writer::DEFAULT_DEDUP_MAX_IDS,
-            dedup_horizon: Duration::from_secs(crate::log::producers::DEFAULT_HORIZON_SECS),
+            body_limit: DEFAULT_BODY_LIMIT,
+            batch_body_limit: DEFAULT_BATCH_BODY_LIMIT,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            dedup_window: Duration::from_secs(DEFAULT_DEDUP_WINDOW_SECS),
+            dedup_max_ids: DEFAULT_DEDUP_MAX_IDS,
+            dedup_horizon: Duration::from_secs(DEFAULT_HORIZON_SECS),
             limits: serve::Limits::default(),
-            body_timeout: Duration::from_secs(10),
-            log_url: None,
-            nats: NatsLogOptions::new(""),
+            body_timeout: serve::DEFAULT_REQUEST_TIMEOUT,
+            log: LogBackend::File,
             tls: None,
         }
     }
@@ -191,11 +195,9 @@ impl Server {
             }
         };
         let mut recovering = None;
-        let log: Arc<dyn EventLog> = match &opts.log_url {
-            Some(url) if crate::log::nats::is_nats_url(url) => {
-                let mut nats = opts.nats.clone();
-                nats.url = url.clone();
-                let log = Arc::new(NatsLog::connect(nats).await?);
+        let log: Arc<dyn EventLog> = match &opts.log {
+            LogBackend::JetStream(nats) => {
+                let log = Arc::new(NatsLog::connect(nats.clone()).await?);
                 // The stream's identity is known at once (GET /healthz), not at the first append, and
                 // kept current while the server is idle.
                 tokio::spawn({
@@ -204,13 +206,13 @@ impl Server {
                 });
                 log
             }
-            Some(url) => {
+            LogBackend::Unsupported(url) => {
                 return Err(ConfigError(format!(
                     "unsupported log URL {url:?}: give nats://host:port for JetStream, or no --log for the file log"
                 ))
                 .into())
             }
-            None => {
+            LogBackend::File => {
                 let mut log_opts = FileLogOptions::new(opts.data_dir.join(LOG_DIR));
                 log_opts.segment_bytes = opts.segment_bytes;
                 log_opts.dedup_window = opts.dedup_window;
@@ -248,7 +250,7 @@ impl Server {
             batch_body_limit: opts.batch_body_limit,
             body_timeout: opts.body_timeout,
             store: OnceLock::new(),
-            console: console::Console::new(opts.log_url.is_none().then(|| opts.data_dir.join(LOG_DIR))),
+            console: console::Console::new(matches!(opts.log, LogBackend::File).then(|| opts.data_dir.join(LOG_DIR))),
             data_dir: opts.data_dir.clone(),
             store_metrics_at: tokio::sync::Mutex::new(None),
             store_error: std::sync::Mutex::new(None),

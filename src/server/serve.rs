@@ -39,6 +39,13 @@ use tokio::time::{Instant, Sleep};
 
 use super::tls::Certificates;
 
+/// The default of `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// The default of `--request-timeout-secs`: the header read timeout, and the handlers' body timeout.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default of `--send-timeout-secs`.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_connections: usize,
@@ -54,9 +61,9 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_connections: 10_000,
-            header_read_timeout: Duration::from_secs(10),
-            send_timeout: Duration::from_secs(30),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_REQUEST_TIMEOUT,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
             drain_timeout: Duration::from_secs(30),
         }
     }
