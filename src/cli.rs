@@ -16,8 +16,8 @@ use crate::log::producers::DEFAULT_HORIZON_SECS;
 use crate::log::writer::{DEFAULT_DEDUP_MAX_IDS, DEFAULT_DEDUP_WINDOW_SECS, DEFAULT_SEGMENT_BYTES};
 use crate::log::LogBackend;
 use crate::ops::CompactOptions;
-use crate::processor::jetstream::JetStreamProcessOptions;
-use crate::processor::ProcessOptions;
+use crate::processor::jetstream::{self, JetStreamProcessOptions};
+use crate::processor::{self, ProcessOptions};
 use crate::server::serve::{self, DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SEND_TIMEOUT};
 use crate::server::{self as srv, ServerOptions, DEFAULT_BATCH_BODY_LIMIT, DEFAULT_BODY_LIMIT, DEFAULT_LISTEN};
 
@@ -401,15 +401,15 @@ pub struct ProcessArgs {
     /// Most bytes of log applied per database transaction. The log is read 8 MiB at a time and the
     /// transaction holds one sum per user, so memory stays small whatever this is; larger batches mean
     /// fewer, cheaper-per-event commits.
-    #[arg(help_heading = CORE, long, env = "EPS_BATCH_BYTES", default_value_t = 256 * 1024 * 1024)]
+    #[arg(help_heading = CORE, long, env = "EPS_BATCH_BYTES", default_value_t = processor::DEFAULT_BATCH_BYTES)]
     pub batch_bytes: usize,
 
     /// With --follow: how often to look for new events, in milliseconds.
-    #[arg(help_heading = CORE, long, env = "EPS_POLL_MS", default_value_t = 5)]
+    #[arg(help_heading = CORE, long, env = "EPS_POLL_MS", default_value_t = processor::DEFAULT_POLL_INTERVAL.as_millis() as u64)]
     pub poll_ms: u64,
 
     /// Without --follow: how long to keep retrying an unreachable database, in seconds.
-    #[arg(help_heading = CORE, long, env = "EPS_RETRY_SECS", default_value_t = 60)]
+    #[arg(help_heading = CORE, long, env = "EPS_RETRY_SECS", default_value_t = processor::DEFAULT_RETRY_FOR.as_secs())]
     pub retry_secs: u64,
 
     /// Serve Prometheus metrics (GET /metrics) on this address while running, e.g. 127.0.0.1:9101.
@@ -443,18 +443,18 @@ pub struct ProcessArgs {
 
     /// With JetStream: how often a processor checks who owns which partition, in milliseconds. A dead
     /// processor's partitions are taken over within about this long.
-    #[arg(help_heading = JETSTREAM, long, env = "EPS_NATS_REBALANCE_MS", default_value_t = 500)]
+    #[arg(help_heading = JETSTREAM, long, env = "EPS_NATS_REBALANCE_MS", default_value_t = jetstream::DEFAULT_REBALANCE_INTERVAL.as_millis() as u64)]
     pub nats_rebalance_ms: u64,
 
     /// With JetStream: an event whose id appeared in the same partition within this many earlier stream
     /// messages is dropped as a duplicate (on top of JetStream's own duplicate window, which only drops
     /// a message published again whole).
-    #[arg(help_heading = JETSTREAM, long, env = "EPS_NATS_DEDUP_WINDOW_MESSAGES", default_value_t = 16_384)]
+    #[arg(help_heading = JETSTREAM, long, env = "EPS_NATS_DEDUP_WINDOW_MESSAGES", default_value_t = jetstream::DEFAULT_DEDUP_WINDOW_MESSAGES)]
     pub nats_dedup_window_messages: u64,
 
     /// With JetStream: most event ids that window holds per partition (the oldest messages are
     /// forgotten first); bounds the processor's memory.
-    #[arg(help_heading = JETSTREAM, long, env = "EPS_NATS_DEDUP_MAX_IDS", default_value_t = 100_000)]
+    #[arg(help_heading = JETSTREAM, long, env = "EPS_NATS_DEDUP_MAX_IDS", default_value_t = jetstream::DEFAULT_DEDUP_MAX_IDS)]
     pub nats_dedup_max_ids: usize,
 }
 

@@ -65,14 +65,19 @@ pub struct JetStreamProcessOptions {
     pub dedup_max_ids: usize,
 }
 
+/// Defaults of [`JetStreamProcessOptions`], shared with the command line's flags.
+pub const DEFAULT_REBALANCE_INTERVAL: Duration = Duration::from_millis(500);
+pub const DEFAULT_DEDUP_WINDOW_MESSAGES: u64 = 16_384;
+pub const DEFAULT_DEDUP_MAX_IDS: usize = 100_000;
+
 impl JetStreamProcessOptions {
     pub fn new(process: ProcessOptions, nats: NatsLogOptions) -> Self {
         JetStreamProcessOptions {
             process,
             nats,
-            rebalance_interval: Duration::from_millis(500),
-            dedup_window_messages: 16_384,
-            dedup_max_ids: 100_000,
+            rebalance_interval: DEFAULT_REBALANCE_INTERVAL,
+            dedup_window_messages: DEFAULT_DEDUP_WINDOW_MESSAGES,
+            dedup_max_ids: DEFAULT_DEDUP_MAX_IDS,
         }
     }
 }

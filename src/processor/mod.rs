@@ -38,6 +38,11 @@ pub use stop::{Stop, STOP_GRACE};
 /// Longest excerpt of an invalid line that is kept.
 pub(crate) const MAX_INVALID_EXCERPT: usize = 4096;
 
+/// Defaults of [`ProcessOptions`], shared with the command line's flags.
+pub const DEFAULT_BATCH_BYTES: usize = 256 * 1024 * 1024;
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(5);
+pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone)]
 pub struct ProcessOptions {
     pub data_dir: PathBuf,
@@ -64,9 +69,9 @@ impl ProcessOptions {
             data_dir: data_dir.into(),
             database_url: None,
             follow: false,
-            batch_bytes: 256 * 1024 * 1024,
-            poll_interval: Duration::from_millis(5),
-            retry_for: Duration::from_secs(60),
+            batch_bytes: DEFAULT_BATCH_BYTES,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            retry_for: DEFAULT_RETRY_FOR,
             adopt_new_log: false,
             allow_other_store: false,
         }
