@@ -10,7 +10,6 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::client::{self, ClientOptions, Progress, DEFAULT_GIVE_UP_AFTER};
-use crate::error::ConfigError;
 use crate::log::nats::{self, NatsLogOptions};
 use crate::log::producers::DEFAULT_HORIZON_SECS;
 use crate::log::writer::{DEFAULT_DEDUP_MAX_IDS, DEFAULT_DEDUP_WINDOW_SECS, DEFAULT_SEGMENT_BYTES};
@@ -78,6 +77,15 @@ fn socket_addr(text: &str) -> Result<SocketAddr, String> {
     }
     let mut addrs = text.to_socket_addrs().map_err(|e| format!("cannot resolve {text:?}: {e}"))?;
     addrs.next().ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
+/// `--log`: a JetStream URL (what `LogBackend` takes), refused here, by every command alike, otherwise.
+fn log_url(text: &str) -> Result<String, String> {
+    if nats::is_nats_url(text) {
+        Ok(text.to_string())
+    } else {
+        Err(format!("{text:?} is not a JetStream URL: use nats://host:port (several separated by commas), or leave --log out for the file log"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -249,7 +257,7 @@ pub struct ServerArgs {
     /// Where events go: nats://host:port (several servers separated by commas) for a NATS JetStream
     /// stream; without it, the file log in the data directory. With JetStream, 200 means the stream
     /// acknowledged the event, and any number of servers may share the stream.
-    #[arg(help_heading = JETSTREAM, long, env = "EPS_LOG")]
+    #[arg(help_heading = JETSTREAM, long, env = "EPS_LOG", value_parser = log_url)]
     pub log: Option<String>,
 
     #[command(flatten)]
@@ -309,7 +317,6 @@ impl From<ServerArgs> for ServerOptions {
                 ..Default::default()
             },
             body_timeout: Duration::from_secs(args.request_timeout_secs),
-            // An unsupported --log is refused by `Server::bind`, where the log is opened.
             log: LogBackend::from_flag(args.log, |url| nats.options(url)),
             tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| srv::tls::TlsFiles { cert, key }),
         }
@@ -435,7 +442,7 @@ pub struct ProcessArgs {
     /// JetStream stream, which needs --database-url postgres://…; without it, the file log in the data
     /// directory. With JetStream any number of processors may run: they share the partitions (each owned
     /// by one processor at a time through a PostgreSQL advisory lock) and take over a dead one's.
-    #[arg(help_heading = JETSTREAM, long, env = "EPS_LOG")]
+    #[arg(help_heading = JETSTREAM, long, env = "EPS_LOG", value_parser = log_url)]
     pub log: Option<String>,
 
     #[command(flatten)]
@@ -466,10 +473,8 @@ pub enum ProcessRun {
 }
 
 /// `--metrics-listen` is not part of it: the binary serves the metrics before the run is built.
-impl TryFrom<ProcessArgs> for ProcessRun {
-    type Error = ConfigError;
-
-    fn try_from(args: ProcessArgs) -> Result<ProcessRun, ConfigError> {
+impl From<ProcessArgs> for ProcessRun {
+    fn from(args: ProcessArgs) -> ProcessRun {
         let opts = ProcessOptions {
             data_dir: args.store.data_dir,
             database_url: args.store.database_url,
@@ -482,16 +487,13 @@ impl TryFrom<ProcessArgs> for ProcessRun {
         };
         let nats = args.nats;
         match LogBackend::from_flag(args.log, |url| nats.options(url)) {
-            LogBackend::File => Ok(ProcessRun::File(opts)),
-            LogBackend::JetStream(nats) => Ok(ProcessRun::JetStream(JetStreamProcessOptions {
+            LogBackend::File => ProcessRun::File(opts),
+            LogBackend::JetStream(nats) => ProcessRun::JetStream(JetStreamProcessOptions {
                 rebalance_interval: Duration::from_millis(args.nats_rebalance_ms.max(10)),
                 dedup_window_messages: args.nats_dedup_window_messages.max(1),
                 dedup_max_ids: args.nats_dedup_max_ids,
                 ..JetStreamProcessOptions::new(opts, nats)
-            })),
-            LogBackend::Unsupported(other) => Err(ConfigError(format!(
-                "unsupported --log {other:?}: use nats://host:port, or leave it out for the file log"
-            ))),
+            }),
         }
     }
 }
@@ -646,7 +648,7 @@ pub struct StatusArgs {
     /// nats://host:port: show the JetStream stream's partitions instead of the file log (each one's
     /// checkpoint, last sequence and messages not yet applied), and how many processors share them.
     /// Needs --database-url postgres://…. The stream's settings (replicas, limits) are read from it.
-    #[arg(help_heading = JETSTREAM, long, env = "EPS_LOG")]
+    #[arg(help_heading = JETSTREAM, long, env = "EPS_LOG", value_parser = log_url)]
     pub log: Option<String>,
 
     #[command(flatten)]
@@ -774,15 +776,22 @@ mod tests {
     }
 
     #[test]
-    fn an_unsupported_log_is_refused_by_the_processor_and_shown_as_the_file_log_by_status() {
-        let Command::Process(args) = Cli::try_parse_from(["eps", "process", "--log", "x"]).unwrap().command else {
+    fn every_command_refuses_a_log_that_is_not_a_jetstream_url_in_the_same_words() {
+        for command in ["server", "process", "status"] {
+            let err = Cli::try_parse_from(["eps", command, "--log", "http://x"]).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{command}");
+            assert!(
+                err.to_string().contains(
+                    "\"http://x\" is not a JetStream URL: use nats://host:port (several separated by commas), \
+                     or leave --log out for the file log"
+                ),
+                "{command}: {err}"
+            );
+        }
+        let Command::Process(args) = Cli::try_parse_from(["eps", "process", "--log", "nats://n:4222"]).unwrap().command
+        else {
             panic!()
         };
-        let refused = ProcessRun::try_from(args).unwrap_err().to_string();
-        assert_eq!(refused, "unsupported --log \"x\": use nats://host:port, or leave it out for the file log");
-        let Command::Status(args) = Cli::try_parse_from(["eps", "status", "--log", "x"]).unwrap().command else {
-            panic!()
-        };
-        assert!(matches!(StatusOptions::from(args).log, LogBackend::Unsupported(_)));
+        assert!(matches!(ProcessRun::from(args), ProcessRun::JetStream(_)));
     }
 }

@@ -118,7 +118,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 let bound = eps::telemetry::serve_metrics(addr).await?;
                 println!("eps process metrics on http://{bound}/metrics");
             }
-            match ProcessRun::try_from(args)? {
+            match ProcessRun::from(args) {
                 ProcessRun::File(opts) => println!("{}", processor::run(opts, shutdown).await?),
                 ProcessRun::JetStream(opts) => println!("{}", processor::jetstream::run(opts, shutdown).await?),
             }
@@ -131,7 +131,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 LogBackend::JetStream(nats) => {
                     print_status(&processor::jetstream::status(nats, opts.database_url.as_deref()).await?, opts.json)
                 }
-                LogBackend::File | LogBackend::Unsupported(_) => print_status(
+                LogBackend::File => print_status(
                     &eps::ops::status(&opts.data_dir, opts.database_url.as_deref(), opts.allow_other_store).await?,
                     opts.json,
                 ),

@@ -206,12 +206,6 @@ impl Server {
                 });
                 log
             }
-            LogBackend::Unsupported(url) => {
-                return Err(ConfigError(format!(
-                    "unsupported log URL {url:?}: give nats://host:port for JetStream, or no --log for the file log"
-                ))
-                .into())
-            }
             LogBackend::File => {
                 let mut log_opts = FileLogOptions::new(opts.data_dir.join(LOG_DIR));
                 log_opts.segment_bytes = opts.segment_bytes;

@@ -476,6 +476,23 @@ async fn a_database_url_eps_cannot_use_is_a_configuration_error_exit_2() {
 }
 
 #[tokio::test]
+async fn a_log_that_is_not_a_jetstream_url_is_refused_by_every_command_and_creates_nothing() {
+    // eps status used to show the file log for any other --log (a typo of the stream's URL went unseen).
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    let dir = data_dir.display().to_string();
+    for command in ["server", "process", "status"] {
+        let out = run_eps(&args(&[command, "--data-dir", &dir, "--log", "nats-typo://n:4222"]), &[]).await;
+        assert_eq!(out.code(), Some(2), "eps {command}: {out}");
+        assert!(
+            out.stderr.contains("\"nats-typo://n:4222\" is not a JetStream URL: use nats://host:port"),
+            "eps {command}: {out}"
+        );
+        assert!(!data_dir.exists(), "eps {command} created {}", data_dir.display());
+    }
+}
+
+#[tokio::test]
 async fn listen_takes_a_host_name_and_a_server_url_without_scheme_gets_a_hint() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data").display().to_string();
