@@ -60,9 +60,12 @@
 
 pub mod state;
 
+mod http;
 mod input;
 mod pool;
 mod progress;
+mod reply;
+mod resume;
 mod run;
 mod send;
 mod stop;

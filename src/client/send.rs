@@ -1,19 +1,19 @@
-//! Sending one request: the HTTP client, attempts and retries over the server pool, and what an answer
-//! means (accepted, duplicate, rejected per line, retryable).
+//! Sending one request: attempts and retries over the server pool, what became of it (accepted,
+//! duplicate, rejected per line, failed), and asking the servers which logs they append to.
 
-use std::error::Error as StdError;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::StatusCode;
-use serde::Deserialize;
 use tokio::task::JoinSet;
 
+use super::http::{certificate_refused, describe, gzip, trust, CERTIFICATE_REFUSAL_SAID};
 use super::pool::{Backoff, ServerPool};
 use super::progress::Counters;
+use super::reply::{read_capped, reason, reply_error, retry_after, retryable, Reply};
 use super::stop::Stop;
 use super::{ClientOptions, Tuning, MAX_RETRY_AFTER};
 
@@ -332,165 +332,4 @@ impl Sender {
 pub(super) enum Attempt {
     Done(Outcome),
     Retry { error: String, retry_after: Option<Duration> },
-}
-
-/// `body` as one gzip member.
-pub(super) fn gzip(body: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut encoder =
-        flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4 + 64), flate2::Compression::default());
-    encoder.write_all(body).expect("writing to memory");
-    encoder.finish().expect("writing to memory")
-}
-
-pub(super) fn retryable(status: StatusCode) -> bool {
-    status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
-}
-
-/// `Retry-After` in whole seconds (the HTTP-date form is ignored: the backoff applies).
-pub(super) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    value.parse::<u64>().ok().map(Duration::from_secs)
-}
-
-/// What the client reads from an answer: `POST /liveEvent`'s `duplicate`, `POST /events`'s counts
-/// and per-line errors, any error's `error`.
-#[derive(Deserialize, Default)]
-pub(super) struct Reply {
-    #[serde(default)]
-    pub(super) duplicate: bool,
-    #[serde(default)]
-    pub(super) duplicates: u64,
-    #[serde(default)]
-    pub(super) errors: Vec<ReplyLineError>,
-    #[serde(default)]
-    pub(super) error: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-pub(super) struct ReplyLineError {
-    pub(super) line: usize,
-    pub(super) error: String,
-}
-
-impl Reply {
-    pub(super) fn line_errors(&self) -> Vec<(usize, String)> {
-        self.errors.iter().map(|e| (e.line, e.error.clone())).collect()
-    }
-}
-
-/// The server's explanation: the JSON `error` field, else the body's text, else the status reason.
-pub(super) fn reply_error(status: StatusCode, body: &[u8]) -> String {
-    if let Ok(Reply { error: Some(error), .. }) = serde_json::from_slice::<Reply>(body) {
-        return match error {
-            serde_json::Value::String(s) => s,
-            other => other.to_string(),
-        };
-    }
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    if text.is_empty() {
-        return reason(status).to_owned();
-    }
-    let mut short: String = text.chars().take(200).collect();
-    if short.len() < text.len() {
-        short.push('…');
-    }
-    short
-}
-
-pub(super) fn reason(status: StatusCode) -> &'static str {
-    status.canonical_reason().unwrap_or("no reason given")
-}
-
-pub(super) async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Vec<u8>, reqwest::Error> {
-    let mut out = Vec::new();
-    while let Some(chunk) = response.chunk().await? {
-        let room = cap.saturating_sub(out.len());
-        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if out.len() >= cap {
-            break;
-        }
-    }
-    Ok(out)
-}
-
-/// The roots https URLs are verified with: only `ca_cert` when given (a private CA, like curl's
-/// `--cacert`), else the platform's trust store, else (a platform without one) reqwest's bundled roots.
-pub(super) fn trust(
-    builder: reqwest::ClientBuilder,
-    ca_cert: Option<&std::path::Path>,
-) -> anyhow::Result<reqwest::ClientBuilder> {
-    if let Some(path) = ca_cert {
-        let pem = std::fs::read(path).with_context(|| format!("cannot read the CA certificate {}", path.display()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
-        anyhow::ensure!(!certs.is_empty(), "{} holds no PEM certificate", path.display());
-        return Ok(certs.into_iter().fold(builder.tls_built_in_root_certs(false), |b, c| b.add_root_certificate(c)));
-    }
-    let native: Vec<_> = rustls_native_certs::load_native_certs()
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|der| reqwest::Certificate::from_der(der).ok())
-        .collect();
-    if native.is_empty() {
-        return Ok(builder);
-    }
-    Ok(native.into_iter().fold(builder.tls_built_in_root_certs(false), |b, c| b.add_root_certificate(c)))
-}
-
-pub(super) static CERTIFICATE_REFUSAL_SAID: AtomicBool = AtomicBool::new(false);
-
-/// Whether rustls refused the server's certificate (somewhere in the error's causes; an `io::Error`
-/// hides its inner error from `source`, so it is opened with `get_ref`). reqwest's connector may carry
-/// it as text only, hence the caller's second test on rustls's wording.
-pub(super) fn certificate_refused(e: &reqwest::Error) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cause {
-        if let Some(rustls::Error::InvalidCertificate(_)) = c.downcast_ref::<rustls::Error>() {
-            return true;
-        }
-        if let Some(inner) = c.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
-            if let Some(rustls::Error::InvalidCertificate(_)) = inner.downcast_ref::<rustls::Error>() {
-                return true;
-            }
-        }
-        cause = c.source();
-    }
-    false
-}
-
-/// A reqwest error with its causes ("error sending request" alone says nothing).
-pub(super) fn describe(e: &reqwest::Error, timeout: Duration) -> String {
-    if e.is_timeout() {
-        return format!("no answer within {timeout:?}");
-    }
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_after_is_read_in_seconds() {
-        let mut headers = HeaderMap::new();
-        assert_eq!(retry_after(&headers), None);
-        headers.insert(RETRY_AFTER, HeaderValue::from_static(" 3 "));
-        assert_eq!(retry_after(&headers), Some(Duration::from_secs(3)));
-        headers.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
-        assert_eq!(retry_after(&headers), None);
-        assert!(retryable(StatusCode::REQUEST_TIMEOUT) && retryable(StatusCode::TOO_MANY_REQUESTS));
-        assert!(retryable(StatusCode::BAD_GATEWAY) && !retryable(StatusCode::UNAUTHORIZED));
-    }
 }
