@@ -16,7 +16,7 @@ use tokio::task::JoinError;
 use super::input::with_id;
 use super::send::{Outcome, Request};
 use super::state::Frontier;
-use super::summary::ClientSummary;
+use super::summary::Counters;
 use super::Progress;
 
 /// How many invalid lines are shown before they are only counted.
@@ -81,49 +81,6 @@ impl FailedOut {
         }
         self.out.flush()?;
         self.out.get_ref().sync_all()
-    }
-}
-
-/// Counts shared with the progress display.
-#[derive(Default)]
-pub(super) struct Counters {
-    pub(super) bytes: AtomicU64,
-    pub(super) lines: AtomicU64,
-    pub(super) sent: AtomicU64,
-    pub(super) accepted: AtomicU64,
-    pub(super) duplicates: AtomicU64,
-    pub(super) rejected: AtomicU64,
-    pub(super) invalid: AtomicU64,
-    pub(super) failed: AtomicU64,
-    pub(super) interrupted: AtomicU64,
-    /// Events accepted by each server, in the order of `ClientOptions::urls`.
-    pub(super) per_server: Vec<AtomicU64>,
-}
-
-impl Counters {
-    pub(super) fn new(servers: usize) -> Counters {
-        Counters { per_server: (0..servers).map(|_| AtomicU64::new(0)).collect(), ..Default::default() }
-    }
-
-    pub(super) fn summary(&self, elapsed: Duration) -> ClientSummary {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        ClientSummary {
-            lines: get(&self.lines),
-            sent: get(&self.sent),
-            accepted: get(&self.accepted),
-            duplicates: get(&self.duplicates),
-            rejected: get(&self.rejected),
-            invalid: get(&self.invalid),
-            failed: get(&self.failed),
-            interrupted: get(&self.interrupted),
-            elapsed,
-            ..Default::default()
-        }
-    }
-
-    pub(super) fn done(&self) -> u64 {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        get(&self.accepted) + get(&self.rejected) + get(&self.failed) + get(&self.interrupted)
     }
 }
 

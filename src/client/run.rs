@@ -11,12 +11,13 @@ use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, BufReader};
 use tokio::task::JoinSet;
 
 use super::input::{prepare, prepare_line, read_line, trim_line};
-use super::progress::{Books, Console, Counters, FailedOut, Reports};
+use super::progress::{Books, Console, FailedOut, Reports};
 use super::resume::{self, Start};
 use super::send::{Outcome, Pending, Request, Sender};
 use super::state::{Frontier, Mark, FINGERPRINT_BYTES};
-use super::stop::{watch_for_stop, Stop, Stopped};
+use super::stop::{Stop, Stopped};
 use super::summary::ClientSummary;
+use super::summary::Counters;
 use super::{ClientOptions, Tuning, MAX_BATCH_BYTES, MAX_LINE_BYTES};
 
 pub(crate) async fn run_with(
@@ -289,6 +290,36 @@ pub(super) async fn drain(
         match done {
             Some(done) => books.tally(done),
             None => return,
+        }
+    }
+}
+
+/// How often the client checks whether every server has been failing for `give_up_after`.
+pub(super) const GIVE_UP_CHECK: Duration = Duration::from_millis(200);
+
+/// Sets the stop on `signal`, or once every server has been failing for `give_up_after`.
+pub(super) async fn watch_for_stop(
+    signal: impl Future<Output = Stopped>,
+    stop: Arc<Stop>,
+    sender: Arc<Sender>,
+    give_up_after: Option<Duration>,
+) {
+    tokio::pin!(signal);
+    let mut every = tokio::time::interval(GIVE_UP_CHECK);
+    loop {
+        tokio::select! {
+            cause = &mut signal => {
+                stop.trigger(cause);
+                return;
+            }
+            _ = every.tick() => {
+                let Some(limit) = give_up_after else { continue };
+                if sender.pool.unreachable_for(Instant::now()).is_some_and(|d| d >= limit) {
+                    let urls = sender.servers.iter().map(|s| s.name.clone()).collect();
+                    stop.trigger(Stopped::GaveUp { after: limit, urls });
+                    return;
+                }
+            }
         }
     }
 }

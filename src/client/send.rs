@@ -12,9 +12,9 @@ use tokio::task::JoinSet;
 
 use super::http::{certificate_refused, describe, gzip, trust, CERTIFICATE_REFUSAL_SAID};
 use super::pool::{Backoff, ServerPool};
-use super::progress::Counters;
 use super::reply::{read_capped, reason, reply_error, retry_after, retryable, Reply};
 use super::stop::Stop;
+use super::summary::Counters;
 use super::{ClientOptions, Tuning, MAX_RETRY_AFTER};
 
 /// Most bytes of an answer's body the client reads.

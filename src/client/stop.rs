@@ -1,16 +1,10 @@
-//! Stopping a run: the stop switch, its causes (a signal, or giving up on unreachable servers) and
-//! the task that watches for them.
+//! Stopping a run: the stop switch and its causes (a signal, or giving up on unreachable servers);
+//! the task that watches for them is the run's (`run.rs`).
 
 use std::fmt;
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use super::send::Sender;
-
-/// How often the client checks whether every server has been failing for `give_up_after`.
-pub(super) const GIVE_UP_CHECK: Duration = Duration::from_millis(200);
+use std::sync::Mutex;
+use std::time::Duration;
 
 /// Why a run stopped before the end of its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,33 +73,6 @@ impl Stop {
                 return;
             }
             notified.await;
-        }
-    }
-}
-
-/// Sets the stop on `signal`, or once every server has been failing for `give_up_after`.
-pub(super) async fn watch_for_stop(
-    signal: impl Future<Output = Stopped>,
-    stop: Arc<Stop>,
-    sender: Arc<Sender>,
-    give_up_after: Option<Duration>,
-) {
-    tokio::pin!(signal);
-    let mut every = tokio::time::interval(GIVE_UP_CHECK);
-    loop {
-        tokio::select! {
-            cause = &mut signal => {
-                stop.trigger(cause);
-                return;
-            }
-            _ = every.tick() => {
-                let Some(limit) = give_up_after else { continue };
-                if sender.pool.unreachable_for(Instant::now()).is_some_and(|d| d >= limit) {
-                    let urls = sender.servers.iter().map(|s| s.name.clone()).collect();
-                    stop.trigger(Stopped::GaveUp { after: limit, urls });
-                    return;
-                }
-            }
         }
     }
 }

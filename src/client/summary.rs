@@ -1,7 +1,8 @@
-//! What a run did, as the summary line prints it.
+//! What a run did: its counts as it goes (`Counters`), and the summary line they end as.
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::stop::Stopped;
@@ -92,6 +93,50 @@ impl fmt::Display for ClientSummary {
             write!(f, "; {} unanswered when the run stopped", self.interrupted)?;
         }
         Ok(())
+    }
+}
+
+/// The run's counts as it goes, shared by the sending tasks and the progress display; the summary at
+/// the end.
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) bytes: AtomicU64,
+    pub(super) lines: AtomicU64,
+    pub(super) sent: AtomicU64,
+    pub(super) accepted: AtomicU64,
+    pub(super) duplicates: AtomicU64,
+    pub(super) rejected: AtomicU64,
+    pub(super) invalid: AtomicU64,
+    pub(super) failed: AtomicU64,
+    pub(super) interrupted: AtomicU64,
+    /// Events accepted by each server, in the order of `ClientOptions::urls`.
+    pub(super) per_server: Vec<AtomicU64>,
+}
+
+impl Counters {
+    pub(super) fn new(servers: usize) -> Counters {
+        Counters { per_server: (0..servers).map(|_| AtomicU64::new(0)).collect(), ..Default::default() }
+    }
+
+    pub(super) fn summary(&self, elapsed: Duration) -> ClientSummary {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ClientSummary {
+            lines: get(&self.lines),
+            sent: get(&self.sent),
+            accepted: get(&self.accepted),
+            duplicates: get(&self.duplicates),
+            rejected: get(&self.rejected),
+            invalid: get(&self.invalid),
+            failed: get(&self.failed),
+            interrupted: get(&self.interrupted),
+            elapsed,
+            ..Default::default()
+        }
+    }
+
+    pub(super) fn done(&self) -> u64 {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        get(&self.accepted) + get(&self.rejected) + get(&self.failed) + get(&self.interrupted)
     }
 }
 
