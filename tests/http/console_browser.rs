@@ -200,7 +200,8 @@ async fn happy_path() {
     search(&browser, user, &revenue).await;
 
     // Screenshots: desktop, then phone width without horizontal overflow; no focus ring or caret.
-    browser.eval("document.activeElement && document.activeElement.blur(); return null;").await;
+    // From the top of the page (the search box scrolled it).
+    browser.eval("document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0); return null;").await;
     settle(&browser).await;
     let desktop = browser.screenshot(1280, 800).await;
     let desktop_path = save("console-1280x800.png", &desktop);

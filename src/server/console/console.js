@@ -41,7 +41,7 @@
     logSize: $('log-size'), logSegments: $('log-segments'),
     users: $('users'), totalRevenue: $('total-revenue'),
     chart: $('rate-chart'), errorChart: $('error-chart'), latencyChart: $('latency-chart'),
-    acceptedApprox: $('accepted-approx'), stale: $('stale'),
+    acceptedApprox: $('accepted-approx'), stale: $('stale'), logSegmentsUnit: $('log-segments-unit'),
     processorTile: $('processor-tile'), processorState: $('processor-state'), processorDetail: $('processor-detail'),
     rate4xx: $('rate-4xx'), rate5xx: $('rate-5xx'), p99: $('p99-latency'),
     rangeLabel: $('range-label'), rangeButtons: Array.from(document.querySelectorAll('#range button')),
@@ -411,6 +411,7 @@
     setText(el.lagSeconds, seconds(s.lag_seconds));
     setText(el.logSize, s.log ? bytes(s.log.bytes) : DASH);
     setText(el.logSegments, s.log ? int(s.log.segments) : DASH);
+    setText(el.logSegmentsUnit, s.log && s.log.segments === 1 ? 'segment' : 'segments');
     setText(el.users, int(s.users));
     setText(el.totalRevenue, str(s.total_revenue));
     el.updated.textContent = isNum(s.now) ? 'updated ' + clock(s.now).slice(0, 8) : '';
