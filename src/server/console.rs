@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{RawQuery, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -450,12 +451,18 @@ async fn current_summary(state: &AppState) -> Arc<Summary> {
     summary
 }
 
+/// The query of a console request.
+#[derive(serde::Deserialize)]
+pub(super) struct RangeQuery {
+    range: Option<String>,
+}
+
 /// The `range=` of a console request (5 minutes when not given).
-fn range_of(query: Option<&str>) -> Result<Range, ApiError> {
-    let asked = query.into_iter().flat_map(|q| q.split('&')).find_map(|pair| pair.strip_prefix("range="));
-    match asked {
+fn range_of(query: Result<Query<RangeQuery>, QueryRejection>) -> Result<Range, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))?;
+    match query.range {
         None => Ok(Range::default()),
-        Some(text) => Range::parse(text)
+        Some(text) => Range::parse(&text)
             .ok_or_else(|| ApiError::BadRequest(format!("range must be 5m, 1h or 24h (got {text:?})"))),
     }
 }
@@ -474,9 +481,9 @@ fn range_of(query: Option<&str>) -> Result<Range, ApiError> {
 /// `GET /console/summary`: the console's data now.
 pub(super) async fn summary(
     State(state): State<Arc<AppState>>,
-    RawQuery(query): RawQuery,
+    query: Result<Query<RangeQuery>, QueryRejection>,
 ) -> Result<Json<Summary>, ApiError> {
-    let range = range_of(query.as_deref())?;
+    let range = range_of(query)?;
     Ok(Json(current_summary(&state).await.with_series(&state.console, range)))
 }
 
@@ -524,9 +531,9 @@ impl utoipa::ToSchema for SummaryEvent {}
 /// `GET /console/stream`: the summary pushed as Server-Sent Events about every second.
 pub(super) async fn stream(
     State(state): State<Arc<AppState>>,
-    RawQuery(query): RawQuery,
+    query: Result<Query<RangeQuery>, QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let range = range_of(query.as_deref())?;
+    let range = range_of(query)?;
     let first = current_summary(&state).await;
     let rx = state.console.latest.subscribe();
     let events = futures::stream::unfold((Some(first), rx, state), move |(first, mut rx, state)| async move {
@@ -615,9 +622,14 @@ mod tests {
         assert_eq!(state(Some(60.0), Some(0)), ProcessorState::Idle);
         assert_eq!(state(Some(60.0), None), ProcessorState::Idle);
         assert_eq!(state(Some(60.0), Some(5)), ProcessorState::Lagging);
-        assert_eq!(range_of(None).unwrap(), Range::FiveMinutes);
-        assert_eq!(range_of(Some("x=1&range=24h")).unwrap(), Range::Day);
-        assert!(range_of(Some("range=2d")).is_err());
+        let range = |query: &str| {
+            let uri: axum::http::Uri = format!("/console/summary?{query}").parse().unwrap();
+            range_of(Query::try_from_uri(&uri))
+        };
+        assert_eq!(range("").unwrap(), Range::FiveMinutes);
+        assert_eq!(range("x=1&range=24h").unwrap(), Range::Day);
+        assert_eq!(range("range=%31h").unwrap(), Range::Hour);
+        assert!(range("range=2d").is_err());
     }
 
     #[test]

@@ -42,6 +42,7 @@
     users: $('users'), totalRevenue: $('total-revenue'),
     chart: $('rate-chart'), errorChart: $('error-chart'), latencyChart: $('latency-chart'),
     acceptedApprox: $('accepted-approx'), stale: $('stale'), logSegmentsUnit: $('log-segments-unit'),
+    acceptedDetail: $('accepted-detail'),
     processorTile: $('processor-tile'), processorState: $('processor-state'), processorDetail: $('processor-detail'),
     rate4xx: $('rate-4xx'), rate5xx: $('rate-5xx'), p99: $('p99-latency'),
     rangeLabel: $('range-label'), rangeButtons: Array.from(document.querySelectorAll('#range button')),
@@ -405,6 +406,9 @@
     setText(el.acceptedRate, last ? int(perSecond(last.accepted)) : DASH);
     setText(el.appliedRate, last ? int(perSecond(last.applied)) : DASH);
     el.acceptedApprox.hidden = s.accepted_estimated !== true;
+    // Why there is no total or why it is approximate; the JetStream log's counts are in `eps status`.
+    setText(el.acceptedDetail, s.accepted_estimated === true ? 'estimated past 1 MiB of log'
+      : s.accepted_total == null && s.log == null && s.applied_total != null ? 'JetStream: see eps status' : '');
     setText(el.acceptedTotal, int(s.accepted_total));
     setText(el.appliedTotal, int(s.applied_total));
     setText(el.lagEvents, int(s.lag_events));
@@ -456,6 +460,7 @@
       'logSize', 'logSegments', 'users', 'totalRevenue', 'rate4xx', 'rate5xx', 'p99']) setText(el[k], DASH);
     el.updated.textContent = '';
     el.acceptedApprox.hidden = true;
+    setText(el.acceptedDetail, '');
     setStale(false);
     renderProcessor(null);
     renderTopUsers([]);
