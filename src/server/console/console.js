@@ -408,7 +408,8 @@
     el.acceptedApprox.hidden = s.accepted_estimated !== true;
     // Why there is no total or why it is approximate; the JetStream log's counts are in `eps status`.
     setText(el.acceptedDetail, s.accepted_estimated === true ? 'estimated past 1 MiB of log'
-      : s.accepted_total == null && s.log == null && s.applied_total != null ? 'JetStream: see eps status' : '');
+      : s.accepted_total == null && s.log == null && s.applied_total != null ? 'JetStream: see eps status'
+        : 'applied + waiting');
     setText(el.acceptedTotal, int(s.accepted_total));
     setText(el.appliedTotal, int(s.applied_total));
     setText(el.lagEvents, int(s.lag_events));
