@@ -234,4 +234,25 @@ async fn the_summary_counts_on_one_basis_and_shows_the_processor_errors_latency_
     assert_eq!(refused.status().as_u16(), 400);
     let body: Value = refused.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("range"), "{body}");
+
+    // The stream takes the same range.
+    let stream = |range: &str| {
+        http.get(format!("{}/console/stream?range={range}", server.url)).header("Authorization", TOKEN).send()
+    };
+    assert_eq!(stream("1d").await.unwrap().status().as_u16(), 400);
+    let mut response = stream("24h").await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let mut text = String::new();
+    let frame = tokio::time::timeout(Duration::from_secs(10), async {
+        while !text.contains("\n\n") {
+            let chunk = response.chunk().await.unwrap().expect("the stream ended early");
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+        text.clone()
+    })
+    .await
+    .expect("a first frame");
+    let data = frame.lines().find_map(|l| l.strip_prefix("data:")).expect("a data line");
+    let first: Value = serde_json::from_str(data.trim()).unwrap();
+    assert_eq!((first["range"].as_str(), first["step_seconds"].as_u64()), (Some("24h"), Some(60)), "{first:#}");
 }
