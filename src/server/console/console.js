@@ -22,7 +22,7 @@
   const STREAM_STALL_MS = 20000;     // no byte for this long: the stream is dead (the server sends ~1/s)
   const REQUEST_TIMEOUT_MS = 10000;  // one poll or search
   const TAIL_MAX = 100;
-  const STALE_MS = 3500;             // no summary for this long: the figures are stale (the server sends ~1/s)
+  const STALE_MS = 5000;             // no summary for this long: the figures are stale (the server sends ~1/s)
   // The chart's ranges: span, time labels (minutes before now) and their unit, the title's words.
   const RANGES = {
     '5m': { span: 5 * 60000, ticks: [5, 4, 3, 2, 1], unit: 60000, label: (m) => m + ' min', title: 'last 5 minutes' },

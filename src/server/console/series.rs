@@ -1,7 +1,7 @@
 //! The console's chart points over three ranges, bounded in memory: one point a second for 5 minutes,
-//! one per 10 s for an hour, one a minute for 24 hours (2,100 points in all, about 100 KiB). The sampler
-//! adds one second at a time; the coarser points are sums of their seconds (the p99 from the sum of
-//! their latency histograms, not an average of p99s).
+//! one per 10 s for an hour, one a minute for 24 hours (2,100 points of 64 bytes in all, about
+//! 140 KiB). The sampler adds one second at a time; the coarser points are sums of their seconds (the
+//! p99 from the sum of their latency histograms, not an average of p99s).
 
 use std::collections::VecDeque;
 
