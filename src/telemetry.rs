@@ -8,6 +8,8 @@
 //! process itself (`process_*`: memory, CPU, file descriptors, start time) so those series are as fresh
 //! as the scrape, and always carries `eps_build_info{version,commit}`.
 
+pub mod tally;
+
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
@@ -122,6 +124,7 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
+    tally::TALLY.record(status, route == "/events" || route == "/liveEvent", elapsed);
     REQUEST_METRICS.with(|handles| {
         let mut handles = handles.borrow_mut();
         let (count, duration) = handles.entry((route, method, status)).or_insert_with(|| {

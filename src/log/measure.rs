@@ -32,9 +32,14 @@ pub struct PastPosition {
 }
 
 impl PastPosition {
+    /// True when [`Self::lines_after`] is an estimate: not every byte after the position was read.
+    pub fn lines_estimated(&self) -> bool {
+        self.bytes_after > self.bytes_counted && self.bytes_counted > 0
+    }
+
     /// The lines after the position: counted, or estimated from those counted when not all were read.
     pub fn lines_after(&self) -> u64 {
-        if self.bytes_after <= self.bytes_counted || self.bytes_counted == 0 {
+        if !self.lines_estimated() {
             self.lines_counted
         } else {
             (self.bytes_after as f64 * self.lines_counted as f64 / self.bytes_counted as f64).round() as u64

@@ -1,12 +1,21 @@
 //! The live console: `GET /` serves a page embedded in the binary; `GET /console/summary` and
 //! `GET /console/stream` (Server-Sent Events) feed it.
 //!
-//! Cost to ingest: with no console open, one relaxed atomic add per request (the accepted counter) and
-//! one atomic load (is a console open?). A sampler task wakes once a second: it records the accepted
-//! counter and the store's applied count (one small query) for the 5-minute chart, and only while a
-//! console is open (a summary or stream was requested in the last 30 s) also computes the rest of the
-//! summary (totals, top users, the log's size and lag) once, shared by every open console. The tail of
-//! accepted events takes at most 20 events a second, and only while a console is open.
+//! Cost to ingest: with no console open, one relaxed atomic add per request (the accepted counter),
+//! one into the request tally (`telemetry::tally`: the ingest latency's bucket, and a failed answer's
+//! error counter) and one atomic load (is a console open?). A sampler task wakes once a second: it
+//! records the accepted counter, the store's applied count (one small query) and the tally's
+//! differences as the chart's points (`series.rs`: 5 minutes, an hour and 24 hours, bounded), and only
+//! while a console is open (a summary or stream was requested in the last 30 s) also computes the rest
+//! of the summary (totals, top users, the log's size and lag, the processor's state) once, shared by
+//! every open console. The tail of accepted events takes at most 20 events a second, and only while a
+//! console is open.
+//!
+//! Accepted and applied totals are on one basis, all time: applied is the store's checkpoint count,
+//! accepted is applied plus the events in the log past the checkpoint (the file log; unknown on the
+//! JetStream log, whose stream `eps status` reports).
+
+mod series;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -15,7 +24,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -24,20 +34,21 @@ use futures::Stream;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::error::ErrorBody;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::clock::{mono_millis, wall_millis as now_millis};
 use crate::event::EventRef;
 use crate::log::measure::measure_past;
 use crate::log::Appended;
 use crate::store::FILE_STREAM;
+use crate::telemetry::tally::{TallySnapshot, TALLY};
+pub(crate) use series::{Point, Range};
+use series::{Second, Series};
 
 const INDEX_HTML: &str = include_str!("console/index.html");
 const CONSOLE_CSS: &str = include_str!("console/console.css");
 const CONSOLE_JS: &str = include_str!("console/console.js");
 
-/// Points of the chart: one a second for five minutes.
-const SERIES_POINTS: usize = 300;
 /// Events kept in the tail, and taken into it per second at most.
 const TAIL_EVENTS: usize = 100;
 const TAIL_PER_SECOND: i64 = 20;
@@ -47,6 +58,8 @@ const TOP_USERS: usize = 20;
 const OPEN_FOR_MILLIS: u64 = 30_000;
 /// Lag up to this many bytes is counted in lines exactly; beyond, estimated from the lines counted.
 const COUNT_LAG_BYTES: u64 = 1024 * 1024;
+/// A processor that committed this recently is applying.
+const RECENT_COMMIT_SECONDS: f64 = 5.0;
 
 /// The console's shared state, in [`AppState`].
 pub(crate) struct Console {
@@ -56,7 +69,7 @@ pub(crate) struct Console {
     tail_budget: AtomicI64,
     tail_skipped: AtomicBool,
     tail: Mutex<Tail>,
-    series: Mutex<VecDeque<Point>>,
+    series: Mutex<Series>,
     /// The latest summary, for every open page; `None` until one was computed.
     latest: watch::Sender<Option<Arc<Summary>>>,
     /// Set at shutdown: streams end so the server can drain.
@@ -69,16 +82,6 @@ pub(crate) struct Console {
 struct Tail {
     events: VecDeque<TailEvent>,
     next_seq: u64,
-}
-
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub(crate) struct Point {
-    /// End of the second (Unix ms).
-    t: u64,
-    /// Events the server accepted (stored) during that second.
-    accepted: u64,
-    /// Events the processor applied during that second (`null` while the database was unreachable).
-    applied: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -109,6 +112,41 @@ pub(crate) struct LogSize {
     segments: u64,
 }
 
+/// What the processor is doing, as the store shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ProcessorState {
+    /// A processor committed in the last 5 s.
+    Applying,
+    /// No commit in the last 5 s, and nothing waits in the log (or, on the JetStream log, the wait is
+    /// not known here).
+    Idle,
+    /// Events wait in the log and no processor committed in the last 5 s.
+    Lagging,
+    /// No processor has ever committed to this store.
+    None,
+}
+
+/// The processor tile.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct ProcessorView {
+    state: ProcessorState,
+    /// Seconds since a processor last committed, by the database's clock (`null` before the first).
+    last_commit_age_seconds: Option<f64>,
+}
+
+impl ProcessorView {
+    fn new(last_commit_age_seconds: Option<f64>, lag_events: Option<u64>) -> ProcessorView {
+        let state = match (last_commit_age_seconds, lag_events) {
+            (None, _) => ProcessorState::None,
+            (Some(age), _) if age < RECENT_COMMIT_SECONDS => ProcessorState::Applying,
+            (Some(_), Some(lag)) if lag > 0 => ProcessorState::Lagging,
+            (Some(_), _) => ProcessorState::Idle,
+        };
+        ProcessorView { state, last_commit_age_seconds }
+    }
+}
+
 /// Everything the console shows.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub(crate) struct Summary {
@@ -117,11 +155,25 @@ pub(crate) struct Summary {
     /// The same moment on the monotonic clock: what freshness is judged by.
     #[serde(skip)]
     made_at: u64,
-    /// Accepted and applied events per second over the last five minutes, oldest first.
+    /// The range of `series` asked for (`range=`; 5 minutes when not given).
+    range: Range,
+    /// Seconds each point of `series` covers: 1 (5 minutes), 10 (an hour) or 60 (24 hours).
+    step_seconds: u32,
+    /// What happened in each interval of the range, oldest first: events accepted and applied, 4xx and
+    /// 5xx answers, the ingest routes' p99 latency. Counts are per interval: divide by `step_seconds`
+    /// for a rate.
     series: Vec<Point>,
-    /// Events accepted (stored) by this server since it started.
-    accepted_total: u64,
-    /// Events applied by the processor, over all time (`null` while the database is unreachable).
+    /// Events accepted (stored in the log) over all time: `applied_total` plus `lag_events` (the
+    /// events in the log past the processor's checkpoint). `null` on the JetStream log (its stream's
+    /// counts are in `eps status`) and while the database is unreachable.
+    accepted_total: Option<u64>,
+    /// True when `accepted_total` and `lag_events` are estimates: past the first MiB after the
+    /// checkpoint, the log's lines are estimated from those counted.
+    accepted_estimated: bool,
+    /// Events accepted by this server since it started (the rate's counter).
+    accepted_since_start: u64,
+    /// Events applied by the processor, over all time: the checkpoints' count (on the file log, the
+    /// same checkpoint `lag_events` counts from; `null` while the database is unreachable).
     applied_total: Option<u64>,
     /// Events in the log the processor has not applied yet (file log; `null` otherwise or unknown).
     lag_events: Option<u64>,
@@ -139,6 +191,20 @@ pub(crate) struct Summary {
     tail: Vec<TailEvent>,
     /// True when the tail holds a sample: more events arrived than it takes (20 a second).
     tail_sampled: bool,
+    /// The processor's state, from the store's checkpoints and the lag (`null` while the database is
+    /// unreachable).
+    processor: Option<ProcessorView>,
+}
+
+impl Summary {
+    /// This summary with the points of `range`.
+    fn with_series(&self, console: &Console, range: Range) -> Summary {
+        let mut summary = self.clone();
+        summary.series = console.series.lock().expect("console series").points(range);
+        summary.range = range;
+        summary.step_seconds = range.step_seconds();
+        summary
+    }
 }
 
 impl Console {
@@ -149,7 +215,7 @@ impl Console {
             tail_budget: AtomicI64::new(TAIL_PER_SECOND),
             tail_skipped: AtomicBool::new(false),
             tail: Mutex::new(Tail::default()),
-            series: Mutex::new(VecDeque::with_capacity(SERIES_POINTS)),
+            series: Mutex::new(Series::default()),
             latest: watch::channel(None).0,
             closing: AtomicBool::new(false),
             log_dir,
@@ -237,7 +303,7 @@ pub(crate) async fn run_sampler(state: Arc<AppState>) {
     let console = &state.console;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last: Option<(u64, Option<u64>)> = None;
+    let mut last: Option<(u64, Option<u64>, TallySnapshot)> = None;
     let mut skipped_recently = 0u32;
     loop {
         tick.tick().await;
@@ -251,22 +317,20 @@ pub(crate) async fn run_sampler(state: Arc<AppState>) {
             }
             None => None,
         };
-        if let Some((last_accepted, last_applied)) = last {
-            let point = Point {
+        let requests = TALLY.snapshot();
+        if let Some((last_accepted, last_applied, last_requests)) = &last {
+            let second = Second {
                 t: now_millis(),
                 accepted: accepted - last_accepted,
                 applied: match (applied, last_applied) {
-                    (Some(now), Some(before)) => Some(now.saturating_sub(before)),
+                    (Some(now), Some(before)) => Some(now.saturating_sub(*before)),
                     _ => None,
                 },
+                requests: requests.since(last_requests),
             };
-            let mut series = console.series.lock().expect("console series");
-            if series.len() == SERIES_POINTS {
-                series.pop_front();
-            }
-            series.push_back(point);
+            console.series.lock().expect("console series").push(second);
         }
-        last = Some((accepted, applied));
+        last = Some((accepted, applied, requests));
         // The tail's sample flag stays up for 5 s after events were skipped.
         skipped_recently =
             if console.tail_skipped.swap(false, Ordering::Relaxed) { 5 } else { skipped_recently.saturating_sub(1) };
@@ -278,15 +342,25 @@ pub(crate) async fn run_sampler(state: Arc<AppState>) {
     }
 }
 
-async fn summarize(state: &AppState, accepted_total: u64, applied_total: Option<u64>, tail_sampled: bool) -> Summary {
+/// The summary every open console shares, without its series (added per range by
+/// [`Summary::with_series`]).
+async fn summarize(
+    state: &AppState,
+    accepted_since_start: u64,
+    applied_total: Option<u64>,
+    tail_sampled: bool,
+) -> Summary {
     let console = &state.console;
-    let series: Vec<Point> = console.series.lock().expect("console series").iter().cloned().collect();
     let tail: Vec<TailEvent> = console.tail.lock().expect("console tail").events.iter().cloned().collect();
     let mut summary = Summary {
         now: now_millis(),
         made_at: mono_millis(),
-        series,
-        accepted_total,
+        range: Range::default(),
+        step_seconds: Range::default().step_seconds(),
+        series: Vec::new(),
+        accepted_total: None,
+        accepted_estimated: false,
+        accepted_since_start,
         applied_total,
         lag_events: None,
         lag_seconds: None,
@@ -296,6 +370,7 @@ async fn summarize(state: &AppState, accepted_total: u64, applied_total: Option<
         top_users: Vec::new(),
         tail,
         tail_sampled,
+        processor: None,
     };
     let Some(store) = state.store.get() else { return summary };
     if let Ok(totals) = store.totals().await {
@@ -310,11 +385,18 @@ async fn summarize(state: &AppState, accepted_total: u64, applied_total: Option<
             let view = tokio::task::spawn_blocking(move || file_log_view(&dir, progress.position)).await;
             if let Ok(Ok(view)) = view {
                 summary.log = Some(LogSize { bytes: view.bytes, segments: view.segments });
+                // Applied and accepted from the same checkpoint row: one basis.
+                summary.applied_total = Some(progress.events_applied);
+                summary.accepted_total = Some(progress.events_applied + view.lag_events);
+                summary.accepted_estimated = view.lag_estimated;
                 summary.lag_events = Some(view.lag_events);
                 summary.lag_seconds =
                     Some(view.oldest_unapplied.map_or(0.0, |ts| now_millis().saturating_sub(ts) as f64 / 1000.0));
             }
         }
+    }
+    if let Ok(age) = store.last_commit_age().await {
+        summary.processor = Some(ProcessorView::new(age, summary.lag_events));
     }
     summary
 }
@@ -325,6 +407,8 @@ pub(super) struct LogView {
     /// Bytes after the checkpoint.
     pub(super) lag_bytes: u64,
     pub(super) lag_events: u64,
+    /// True when `lag_events` is estimated (more than 1 MiB after the checkpoint).
+    pub(super) lag_estimated: bool,
     /// `ts` of the first line after the checkpoint, if there is one.
     pub(super) oldest_unapplied: Option<u64>,
 }
@@ -342,6 +426,7 @@ pub(super) fn file_log_view(dir: &std::path::Path, checkpoint: u64) -> std::io::
         segments: past.segments as u64,
         lag_bytes: past.bytes_after,
         lag_events: past.lines_after(),
+        lag_estimated: past.lines_estimated(),
         oldest_unapplied,
     })
 }
@@ -366,18 +451,40 @@ async fn current_summary(state: &AppState) -> Arc<Summary> {
     summary
 }
 
+/// The query of a console request.
+#[derive(serde::Deserialize)]
+pub(super) struct RangeQuery {
+    range: Option<String>,
+}
+
+/// The `range=` of a console request (5 minutes when not given).
+fn range_of(query: Result<Query<RangeQuery>, QueryRejection>) -> Result<Range, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))?;
+    match query.range {
+        None => Ok(Range::default()),
+        Some(text) => Range::parse(&text)
+            .ok_or_else(|| ApiError::BadRequest(format!("range must be 5m, 1h or 24h (got {text:?})"))),
+    }
+}
+
 #[utoipa::path(
     get, path = "/console/summary", tag = "console",
     security(("token" = [])),
+    params(("range" = Option<Range>, Query, description = "The chart's range: `5m` (one point a second, the default), `1h` (one per 10 s) or `24h` (one a minute)")),
     responses(
-        (status = 200, description = "What the console shows: rates over five minutes, lag, log, users, totals, top users, tail", body = Summary),
+        (status = 200, description = "What the console shows: the range's points (rates, 4xx/5xx, ingest p99), totals on one basis, lag, the processor's state, log, users, top users, tail", body = Summary),
+        (status = 400, description = "A range other than 5m, 1h or 24h", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 403, description = "The token is known but does not hold the scope this route needs (see docs/SECURITY.md)", body = ErrorBody),
     )
 )]
 /// `GET /console/summary`: the console's data now.
-pub(super) async fn summary(State(state): State<Arc<AppState>>) -> Json<Summary> {
-    Json(current_summary(&state).await.as_ref().clone())
+pub(super) async fn summary(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<RangeQuery>, QueryRejection>,
+) -> Result<Json<Summary>, ApiError> {
+    let range = range_of(query)?;
+    Ok(Json(current_summary(&state).await.with_series(&state.console, range)))
 }
 
 /// One event of `GET /console/stream`, for the OpenAPI document (OpenAPI 3.1 has the schema of a
@@ -412,9 +519,11 @@ impl utoipa::ToSchema for SummaryEvent {}
 #[utoipa::path(
     get, path = "/console/stream", tag = "console",
     security(("token" = [])),
+    params(("range" = Option<Range>, Query, description = "The chart's range: `5m` (the default), `1h` or `24h`")),
     responses(
-        (status = 200, description = "Server-Sent Events: an `event: summary` whose data is the JSON of GET /console/summary, about every second, until the server stops",
+        (status = 200, description = "Server-Sent Events: an `event: summary` whose data is the JSON of GET /console/summary (with the same range), about every second, until the server stops",
          content_type = "text/event-stream", body = inline(SummaryEvent)),
+        (status = 400, description = "A range other than 5m, 1h or 24h", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 403, description = "The token is known but does not hold the scope this route needs (see docs/SECURITY.md)", body = ErrorBody),
     )
@@ -422,10 +531,12 @@ impl utoipa::ToSchema for SummaryEvent {}
 /// `GET /console/stream`: the summary pushed as Server-Sent Events about every second.
 pub(super) async fn stream(
     State(state): State<Arc<AppState>>,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    query: Result<Query<RangeQuery>, QueryRejection>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let range = range_of(query)?;
     let first = current_summary(&state).await;
     let rx = state.console.latest.subscribe();
-    let events = futures::stream::unfold((Some(first), rx, state), |(first, mut rx, state)| async move {
+    let events = futures::stream::unfold((Some(first), rx, state), move |(first, mut rx, state)| async move {
         let summary = match first {
             Some(summary) => summary,
             None => {
@@ -435,10 +546,10 @@ pub(super) async fn stream(
             }
         };
         state.console.mark_open();
-        let data = serde_json::to_string(summary.as_ref()).unwrap_or_default();
+        let data = serde_json::to_string(&summary.with_series(&state.console, range)).unwrap_or_default();
         Some((Ok(SseEvent::default().event("summary").data(data)), (None, rx, state)))
     });
-    Sse::new(events).keep_alive(KeepAlive::default())
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
 /// The console's Content-Security-Policy: the page loads its one script and one stylesheet from this
@@ -500,6 +611,25 @@ mod tests {
         assert_eq!((after_first.lag_events, after_first.oldest_unapplied), (1, Some(2000)));
         let caught_up = file_log_view(dir.path(), all.bytes).unwrap();
         assert_eq!((caught_up.lag_events, caught_up.oldest_unapplied), (0, None));
+    }
+
+    #[test]
+    fn the_processor_state_follows_the_last_commit_and_the_lag() {
+        let state = |age, lag| ProcessorView::new(age, lag).state;
+        assert_eq!(state(None, Some(5)), ProcessorState::None);
+        assert_eq!(state(None, None), ProcessorState::None);
+        assert_eq!(state(Some(1.0), Some(5)), ProcessorState::Applying);
+        assert_eq!(state(Some(60.0), Some(0)), ProcessorState::Idle);
+        assert_eq!(state(Some(60.0), None), ProcessorState::Idle);
+        assert_eq!(state(Some(60.0), Some(5)), ProcessorState::Lagging);
+        let range = |query: &str| {
+            let uri: axum::http::Uri = format!("/console/summary?{query}").parse().unwrap();
+            range_of(Query::try_from_uri(&uri))
+        };
+        assert_eq!(range("").unwrap(), Range::FiveMinutes);
+        assert_eq!(range("x=1&range=24h").unwrap(), Range::Day);
+        assert_eq!(range("range=%31h").unwrap(), Range::Hour);
+        assert!(range("range=2d").is_err());
     }
 
     #[test]

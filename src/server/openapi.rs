@@ -4,7 +4,7 @@
 
 use axum::Json;
 
-use super::console::{self, LogSize, Point, Summary, TailEvent, TopUser};
+use super::console::{self, LogSize, Point, ProcessorState, ProcessorView, Range, Summary, TailEvent, TopUser};
 use super::error::ErrorBody;
 use super::routes::{
     self, BatchReceived, BatchRefused, EventBody, Health, LineError, Readiness, Received, UserRevenue,
@@ -17,7 +17,7 @@ use super::routes::{
     paths(routes::live_event, routes::post_events, routes::user_events, routes::healthz, routes::readyz, routes::metrics,
         openapi_json, console::summary, console::stream),
     components(schemas(Received, BatchReceived, BatchRefused, LineError, UserRevenue, ErrorBody, EventBody, Health, Readiness,
-        Summary, Point, TailEvent, TopUser, LogSize)),
+        Summary, Point, TailEvent, TopUser, LogSize, Range, ProcessorView, ProcessorState)),
     modifiers(&TokenScheme),
 )]
 pub(crate) struct ApiDoc;

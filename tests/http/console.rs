@@ -156,3 +156,103 @@ async fn the_page_is_served_without_the_token_and_holds_no_secret() {
     let doc: Value = http.get(format!("{}/openapi.json", server.url)).send().await.unwrap().json().await.unwrap();
     assert!(doc["paths"]["/console/summary"]["get"].is_object() && doc["paths"]["/console/stream"]["get"].is_object());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_summary_counts_on_one_basis_and_shows_the_processor_errors_latency_and_ranges() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let server = env.server().await;
+    let http = http();
+
+    // No processor has run: nothing applied, the processor tile says so.
+    let first = summary_until(&http, &server.url, "the processor's state", |s| s["processor"].is_object()).await;
+    assert_eq!(first["processor"]["state"], "none", "{first:#}");
+    assert!(first["processor"]["last_commit_age_seconds"].is_null(), "{first:#}");
+    assert_eq!((first["range"].as_str(), first["step_seconds"].as_u64()), (Some("5m"), Some(1)), "{first:#}");
+
+    for i in 0..6 {
+        let body = format!(r#"{{"userId":"b{i}","name":"add_revenue","value":1}}"#);
+        assert_eq!(post_event(&http, &server.url, &body).await.0, 200);
+    }
+    env.process(&[]).await;
+    for i in 0..4 {
+        let body = format!(r#"{{"userId":"c{i}","name":"add_revenue","value":1}}"#);
+        assert_eq!(post_event(&http, &server.url, &body).await.0, 200);
+    }
+    // Some refused requests: bad JSON, 400 each.
+    for _ in 0..3 {
+        assert_eq!(post_event(&http, &server.url, "{not json").await.0, 400);
+    }
+
+    // Accepted, all time = applied (the checkpoint) + waiting in the log past it.
+    let s = summary_until(&http, &server.url, "10 accepted = 6 applied + 4 waiting", |s| {
+        s["accepted_total"] == 10 && s["applied_total"] == 6 && s["lag_events"] == 4
+    })
+    .await;
+    assert_eq!(s["accepted_estimated"], false, "{s:#}");
+    assert!(s["accepted_since_start"].as_u64().unwrap() <= 10, "{s:#}");
+    let state = s["processor"]["state"].as_str().unwrap();
+    assert!(state == "applying" || state == "lagging", "{s:#}");
+    assert!(s["processor"]["last_commit_age_seconds"].as_f64().unwrap() >= 0.0, "{s:#}");
+    // Events wait and nothing is committed for 5 s: lagging.
+    let s = summary_until(&http, &server.url, "a lagging processor", |s| s["processor"]["state"] == "lagging").await;
+    assert_eq!(s["lag_events"], 4, "{s:#}");
+
+    // The errors and the ingest p99 are in the per-second points.
+    let s = summary_until(&http, &server.url, "3 4xx answers and an ingest p99", |s| {
+        let points = s["series"].as_array().unwrap();
+        let errors: u64 = points.iter().map(|p| p["http_4xx"].as_u64().unwrap()).sum();
+        errors >= 3 && points.iter().any(|p| p["ingest_p99_ms"].as_f64().is_some_and(|ms| ms > 0.0))
+    })
+    .await;
+    let points = s["series"].as_array().unwrap();
+    assert!(points.iter().all(|p| p["http_5xx"] == 0), "{s:#}");
+
+    // Processed to the end: caught up (applying for 5 s after the commit, then idle).
+    env.process(&[]).await;
+    let s = summary_until(&http, &server.url, "an idle processor, caught up", |s| {
+        s["processor"]["state"] == "idle" && s["lag_events"] == 0
+    })
+    .await;
+    assert_eq!((s["accepted_total"].as_u64(), s["applied_total"].as_u64()), (Some(10), Some(10)), "{s:#}");
+
+    // The ranges: an hour is asked in points of 10 s, 24 hours in points of a minute; others refused.
+    for (range, step) in [("5m", 1), ("1h", 10), ("24h", 60)] {
+        let response =
+            http.get(format!("{}/console/summary?range={range}", server.url)).header("Authorization", TOKEN).send();
+        let body: Value = response.await.unwrap().json().await.unwrap();
+        assert_eq!((body["range"].as_str(), body["step_seconds"].as_u64()), (Some(range), Some(step)), "{body:#}");
+        if range == "5m" {
+            assert!(!body["series"].as_array().unwrap().is_empty(), "{body:#}");
+        }
+    }
+    let refused = http
+        .get(format!("{}/console/summary?range=2d", server.url))
+        .header("Authorization", TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("range"), "{body}");
+
+    // The stream takes the same range.
+    let stream = |range: &str| {
+        http.get(format!("{}/console/stream?range={range}", server.url)).header("Authorization", TOKEN).send()
+    };
+    assert_eq!(stream("1d").await.unwrap().status().as_u16(), 400);
+    let mut response = stream("24h").await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let mut text = String::new();
+    let frame = tokio::time::timeout(Duration::from_secs(10), async {
+        while !text.contains("\n\n") {
+            let chunk = response.chunk().await.unwrap().expect("the stream ended early");
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+        text.clone()
+    })
+    .await
+    .expect("a first frame");
+    let data = frame.lines().find_map(|l| l.strip_prefix("data:")).expect("a data line");
+    let first: Value = serde_json::from_str(data.trim()).unwrap();
+    assert_eq!((first["range"].as_str(), first["step_seconds"].as_u64()), (Some("24h"), Some(60)), "{first:#}");
+}

@@ -4,7 +4,9 @@
 //! The happy path enters the token, sends known events, runs `eps process`, and checks the exact numbers
 //! the page shows (counters, total, top users, a searched user), then saves screenshots at 1280x800 and
 //! 390x844 to target/console-screenshots/ (and to docs/console.png with `EPS_UPDATE_SCREENSHOTS=1`).
-//! The other test enters a wrong token and checks that the page says so and shows no data.
+//! On the way it checks the processor tile (no processor, lagging, caught up) and that accepted =
+//! applied + waiting in the log. The others: a wrong token (the page says so and shows no data); the
+//! error and p99 panels and the range buttons; the greyed figures when the server is gone.
 
 use crate::common;
 
@@ -92,9 +94,10 @@ async fn happy_path() {
 
     browser.goto(&format!("{}/", server.url)).await;
     browser.type_and_enter(TOKEN_INPUT, TOKEN).await;
-    // Authenticated on an empty system: the counters are there, at zero.
+    // Authenticated on an empty system: the counters are there, at zero; no processor has run.
     browser.wait_text("#accepted-total", "0").await;
     browser.wait_text("#connection", "live").await;
+    browser.wait_text("#processor-state", "no processor has run").await;
     assert!(!browser.visible("#auth-error").await, "#auth-error shown after the right token");
 
     let events = events();
@@ -111,6 +114,8 @@ async fn happy_path() {
         if round > 0 {
             tokio::time::sleep(Duration::from_millis(700)).await;
         }
+        // One refused request a round, for the errors panel of the screenshot.
+        assert_eq!(post_event(&http, &server.url, "{not json").await.0, 400);
         if round % 2 == 0 {
             post_batch(&http, &server.url, chunk).await;
         } else {
@@ -124,9 +129,17 @@ async fn happy_path() {
             assert_eq!(applied_count(&out.stdout), 15, "{out}");
         }
     }
+    // One basis: accepted (all time) = applied + waiting in the log.
     browser.wait_text("#accepted-total", &events.len().to_string()).await;
     browser.wait_text("#applied-total", "15").await;
     browser.wait_text("#lag-events", "15").await;
+    assert!(!browser.visible("#accepted-approx").await, "a 15-event lag is counted, not estimated");
+    // Events wait and the last commit is older than 5 s: lagging, in the warning colour.
+    browser.wait_text("#processor-state", "lagging: 15 events").await;
+    let detail = browser.text("#processor-detail").await.unwrap_or_default();
+    assert!(detail.starts_with("last commit ") && detail.ends_with(" s ago"), "#processor-detail: {detail:?}");
+    let tile = browser.eval("return document.querySelector('#processor-tile').dataset.state;").await;
+    assert_eq!(tile, json!("lagging"));
 
     // The live tail shows the events as they arrive.
     let tail = browser
@@ -146,6 +159,17 @@ async fn happy_path() {
 
     browser.wait_text("#applied-total", &events.len().to_string()).await;
     browser.wait_text("#lag-events", "0").await;
+    browser.wait_text("#accepted-total", &events.len().to_string()).await;
+    browser
+        .wait_until(common::browser::WAIT, "the processor tile after the run", || async {
+            let text = browser.text("#processor-state").await.unwrap_or_default();
+            if text == "applying" || text == "idle, caught up" {
+                Ok(())
+            } else {
+                Err(text)
+            }
+        })
+        .await;
     browser.wait_text("#users", &want.len().to_string()).await;
     browser.wait_text("#total-revenue", &total.normalize().to_string()).await;
     let want_rows: Vec<(String, String)> =
@@ -176,7 +200,8 @@ async fn happy_path() {
     search(&browser, user, &revenue).await;
 
     // Screenshots: desktop, then phone width without horizontal overflow; no focus ring or caret.
-    browser.eval("document.activeElement && document.activeElement.blur(); return null;").await;
+    // From the top of the page (the search box scrolled it).
+    browser.eval("document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0); return null;").await;
     settle(&browser).await;
     let desktop = browser.screenshot(1280, 800).await;
     let desktop_path = save("console-1280x800.png", &desktop);
@@ -311,4 +336,128 @@ async fn wrong_token() {
 
     browser.close().await;
     drop(server);
+}
+
+/// Text of `css` (empty when missing).
+async fn text_of(browser: &Browser, css: &str) -> String {
+    browser.text(css).await.unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_shows_the_error_rate_the_p99_and_switches_the_range() {
+    within(TEST_LIMIT, "the console's panels and ranges", panels_and_ranges()).await
+}
+
+async fn panels_and_ranges() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let server = env.server().await;
+    let browser = Browser::start(1280, 800).await;
+    browser.goto(&format!("{}/", server.url)).await;
+    browser.type_and_enter(TOKEN_INPUT, TOKEN).await;
+    browser.wait_text("#connection", "live").await;
+
+    // Bad JSON (400) and good events, a few a second, until the page has shown both panels' figures.
+    let url = server.url.clone();
+    let traffic = tokio::spawn(async move {
+        let http = common::http();
+        for i in 0.. {
+            post_event(&http, &url, "{not json").await;
+            post_event(&http, &url, &event_line(&format!("p{}", i % 3), "add_revenue", "1")).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    browser
+        .wait_until(common::browser::WAIT, "a non-zero 4xx rate and a p99", || async {
+            let (http_4xx, p99) = (text_of(&browser, "#rate-4xx").await, text_of(&browser, "#p99-latency").await);
+            let positive = |t: &str| t.parse::<f64>().is_ok_and(|v| v > 0.0);
+            if positive(&http_4xx) && positive(&p99) {
+                Ok(())
+            } else {
+                Err(format!("4xx/s {http_4xx:?}, p99 {p99:?}"))
+            }
+        })
+        .await;
+    assert_eq!(text_of(&browser, "#rate-5xx").await, "0");
+
+    // The range: what the page asks for comes back in the summary and the chart says it.
+    assert_eq!(text_of(&browser, "#range-label").await, "last 5 minutes");
+    for (button, label) in [("#range-1h", "last hour, per 10 s"), ("#range-24h", "last 24 hours, per minute")] {
+        browser.find(button).await.click().await.expect("clicking a range");
+        browser.wait_text("#range-label", label).await;
+        let pressed =
+            browser.eval(&format!("return document.querySelector('{button}').getAttribute('aria-pressed');")).await;
+        assert_eq!(pressed, json!("true"), "{button}");
+        let aria = browser.eval("return document.querySelector('#rate-chart').getAttribute('aria-label');").await;
+        assert!(aria.as_str().unwrap_or_default().contains(label), "#rate-chart reads {aria}");
+        browser.wait_text("#connection", "live").await;
+    }
+    browser.find("#range-5m").await.click().await.expect("clicking a range");
+    browser.wait_text("#range-label", "last 5 minutes").await;
+    traffic.abort();
+    browser.close().await;
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_greys_its_figures_when_the_server_is_gone_and_recovers() {
+    within(TEST_LIMIT, "the console without its server", server_gone()).await
+}
+
+/// Whether the page shows its figures greyed (the stale state).
+async fn is_stale(browser: &Browser) -> bool {
+    browser.eval("return document.body.classList.contains('stale');").await == json!(true)
+}
+
+async fn server_gone() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let mut server = env.server().await;
+    let http = http();
+    post_batch(&http, &server.url, &events()[..3]).await;
+    let browser = Browser::start(1280, 800).await;
+    browser.goto(&format!("{}/", server.url)).await;
+    browser.type_and_enter(TOKEN_INPUT, TOKEN).await;
+    browser.wait_text("#accepted-total", "3").await;
+    browser.wait_text("#connection", "live").await;
+    assert!(!is_stale(&browser).await && !browser.visible("#stale").await, "stale while live");
+
+    server.kill().await;
+    browser
+        .wait_until(common::browser::WAIT, "the figures greyed", || async {
+            if is_stale(&browser).await {
+                Ok(())
+            } else {
+                Err(text_of(&browser, "#updated").await)
+            }
+        })
+        .await;
+    assert!(browser.visible("#stale").await);
+    let updated = text_of(&browser, "#updated").await;
+    let time = updated.strip_prefix("last update ").unwrap_or_else(|| panic!("#updated reads {updated:?}"));
+    let digits: Vec<&str> = time.split(':').collect();
+    assert!(
+        digits.len() == 3 && digits.iter().all(|d| d.len() == 2 && d.chars().all(|c| c.is_ascii_digit())),
+        "#updated reads {updated:?}"
+    );
+    // The last figures stay, greyed.
+    assert_eq!(text_of(&browser, "#accepted-total").await, "3");
+
+    // The server comes back on the same address: the page reconnects and is normal again.
+    let mut args: Vec<String> =
+        vec!["server".into(), "--listen".into(), format!("127.0.0.1:{}", server.port), "--data-dir".into()];
+    args.push(env.data_dir.display().to_string());
+    args.extend(env.db.args());
+    let again = ServerProc::start(&args, &[], env.tmp.path()).await;
+    browser
+        .wait_until(Duration::from_secs(30), "the figures normal again", || async {
+            if !is_stale(&browser).await {
+                Ok(())
+            } else {
+                Err(text_of(&browser, "#updated").await)
+            }
+        })
+        .await;
+    assert!(text_of(&browser, "#updated").await.starts_with("updated "));
+    assert!(!browser.visible("#stale").await);
+    browser.close().await;
+    drop(again);
 }

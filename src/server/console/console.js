@@ -4,6 +4,9 @@
 //   GET /console/stream    Server-Sent Events, one `event: summary` about every second. Read with
 //                          fetch() and a stream reader, since EventSource cannot send a header.
 //   GET /console/summary   the same JSON once: polled every 2 s while the stream is down.
+// Both take `?range=5m|1h|24h`, the chart's range (the buttons above the chart).
+// When no summary has arrived for a while (the stream dropped, the server is gone) the figures are
+// greyed and the header says "last update HH:MM:SS" until one arrives again.
 //   GET /userEvents/{id}   one user's revenue, for the search box.
 // The token is asked for once and kept in sessionStorage (this tab only); a 401 from any call forgets
 // it and asks again. Every text from the server goes in with textContent, never as HTML. Money values
@@ -19,7 +22,13 @@
   const STREAM_STALL_MS = 20000;     // no byte for this long: the stream is dead (the server sends ~1/s)
   const REQUEST_TIMEOUT_MS = 10000;  // one poll or search
   const TAIL_MAX = 100;
-  const WINDOW_MS = 5 * 60 * 1000;   // the chart's time span
+  const STALE_MS = 5000;             // no summary for this long: the figures are stale (the server sends ~1/s)
+  // The chart's ranges: span, time labels (minutes before now) and their unit, the title's words.
+  const RANGES = {
+    '5m': { span: 5 * 60000, ticks: [5, 4, 3, 2, 1], unit: 60000, label: (m) => m + ' min', title: 'last 5 minutes' },
+    '1h': { span: 3600000, ticks: [60, 45, 30, 15], unit: 60000, label: (m) => m + ' min', title: 'last hour, per 10 s' },
+    '24h': { span: 86400000, ticks: [24, 18, 12, 6], unit: 3600000, label: (h) => h + ' h', title: 'last 24 hours, per minute' },
+  };
   const DASH = '—';
 
   const $ = (id) => document.getElementById(id);
@@ -31,7 +40,12 @@
     lagEvents: $('lag-events'), lagSeconds: $('lag-seconds'),
     logSize: $('log-size'), logSegments: $('log-segments'),
     users: $('users'), totalRevenue: $('total-revenue'),
-    chart: $('rate-chart'),
+    chart: $('rate-chart'), errorChart: $('error-chart'), latencyChart: $('latency-chart'),
+    acceptedApprox: $('accepted-approx'), stale: $('stale'), logSegmentsUnit: $('log-segments-unit'),
+    acceptedDetail: $('accepted-detail'),
+    processorTile: $('processor-tile'), processorState: $('processor-state'), processorDetail: $('processor-detail'),
+    rate4xx: $('rate-4xx'), rate5xx: $('rate-5xx'), p99: $('p99-latency'),
+    rangeLabel: $('range-label'), rangeButtons: Array.from(document.querySelectorAll('#range button')),
     topUsers: document.querySelector('#top-users tbody'), topUsersEmpty: $('top-users-empty'),
     tail: $('tail'), tailEmpty: $('tail-empty'), tailPause: $('tail-pause'), tailSampled: $('tail-sampled'),
     searchForm: $('search-form'), searchInput: $('search-input'), searchResult: $('search-result'),
@@ -52,6 +66,9 @@
     downWhy: '',          // why the stream is down (the status pill's tooltip)
     summary: null,        // the latest summary shown (the chart redraws from it)
     lastNow: 0,
+    lastReceived: 0,      // Date.now() when the latest summary arrived
+    stale: false,
+    range: '5m',          // the chart's range asked for
     lastSeq: -1,          // highest tail seq shown
     paused: false,
     searchId: 0,
@@ -177,7 +194,7 @@
     let why = '';
     try {
       kick();
-      const res = await api('/console/stream', { signal: ctl.signal, headers: { Accept: 'text/event-stream' } });
+      const res = await api('/console/stream?range=' + state.range, { signal: ctl.signal, headers: { Accept: 'text/event-stream' } });
       const type = res.headers.get('content-type') || '';
       if (!res.ok) throw new Error('stream answered HTTP ' + res.status + ': ' + await errorText(res));
       if (!res.body || !/^text\/event-stream/i.test(type)) throw new Error('stream answered ' + (type || 'no content type'));
@@ -214,7 +231,8 @@
       clearTimeout(stall);
     }
     if (gen !== state.gen) return;
-    // Down: poll meanwhile, and try the stream again later.
+    // Down: the figures are stale until a summary arrives; poll meanwhile, and try the stream again later.
+    setStale(true);
     state.streamCtl = null;
     state.live = false;
     state.downWhy = why;
@@ -242,7 +260,7 @@
     const current = () => gen === state.gen && id === state.pollId;
     if (!current()) return;
     try {
-      const res = await api('/console/summary', { signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS) });
+      const res = await api('/console/summary?range=' + state.range, { signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS) });
       if (!res.ok) throw new Error('HTTP ' + res.status + ': ' + await errorText(res));
       const summary = await res.json();
       if (current()) { setStatus('polling', state.downWhy); applySummary(summary); }
@@ -303,12 +321,48 @@
     };
   }
 
+  // ---- staleness: greyed figures and "last update HH:MM:SS" while no summary arrives
+  function setStale(stale) {
+    if (!state.summary) stale = false;  // nothing shown, nothing stale
+    state.stale = stale;
+    document.body.classList.toggle('stale', stale);
+    el.stale.hidden = !stale;
+    if (state.summary && isNum(state.lastNow)) {
+      el.updated.textContent = (stale ? 'last update ' : 'updated ') + clock(state.lastNow).slice(0, 8);
+    }
+  }
+  setInterval(() => {
+    if (state.token && state.summary && !state.stale && Date.now() - state.lastReceived > STALE_MS) setStale(true);
+  }, 1000);
+
+  // ---- the range: asked of the server, so the stream is opened again with it
+  for (const button of el.rangeButtons) {
+    button.addEventListener('click', () => {
+      const range = button.dataset.range;
+      if (!RANGES[range] || range === state.range) return;
+      state.range = range;
+      for (const b of el.rangeButtons) b.setAttribute('aria-pressed', String(b === button));
+      if (state.token) { stopAll(); setStatus('connecting'); openStream(state.gen); }
+    });
+  }
+
   // ---- formatting
   const isNum = (v) => typeof v === 'number' && isFinite(v);
   // Plain integer digits, no separators (tests compare them exactly).
   const int = (v) => (isNum(v) ? String(Math.round(v)) : DASH);
   // A string shown exactly as the server gave it (money).
   const str = (v) => (typeof v === 'string' ? v : isNum(v) ? String(v) : DASH);
+
+  // A rate per second: whole numbers as such, small ones with a decimal.
+  function rate(v) {
+    if (!isNum(v)) return DASH;
+    return v === Math.round(v) || v >= 100 ? String(Math.round(v)) : v.toFixed(1);
+  }
+
+  function millis(v) {
+    if (!isNum(v)) return DASH;
+    return v < 10 ? v.toFixed(2) : v < 100 ? v.toFixed(1) : String(Math.round(v));
+  }
 
   function seconds(v) {
     if (!isNum(v)) return DASH;
@@ -343,25 +397,59 @@
     if (isNum(s.now) && s.now < state.lastNow && state.lastNow - s.now < 10000) return;
     if (isNum(s.now)) state.lastNow = s.now;
     state.summary = s;
+    state.lastReceived = Date.now();
 
     const series = Array.isArray(s.series) ? s.series : [];
     const last = series.length ? series[series.length - 1] : null;
-    setText(el.acceptedRate, last ? int(last.accepted) : DASH);
-    setText(el.appliedRate, last ? int(last.applied) : DASH);
+    const step = isNum(s.step_seconds) && s.step_seconds > 0 ? s.step_seconds : 1;
+    const perSecond = (v) => (isNum(v) ? v / step : null);
+    setText(el.acceptedRate, last ? int(perSecond(last.accepted)) : DASH);
+    setText(el.appliedRate, last ? int(perSecond(last.applied)) : DASH);
+    el.acceptedApprox.hidden = s.accepted_estimated !== true;
+    // Why there is no total or why it is approximate; the JetStream log's counts are in `eps status`.
+    setText(el.acceptedDetail, s.accepted_estimated === true ? 'estimated past 1 MiB of log'
+      : s.accepted_total == null && s.log == null && s.applied_total != null ? 'JetStream: see eps status'
+        : 'applied + waiting');
     setText(el.acceptedTotal, int(s.accepted_total));
     setText(el.appliedTotal, int(s.applied_total));
     setText(el.lagEvents, int(s.lag_events));
     setText(el.lagSeconds, seconds(s.lag_seconds));
     setText(el.logSize, s.log ? bytes(s.log.bytes) : DASH);
     setText(el.logSegments, s.log ? int(s.log.segments) : DASH);
+    setText(el.logSegmentsUnit, s.log && s.log.segments === 1 ? 'segment' : 'segments');
     setText(el.users, int(s.users));
     setText(el.totalRevenue, str(s.total_revenue));
     el.updated.textContent = isNum(s.now) ? 'updated ' + clock(s.now).slice(0, 8) : '';
+    setStale(false);
+    renderProcessor(s.processor, s.lag_events);
+    // Errors: the latest interval's rate; p99: the latest interval that had ingest requests.
+    setText(el.rate4xx, last ? rate(perSecond(last.http_4xx)) : DASH);
+    setText(el.rate5xx, last ? rate(perSecond(last.http_5xx)) : DASH);
+    const withP99 = series.filter((p) => p && isNum(p.ingest_p99_ms));
+    setText(el.p99, withP99.length ? millis(withP99[withP99.length - 1].ingest_p99_ms) : DASH);
+    const range = RANGES[s.range] || RANGES['5m'];
+    setText(el.rangeLabel, range.title);
 
     renderTopUsers(Array.isArray(s.top_users) ? s.top_users : []);
     el.tailSampled.hidden = s.tail_sampled !== true;
     if (!state.paused) renderTail(Array.isArray(s.tail) ? s.tail : []);
-    drawChart();
+    drawCharts();
+  }
+
+  // The processor tile: applying / idle, caught up / lagging: N events, last commit N s ago / none.
+  function renderProcessor(p, lag) {
+    let text = DASH, detail = '', kind = 'unknown';
+    if (p && typeof p === 'object') {
+      kind = typeof p.state === 'string' ? p.state : 'unknown';
+      const ago = isNum(p.last_commit_age_seconds) ? 'last commit ' + Math.round(p.last_commit_age_seconds) + ' s ago' : '';
+      if (kind === 'applying') { text = 'applying'; detail = ago; }
+      else if (kind === 'idle') { text = isNum(lag) ? 'idle, caught up' : 'idle'; detail = ago; }
+      else if (kind === 'lagging') { text = 'lagging: ' + int(lag) + ' events'; detail = ago; }
+      else if (kind === 'none') { text = 'no processor has run'; detail = 'run eps process'; }
+    }
+    el.processorTile.dataset.state = kind;
+    setText(el.processorState, text);
+    setText(el.processorDetail, detail);
   }
 
   // Back to the empty page (after sign-out: nothing read with the old token stays on screen).
@@ -370,15 +458,19 @@
     state.lastNow = 0;
     state.lastSeq = -1;
     for (const k of ['acceptedRate', 'appliedRate', 'acceptedTotal', 'appliedTotal', 'lagEvents', 'lagSeconds',
-      'logSize', 'logSegments', 'users', 'totalRevenue']) setText(el[k], DASH);
+      'logSize', 'logSegments', 'users', 'totalRevenue', 'rate4xx', 'rate5xx', 'p99']) setText(el[k], DASH);
     el.updated.textContent = '';
+    el.acceptedApprox.hidden = true;
+    setText(el.acceptedDetail, '');
+    setStale(false);
+    renderProcessor(null);
     renderTopUsers([]);
     el.tail.replaceChildren();
     el.tailEmpty.hidden = false;
     el.tailSampled.hidden = true;
     state.searchId++;
     el.searchResult.replaceChildren();
-    drawChart();
+    drawCharts();
   }
 
   function renderTopUsers(users) {
@@ -451,8 +543,19 @@
     if (!state.paused && state.summary && Array.isArray(state.summary.tail)) renderTail(state.summary.tail);
   });
 
-  // ---- the chart: accepted/s and applied/s over the last five minutes
-  const COLORS = { accepted: '#1f6feb', applied: '#d9730d', grid: '#e6e9ed', axis: '#5f6b78', text: '#5f6b78' };
+  // ---- the charts: accepted/s and applied/s, 4xx/s and 5xx/s, ingest p99 (ms), over the range
+  const COLORS = { accepted: '#1f6feb', applied: '#d9730d', http4xx: '#9a6700', http5xx: '#c62828', p99: '#6639ba',
+    grid: '#e6e9ed', axis: '#5f6b78', text: '#5f6b78' };
+  const CHARTS = [
+    { canvas: () => el.chart, name: 'Events per second', unit: '/s', perSecond: true,
+      lines: [{ field: 'accepted', color: COLORS.accepted, width: 2.5, label: 'accepted/s' },
+        { field: 'applied', color: COLORS.applied, width: 1.5, label: 'applied/s' }] },
+    { canvas: () => el.errorChart, name: 'Errors per second', unit: '/s', perSecond: true,
+      lines: [{ field: 'http_4xx', color: COLORS.http4xx, width: 2, label: '4xx/s' },
+        { field: 'http_5xx', color: COLORS.http5xx, width: 1.5, label: '5xx/s' }] },
+    { canvas: () => el.latencyChart, name: 'Ingest p99 latency', unit: ' ms', perSecond: false,
+      lines: [{ field: 'ingest_p99_ms', color: COLORS.p99, width: 2, label: 'p99 ms' }] },
+  ];
 
   // A "nice" tick step (1, 2 or 5 times a power of ten) for about `ticks` ticks up to `max`.
   function niceStep(max, ticks) {
@@ -466,11 +569,15 @@
     if (v >= 1e9) return +(v / 1e9).toFixed(1) + 'G';
     if (v >= 1e6) return +(v / 1e6).toFixed(1) + 'M';
     if (v >= 1e4) return +(v / 1e3).toFixed(1) + 'k';
-    return String(v);
+    return String(+v.toFixed(2));
   }
 
-  function drawChart() {
-    const canvas = el.chart;
+  function drawCharts() {
+    for (const chart of CHARTS) drawChart(chart);
+  }
+
+  function drawChart(chart) {
+    const canvas = chart.canvas();
     const rect = canvas.getBoundingClientRect();
     const w = Math.max(1, Math.floor(rect.width));
     const h = Math.max(1, Math.floor(rect.height));
@@ -486,35 +593,40 @@
     ctx.font = '11px system-ui, -apple-system, "Segoe UI", Roboto, sans-serif';
 
     const s = state.summary;
+    const range = RANGES[s && s.range] || RANGES[state.range] || RANGES['5m'];
+    const step = s && isNum(s.step_seconds) && s.step_seconds > 0 ? s.step_seconds : 1;
+    // Counts per interval become rates per second.
+    const value = (p, field) => (isNum(p[field]) ? (chart.perSecond ? p[field] / step : p[field]) : null);
     const series = s && Array.isArray(s.series) ? s.series.filter((p) => p && isNum(p.t)) : [];
     const now = s && isNum(s.now) ? s.now : series.length ? series[series.length - 1].t : Date.now();
-    const t0 = now - WINDOW_MS;
+    const span = range.span;
+    const t0 = now - span;
 
     let max = 0;
     for (const p of series) {
       if (p.t < t0) continue;
-      if (isNum(p.accepted)) max = Math.max(max, p.accepted);
-      if (isNum(p.applied)) max = Math.max(max, p.applied);
+      for (const l of chart.lines) { const v = value(p, l.field); if (v !== null) max = Math.max(max, v); }
     }
-    const step = niceStep(Math.max(max, 4), 4);
-    const yMax = Math.ceil(Math.max(max, 4) / step) * step;
+    const floor = chart.perSecond ? 4 : 1;
+    const yStep = niceStep(Math.max(max, floor), 4);
+    const yMax = Math.ceil(Math.max(max, floor) / yStep) * yStep;
 
     // Plot area: room on the left for the widest y label, below for the time labels.
     let labelW = 0;
-    for (let v = 0; v <= yMax + step / 2; v += step) labelW = Math.max(labelW, ctx.measureText(compact(v)).width);
+    for (let v = 0; v <= yMax + yStep / 2; v += yStep) labelW = Math.max(labelW, ctx.measureText(compact(v)).width);
     const left = Math.ceil(labelW) + 10;
     const right = w - 8;
     const top = 8;
     const bottom = h - 20;
     if (right - left < 20 || bottom - top < 20) return;
-    const x = (t) => left + ((t - t0) / WINDOW_MS) * (right - left);
+    const x = (t) => left + ((t - t0) / span) * (right - left);
     const y = (v) => bottom - (v / yMax) * (bottom - top);
 
     // Horizontal grid lines and y labels.
     ctx.lineWidth = 1;
     ctx.textAlign = 'right';
     ctx.textBaseline = 'middle';
-    for (let v = 0; v <= yMax + step / 2; v += step) {
+    for (let v = 0; v <= yMax + yStep / 2; v += yStep) {
       const yy = Math.round(y(v)) + 0.5;
       ctx.strokeStyle = v === 0 ? COLORS.axis : COLORS.grid;
       ctx.beginPath(); ctx.moveTo(left, yy); ctx.lineTo(right, yy); ctx.stroke();
@@ -522,30 +634,30 @@
       ctx.fillText(compact(v), left - 6, yy);
     }
 
-    // Time labels: one a minute, relative to the summary's time ("−5m" when "−5 min" does not fit).
+    // Time labels relative to the summary's time, with a grid line each.
     ctx.textBaseline = 'top';
-    const unit = (right - left) / 5 > ctx.measureText('\u22125 min').width * 1.6 ? ' min' : 'm';
-    for (let m = 5; m >= 0; m--) {
-      const xx = x(now - m * 60000);
-      ctx.textAlign = m === 5 ? 'left' : m === 0 ? 'right' : 'center';
+    const labels = range.ticks.map((n) => ({ t: now - n * range.unit, text: '\u2212' + range.label(n) })).concat([{ t: now, text: 'now' }]);
+    labels.forEach((label, i) => {
+      const xx = x(label.t);
+      ctx.textAlign = i === 0 ? 'left' : i === labels.length - 1 ? 'right' : 'center';
       ctx.fillStyle = COLORS.text;
-      ctx.fillText(m === 0 ? 'now' : '\u2212' + m + unit, xx, bottom + 5);
-      if (m > 0 && m < 5) {
+      ctx.fillText(label.text, xx, bottom + 5);
+      if (i > 0 && i < labels.length - 1) {
         ctx.strokeStyle = COLORS.grid;
         ctx.beginPath(); ctx.moveTo(Math.round(xx) + 0.5, top); ctx.lineTo(Math.round(xx) + 0.5, bottom); ctx.stroke();
       }
-    }
+    });
 
     if (!series.length) {
       ctx.textAlign = 'center';
       ctx.textBaseline = 'middle';
       ctx.fillStyle = COLORS.text;
       ctx.fillText(state.token ? 'waiting for data\u2026' : 'no data: enter the token', (left + right) / 2, (top + bottom) / 2);
-      el.chart.setAttribute('aria-label', 'Events per second chart: no data yet');
+      canvas.setAttribute('aria-label', chart.name + ' chart, ' + range.title + ': no data yet');
       return;
     }
 
-    // One line per field; a null value (database unreachable) breaks the line.
+    // One line per field; a null value (database unreachable, no request) breaks the line.
     const line = (field, color, width) => {
       ctx.strokeStyle = color;
       ctx.lineWidth = width;
@@ -553,8 +665,9 @@
       ctx.beginPath();
       let pen = false;
       for (const p of series) {
-        if (p.t < t0 || !isNum(p[field])) { pen = false; continue; }
-        const px = x(p.t), py = y(p[field]);
+        const v = value(p, field);
+        if (p.t < t0 || v === null) { pen = false; continue; }
+        const px = x(p.t), py = y(v);
         if (pen) ctx.lineTo(px, py); else ctx.moveTo(px, py);
         pen = true;
       }
@@ -562,22 +675,22 @@
     };
     ctx.save();
     ctx.beginPath(); ctx.rect(left, top - 2, right - left + 2, bottom - top + 4); ctx.clip();
-    // Accepted drawn wider underneath, applied narrower on top: both stay visible when they coincide.
-    line('accepted', COLORS.accepted, 2.5);
-    line('applied', COLORS.applied, 1.5);
+    // The first line drawn wider underneath, the next narrower on top: both stay visible when they coincide.
+    for (const l of chart.lines) line(l.field, l.color, l.width);
     ctx.restore();
 
     const last = series[series.length - 1];
-    el.chart.setAttribute('aria-label', 'Events per second over the last five minutes; latest: ' +
-      int(last.accepted) + ' accepted/s, ' + int(last.applied) + ' applied/s');
+    canvas.setAttribute('aria-label', chart.name + ', ' + range.title + '; latest: ' +
+      chart.lines.map((l) => rate(value(last, l.field)) + ' ' + l.label).join(', '));
   }
 
-  // Redraw when the canvas changes size (window resize, layout change) or the pixel ratio changes (zoom).
-  new ResizeObserver(() => drawChart()).observe(el.chart);
+  // Redraw when a canvas changes size (window resize, layout change) or the pixel ratio changes (zoom).
+  const resized = new ResizeObserver(() => drawCharts());
+  for (const chart of CHARTS) resized.observe(chart.canvas());
   (function watchPixelRatio() {
     if (!window.matchMedia) return;
     const mq = matchMedia('(resolution: ' + (window.devicePixelRatio || 1) + 'dppx)');
-    mq.addEventListener('change', () => { drawChart(); watchPixelRatio(); }, { once: true });
+    mq.addEventListener('change', () => { drawCharts(); watchPixelRatio(); }, { once: true });
   })();
 
   // ---- search: one user's revenue
@@ -615,7 +728,7 @@
   });
 
   // ---- start
-  drawChart();
+  drawCharts();
   const stored = loadToken();
   if (stored) start(stored);
   else { setStatus('idle'); showTokenForm(); }
