@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
 
-use super::nats_promise::{Promise, Sync};
+use super::nats_promise::{Promise, SyncSetting};
 use super::{Appended, EventLog, IdKey, LogBatch, LogError};
 
 /// The default stream (`--nats-stream`).
@@ -190,7 +190,7 @@ impl NatsLog {
         };
         let checked = ensure_stream(&self.js, &self.opts).await.and_then(|stream| {
             let promise = self.note_promise(stream.cached_info().config.num_replicas);
-            if promise.sync == Sync::Contradicted {
+            if promise.sync == SyncSetting::Contradicted {
                 return Err(StreamError::Mismatch(promise.summary));
             }
             Ok(stream)
@@ -238,7 +238,7 @@ impl NatsLog {
         let promise = Promise::new(&version, &self.opts.stream, replicas, self.opts.sync_always);
         let mut known = self.promise.lock().expect("promise");
         if known.as_ref() != Some(&promise) {
-            if promise.sync == Sync::Contradicted {
+            if promise.sync == SyncSetting::Contradicted {
                 tracing::error!("{}", promise.line());
             } else {
                 tracing::info!("{}", promise.line());

@@ -16,7 +16,7 @@ pub const SYNC_ALWAYS_SINCE: (u32, u32) = (2, 10);
 /// Whether the servers sync a message to disk before acknowledging it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Sync {
+pub enum SyncSetting {
     /// Declared with `--nats-sync-always` on a server that can do it: a 200 means fsynced on as many
     /// servers as acknowledge (a majority of the replicas).
     Always,
@@ -38,7 +38,7 @@ pub struct Promise {
     pub stream: String,
     /// Copies the stream keeps of each message.
     pub replicas: usize,
-    pub sync: Sync,
+    pub sync: SyncSetting,
     /// The whole promise in words (the line logged).
     pub summary: String,
 }
@@ -49,21 +49,25 @@ impl Promise {
     pub fn new(version: &str, stream: &str, replicas: usize, sync_declared: bool) -> Promise {
         let capable = can_sync_always(version);
         let sync = match (capable, sync_declared) {
-            (Some(false), true) => Sync::Contradicted,
-            (Some(false), false) => Sync::NotBeforeAck,
-            (_, true) => Sync::Always,
-            (_, false) => Sync::Unknown,
+            (Some(false), true) => SyncSetting::Contradicted,
+            (Some(false), false) => SyncSetting::NotBeforeAck,
+            (_, true) => SyncSetting::Always,
+            (_, false) => SyncSetting::Unknown,
         };
         let said = match sync {
-            Sync::Always => "always (declared with --nats-sync-always; not visible over the NATS protocol)".to_string(),
-            Sync::NotBeforeAck => format!(
+            SyncSetting::Always => {
+                "always (declared with --nats-sync-always; not visible over the NATS protocol)".to_string()
+            }
+            SyncSetting::NotBeforeAck => format!(
                 "not before acknowledging (nats-server {version} cannot; a 200 is in memory of a majority, on disk \
                  within the sync interval, 2 min by default)"
             ),
-            Sync::Unknown => "unknown (not visible over the NATS protocol; give --nats-sync-always if every server \
+            SyncSetting::Unknown => {
+                "unknown (not visible over the NATS protocol; give --nats-sync-always if every server \
                               runs with sync_interval: always)"
-                .to_string(),
-            Sync::Contradicted => format!(
+                    .to_string()
+            }
+            SyncSetting::Contradicted => format!(
                 "CONTRADICTED: --nats-sync-always is given but nats-server {version} cannot sync before acknowledging \
                  (2.10 or later can, with sync_interval: always)"
             ),
@@ -107,11 +111,11 @@ mod tests {
     #[test]
     fn a_declaration_the_version_contradicts_is_said() {
         let p = Promise::new("2.9.10", "S", 3, true);
-        assert_eq!(p.sync, Sync::Contradicted);
+        assert_eq!(p.sync, SyncSetting::Contradicted);
         assert!(p.line().contains("CONTRADICTED"), "{}", p.line());
-        assert_eq!(Promise::new("2.9.10", "S", 1, false).sync, Sync::NotBeforeAck);
-        assert_eq!(Promise::new("2.12.8", "S", 3, true).sync, Sync::Always);
-        assert_eq!(Promise::new("2.12.8", "S", 3, false).sync, Sync::Unknown);
+        assert_eq!(Promise::new("2.9.10", "S", 1, false).sync, SyncSetting::NotBeforeAck);
+        assert_eq!(Promise::new("2.12.8", "S", 3, true).sync, SyncSetting::Always);
+        assert_eq!(Promise::new("2.12.8", "S", 3, false).sync, SyncSetting::Unknown);
         assert_eq!(
             Promise::new("2.12.8", "EPS_EVENTS", 3, true).line(),
             "JetStream promise: nats-server 2.12.8, stream EPS_EVENTS with 3 replicas, sync: always (declared with \

@@ -37,7 +37,7 @@ use futures::StreamExt;
 use crate::backoff::Backoff;
 use crate::error::ConfigError;
 use crate::log::nats::{ensure_stream, jetstream_context, stream_identity, NatsLogOptions, StreamError};
-use crate::log::nats_promise::{Promise, Sync};
+use crate::log::nats_promise::{Promise, SyncSetting};
 use crate::log::{id_key, reader::lines_of, IdKeyHasher};
 use crate::processor::ownership::Membership;
 pub use crate::processor::ownership::{
@@ -529,7 +529,7 @@ impl Processor {
                     tracing::info!(stream = %self.opts.nats.stream, "JetStream stream ready");
                     let promise = promise_of(&self.js, &self.opts.nats, stream.cached_info().config.num_replicas);
                     // A processor acknowledges nothing: a contradicted declaration is said, not refused.
-                    if promise.sync == Sync::Contradicted {
+                    if promise.sync == SyncSetting::Contradicted {
                         tracing::error!("{}", promise.line());
                     } else {
                         tracing::info!("{}", promise.line());
