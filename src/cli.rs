@@ -338,6 +338,13 @@ pub struct NatsStreamArgs {
     /// Partitions of the stream; a user's events all go to one, chosen by a stable hash of the userId.
     #[arg(long, env = "EPS_NATS_PARTITIONS", default_value_t = nats::DEFAULT_PARTITIONS)]
     pub nats_partitions: u32,
+
+    /// Declare that every nats-server runs with `jetstream { sync_interval: always }` (nats-server 2.10
+    /// or later), so a 200 means fsynced on a majority of the replicas. Nothing over the NATS protocol
+    /// says the setting: eps logs and shows the declaration (/readyz, eps status), and a server of a
+    /// version that cannot sync contradicts it (appends then answer 503).
+    #[arg(long, env = "EPS_NATS_SYNC_ALWAYS")]
+    pub nats_sync_always: bool,
 }
 
 impl NatsStreamArgs {
@@ -348,6 +355,7 @@ impl NatsStreamArgs {
             stream: self.nats_stream,
             subject_prefix: self.nats_subject_prefix,
             partitions: self.nats_partitions,
+            sync_always: self.nats_sync_always,
             ..NatsLogOptions::new(url)
         }
     }

@@ -144,9 +144,9 @@ pub fn write_canonical_log(
         let e = gen.next_event();
         line.clear();
         use std::fmt::Write as _;
-        write!(
+        writeln!(
             line,
-            "{{\"userId\":\"user{}\",\"name\":\"{}\",\"value\":{},\"id\":\"bench-{}\",\"ts\":{}}}\n",
+            "{{\"userId\":\"user{}\",\"name\":\"{}\",\"value\":{},\"id\":\"bench-{}\",\"ts\":{}}}",
             e.user,
             e.name(),
             e.value,

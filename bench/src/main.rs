@@ -2,7 +2,7 @@
 //!
 //! Scenarios (`eps-bench --help` lists them): ingest_single, ingest_batch, client,
 //! process_sqlite, process_postgres, freshness, process_memory, and on NATS JetStream nats_ingest_single,
-//! nats_ingest_batch, nats_process (each with a nats-server of its own), console_overhead, auth_overhead,
+//! nats_ingest_single_synced (a current nats-server syncing before it acknowledges), nats_ingest_batch, nats_process (each with a nats-server of its own), console_overhead, auth_overhead,
 //! dedup_state, process_sqlite_1m_users and process_postgres_1m_users. Every scenario starts what it needs in
 //! a fresh temporary directory on free ports, generates its data from one fixed seed, and stops what it
 //! started whatever happens. `--quick` divides the sizes by 100 and runs loads for 2 s: it checks that
@@ -38,6 +38,7 @@ enum Scenario {
     Freshness,
     ProcessMemory,
     NatsIngestSingle,
+    NatsIngestSingleSynced,
     NatsIngestBatch,
     NatsProcess,
     ConsoleOverhead,
@@ -85,6 +86,11 @@ struct Args {
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/target/last-run.txt"))]
     out: PathBuf,
 
+    /// A nats-server of 2.10 or later for nats_ingest_single_synced (default: $EPS_NATS_SERVER_CURRENT;
+    /// scripts/bench installs the pinned one of scripts/nats-server-current). Without it that scenario errors.
+    #[arg(long)]
+    nats_server_current: Option<PathBuf>,
+
     /// Background load of the freshness scenario (`events` needs POST /events).
     #[arg(long, value_enum, default_value_t = FreshnessLoad::LiveEvent)]
     freshness_load: FreshnessLoad,
@@ -98,6 +104,8 @@ pub struct Ctx {
     pub quick: bool,
     pub pg_url: Option<String>,
     pub freshness_load: FreshnessLoad,
+    /// The current nats-server (`--nats-server-current`), for nats_ingest_single_synced.
+    pub nats_server_current: Option<PathBuf>,
     /// The run's temporary directory; scenarios make their own subdirectories in it.
     pub work: TempDir,
     /// For the scenarios that speak HTTP themselves (probes, freshness).
@@ -183,6 +191,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
         quick: args.quick,
         pg_url: args.pg_url.clone(),
         freshness_load: args.freshness_load,
+        nats_server_current: args
+            .nats_server_current
+            .clone()
+            .or_else(|| std::env::var_os("EPS_NATS_SERVER_CURRENT").map(PathBuf::from)),
         work: TempDir::new_in(&std::env::temp_dir(), "eps-bench")?,
         rt,
         http,
@@ -213,6 +225,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             Scenario::Freshness => scenarios::freshness::run(&mut ctx),
             Scenario::ProcessMemory => scenarios::process::memory(&mut ctx),
             Scenario::NatsIngestSingle => scenarios::nats::ingest_single(&mut ctx),
+            Scenario::NatsIngestSingleSynced => scenarios::nats::ingest_single_synced(&mut ctx),
             Scenario::NatsIngestBatch => scenarios::nats::ingest_batch(&mut ctx),
             Scenario::ConsoleOverhead => scenarios::console::run(&mut ctx),
             Scenario::AuthOverhead => scenarios::auth::run(&mut ctx),

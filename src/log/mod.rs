@@ -20,6 +20,7 @@ pub mod durable_end;
 pub mod identity;
 pub mod measure;
 pub mod nats;
+pub mod nats_promise;
 pub mod producers;
 pub mod reader;
 pub mod recovery;
@@ -74,6 +75,12 @@ pub trait EventLog: Send + Sync + 'static {
     /// The identity of the log appended to (the file log's id, or the JetStream stream's name and
     /// creation time), once known: what a producer's checkpoint is bound to (`GET /healthz`).
     fn identity(&self) -> Option<String> {
+        None
+    }
+
+    /// What an acknowledgement of the log's backend promises, when it is a JetStream stream and the
+    /// stream was found: server version, replicas, sync (`GET /readyz`).
+    fn promise(&self) -> Option<nats_promise::Promise> {
         None
     }
 

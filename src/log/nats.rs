@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
 
+use super::nats_promise::{Promise, SyncSetting};
 use super::{Appended, EventLog, IdKey, LogBatch, LogError};
 
 /// The default stream (`--nats-stream`).
@@ -68,6 +69,10 @@ pub struct NatsLogOptions {
     pub max_age: Duration,
     pub max_bytes: i64,
     pub max_messages: i64,
+    /// Declared by the operator: every server runs with `jetstream { sync_interval: always }`, so an
+    /// acknowledgement means fsynced ([`Promise`]). Not a stream setting, and not checked against the
+    /// server beyond its version (nothing over the NATS protocol says it).
+    pub sync_always: bool,
 }
 
 impl NatsLogOptions {
@@ -83,6 +88,7 @@ impl NatsLogOptions {
             max_age: Duration::ZERO,
             max_bytes: 0,
             max_messages: 0,
+            sync_always: false,
         }
     }
 
@@ -118,6 +124,8 @@ pub struct NatsLog {
     known_identity: std::sync::Mutex<Option<String>>,
     /// Set while appends fail, cleared by the next that succeeds (readiness).
     failing: AtomicBool,
+    /// What the connected server and the stream promise, once the stream was found.
+    promise: std::sync::Mutex<Option<Promise>>,
 }
 
 impl NatsLog {
@@ -139,6 +147,7 @@ impl NatsLog {
             checking: tokio::sync::Mutex::new(()),
             known_identity: std::sync::Mutex::new(None),
             failing: AtomicBool::new(true),
+            promise: std::sync::Mutex::new(None),
         })
     }
 
@@ -179,7 +188,14 @@ impl NatsLog {
                 guard
             }
         };
-        match ensure_stream(&self.js, &self.opts).await {
+        let checked = ensure_stream(&self.js, &self.opts).await.and_then(|stream| {
+            let promise = self.note_promise(stream.cached_info().config.num_replicas);
+            if promise.sync == SyncSetting::Contradicted {
+                return Err(StreamError::Mismatch(promise.summary));
+            }
+            Ok(stream)
+        });
+        match checked {
             Ok(stream) => {
                 let identity = stream_identity(stream.cached_info(), self.opts.partitions);
                 let before = self.known_identity.lock().expect("stream state").replace(identity.clone());
@@ -213,6 +229,23 @@ impl NatsLog {
                 Err(e.into())
             }
         }
+    }
+
+    /// The promise of the connected server and a stream of `replicas`, logged in one line when it is
+    /// first known and whenever it changes (a reconnection to another version, the stream's replicas).
+    fn note_promise(&self, replicas: usize) -> Promise {
+        let version = self.js.client().server_info().version;
+        let promise = Promise::new(&version, &self.opts.stream, replicas, self.opts.sync_always);
+        let mut known = self.promise.lock().expect("promise");
+        if known.as_ref() != Some(&promise) {
+            if promise.sync == SyncSetting::Contradicted {
+                tracing::error!("{}", promise.line());
+            } else {
+                tracing::info!("{}", promise.line());
+            }
+            *known = Some(promise.clone());
+        }
+        promise
     }
 
     /// A publish found no stream: it was deleted (or its server lost its store). Forget it, say so;
@@ -617,6 +650,10 @@ impl EventLog for NatsLog {
             return None;
         }
         self.known_identity.lock().expect("stream state").clone()
+    }
+
+    fn promise(&self) -> Option<Promise> {
+        self.promise.lock().expect("promise").clone()
     }
 }
 

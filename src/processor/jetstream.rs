@@ -37,6 +37,7 @@ use futures::StreamExt;
 use crate::backoff::Backoff;
 use crate::error::ConfigError;
 use crate::log::nats::{ensure_stream, jetstream_context, stream_identity, NatsLogOptions, StreamError};
+use crate::log::nats_promise::{Promise, SyncSetting};
 use crate::log::{id_key, reader::lines_of, IdKeyHasher};
 use crate::processor::ownership::Membership;
 pub use crate::processor::ownership::{
@@ -526,6 +527,13 @@ impl Processor {
             match ensure_stream(&self.js, &self.opts.nats).await {
                 Ok(stream) => {
                     tracing::info!(stream = %self.opts.nats.stream, "JetStream stream ready");
+                    let promise = promise_of(&self.js, &self.opts.nats, stream.cached_info().config.num_replicas);
+                    // A processor acknowledges nothing: a contradicted declaration is said, not refused.
+                    if promise.sync == SyncSetting::Contradicted {
+                        tracing::error!("{}", promise.line());
+                    } else {
+                        tracing::info!("{}", promise.line());
+                    }
                     self.stream = Some(stream)
                 }
                 // Another partition count, limits, storage…: this processor would read the stream
@@ -682,6 +690,8 @@ pub struct JetStreamStatus {
     pub partitions: Vec<PartitionStatus>,
     /// The stream's identity now ([`stream_identity`]).
     pub identity: String,
+    /// What an acknowledgement promises: the connected server's version, the replicas, the sync.
+    pub promise: Promise,
     /// What the store's checkpoints count, when it is not the stream as it is now: the lags are then
     /// unknown, and the processors refuse the stream until an operator adopts it.
     pub identity_mismatch: Option<String>,
@@ -716,6 +726,7 @@ impl std::fmt::Display for JetStreamStatus {
             self.stream, self.replicas, self.messages, self.bytes
         )?;
         writeln!(f, "identity         {}", self.identity)?;
+        writeln!(f, "promise          {}", self.promise.summary)?;
         if let Some(bound) = &self.identity_mismatch {
             writeln!(
                 f,
@@ -755,6 +766,11 @@ impl std::fmt::Display for JetStreamStatus {
         writeln!(f, "users            {}", self.users)?;
         write!(f, "total revenue    {}", self.total_revenue)
     }
+}
+
+/// The promise of the server `js` is connected to, for a stream of `replicas`.
+fn promise_of(js: &jetstream::Context, nats: &NatsLogOptions, replicas: usize) -> Promise {
+    Promise::new(&js.client().server_info().version, &nats.stream, replicas, nats.sync_always)
 }
 
 /// Reads the stream, every partition's checkpoint and lag, and the processors' count.
@@ -829,6 +845,7 @@ pub async fn status(nats: &NatsLogOptions, database_url: Option<&str>) -> anyhow
         processors,
         partitions,
         identity,
+        promise: promise_of(&js, nats, info.config.num_replicas),
         identity_mismatch,
         settings_mismatches,
         first_sequence: info.state.first_sequence,

@@ -203,6 +203,11 @@ pub(super) struct Readiness {
     log: String,
     /// "ok", or why the database cannot be reached.
     database: String,
+    /// With the JetStream log, once the stream was found: what a 200 promises (the connected
+    /// nats-server's version, the stream's replicas, whether the servers sync before acknowledging).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    jetstream: Option<crate::log::nats_promise::Promise>,
 }
 
 #[utoipa::path(
@@ -523,6 +528,7 @@ pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> axum::response
         status: if ready { "ready" } else { "not ready" }.into(),
         log: log_not_ready.unwrap_or_else(|| "ok".to_string()),
         database: database.err().unwrap_or_else(|| "ok".to_string()),
+        jetstream: state.log.promise(),
     };
     let mut response = axum::response::IntoResponse::into_response((status, Json(body)));
     if !ready {

@@ -3,6 +3,12 @@
 //! temporary directory (never the machine's shared server on 4222), killed when dropped; and
 //! [`stream_events`], which reads back everything a stream holds.
 //!
+//! Which nats-server: `EPS_NATS_SERVER` names the binary (default: Debian's package, 2.9, which cannot
+//! sync before acknowledging); with `EPS_NATS_SYNC_ALWAYS=1` (a current server, 2.10 or later) every
+//! server is given a configuration file with `jetstream { sync_interval: always }` ([`synced`]; the eps
+//! processes the tests start inherit no `EPS_*` variable, so they declare it only when a test gives
+//! `--nats-sync-always`). `scripts/test` runs the JetStream tests with both servers.
+//!
 //! The typed account query of async-nats 0.46 does not parse a 2.9 server's answer, so readiness is
 //! checked with raw `$JS.API.INFO` requests; stream and consumer calls work as typed.
 
@@ -25,15 +31,57 @@ use rust_decimal::Decimal;
 
 use super::{args, within, ChildGuard, TestDb};
 
-/// The `nats-server` binary (the Debian package installs it in /usr/sbin, often not on `PATH`).
+/// The `nats-server` binary: `EPS_NATS_SERVER` if set, else Debian's (the package installs it in
+/// /usr/sbin, often not on `PATH`).
 pub fn nats_server_binary() -> &'static str {
-    static BINARY: OnceLock<&'static str> = OnceLock::new();
+    static BINARY: OnceLock<String> = OnceLock::new();
     BINARY.get_or_init(|| {
+        if let Some(binary) = std::env::var("EPS_NATS_SERVER").ok().filter(|b| !b.is_empty()) {
+            Command::new(&binary).arg("--version").output().unwrap_or_else(|e| panic!("EPS_NATS_SERVER={binary}: {e}"));
+            return binary;
+        }
         ["nats-server", "/usr/sbin/nats-server", "/usr/bin/nats-server"]
             .into_iter()
             .find(|b| Command::new(b).arg("--version").output().is_ok())
             .expect("nats-server is not installed (scripts/test installs the Debian package nats-server)")
+            .to_string()
     })
+}
+
+/// The version the nats-server binary reports (`2.9.10`), without its leading `v`.
+pub fn nats_server_version() -> String {
+    let out = Command::new(nats_server_binary()).arg("--version").output().expect("nats-server --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "nats-server: v2.12.8"
+    text.trim().rsplit(' ').next().unwrap_or_default().trim_start_matches('v').to_string()
+}
+
+/// Whether the servers run with `sync_interval: always` (`EPS_NATS_SYNC_ALWAYS` set and not 0/false).
+pub fn synced() -> bool {
+    std::env::var("EPS_NATS_SYNC_ALWAYS").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false" | "no" | "off"))
+}
+
+/// What eps's promise says of the sync setting of these servers when eps is given
+/// `--nats-sync-always` iff `declared`: `always`, `not_before_ack`, `unknown` or `contradicted`.
+pub fn expected_sync(declared: bool) -> &'static str {
+    let major_minor: Vec<u32> = nats_server_version().split('.').take(2).map(|p| p.parse().unwrap()).collect();
+    let capable = major_minor >= vec![2, 10];
+    match (capable, declared) {
+        (true, true) => "always",
+        (true, false) => "unknown",
+        (false, true) => "contradicted",
+        (false, false) => "not_before_ack",
+    }
+}
+
+/// `text` (a server's configuration, possibly empty) with, for a synced run, a `jetstream` block that
+/// syncs before acknowledging; `None` when there is nothing to write.
+fn server_config(text: Option<&str>) -> Option<String> {
+    if !synced() {
+        return text.map(str::to_owned);
+    }
+    // The store directory stays on the command line (`-sd`): nats-server refuses it in both places.
+    Some(format!("{}\njetstream {{ sync_interval: always }}\n", text.unwrap_or_default()))
 }
 
 /// `n` distinct free loopback ports (all bound at once, then released, so they differ).
@@ -198,7 +246,7 @@ impl Nats {
 
     async fn start_on_with_config(dir: &Path, host: &str, config: Option<&str>) -> Nats {
         let port = free_ports(1)[0];
-        let config = config.map(|text| {
+        let config = server_config(config).map(|text| {
             let path = dir.join("nats-server.conf");
             std::fs::write(&path, text).unwrap();
             path
@@ -296,7 +344,7 @@ impl NatsCluster {
                 let name = format!("n{i}");
                 let routes: Vec<String> =
                     (0..CLUSTER_NODES).filter(|&j| j != i).map(|j| route(cluster_ports[j])).collect();
-                let args = vec![
+                let mut args = vec![
                     "-js".to_string(),
                     "--server_name".into(),
                     name.clone(),
@@ -313,6 +361,11 @@ impl NatsCluster {
                     "--routes".into(),
                     routes.join(","),
                 ];
+                if let Some(text) = server_config(None) {
+                    let path = dir.join(format!("{name}.conf"));
+                    std::fs::write(&path, text).unwrap();
+                    args.extend(["-c".to_string(), path.display().to_string()]);
+                }
                 Node { log: dir.join(format!("{name}.log")), name, args, client_port: client_ports[i], child: None }
             })
             .collect();

@@ -9,7 +9,7 @@ use crate::common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::nats::{stream_events, stream_messages, Nats};
+use common::nats::{expected_sync, nats_server_version, stream_events, stream_messages, synced, Nats};
 use common::*;
 use serde_json::Value;
 
@@ -160,4 +160,72 @@ async fn an_event_larger_than_max_payload_is_refused_with_413_not_503() {
         .map(|e| e["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids, ["s-1", "s-3"]);
+}
+
+/// `GET /readyz`'s status and JSON once the database is open (the server opens it in the background).
+async fn readiness(http: &reqwest::Client, url: &str) -> (u16, Value) {
+    within(Duration::from_secs(20), "the database to be open (GET /readyz)", async {
+        loop {
+            let response = http.get(format!("{url}/readyz")).send().await.unwrap();
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap();
+            if body["database"] == "ok" {
+                return (status, body);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_shows_what_a_200_promises_version_replicas_and_sync() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let nats = Nats::start(env.tmp.path()).await;
+    let http = http();
+    let event = r#"{"userId":"u","name":"add_revenue","value":1,"id":"promise-1"}"#;
+
+    // As the servers run: declared when they sync always, not declared otherwise.
+    let mut flags = vec!["--log".to_string(), nats.url()];
+    if synced() {
+        flags.push("--nats-sync-always".into());
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut server = env.server_with(&flags).await;
+    let (status, answer) = post_event(&http, &server.url, event).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, ready) = readiness(&http, &server.url).await;
+    assert_eq!(status, 200, "{ready}");
+    let promise = &ready["jetstream"];
+    assert_eq!(promise["server_version"].as_str(), Some(nats_server_version().as_str()), "{ready}");
+    assert_eq!((promise["stream"].as_str(), promise["replicas"].as_u64()), (Some("EPS_EVENTS"), Some(1)), "{ready}");
+    assert_eq!(promise["sync"].as_str(), Some(expected_sync(synced())), "{ready}");
+    let summary = promise["summary"].as_str().unwrap();
+    assert!(
+        summary
+            .starts_with(&format!("nats-server {}, stream EPS_EVENTS with 1 replicas, sync: ", nats_server_version())),
+        "{summary}"
+    );
+    server.kill().await;
+
+    // Declared: a server that cannot sync contradicts it, and appends answer 503 until it is fixed.
+    let server = env.server_with(&["--log", &nats.url(), "--nats-sync-always"]).await;
+    let (status, answer) = post_event(&http, &server.url, event).await;
+    let (ready_status, ready) = readiness(&http, &server.url).await;
+    match expected_sync(true) {
+        "contradicted" => {
+            assert_eq!((status, ready_status), (503, 503), "{answer} {ready}");
+            assert_eq!(ready["jetstream"]["sync"], "contradicted", "{ready}");
+            assert!(
+                server.stderr().contains("CONTRADICTED: --nats-sync-always is given but nats-server"),
+                "{}",
+                server.stderr()
+            );
+        }
+        sync => {
+            assert_eq!((status, ready_status), (200, 200), "{answer} {ready}");
+            assert_eq!(ready["jetstream"]["sync"].as_str(), Some(sync), "{ready}");
+        }
+    }
+    assert!(server.stderr().contains("JetStream promise: nats-server "), "{}", server.stderr());
 }

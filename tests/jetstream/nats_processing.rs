@@ -12,7 +12,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use common::fault::{self, Report};
-use common::nats::{follower, wait_for_totals, Nats};
+use common::nats::{expected_sync, follower, nats_server_version, wait_for_totals, Nats};
 use common::*;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
@@ -285,6 +285,14 @@ async fn the_processor_drops_an_event_sent_again_in_another_message() {
     let status = jetstream_status(&nats.url(), &db).await;
     let lag: u64 = status["partitions"].as_array().unwrap().iter().map(|p| p["lag_messages"].as_u64().unwrap()).sum();
     assert_eq!((lag, status["messages"].as_u64(), status["processors"].as_u64()), (3, Some(3), Some(0)), "{status}");
+    // What a 200 promises: this command is not told --nats-sync-always.
+    let promise = &status["promise"];
+    assert_eq!(promise["server_version"].as_str(), Some(nats_server_version().as_str()), "{status}");
+    assert_eq!(
+        (promise["replicas"].as_u64(), promise["sync"].as_str()),
+        (Some(1), Some(expected_sync(false))),
+        "{status}"
+    );
 
     let mut a = args(&["process", "--log", &nats.url()]);
     a.extend(db.args());

@@ -6,6 +6,11 @@
 //!
 //! - nats_ingest_single: wrk exactly as ingest_single (the seed's body to POST /liveEvent, `-t2 -c64`,
 //!   10 s) against one eps server on JetStream, next to the noop server measured in this scenario.
+//! - nats_ingest_single_synced: the same load against eps on the current nats-server
+//!   (`--nats-server-current`, 2.10 or later) run with `jetstream { sync_interval: always }`, so each
+//!   acknowledgement follows an fsync; reference: the same load on Debian's 2.9 (nats_ingest_single's
+//!   eps run), measured right before, and the current server without the setting, to tell the cost
+//!   of the sync from that of the version. Its goal is only to print that cost.
 //! - nats_ingest_batch: wrk exactly as ingest_batch (1,000-event bodies to POST /events, `-t2 -c16`,
 //!   10 s) against one eps server on JetStream, next to the same load against eps on its file log.
 //! - nats_process: 5,000,000 events over 100,000 users sent by `eps client` (batches of 1,000 to POST
@@ -58,22 +63,40 @@ struct NatsServer {
     url: String,
 }
 
+/// Which nats-server a scenario runs.
+#[derive(Clone, Debug)]
+enum NatsKind {
+    /// The one on `PATH` or Debian's (2.9: no sync before acknowledging).
+    Installed,
+    /// This binary (2.10 or later), with `jetstream { sync_interval: always }` when `synced`.
+    Current { binary: PathBuf, synced: bool },
+}
+
 impl NatsServer {
-    /// `nats-server -js -a 127.0.0.1 -p <free port> -sd <dir>/nats-store`, ready for connections.
-    fn start(dir: &Path) -> anyhow::Result<NatsServer> {
-        let bin = find_program("nats-server", &["/usr/sbin/nats-server", "/usr/local/bin/nats-server"])
-            .context("nats-server is not installed (scripts/bench installs it: apt-get install nats-server)")?;
+    /// `nats-server -js -a 127.0.0.1 -p <free port> -sd <dir>/nats-store` (with a configuration file
+    /// syncing always for a synced current server), ready for connections.
+    fn start(dir: &Path, kind: &NatsKind) -> anyhow::Result<NatsServer> {
         let store = dir.join("nats-store");
         std::fs::create_dir_all(&store)?;
         let port = free_port()?;
         if port == 4222 {
             bail!("got port 4222, the machine's shared NATS port; run again");
         }
-        let mut proc = Proc::spawn(
-            "nats-server",
-            Command::new(bin).args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()]).arg("-sd").arg(&store),
-            &dir.join("nats-server.log"),
-        )?;
+        let mut command = match kind {
+            NatsKind::Installed => Command::new(
+                find_program("nats-server", &["/usr/sbin/nats-server", "/usr/local/bin/nats-server"])
+                    .context("nats-server is not installed (scripts/bench installs it: apt-get install nats-server)")?,
+            ),
+            NatsKind::Current { binary, .. } => Command::new(binary),
+        };
+        command.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()]).arg("-sd").arg(&store);
+        if let NatsKind::Current { synced: true, .. } = kind {
+            let config = dir.join("nats-server.conf");
+            // The store stays on the command line (`-sd`): nats-server refuses it in both places.
+            std::fs::write(&config, "jetstream { sync_interval: always }\n")?;
+            command.arg("-c").arg(&config);
+        }
+        let mut proc = Proc::spawn("nats-server", &mut command, &dir.join("nats-server.log"))?;
         proc.wait_listening(format!("127.0.0.1:{port}").parse()?, Duration::from_secs(10))?;
         Ok(NatsServer { proc, url: format!("nats://127.0.0.1:{port}") })
     }
@@ -243,12 +266,12 @@ fn wrk_against_nats_eps(
     dir: &Path,
     path: &str,
     script: &Path,
-    conns: u32,
-    secs: u64,
+    (conns, secs): (u32, u64),
     warmup: (&str, &str, u64),
+    kind: &NatsKind,
 ) -> anyhow::Result<NatsIngestRun> {
     let (warmup_body, content_type, warmup_events) = warmup;
-    let nats = NatsServer::start(dir)?;
+    let nats = NatsServer::start(dir, kind)?;
     let (server, addr) =
         start_eps_server_with(ctx, &dir.join("eps-data"), &dir.join("eps-server.log"), &["--log", nats.url.as_str()])?;
     let base = format!("http://{addr}");
@@ -330,8 +353,9 @@ pub fn ingest_single(ctx: &mut Ctx) -> anyhow::Result<()> {
     // VM figures drift 10-30 % within minutes, so the reference is taken right before the eps run.
     let (script, reference) = super::ingest::single_event_reference(ctx, dir.path(), conns, secs)?;
 
+    let warmup = (SEED_BODY, "application/json", 1);
     let run =
-        wrk_against_nats_eps(ctx, dir.path(), "/liveEvent", &script, conns, secs, (SEED_BODY, "application/json", 1))?;
+        wrk_against_nats_eps(ctx, dir.path(), "/liveEvent", &script, (conns, secs), warmup, &NatsKind::Installed)?;
     let ratio = run.wrk.rps / reference.rps;
     let mut notes = run.wrk.problems();
     let reference_problems = reference.problems();
@@ -345,6 +369,59 @@ pub fn ingest_single(ctx: &mut Ctx) -> anyhow::Result<()> {
         if valid { Status::from_goal(ratio >= 0.5) } else { Status::Failed },
     );
     fig.reference = Some(format!("{:.0} req/s (noop axum)", reference.rps));
+    fig.ratio = Some(ratio);
+    fig.notes = notes;
+    ctx.report.figure(fig);
+    Ok(())
+}
+
+/// nats_ingest_single_synced: nats_ingest_single's eps run on Debian's nats-server, on the current one,
+/// and on the current one syncing before every acknowledgement, one after the other; the figure is the
+/// synced rate, its ratio the synced rate over Debian's (the cost of a 200 that means fsynced).
+pub fn ingest_single_synced(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let binary = ctx.nats_server_current.clone().context(
+        "no current nats-server: give --nats-server-current or EPS_NATS_SERVER_CURRENT (scripts/bench installs one)",
+    )?;
+    let dir = ctx.scratch("nats_ingest_single_synced")?;
+    let (conns, secs) = (64, ctx.secs(10));
+    let script = wrk::write_post_files(dir.path(), SEED_BODY.as_bytes(), "application/json")?;
+    let warmup = (SEED_BODY, "application/json", 1);
+    let mut runs = Vec::new();
+    for (name, kind) in [
+        ("debian", NatsKind::Installed),
+        ("current", NatsKind::Current { binary: binary.clone(), synced: false }),
+        ("synced", NatsKind::Current { binary: binary.clone(), synced: true }),
+    ] {
+        let run_dir = dir.path().join(name);
+        std::fs::create_dir_all(&run_dir)?;
+        runs.push(wrk_against_nats_eps(ctx, &run_dir, "/liveEvent", &script, (conns, secs), warmup, &kind)?);
+    }
+    let [debian, current, synced] = <[NatsIngestRun; 3]>::try_from(runs).ok().context("three runs")?;
+    let mut notes = synced.wrk.problems();
+    let mut valid = notes.is_empty() & stream_check(&synced, 1, conns, &mut notes);
+    for (name, run) in [("2.9", &debian), ("current unsynced", &current)] {
+        let mut theirs = run.wrk.problems();
+        if !(theirs.is_empty() & stream_check(run, 1, conns, &mut theirs)) {
+            valid = false;
+            notes.extend(theirs.into_iter().map(|p| format!("{name}: {p}")));
+        }
+    }
+    notes.push(format!(
+        "current nats-server without sync: {:.0} req/s ({:.2} of 2.9); with sync_interval always: {:.2} of that",
+        current.wrk.rps,
+        current.wrk.rps / debian.wrk.rps,
+        synced.wrk.rps / current.wrk.rps
+    ));
+    notes.push(synced.cpu.note());
+    let ratio = synced.wrk.rps / debian.wrk.rps;
+    // No goal beyond saying the cost: MET whenever the figure is valid.
+    let mut fig = Figure::new(
+        "nats_ingest_single_synced",
+        format!("{:.0} req/s", synced.wrk.rps),
+        "cost shown".into(),
+        if valid { Status::Met } else { Status::Failed },
+    );
+    fig.reference = Some(format!("{:.0} req/s (nats_ingest_single's eps on nats-server 2.9)", debian.wrk.rps));
     fig.ratio = Some(ratio);
     fig.notes = notes;
     ctx.report.figure(fig);
@@ -368,9 +445,9 @@ pub fn ingest_batch(ctx: &mut Ctx) -> anyhow::Result<()> {
         dir.path(),
         "/events",
         &script,
-        conns,
-        secs,
+        (conns, secs),
         (&body_text, "application/x-ndjson", BATCH_EVENTS),
+        &NatsKind::Installed,
     )?;
 
     let rate = run.wrk.rps * BATCH_EVENTS as f64;
@@ -576,7 +653,7 @@ pub fn process(ctx: &mut Ctx) -> anyhow::Result<()> {
     let expected = write_client_file(&file, n, users)?;
 
     // Fill: eps client (batches of 1,000 to POST /events) through one eps server on JetStream.
-    let nats = NatsServer::start(dir.path())?;
+    let nats = NatsServer::start(dir.path(), &NatsKind::Installed)?;
     let (server, addr) = start_eps_server_with(
         ctx,
         &dir.path().join("eps-data"),
