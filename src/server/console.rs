@@ -76,6 +76,41 @@ pub(crate) struct Console {
     closing: AtomicBool,
     /// The file log's directory (`None` with the JetStream log).
     pub(super) log_dir: Option<PathBuf>,
+    /// The store's whole-table figures, kept between their spaced refreshes.
+    store_figures: tokio::sync::Mutex<StoreFigures>,
+}
+
+/// How many times as long as its last refresh took the store's figures wait before the next one: their
+/// queries (a count and sum over every user, the top users) then take at most 1/(1 + 19) = 5 % of the
+/// time, whatever the number of users. Below ~50 ms a refresh they come every second, as the rest.
+pub(super) const STORE_FIGURES_SPACING: u32 = 19;
+
+/// The summary's figures that read the whole users table: users, total revenue, top users.
+#[derive(Default)]
+struct StoreFigures {
+    users: Option<u64>,
+    total_revenue: Option<String>,
+    top_users: Vec<TopUser>,
+    /// When they were read (Unix ms).
+    read_at: Option<u64>,
+    spacing: Spacing,
+}
+
+/// When a repeated, costly job is due again: not before `factor` times as long as it last took has
+/// passed since it ended (a duty cycle of at most 1 / (1 + factor)).
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Spacing {
+    last: Option<(std::time::Instant, Duration)>,
+}
+
+impl Spacing {
+    pub(super) fn due(&self, now: std::time::Instant, factor: u32) -> bool {
+        self.last.is_none_or(|(ended, took)| now.saturating_duration_since(ended) >= took * factor)
+    }
+
+    pub(super) fn done(&mut self, started: std::time::Instant, ended: std::time::Instant) {
+        self.last = Some((ended, ended.saturating_duration_since(started)));
+    }
 }
 
 #[derive(Default)]
@@ -181,12 +216,17 @@ pub(crate) struct Summary {
     lag_seconds: Option<f64>,
     /// The file log's size on disk (`null` with the JetStream log).
     log: Option<LogSize>,
-    /// Users with a revenue (`null` while the database is unreachable).
+    /// Users with a revenue (`null` until the store was first read; while the database is
+    /// unreachable, the last reading, as of `store_figures_at`).
     users: Option<u64>,
-    /// The sum of all revenues, exact (`null` while the database is unreachable).
+    /// The sum of all revenues, exact (as `users`).
     total_revenue: Option<String>,
     /// The 20 users with the highest revenue, highest first.
     top_users: Vec<TopUser>,
+    /// When `users`, `total_revenue` and `top_users` were read (Unix ms). They read the whole users
+    /// table, so they are refreshed no sooner than 19 times as long as their last reading took: with
+    /// many users they can be some seconds older than `now`.
+    store_figures_at: Option<u64>,
     /// The latest accepted events, oldest first (at most 100).
     tail: Vec<TailEvent>,
     /// True when the tail holds a sample: more events arrived than it takes (20 a second).
@@ -219,6 +259,7 @@ impl Console {
             latest: watch::channel(None).0,
             closing: AtomicBool::new(false),
             log_dir,
+            store_figures: tokio::sync::Mutex::default(),
         }
     }
 
@@ -368,17 +409,32 @@ async fn summarize(
         users: None,
         total_revenue: None,
         top_users: Vec::new(),
+        store_figures_at: None,
         tail,
         tail_sampled,
         processor: None,
     };
     let Some(store) = state.store.get() else { return summary };
-    if let Ok(totals) = store.totals().await {
-        summary.users = Some(totals.users);
-        summary.total_revenue = Some(totals.revenue.to_string());
-    }
-    if let Ok(top) = store.top_users(TOP_USERS).await {
-        summary.top_users = top.into_iter().map(|(user_id, r)| TopUser { user_id, revenue: r.to_string() }).collect();
+    {
+        let mut figures = console.store_figures.lock().await;
+        let started = std::time::Instant::now();
+        if figures.spacing.due(started, STORE_FIGURES_SPACING) {
+            let (totals, top) = (store.totals().await, store.top_users(TOP_USERS).await);
+            if let (Ok(totals), Ok(top)) = (totals, top) {
+                figures.users = Some(totals.users);
+                figures.total_revenue = Some(totals.revenue.to_string());
+                figures.top_users =
+                    top.into_iter().map(|(user_id, r)| TopUser { user_id, revenue: r.to_string() }).collect();
+                figures.read_at = Some(now_millis());
+                // Spaced after a success only: a failed reading (the database away) is tried again at
+                // the next second, not after 19 times its timeout.
+                figures.spacing.done(started, std::time::Instant::now());
+            }
+        }
+        summary.users = figures.users;
+        summary.total_revenue = figures.total_revenue.clone();
+        summary.top_users = figures.top_users.clone();
+        summary.store_figures_at = figures.read_at;
     }
     if let Some(dir) = console.log_dir.clone() {
         if let Ok(progress) = store.progress(FILE_STREAM).await {
@@ -596,6 +652,24 @@ mod tests {
         std::fs::create_dir_all(dir).unwrap();
         let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
         std::fs::write(dir.join(crate::log::segment_name(0)), text).unwrap();
+    }
+
+    #[test]
+    fn whole_table_readings_are_spaced_by_19_times_what_the_last_one_took() {
+        let t0 = std::time::Instant::now();
+        let ms = Duration::from_millis;
+        let mut spacing = Spacing::default();
+        assert!(spacing.due(t0, STORE_FIGURES_SPACING), "the first reading is due at once");
+        // A 5 ms reading (a small table): due again at the next second's tick.
+        spacing.done(t0, t0 + ms(5));
+        assert!(spacing.due(t0 + ms(1005), STORE_FIGURES_SPACING));
+        // A 300 ms reading (a million users): not before 19 × 300 ms = 5.7 s after it ended.
+        spacing.done(t0, t0 + ms(300));
+        for second in 1..=5 {
+            assert!(!spacing.due(t0 + ms(300 + 1000 * second), STORE_FIGURES_SPACING), "{second} s after");
+        }
+        // Then due: busy at most 300 ms out of every 300 + 5700, 5 %.
+        assert!(spacing.due(t0 + ms(300 + 5700), STORE_FIGURES_SPACING));
     }
 
     #[test]

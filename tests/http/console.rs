@@ -78,6 +78,9 @@ async fn the_summary_shows_exact_counts_totals_top_users_lag_and_tail() {
     assert_eq!(after["lag_events"], 0, "{after:#}");
     assert_eq!(after["lag_seconds"], 0.0, "{after:#}");
     assert_eq!(after["users"], 4, "{after:#}");
+    // The whole-table figures say when they were read: a small table is read every second.
+    let (now, read_at) = (after["now"].as_u64().unwrap(), after["store_figures_at"].as_u64().unwrap());
+    assert!(read_at.abs_diff(now) < 2_000, "{after:#}");
     // u0: 3 x 10.10 + 1, u1: 3 x 0.05, u2: 3 x 7, u3: 3 x 100.
     assert_eq!(after["total_revenue"], "352.45", "{after:#}");
     let top: Vec<(String, String)> = after["top_users"]

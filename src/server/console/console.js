@@ -39,7 +39,7 @@
     acceptedTotal: $('accepted-total'), appliedTotal: $('applied-total'),
     lagEvents: $('lag-events'), lagSeconds: $('lag-seconds'),
     logSize: $('log-size'), logSegments: $('log-segments'),
-    users: $('users'), totalRevenue: $('total-revenue'),
+    users: $('users'), totalRevenue: $('total-revenue'), storeFiguresAt: $('store-figures-at'),
     chart: $('rate-chart'), errorChart: $('error-chart'), latencyChart: $('latency-chart'),
     acceptedApprox: $('accepted-approx'), stale: $('stale'), logSegmentsUnit: $('log-segments-unit'),
     acceptedDetail: $('accepted-detail'),
@@ -419,6 +419,10 @@
     setText(el.logSegmentsUnit, s.log && s.log.segments === 1 ? 'segment' : 'segments');
     setText(el.users, int(s.users));
     setText(el.totalRevenue, str(s.total_revenue));
+    // Whole-table figures are read less often with many users: say how old when they are not fresh.
+    const figuresAge = isNum(s.store_figures_at) && isNum(s.now) ? s.now - s.store_figures_at : 0;
+    el.storeFiguresAt.hidden = !(figuresAge > 2000);
+    setText(el.storeFiguresAt, figuresAge > 2000 ? 'as of ' + clock(s.store_figures_at).slice(0, 8) : '');
     el.updated.textContent = isNum(s.now) ? 'updated ' + clock(s.now).slice(0, 8) : '';
     setStale(false);
     renderProcessor(s.processor, s.lag_events);
