@@ -14,13 +14,13 @@ use crate::scenarios::start_eps_server;
 use crate::{wrk, Ctx};
 
 /// A console streaming the summary in the background: frames counted, the last one kept.
-struct OpenConsole {
-    task: tokio::task::JoinHandle<()>,
-    frames: Arc<AtomicU64>,
-    last: Arc<Mutex<String>>,
+pub(crate) struct OpenConsole {
+    pub(crate) task: tokio::task::JoinHandle<()>,
+    pub(crate) frames: Arc<AtomicU64>,
+    pub(crate) last: Arc<Mutex<String>>,
 }
 
-fn open_console(ctx: &Ctx, url: String) -> anyhow::Result<OpenConsole> {
+pub(crate) fn open_console(ctx: &Ctx, url: String) -> anyhow::Result<OpenConsole> {
     let frames = Arc::new(AtomicU64::new(0));
     let last = Arc::new(Mutex::new(String::new()));
     // No overall timeout: the stream lasts as long as the run.

@@ -13,12 +13,17 @@
 //!   large enough for the table. Goal: eps at least as fast. Both commit with the same durability
 //!   (SQLite `synchronous=FULL` in WAL mode; PostgreSQL's own commit).
 //!
+//! - console_1m_users: an `eps server` on the 1,000,000-user store, its CPU over a while without a console
+//!   and then with one open (`GET /console/stream`, what the page reads): what the console's summary
+//!   (users, total revenue, top users: whole-table queries) costs the server at that size. Goal: at most
+//!   0.10 of a core. The last summary's users must be the store's.
+//!
 //! `--quick` divides the sizes by 100 (20,000 events over 100 and 10,000 users).
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use rust_decimal::Decimal;
@@ -26,7 +31,7 @@ use rust_decimal::Decimal;
 use crate::data::{write_canonical_log, Expected};
 use crate::report::{Figure, Status};
 use crate::scenarios::process::{create_database, drop_database, pg_connect, read_pg_totals, report_mismatches};
-use crate::util::{mib, run_measured, Run, TempDir};
+use crate::util::{mib, process_cpu_secs, run_measured, Run, TempDir};
 use crate::Ctx;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -44,6 +49,21 @@ struct Measured {
     store_secs: f64,
     commits: u64,
     problems: Vec<String>,
+    /// What a console costs the server on the store this run made (the many-user run only).
+    console: Option<ConsoleCost>,
+}
+
+/// The server's CPU on a store, without a console and with one streaming.
+struct ConsoleCost {
+    /// CPU seconds per second.
+    without: f64,
+    with: f64,
+    secs: u64,
+    frames: u64,
+    /// `users` of the last summary.
+    users_shown: Option<u64>,
+    /// The last summary's `now - store_figures_at`, in seconds: how old the whole-table figures were.
+    figures_age: Option<f64>,
 }
 
 pub fn sqlite(ctx: &mut Ctx) -> anyhow::Result<()> {
@@ -61,8 +81,8 @@ pub fn postgres(ctx: &mut Ctx) -> anyhow::Result<()> {
 
 fn scenario(ctx: &mut Ctx, backend: Backend, name: &'static str) -> anyhow::Result<()> {
     let events = ctx.size(2_000_000);
-    let few = measure(ctx, backend, name, events, ctx.size(10_000))?;
-    let many = measure(ctx, backend, name, events, ctx.size(1_000_000))?;
+    let few = measure(ctx, backend, name, events, ctx.size(10_000), false)?;
+    let many = measure(ctx, backend, name, events, ctx.size(1_000_000), true)?;
     let reference = reference_store(ctx, backend, &many.expected)?;
 
     let valid = few.problems.is_empty() && many.problems.is_empty();
@@ -113,7 +133,86 @@ fn scenario(ctx: &mut Ctx, backend: Backend, name: &'static str) -> anyhow::Resu
         format!("10k-user twin: store {:.3} s in {} commit(s)", few.store_secs, few.commits),
     ];
     ctx.report.figure(fig);
+
+    if let Some(c) = &many.console {
+        let cost = c.with - c.without;
+        let shown_right = c.users_shown == Some(users_written as u64);
+        let mut fig = Figure::new(
+            "console_1m_users",
+            format!("{cost:.3} core"),
+            "<= 0.10 core".into(),
+            if shown_right && c.frames > 0 { Status::from_goal(cost <= 0.10) } else { Status::Failed },
+        );
+        fig.reference = Some(format!("{:.3} core (no console)", c.without));
+        fig.notes = vec![
+            format!(
+                "{} store, {users_written} users: eps server CPU over {} s without a console, then {} s with one \
+                 streaming ({} summaries)",
+                match backend {
+                    Backend::Sqlite => "SQLite",
+                    Backend::Postgres => "PostgreSQL",
+                },
+                c.secs,
+                c.secs,
+                c.frames
+            ),
+            format!(
+                "last summary: users {}, whole-table figures {} s old",
+                c.users_shown.map_or("none".into(), |u| u.to_string()),
+                c.figures_age.map_or("?".into(), |a| format!("{a:.1}"))
+            ),
+        ];
+        if !shown_right {
+            fig.notes.push(format!("USERS SHOWN {:?}, STORE HAS {users_written}", c.users_shown));
+        }
+        ctx.report.figure(fig);
+    }
     Ok(())
+}
+
+/// Starts `eps server` on the store in `data_dir`, waits for its `/readyz`, and measures its CPU
+/// without a console and then with one streaming the summary.
+fn console_cost(ctx: &Ctx, data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<ConsoleCost> {
+    let mut extra: Vec<&str> = Vec::new();
+    if let Some(url) = database_url {
+        extra.extend(["--database-url", url]);
+    }
+    let (mut server, addr) =
+        crate::scenarios::start_eps_server_with(ctx, data_dir, &data_dir.join("console-server.log"), &extra)?;
+    let ready = format!("http://{addr}/readyz");
+    let started = Instant::now();
+    loop {
+        server.check_alive()?;
+        let ok = ctx.rt.block_on(async {
+            ctx.http.get(&ready).timeout(Duration::from_secs(2)).send().await.is_ok_and(|r| r.status().is_success())
+        });
+        if ok {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("eps server on the {} store not ready after 300 s", data_dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let secs = ctx.secs(20);
+    let cpu_over = |server: &crate::util::Proc| {
+        let before = process_cpu_secs(server.pid());
+        std::thread::sleep(Duration::from_secs(secs));
+        (process_cpu_secs(server.pid()) - before) / secs as f64
+    };
+    let without = cpu_over(&server);
+    let console = crate::scenarios::console::open_console(ctx, format!("http://{addr}/console/stream"))?;
+    let with = cpu_over(&server);
+    console.task.abort();
+    server.check_alive()?;
+    server.stop();
+    let frames = console.frames.load(std::sync::atomic::Ordering::Relaxed);
+    let last: serde_json::Value = serde_json::from_str(&console.last.lock().unwrap()).unwrap_or_default();
+    let figures_age = match (last["now"].as_u64(), last["store_figures_at"].as_u64()) {
+        (Some(now), Some(at)) => Some(now.saturating_sub(at) as f64 / 1000.0),
+        _ => None,
+    };
+    Ok(ConsoleCost { without, with, secs, frames, users_shown: last["users"].as_u64(), figures_age })
 }
 
 fn reference_name(backend: Backend) -> &'static str {
@@ -125,20 +224,31 @@ fn reference_name(backend: Backend) -> &'static str {
 
 /// Generates `events` events over `users` users, runs `eps process` on them into a fresh store, checks
 /// the totals.
-fn measure(ctx: &mut Ctx, backend: Backend, name: &str, events: u64, users: u64) -> anyhow::Result<Measured> {
+fn measure(
+    ctx: &mut Ctx,
+    backend: Backend,
+    name: &str,
+    events: u64,
+    users: u64,
+    with_console: bool,
+) -> anyhow::Result<Measured> {
     let dir = ctx.scratch(&format!("{name}-{users}"))?;
     let (expected, _) = write_canonical_log(&dir.path().join("log"), events, users, u64::MAX)?;
-    let (run, actual) = match backend {
+    let (run, actual, console) = match backend {
         Backend::Sqlite => {
             let run = process(ctx, dir.path(), None)?;
             let actual = read_sqlite_totals(&dir.path().join("eps.sqlite3"))?;
-            (run, actual)
+            let console = if with_console { Some(console_cost(ctx, dir.path(), None)?) } else { None };
+            (run, actual, console)
         }
         Backend::Postgres => {
             let admin_url = ctx.pg_url.clone().context("no --pg-url")?;
             let (db, db_url) = create_database(ctx, &admin_url)?;
-            let result =
-                process(ctx, dir.path(), Some(&db_url)).and_then(|run| Ok((run, read_pg_totals(ctx, &db_url)?)));
+            let result = process(ctx, dir.path(), Some(&db_url)).and_then(|run| {
+                let actual = read_pg_totals(ctx, &db_url)?;
+                let console = if with_console { Some(console_cost(ctx, dir.path(), Some(&db_url))?) } else { None };
+                Ok((run, actual, console))
+            });
             let dropped = drop_database(ctx, &admin_url, &db);
             let measured = result?;
             dropped?;
@@ -147,7 +257,7 @@ fn measure(ctx: &mut Ctx, backend: Backend, name: &str, events: u64, users: u64)
     };
     let problems = expected.compare(&actual);
     let (store_secs, commits) = store_phase(&run.log)?;
-    Ok(Measured { users, expected, run, store_secs, commits, problems })
+    Ok(Measured { users, expected, run, store_secs, commits, problems, console })
 }
 
 fn process(ctx: &Ctx, data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<Run> {
