@@ -18,7 +18,7 @@ use anyhow::{bail, Context as _};
 use futures::StreamExt as _;
 
 use crate::report::{Figure, Status};
-use crate::scenarios::start_eps_server;
+use crate::scenarios::{start_eps_server, wait_ready};
 use crate::util::{count_log_lines, free_port, mib, Proc};
 use crate::Ctx;
 
@@ -115,23 +115,9 @@ fn start_timed(
         ctx.eps_cmd().arg("server").arg("--listen").arg(&addr).arg("--data-dir").arg(data),
         log,
     )?;
-    let url = format!("http://{addr}/readyz");
-    loop {
-        server.check_alive()?;
-        let ready = ctx.rt.block_on(async {
-            match http.get(&url).timeout(Duration::from_secs(2)).send().await {
-                Ok(r) => r.status().is_success(),
-                Err(_) => false,
-            }
-        });
-        if ready {
-            return Ok((server, format!("http://{addr}"), started.elapsed()));
-        }
-        if started.elapsed() > Duration::from_secs(300) {
-            bail!("eps server not ready after 300 s");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let base = format!("http://{addr}");
+    let took = wait_ready(ctx, http, &mut server, &base, started, Duration::from_millis(5), Duration::from_secs(300))?;
+    Ok((server, base, took))
 }
 
 /// The bytes of the newest producer snapshot in `log_dir` (0 when there is none).

@@ -41,6 +41,33 @@ pub fn start_eps_server_with<S: AsRef<OsStr>>(
     Ok((proc, addr))
 }
 
+/// Waits for the first 200 of `GET {base}/readyz` (polled every `poll`), failing if `server` exits or
+/// `limit` passes; answers how long it took from `since`.
+pub fn wait_ready(
+    ctx: &Ctx,
+    http: &reqwest::Client,
+    server: &mut Proc,
+    base: &str,
+    since: std::time::Instant,
+    poll: Duration,
+    limit: Duration,
+) -> anyhow::Result<Duration> {
+    let url = format!("{base}/readyz");
+    loop {
+        server.check_alive()?;
+        let ready = ctx.rt.block_on(async {
+            http.get(&url).timeout(Duration::from_secs(2)).send().await.is_ok_and(|r| r.status().is_success())
+        });
+        if ready {
+            return Ok(since.elapsed());
+        }
+        if since.elapsed() > limit {
+            anyhow::bail!("eps server at {base} not ready after {} s", limit.as_secs());
+        }
+        std::thread::sleep(poll);
+    }
+}
+
 /// The noop reference server on a free port, ready to take requests.
 pub fn start_noop_server(ctx: &Ctx, log: &Path) -> anyhow::Result<(Proc, SocketAddr)> {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;

@@ -184,21 +184,15 @@ fn console_cost(ctx: &Ctx, data_dir: &Path, database_url: Option<&str>) -> anyho
     }
     let (mut server, addr) =
         crate::scenarios::start_eps_server_with(ctx, data_dir, &data_dir.join("console-server.log"), &extra)?;
-    let ready = format!("http://{addr}/readyz");
-    let started = Instant::now();
-    loop {
-        server.check_alive()?;
-        let ok = ctx.rt.block_on(async {
-            ctx.http.get(&ready).timeout(Duration::from_secs(2)).send().await.is_ok_and(|r| r.status().is_success())
-        });
-        if ok {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(300) {
-            bail!("eps server on the {} store not ready after 300 s", data_dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::scenarios::wait_ready(
+        ctx,
+        &ctx.http,
+        &mut server,
+        &format!("http://{addr}"),
+        Instant::now(),
+        Duration::from_millis(20),
+        Duration::from_secs(300),
+    )?;
     let secs = ctx.secs(20);
     // The whole machine's busy time, so that PostgreSQL's work for the queries counts too (eps
     // server's own is in the notes); on a quiet machine nothing else runs.
