@@ -3,7 +3,8 @@
 //! Scenarios (`eps-bench --help` lists them): ingest_single, ingest_batch, client,
 //! process_sqlite, process_postgres, freshness, process_memory, and on NATS JetStream nats_ingest_single,
 //! nats_ingest_single_synced (a current nats-server syncing before it acknowledges), nats_ingest_batch, nats_process (each with a nats-server of its own), console_overhead, auth_overhead,
-//! dedup_state, process_sqlite_1m_users and process_postgres_1m_users. Every scenario starts what it needs in
+//! dedup_state, process_sqlite_1m_users and process_postgres_1m_users (which also measure read_user_p99,
+//! console_1m_users and status_1m_users on the stores they make). Every scenario starts what it needs in
 //! a fresh temporary directory on free ports, generates its data from one fixed seed, and stops what it
 //! started whatever happens. `--quick` divides the sizes by 100 and runs loads for 2 s: it checks that
 //! everything works, its figures mean little.

@@ -15,6 +15,9 @@ pub struct WrkResult {
     pub non_2xx: u64,
     /// wrk's `Socket errors:` line when it printed one (only when one count is not zero).
     pub socket_errors: Option<String>,
+    /// The 50th and 99th percentile of the request latency, in seconds (`Latency Distribution`).
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
 }
 
 impl WrkResult {
@@ -73,6 +76,7 @@ pub fn run(
         .arg(format!("-d{secs}s"))
         .arg("--timeout")
         .arg("10s")
+        .arg("--latency")
         .arg("-s")
         .arg(script)
         .arg(url)
@@ -92,8 +96,13 @@ fn parse(out: &str) -> anyhow::Result<WrkResult> {
     let mut rps = None;
     let mut non_2xx = 0;
     let mut socket_errors = None;
+    let (mut p50, mut p99) = (None, None);
     for line in out.lines().map(str::trim) {
-        if let Some(rest) = line.strip_prefix("Requests/sec:") {
+        if let Some(rest) = line.strip_prefix("50%") {
+            p50 = Some(duration(rest.trim())?);
+        } else if let Some(rest) = line.strip_prefix("99%") {
+            p99 = Some(duration(rest.trim())?);
+        } else if let Some(rest) = line.strip_prefix("Requests/sec:") {
             rps = Some(rest.trim().parse::<f64>()?);
         } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
             non_2xx = rest.trim().parse()?;
@@ -108,7 +117,23 @@ fn parse(out: &str) -> anyhow::Result<WrkResult> {
         rps: rps.context("no 'Requests/sec:' line")?,
         non_2xx,
         socket_errors,
+        p50,
+        p99,
     })
+}
+
+/// A wrk duration (`635.00us`, `1.07ms`, `2.50s`, `1.00m`) in seconds.
+fn duration(text: &str) -> anyhow::Result<f64> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic()).with_context(|| format!("no unit in {text:?}"))?;
+    let (number, unit) = text.split_at(split);
+    let scale = match unit {
+        "us" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "m" => 60.0,
+        _ => bail!("unknown unit in {text:?}"),
+    };
+    Ok(number.parse::<f64>()? * scale)
 }
 
 #[cfg(test)]
@@ -117,6 +142,10 @@ mod tests {
     fn parses_wrk_summary() {
         let out = "Running 10s test @ http://127.0.0.1:1/liveEvent\n  2 threads and 64 connections\n\
                    \x20 Thread Stats   Avg      Stdev     Max   +/- Stdev\n\
+                   \x20 Latency Distribution\n\
+                   \x20    50%  635.00us\n\
+                   \x20    75%    1.07ms\n\
+                   \x20    99%    1.20s\n\
                    \x20 712345 requests in 10.00s, 90.12MB read\n\
                    \x20 Socket errors: connect 0, read 3, write 0, timeout 0\n\
                    \x20 Non-2xx or 3xx responses: 12\n\
@@ -126,5 +155,7 @@ mod tests {
         assert_eq!(r.non_2xx, 12);
         assert!((r.rps - 71234.5).abs() < 1e-9);
         assert_eq!(r.socket_errors.as_deref(), Some("connect 0, read 3, write 0, timeout 0"));
+        assert!((r.p50.unwrap() - 635e-6).abs() < 1e-12);
+        assert!((r.p99.unwrap() - 1.2).abs() < 1e-12);
     }
 }

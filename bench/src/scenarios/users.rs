@@ -18,13 +18,17 @@
 //!   (users, total revenue, top users: whole-table queries) costs at that size, counted as the machine's
 //!   busy CPU so that PostgreSQL's work counts too. Goal: at most 0.10 of a core. The last summary's users
 //!   must be the store's.
+//! - read_user_p99: on each store (10,000 and 1,000,000 users), `GET /userEvents/{userId}` of random
+//!   stored users under `wrk -t2 -c64` (see `served.rs`); goal: the p99 over 1,000,000 users at most 2x the
+//!   10k-user twin's and at most 10 ms.
+//! - status_1m_users: one `eps status` on the 1,000,000-user store beside its server; goal: at most 1 s.
 //!
 //! `--quick` divides the sizes by 100 (20,000 events over 100 and 10,000 users).
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 use rust_decimal::Decimal;
@@ -32,8 +36,16 @@ use rust_decimal::Decimal;
 use crate::data::{write_canonical_log, Expected};
 use crate::report::{Figure, Status};
 use crate::scenarios::process::{create_database, drop_database, pg_connect, read_pg_totals, report_mismatches};
-use crate::util::{machine_busy_secs, mib, process_cpu_secs, run_measured, Run, TempDir};
+use crate::scenarios::served::{self, Served};
+use crate::util::{mib, run_measured, Run, TempDir};
 use crate::Ctx;
+
+/// read_user_p99's goal: the p99 over 1,000,000 users at most this many times the 10k-user twin's…
+const READ_P99_GOAL_RATIO: f64 = 2.0;
+/// …and at most this, in seconds.
+const READ_P99_GOAL_SECS: f64 = 0.010;
+/// status_1m_users's goal: one `eps status` at 1,000,000 users within this, in seconds.
+const STATUS_GOAL_SECS: f64 = 1.0;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Backend {
@@ -50,24 +62,9 @@ struct Measured {
     store_secs: f64,
     commits: u64,
     problems: Vec<String>,
-    /// What a console costs the server on the store this run made (the many-user run only).
-    console: Option<ConsoleCost>,
-}
-
-/// The server's CPU on a store, without a console and with one streaming.
-struct ConsoleCost {
-    /// The machine's busy CPU seconds per second (eps server and the database).
-    without: f64,
-    with: f64,
-    /// eps server's own.
-    server_without: f64,
-    server_with: f64,
-    secs: u64,
-    frames: u64,
-    /// `users` of the last summary.
-    users_shown: Option<u64>,
-    /// The last summary's `now - store_figures_at`, in seconds: how old the whole-table figures were.
-    figures_age: Option<f64>,
+    /// A server on the store this run made: its reads, and (the many-user run only) its console and
+    /// `eps status`.
+    served: Served,
 }
 
 pub fn sqlite(ctx: &mut Ctx) -> anyhow::Result<()> {
@@ -138,7 +135,7 @@ fn scenario(ctx: &mut Ctx, backend: Backend, name: &'static str) -> anyhow::Resu
     ];
     ctx.report.figure(fig);
 
-    if let Some(c) = &many.console {
+    if let Some(c) = &many.served.console {
         let cost = c.with - c.without;
         let shown_right = c.users_shown == Some(users_written as u64);
         let mut fig = Figure::new(
@@ -152,10 +149,7 @@ fn scenario(ctx: &mut Ctx, backend: Backend, name: &'static str) -> anyhow::Resu
             format!(
                 "{} store, {users_written} users: the machine's CPU over {} s without a console, then {} s with \
                  one streaming ({} summaries)",
-                match backend {
-                    Backend::Sqlite => "SQLite",
-                    Backend::Postgres => "PostgreSQL",
-                },
+                backend_name(backend),
                 c.secs,
                 c.secs,
                 c.frames
@@ -172,58 +166,73 @@ fn scenario(ctx: &mut Ctx, backend: Backend, name: &'static str) -> anyhow::Resu
         }
         ctx.report.figure(fig);
     }
+    report_reads(ctx, backend, &few, &many);
+    if let Some(st) = &many.served.status {
+        let shown_right = st.users_shown == Some(users_written as u64);
+        let mut fig = Figure::new(
+            "status_1m_users",
+            format!("{:.3} s", st.wall),
+            format!("<= {STATUS_GOAL_SECS:.2} s"),
+            if shown_right { Status::from_goal(st.wall <= STATUS_GOAL_SECS) } else { Status::Failed },
+        );
+        fig.notes = vec![
+            format!(
+                "`eps status --json` beside the server, {} store of {users_written} users: median of 3 calls; the \
+                 machine's busy CPU {:.3} s per call (eps status and the database)",
+                backend_name(backend),
+                st.cpu
+            ),
+            format!("users shown {}", st.users_shown.map_or("none".into(), |u| u.to_string())),
+        ];
+        if !shown_right {
+            fig.notes.push(format!("USERS SHOWN {:?}, STORE HAS {users_written}", st.users_shown));
+        }
+        ctx.report.figure(fig);
+    }
     Ok(())
 }
 
-/// Starts `eps server` on the store in `data_dir`, waits for its `/readyz`, and measures its CPU
-/// without a console and then with one streaming the summary.
-fn console_cost(ctx: &Ctx, data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<ConsoleCost> {
-    let mut extra: Vec<&str> = Vec::new();
-    if let Some(url) = database_url {
-        extra.extend(["--database-url", url]);
+/// read_user_p99: the many-user store's read latency under load against the 10k-user twin's.
+fn report_reads(ctx: &mut Ctx, backend: Backend, few: &Measured, many: &Measured) {
+    let (r, twin) = (&many.served.reads, &few.served.reads);
+    let valid = r.problems.is_empty() && twin.problems.is_empty();
+    let ratio = r.p99 / twin.p99;
+    let mut fig = Figure::new(
+        "read_user_p99",
+        format!("p99 {:.2} ms", r.p99 * 1e3),
+        format!("<= {READ_P99_GOAL_RATIO:.2}x and <= {:.0} ms", READ_P99_GOAL_SECS * 1e3),
+        if valid {
+            Status::from_goal(ratio <= READ_P99_GOAL_RATIO && r.p99 <= READ_P99_GOAL_SECS)
+        } else {
+            Status::Failed
+        },
+    );
+    fig.reference = Some(format!("p99 {:.2} ms ({} users)", twin.p99 * 1e3, few.users));
+    fig.ratio = Some(ratio);
+    fig.notes = vec![
+        format!(
+            "{} store, GET /userEvents of random stored users, wrk -t2 -c64 -d{}s: {:.0} req/s, p50 {:.2} ms over {} \
+             users; {:.0} req/s, p50 {:.2} ms over {}",
+            backend_name(backend),
+            r.secs,
+            r.rps,
+            r.p50 * 1e3,
+            many.expected.user_count(),
+            twin.rps,
+            twin.p50 * 1e3,
+            few.expected.user_count()
+        ),
+        if valid { "100 answers per store checked exactly".into() } else { "WRONG ANSWERS OR ERRORS".into() },
+    ];
+    fig.notes.extend(twin.problems.iter().chain(&r.problems).take(5).cloned());
+    ctx.report.figure(fig);
+}
+
+fn backend_name(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "SQLite",
+        Backend::Postgres => "PostgreSQL",
     }
-    let (mut server, addr) =
-        crate::scenarios::start_eps_server_with(ctx, data_dir, &data_dir.join("console-server.log"), &extra)?;
-    crate::scenarios::wait_ready(
-        ctx,
-        &ctx.http,
-        &mut server,
-        &format!("http://{addr}"),
-        Instant::now(),
-        Duration::from_millis(20),
-        Duration::from_secs(300),
-    )?;
-    let secs = ctx.secs(20);
-    // The whole machine's busy time, so that PostgreSQL's work for the queries counts too (eps
-    // server's own is in the notes); on a quiet machine nothing else runs.
-    let cpu_over = |server: &crate::util::Proc| {
-        let (server_before, machine_before) = (process_cpu_secs(server.pid()), machine_busy_secs());
-        std::thread::sleep(Duration::from_secs(secs));
-        let per_second = |d: f64| d / secs as f64;
-        (per_second(machine_busy_secs() - machine_before), per_second(process_cpu_secs(server.pid()) - server_before))
-    };
-    let (without, server_without) = cpu_over(&server);
-    let console = crate::scenarios::console::open_console(ctx, format!("http://{addr}/console/stream"))?;
-    let (with, server_with) = cpu_over(&server);
-    console.task.abort();
-    server.check_alive()?;
-    server.stop();
-    let frames = console.frames.load(std::sync::atomic::Ordering::Relaxed);
-    let last: serde_json::Value = serde_json::from_str(&console.last.lock().unwrap()).unwrap_or_default();
-    let figures_age = match (last["now"].as_u64(), last["store_figures_at"].as_u64()) {
-        (Some(now), Some(at)) => Some(now.saturating_sub(at) as f64 / 1000.0),
-        _ => None,
-    };
-    Ok(ConsoleCost {
-        without,
-        with,
-        server_without,
-        server_with,
-        secs,
-        frames,
-        users_shown: last["users"].as_u64(),
-        figures_age,
-    })
 }
 
 fn reference_name(backend: Backend) -> &'static str {
@@ -241,24 +250,25 @@ fn measure(
     name: &str,
     events: u64,
     users: u64,
-    with_console: bool,
+    many: bool,
 ) -> anyhow::Result<Measured> {
+    let what = served::Measure { console: many, status: many };
     let dir = ctx.scratch(&format!("{name}-{users}"))?;
     let (expected, _) = write_canonical_log(&dir.path().join("log"), events, users, u64::MAX)?;
-    let (run, actual, console) = match backend {
+    let (run, actual, served) = match backend {
         Backend::Sqlite => {
             let run = process(ctx, dir.path(), None)?;
             let actual = read_sqlite_totals(&dir.path().join("eps.sqlite3"))?;
-            let console = if with_console { Some(console_cost(ctx, dir.path(), None)?) } else { None };
-            (run, actual, console)
+            let served = served::measure(ctx, dir.path(), None, &expected, what)?;
+            (run, actual, served)
         }
         Backend::Postgres => {
             let admin_url = ctx.pg_url.clone().context("no --pg-url")?;
             let (db, db_url) = create_database(ctx, &admin_url)?;
             let result = process(ctx, dir.path(), Some(&db_url)).and_then(|run| {
                 let actual = read_pg_totals(ctx, &db_url)?;
-                let console = if with_console { Some(console_cost(ctx, dir.path(), Some(&db_url))?) } else { None };
-                Ok((run, actual, console))
+                let served = served::measure(ctx, dir.path(), Some(&db_url), &expected, what)?;
+                Ok((run, actual, served))
             });
             let dropped = drop_database(ctx, &admin_url, &db);
             let measured = result?;
@@ -268,7 +278,7 @@ fn measure(
     };
     let problems = expected.compare(&actual);
     let (store_secs, commits) = store_phase(&run.log)?;
-    Ok(Measured { users, expected, run, store_secs, commits, problems, console })
+    Ok(Measured { users, expected, run, store_secs, commits, problems, served })
 }
 
 fn process(ctx: &Ctx, data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<Run> {
