@@ -9,6 +9,10 @@
 //! started whatever happens. `--quick` divides the sizes by 100 and runs loads for 2 s: it checks that
 //! everything works, its figures mean little.
 //!
+//! `--scale` runs instead a table of ingest and processing over 1M/10M/100M events x 10k/1M/10M users
+//! within a time budget (`--scale-budget-mins`), written also to scale.md beside `--out`; it needs
+//! `--pg-url`, and with `--quick` every size is divided by 1,000 (see src/scenarios/scale.rs).
+//!
 //! Exit status: 0 when every scenario ran and every check passed (goals may be NOT MET), 1 when a
 //! scenario errored or a figure is FAILED (lost events, wrong totals, HTTP errors), 2 on bad arguments.
 
@@ -92,6 +96,17 @@ struct Args {
     #[arg(long)]
     nats_server_current: Option<PathBuf>,
 
+    /// Instead of the scenarios: the scaling table, events {1M, 10M, 100M} x users {10k, 1M, 10M}, each cell
+    /// ingested by POST /events then processed into SQLite and PostgreSQL (needs --pg-url). Printed, and
+    /// written as Markdown to scale.md beside --out. With --quick every size is divided by 1,000.
+    #[arg(long, requires = "pg_url", conflicts_with = "only")]
+    scale: bool,
+
+    /// Time budget of --scale in minutes: a cell (or phase) whose estimate does not fit in what is left is
+    /// not run.
+    #[arg(long, default_value_t = 60, requires = "scale")]
+    scale_budget_mins: u64,
+
     /// Background load of the freshness scenario (`events` needs POST /events).
     #[arg(long, value_enum, default_value_t = FreshnessLoad::LiveEvent)]
     freshness_load: FreshnessLoad,
@@ -103,6 +118,8 @@ pub struct Ctx {
     pub noop_server: PathBuf,
     pub reference_sum: PathBuf,
     pub quick: bool,
+    /// `--scale`: the scaling table instead of the scenarios.
+    pub scale: bool,
     pub pg_url: Option<String>,
     pub freshness_load: FreshnessLoad,
     /// The current nats-server (`--nats-server-current`), for nats_ingest_single_synced.
@@ -190,6 +207,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         noop_server,
         reference_sum,
         quick: args.quick,
+        scale: args.scale,
         pg_url: args.pg_url.clone(),
         freshness_load: args.freshness_load,
         nats_server_current: args
@@ -210,7 +228,15 @@ fn run(args: Args) -> anyhow::Result<bool> {
     // On stderr only: the printed lines go into docs, which name no path of this machine.
     eprintln!("eps-bench: work directory {}", ctx.work.path().display());
 
-    let all = Scenario::value_variants();
+    let all: &[Scenario] = if args.scale { &[] } else { Scenario::value_variants() };
+    if args.scale {
+        let t = Instant::now();
+        if let Err(e) = scenarios::scale::run(&mut ctx, args.scale_budget_mins, &args.out.with_file_name("scale.md")) {
+            ctx.report.failed = true;
+            ctx.report.line(format!("{:<16} ERROR {e:#}", "scale"));
+        }
+        eprintln!("eps-bench: scale took {:.1} s", t.elapsed().as_secs_f64());
+    }
     for &scenario in all {
         if !args.only.is_empty() && !args.only.contains(&scenario) {
             continue;
@@ -302,7 +328,11 @@ fn machine_header(ctx: &Ctx) -> Vec<String> {
         format!(
             "eps: commit {commit}{}{}",
             if dirty { " + uncommitted changes" } else { "" },
-            if ctx.quick { "; QUICK mode: sizes / 100, loads of 2 s" } else { "" }
+            match (ctx.quick, ctx.scale) {
+                (true, false) => "; QUICK mode: sizes / 100, loads of 2 s",
+                (true, true) => "; QUICK mode: sizes / 1000",
+                _ => "",
+            }
         ),
     ]
 }

@@ -338,6 +338,18 @@ pub fn find_program(name: &str, fallbacks: &[&str]) -> Option<PathBuf> {
     on_path.into_iter().chain(fallbacks.iter().map(PathBuf::from)).find(|p| p.is_file())
 }
 
+/// Bytes free for an unprivileged user on the file system holding `path` (statvfs).
+pub fn free_disk_bytes(path: &Path) -> anyhow::Result<u64> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statvfs is plain old data; zeroed is a valid value, filled by the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a valid out-pointer.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut st) } != 0 {
+        bail!("statvfs {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// Bytes as mebibytes, for figures.
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)

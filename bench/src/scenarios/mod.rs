@@ -8,6 +8,7 @@ pub mod freshness;
 pub mod ingest;
 pub mod nats;
 pub mod process;
+pub mod scale;
 pub mod served;
 pub mod users;
 

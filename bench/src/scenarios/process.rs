@@ -16,7 +16,7 @@ use crate::util::{mib, run_measured, Run, TempDir};
 use crate::Ctx;
 
 /// The SQLite file eps keeps in its data directory (`SQLITE_FILE` in src/store/mod.rs).
-const SQLITE_FILE: &str = "eps.sqlite3";
+pub(crate) const SQLITE_FILE: &str = "eps.sqlite3";
 /// Name of the generated single-segment log (position 0).
 const SEGMENT_0: &str = "server-events-00000000000000000000.jsonl";
 /// The server's default segment size, used for the 10,000,000-event log.
@@ -118,20 +118,34 @@ pub fn sqlite(ctx: &mut Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `eps process --data-dir DIR [--database-url URL]` to the end of the log, measured, its output in
+/// `DIR/<log_name>`; fails unless it exits 0.
+pub(crate) fn eps_process(
+    ctx: &Ctx,
+    dir: &Path,
+    database_url: Option<&str>,
+    log_name: &str,
+    timeout: Duration,
+) -> anyhow::Result<Run> {
+    let mut cmd = ctx.eps_cmd();
+    cmd.arg("process").arg("--data-dir").arg(dir);
+    if let Some(url) = database_url {
+        cmd.arg("--database-url").arg(url);
+    }
+    let run = run_measured(&mut cmd, &dir.join(log_name), timeout)?;
+    run.check_success(if database_url.is_some() { "eps process (PostgreSQL)" } else { "eps process" })?;
+    Ok(run)
+}
+
 /// Runs `eps process --data-dir DIR` (the embedded store), measured, and reads back its totals.
 fn process_into_sqlite(ctx: &Ctx, dir: &Path) -> anyhow::Result<(Run, HashMap<String, Decimal>)> {
-    let run = run_measured(
-        ctx.eps_cmd().arg("process").arg("--data-dir").arg(dir),
-        &dir.join("process.log"),
-        PROCESS_TIMEOUT,
-    )?;
-    run.check_success("eps process")?;
+    let run = eps_process(ctx, dir, None, "process.log", PROCESS_TIMEOUT)?;
     let actual = read_sqlite_totals(&dir.join(SQLITE_FILE))?;
     Ok((run, actual))
 }
 
 /// Every row of `users_revenue` in an eps SQLite file (revenue is exact decimal TEXT there).
-fn read_sqlite_totals(path: &Path) -> anyhow::Result<HashMap<String, Decimal>> {
+pub(crate) fn read_sqlite_totals(path: &Path) -> anyhow::Result<HashMap<String, Decimal>> {
     let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("cannot open {}", path.display()))?;
     let mut stmt = conn.prepare("SELECT user_id, CAST(revenue AS TEXT) FROM users_revenue")?;
@@ -237,12 +251,7 @@ pub fn postgres(ctx: &mut Ctx) -> anyhow::Result<()> {
     let (db, db_url) = create_database(ctx, &admin_url)?;
 
     let result = (|| {
-        let run = run_measured(
-            ctx.eps_cmd().arg("process").arg("--data-dir").arg(dir.path()).arg("--database-url").arg(&db_url),
-            &dir.path().join("process.log"),
-            PROCESS_TIMEOUT,
-        )?;
-        run.check_success("eps process (PostgreSQL)")?;
+        let run = eps_process(ctx, dir.path(), Some(&db_url), "process.log", PROCESS_TIMEOUT)?;
         let actual = read_pg_totals(ctx, &db_url)?;
         anyhow::Ok((run, actual))
     })();

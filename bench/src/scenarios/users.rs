@@ -27,7 +27,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _};
@@ -35,9 +34,12 @@ use rust_decimal::Decimal;
 
 use crate::data::{write_canonical_log, Expected};
 use crate::report::{Figure, Status};
-use crate::scenarios::process::{create_database, drop_database, pg_connect, read_pg_totals, report_mismatches};
+use crate::scenarios::process::{
+    create_database, drop_database, eps_process, pg_connect, read_pg_totals, read_sqlite_totals, report_mismatches,
+    PROCESS_TIMEOUT,
+};
 use crate::scenarios::served::{self, Served};
-use crate::util::{mib, run_measured, Run, TempDir};
+use crate::util::{mib, Run, TempDir};
 use crate::Ctx;
 
 /// read_user_p99's goal: the p99 over 1,000,000 users at most this many times the 10k-user twin's…
@@ -282,14 +284,7 @@ fn measure(
 }
 
 fn process(ctx: &Ctx, data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<Run> {
-    let mut cmd = ctx.eps_cmd();
-    cmd.arg("process").arg("--data-dir").arg(data_dir);
-    if let Some(url) = database_url {
-        cmd.arg("--database-url").arg(url);
-    }
-    let run = run_measured(&mut cmd, &data_dir.join("process.log"), crate::scenarios::process::PROCESS_TIMEOUT)?;
-    run.check_success("eps process")?;
-    Ok(run)
+    eps_process(ctx, data_dir, database_url, "process.log", PROCESS_TIMEOUT)
 }
 
 /// `store 1.234s in 5 commits` from eps process's summary line.
@@ -305,20 +300,6 @@ fn store_phase(log: &Path) -> anyhow::Result<(f64, u64)> {
         }
     }
     bail!("eps process printed no `store … s in … commits` in its summary")
-}
-
-/// Every row of `users_revenue` in an eps SQLite file.
-fn read_sqlite_totals(path: &Path) -> anyhow::Result<HashMap<String, Decimal>> {
-    let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    let mut stmt = conn.prepare("SELECT user_id, CAST(revenue AS TEXT) FROM users_revenue")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-    let mut out = HashMap::new();
-    for row in rows {
-        let (user, revenue) = row?;
-        out.insert(user, Decimal::from_str(&revenue)?);
-    }
-    Ok(out)
 }
 
 /// The per-user sums of `expected` as a processor holds them: a hash map (in no particular order).
