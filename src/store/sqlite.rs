@@ -43,8 +43,15 @@ use crate::money::{ExactSum, Total};
 
 /// How long a statement waits for another writer's lock before the store reports `Unavailable`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle connections kept open; more are opened on demand and closed when returned to a full pool.
-const MAX_IDLE_CONNECTIONS: usize = 8;
+/// Connections open at once, each on a blocking thread of its own: as many as the machine has cores
+/// (at least two, so that a long read such as the console's whole-table sum leaves one for the
+/// others). Callers beyond it wait for one to come back rather than open another: under many
+/// concurrent reads a connection per call would be opened, configured (WAL, functions) and closed
+/// again, and more threads than cores only add switches and SQLite's own lock contention (measured
+/// with `read_user_p99`, docs/PERFORMANCE.md).
+fn max_connections() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).max(2)
+}
 
 /// A commit touching at least this many users gets the large page cache for its duration...
 const LARGE_COMMIT_USERS: usize = 10_000;
@@ -118,6 +125,11 @@ struct Inner {
     /// Whether opening a connection may create the file (not for the read-only commands).
     create: bool,
     idle: Mutex<Vec<Connection>>,
+    /// One permit per connection that may be in use ([`max_connections`]).
+    permits: Arc<tokio::sync::Semaphore>,
+    max_connections: usize,
+    /// Connections opened over the store's life.
+    opened: std::sync::atomic::AtomicUsize,
 }
 
 impl SqliteStore {
@@ -141,7 +153,14 @@ impl SqliteStore {
     }
 
     async fn open_with(path: &Path, create: bool) -> anyhow::Result<Self> {
-        let inner = Arc::new(Inner { path: path.to_path_buf(), create, idle: Mutex::new(Vec::new()) });
+        let inner = Arc::new(Inner {
+            path: path.to_path_buf(),
+            create,
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(tokio::sync::Semaphore::new(max_connections())),
+            max_connections: max_connections(),
+            opened: std::sync::atomic::AtomicUsize::new(0),
+        });
         let store = SqliteStore { inner };
         let doing = || format!("cannot open the SQLite store {}", path.display());
         match store.with_conn(migrate).await {
@@ -152,24 +171,34 @@ impl SqliteStore {
         }
     }
 
-    /// Runs `f` on a pooled connection in a blocking thread. A connection is returned to the pool
-    /// only when it is outside any transaction (a failed `f` may have left one open).
+    /// Runs `f` on a pooled connection in a blocking thread, once one of the [`max_connections`] is
+    /// free. A connection is returned to the pool only when it is outside any transaction (a failed `f`
+    /// may have left one open).
     async fn with_conn<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
+        // The semaphore is never closed.
+        let permit = Arc::clone(&inner.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Other("the SQLite connection pool is closed".into()))?;
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let pooled = inner.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let mut conn = match pooled {
                 Some(conn) => conn,
-                None => open_connection(&inner.path, inner.create)?,
+                None => {
+                    inner.opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    open_connection(&inner.path, inner.create)?
+                }
             };
             let result = f(&mut conn);
             if conn.is_autocommit() {
                 let mut idle = inner.idle.lock().unwrap_or_else(|p| p.into_inner());
-                if idle.len() < MAX_IDLE_CONNECTIONS {
+                if idle.len() < inner.max_connections {
                     idle.push(conn);
                 }
             }
@@ -629,7 +658,8 @@ impl Store for SqliteStore {
         let user_id = user_id.to_owned();
         self.with_conn(move |conn| {
             let text: Option<String> = conn
-                .query_row("SELECT revenue FROM users_revenue WHERE user_id = ?1", [&user_id], |r| r.get(0))
+                .prepare_cached("SELECT revenue FROM users_revenue WHERE user_id = ?1")
+                .and_then(|mut stmt| stmt.query_row([&user_id], |r| r.get(0)))
                 .optional()
                 .map_err(|e| sql_error("reading a revenue", e))?;
             text.map(|t| parse_revenue(&user_id, &t)).transpose()
@@ -1225,6 +1255,25 @@ mod tests {
             .unwrap();
         assert_eq!(seen, (CommitOutcome::Committed, DEFAULT_CACHE_SIZE));
         assert_eq!(store.totals().await.unwrap().users, LARGE_COMMIT_USERS as u64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_reads_share_the_pooled_connections_instead_of_opening_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("eps.sqlite3")).await.unwrap());
+        let b = Batch { from: 0, to: 5, deltas: vec![("a".into(), dec("1.5"))], events: 1, invalid: vec![] };
+        assert_eq!(store.commit("main", &b).await.unwrap(), CommitOutcome::Committed);
+        let reads: Vec<_> = (0..64)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.revenue("a").await })
+            })
+            .collect();
+        for read in reads {
+            assert_eq!(read.await.unwrap().unwrap().unwrap().to_string(), "1.5");
+        }
+        let opened = store.inner.opened.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(opened <= store.inner.max_connections, "{opened} connections opened for 64 concurrent reads");
     }
 
     #[tokio::test]
