@@ -14,11 +14,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use futures::StreamExt as _;
 
 use crate::report::{Figure, Status};
-use crate::scenarios::{start_eps_server, wait_ready};
+use crate::scenarios::{post_batch, start_eps_server, wait_ready};
 use crate::util::{count_log_lines, free_port, mib, Proc};
 use crate::Ctx;
 
@@ -45,24 +45,6 @@ fn batch_body(p: u64, first: u64, len: u64) -> String {
         body.push('\n');
     }
     body
-}
-
-/// What the server answered to a batch: `(accepted, duplicates)`.
-async fn post_batch(http: &reqwest::Client, url: &str, body: String) -> anyhow::Result<(u64, u64)> {
-    let resp = http
-        .post(url)
-        .header("Authorization", "secret")
-        .header("Content-Type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await?;
-    let status = resp.status();
-    let text = resp.text().await?;
-    if !status.is_success() {
-        bail!("POST /events answered {status}: {}", text.chars().take(200).collect::<String>());
-    }
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("answer {text:?}"))?;
-    Ok((v["accepted"].as_u64().unwrap_or(0), v["duplicates"].as_u64().unwrap_or(0)))
 }
 
 /// Sends every batch of `batches` (producer, first sequence, length), IN_FLIGHT at a time; sums of

@@ -17,6 +17,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use crate::util::{free_port, Proc};
 use crate::Ctx;
 
@@ -76,4 +78,27 @@ pub fn start_noop_server(ctx: &Ctx, log: &Path) -> anyhow::Result<(Proc, SocketA
     let mut proc = Proc::spawn("noop-server", std::process::Command::new(&ctx.noop_server).arg(addr.to_string()), log)?;
     proc.wait_listening(addr, Duration::from_secs(10))?;
     Ok((proc, addr))
+}
+
+/// POSTs a JSON Lines batch to `url` (`…/events`) with the seed's token; what the server answered:
+/// `(accepted, duplicates)`. A non-2xx answer is an error naming it.
+pub async fn post_batch(
+    http: &reqwest::Client,
+    url: &str,
+    body: impl Into<reqwest::Body>,
+) -> anyhow::Result<(u64, u64)> {
+    let resp = http
+        .post(url)
+        .header("Authorization", "secret")
+        .header("Content-Type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        anyhow::bail!("POST /events answered {status}: {}", text.chars().take(200).collect::<String>());
+    }
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("answer {text:?}"))?;
+    Ok((v["accepted"].as_u64().unwrap_or(0), v["duplicates"].as_u64().unwrap_or(0)))
 }

@@ -312,23 +312,9 @@ async fn send_batches(
                 let mut body = vec![0u8; (bounds[i + 1] - bounds[i]) as usize];
                 file.read_exact_at(&mut body, bounds[i])?;
                 let lines = body.iter().filter(|&&b| b == b'\n').count() as u64;
-                let answer = async {
-                    let resp = http
-                        .post(&url)
-                        .header("Authorization", "secret")
-                        .header("Content-Type", "application/x-ndjson")
-                        .body(body)
-                        .send()
-                        .await?;
-                    let status = resp.status();
-                    let text = resp.text().await?;
-                    let accepted =
-                        serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| v["accepted"].as_u64());
-                    anyhow::Ok((status.is_success() && accepted == Some(lines), format!("{status}: {text:.120}")))
-                };
-                let problem = match answer.await {
-                    Ok((true, _)) => continue,
-                    Ok((false, what)) => format!("batch {i} answered {what}"),
+                let problem = match crate::scenarios::post_batch(&http, &url, body).await {
+                    Ok((accepted, _)) if accepted == lines => continue,
+                    Ok((accepted, _)) => format!("batch {i}: {accepted} of {lines} lines accepted"),
                     Err(e) => format!("batch {i}: {e:#}"),
                 };
                 failures += 1;
