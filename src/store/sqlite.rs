@@ -153,12 +153,13 @@ impl SqliteStore {
     }
 
     async fn open_with(path: &Path, create: bool) -> anyhow::Result<Self> {
+        let max_connections = max_connections();
         let inner = Arc::new(Inner {
             path: path.to_path_buf(),
             create,
             idle: Mutex::new(Vec::new()),
-            permits: Arc::new(tokio::sync::Semaphore::new(max_connections())),
-            max_connections: max_connections(),
+            permits: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            max_connections,
             opened: std::sync::atomic::AtomicUsize::new(0),
         });
         let store = SqliteStore { inner };
