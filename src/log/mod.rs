@@ -20,6 +20,7 @@ pub mod durable_end;
 pub mod identity;
 pub mod measure;
 pub mod nats;
+pub mod nats_lanes;
 pub mod nats_promise;
 pub mod producers;
 pub mod reader;

@@ -6,7 +6,10 @@
 //! as one message whose payload is the group's log lines (the file log's line format, JSON Lines), so a
 //! batch of 1,000 events costs about as many publishes as there are partitions, not 1,000. A group larger
 //! than a message may be (the server's `max_payload`, at most [`MAX_MESSAGE_BYTES`], headers included) is
-//! cut into several, in order, by a rule of the request's content alone ([`plan_messages`]).
+//! cut into several, in order, by a rule of the request's content alone ([`plan_messages`]). A small
+//! message without an id (single events of the seed's kind) is grouped with other requests' of its
+//! partition while earlier ones wait for their acknowledgement ([`super::nats_lanes`]): the group commit
+//! of this backend.
 //!
 //! Durability: [`EventLog::append`] returns `Ok` only once JetStream has acknowledged every message of the
 //! request, that is once the stream has stored it as its replicas and sync settings define.
@@ -36,6 +39,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
 
+use super::nats_lanes::{Lanes, PublishFailed, Publisher, GROUP_BELOW_BYTES};
 use super::nats_promise::{Promise, SyncSetting};
 use super::{Appended, EventLog, IdKey, LogBatch, LogError};
 
@@ -126,6 +130,31 @@ pub struct NatsLog {
     failing: AtomicBool,
     /// What the connected server and the stream promise, once the stream was found.
     promise: std::sync::Mutex<Option<Promise>>,
+    /// Concurrent requests' small id-less messages of a partition, published as one ([`super::nats_lanes`]).
+    lanes: Lanes<JetStreamPublisher>,
+}
+
+/// Publishes one message without headers and waits for JetStream's acknowledgement.
+#[derive(Clone)]
+struct JetStreamPublisher {
+    js: jetstream::Context,
+}
+
+impl Publisher for JetStreamPublisher {
+    async fn publish(&self, subject: String, payload: Vec<u8>) -> Result<(), PublishFailed> {
+        let failed = |what: &str, e: jetstream::context::PublishError| PublishFailed {
+            stream_not_found: e.kind() == jetstream::context::PublishErrorKind::StreamNotFound,
+            error: format!("{what}: {e}"),
+        };
+        // As for a message of its own: never hand the client a message to send after a reconnection,
+        // long after its requests were answered 503 (a group may wait for its predecessor's answer).
+        if self.js.client().connection_state() != async_nats::connection::State::Connected {
+            return Err(PublishFailed { stream_not_found: false, error: "not connected to NATS".into() });
+        }
+        let ack = self.js.publish(subject, payload.into()).await.map_err(|e| failed("publishing to JetStream", e))?;
+        ack.await.map_err(|e| failed("JetStream's acknowledgement", e))?;
+        Ok(())
+    }
 }
 
 impl NatsLog {
@@ -139,8 +168,13 @@ impl NatsLog {
             anyhow::bail!("invalid JetStream stream name {:?}", opts.stream);
         }
         let js = jetstream_context(&opts, "eps server").await?;
+        let subjects = (0..opts.partitions).map(|p| opts.subject(p)).collect();
+        // A request waits for its group's acknowledgement: the publish's own timeout, and as long again
+        // for the messages of its lane ahead of it.
+        let lanes = Lanes::new(JetStreamPublisher { js: js.clone() }, subjects, 2 * opts.timeout);
         Ok(NatsLog {
             js,
+            lanes,
             opts,
             stream_ready: std::sync::Mutex::new(None),
             last_mismatch: std::sync::Mutex::new(None),
@@ -289,9 +323,21 @@ impl NatsLog {
 
         // Group the events by partition, cut each group into messages JetStream takes, publish every
         // message, then wait for every acknowledgement.
-        let plan = plan_messages(batch, &self.opts, self.message_limit(stream_max))?;
+        let limit = self.message_limit(stream_max);
+        let plan = plan_messages(batch, &self.opts, limit)?;
         let mut pending = Vec::with_capacity(plan.messages.len());
         for message in plan.messages {
+            // A small message without an id (its events have none) joins other requests' in its
+            // partition's lane; one with an id stays a message of its own, so JetStream recognises it.
+            if message.msg_id.is_none() && message.payload.len() <= GROUP_BELOW_BYTES {
+                let budget = limit.saturating_sub(MSG_ID_HEADER_BYTES);
+                pending.push(Pending::Grouped(Box::pin(self.lanes.submit(
+                    message.partition as usize,
+                    &message.payload,
+                    budget,
+                ))));
+                continue;
+            }
             let mut headers = async_nats::HeaderMap::new();
             if let Some(id) = &message.msg_id {
                 headers.insert("Nats-Msg-Id", id.as_str());
@@ -303,17 +349,31 @@ impl NatsLog {
                     }
                     unavailable("publishing to JetStream", e)
                 })?;
-            pending.push(ack);
+            pending.push(Pending::Direct(ack));
         }
         let mut duplicate = Vec::with_capacity(pending.len());
         for ack in pending {
-            let ack = ack.await.map_err(|e| {
-                if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
-                    self.stream_lost(&e);
+            match ack {
+                Pending::Direct(ack) => {
+                    let ack = ack.await.map_err(|e| {
+                        if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                            self.stream_lost(&e);
+                        }
+                        unavailable("JetStream's acknowledgement", e)
+                    })?;
+                    duplicate.push(ack.duplicate);
                 }
-                unavailable("JetStream's acknowledgement", e)
-            })?;
-            duplicate.push(ack.duplicate);
+                Pending::Grouped(answer) => {
+                    answer.await.map_err(|failed| {
+                        if failed.stream_not_found {
+                            self.stream_lost(&failed.error);
+                        }
+                        LogError::Unavailable(failed.error)
+                    })?;
+                    // No id, so nothing JetStream could have dropped as a repeat.
+                    duplicate.push(false);
+                }
+            }
         }
         Ok(plan
             .message_of_event
@@ -321,6 +381,12 @@ impl NatsLog {
             .map(|g| if duplicate[g] { Appended::Duplicate } else { Appended::Stored })
             .collect())
     }
+}
+
+/// A message of a request on its way: published alone, or grouped with others in its partition's lane.
+enum Pending {
+    Direct(jetstream::context::PublishAckFuture),
+    Grouped(futures::future::BoxFuture<'static, Result<(), PublishFailed>>),
 }
 
 /// A JetStream context for `opts.url`, connecting in the background (and reconnecting by itself).
@@ -528,6 +594,7 @@ pub struct Plan {
 /// One JetStream message: a partition's events of a request, or a piece of them.
 #[derive(Debug)]
 pub struct PlannedMessage {
+    pub partition: u32,
     pub subject: String,
     /// `Nats-Msg-Id`: a digest of the message's event ids in order, when every event has one.
     pub msg_id: Option<String>,
@@ -594,6 +661,7 @@ pub fn plan_messages(batch: &LogBatch, opts: &NatsLogOptions, limit: usize) -> R
                 message_of_event[e] = messages.len();
             }
             messages.push(PlannedMessage {
+                partition,
                 subject: subject.clone(),
                 msg_id: ids.map(|ids| message_id(&ids)),
                 payload,

@@ -229,3 +229,51 @@ async fn readyz_shows_what_a_200_promises_version_replicas_and_sync() {
     }
     assert!(server.stderr().contains("JetStream promise: nats-server "), "{}", server.stderr());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_single_events_without_ids_share_messages_and_those_with_ids_keep_their_own() {
+    let env = Env::new(StoreKind::Sqlite).await;
+    let nats = Nats::start(env.tmp.path()).await;
+    let server = env.server_with(&["--log", &nats.url(), "--nats-partitions", "4"]).await;
+    let http = http();
+
+    // 400 id-less events of one user (one partition), 100 at a time, each with its own value.
+    for round in 0..4 {
+        let answers = futures::future::join_all((0..100).map(|i| {
+            let (http, url) = (http.clone(), server.url.clone());
+            async move {
+                let body = format!(r#"{{"userId":"one","name":"add_revenue","value":{}}}"#, round * 100 + i + 1);
+                post_event(&http, &url, &body).await
+            }
+        }))
+        .await;
+        for (status, answer) in answers {
+            assert_eq!(status, 200, "{answer}");
+        }
+    }
+    // An event with an id is a message of its own: sent again, JetStream drops it.
+    let with_id = r#"{"userId":"one","name":"add_revenue","value":1000,"id":"own-1"}"#;
+    assert_eq!(post_event(&http, &server.url, with_id).await.0, 200);
+    let (status, again) = post_event(&http, &server.url, with_id).await;
+    assert_eq!((status, &again["duplicate"]), (200, &Value::Bool(true)), "{again}");
+
+    let messages = stream_messages(&nats.url(), "EPS_EVENTS").await;
+    let mut values: Vec<u64> = Vec::new();
+    for (_, lines) in &messages {
+        for line in lines {
+            assert_eq!(line["userId"], "one");
+            values.push(line["value"].as_str().map_or_else(|| line["value"].as_u64(), |v| v.parse().ok()).unwrap());
+        }
+    }
+    values.sort_unstable();
+    let expected: Vec<u64> = (1..=400).chain([1000]).collect();
+    assert_eq!(values, expected, "every acknowledged event once");
+    let own: Vec<_> = messages.iter().filter(|(_, lines)| lines.iter().any(|l| l["id"] == "own-1")).collect();
+    assert_eq!(own.len(), 1, "the event with an id is stored once");
+    assert_eq!(own[0].1.len(), 1, "the event with an id is alone in its message");
+    assert!(
+        messages.len() < 300,
+        "{} messages for 401 events: concurrent id-less events were not grouped",
+        messages.len()
+    );
+}
