@@ -114,6 +114,8 @@ pub fn is_nats_url(url: &str) -> bool {
 
 pub struct NatsLog {
     js: jetstream::Context,
+    /// The context's client, kept so each append reads its state without cloning it.
+    client: async_nats::Client,
     opts: NatsLogOptions,
     /// Set while the stream is known to exist with the expected configuration, with when it was last
     /// checked: the stream's own largest message (`max_msg_size`), if it sets one. Forgotten when a
@@ -138,6 +140,7 @@ pub struct NatsLog {
 #[derive(Clone)]
 struct JetStreamPublisher {
     js: jetstream::Context,
+    client: async_nats::Client,
 }
 
 impl Publisher for JetStreamPublisher {
@@ -148,7 +151,7 @@ impl Publisher for JetStreamPublisher {
         };
         // As for a message of its own: never hand the client a message to send after a reconnection,
         // long after its requests were answered 503 (a group may wait for its predecessor's answer).
-        if self.js.client().connection_state() != async_nats::connection::State::Connected {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(PublishFailed { stream_not_found: false, error: "not connected to NATS".into() });
         }
         let ack = self.js.publish(subject, payload.into()).await.map_err(|e| failed("publishing to JetStream", e))?;
@@ -171,9 +174,12 @@ impl NatsLog {
         let subjects = (0..opts.partitions).map(|p| opts.subject(p)).collect();
         // A request waits for its group's acknowledgement: the publish's own timeout, and as long again
         // for the messages of its lane ahead of it.
-        let lanes = Lanes::new(JetStreamPublisher { js: js.clone() }, subjects, 2 * opts.timeout);
+        let client = js.client();
+        let lanes =
+            Lanes::new(JetStreamPublisher { js: js.clone(), client: client.clone() }, subjects, 2 * opts.timeout);
         Ok(NatsLog {
             js,
+            client,
             lanes,
             opts,
             stream_ready: std::sync::Mutex::new(None),
@@ -298,7 +304,7 @@ impl NatsLog {
     /// server's `max_payload` (from its INFO, which a reconnection renews), the stream's `max_msg_size`
     /// if it sets one, and never more than [`MAX_MESSAGE_BYTES`].
     fn message_limit(&self, stream_max: Option<usize>) -> usize {
-        let server = self.js.client().server_info().max_payload;
+        let server = self.client.server_info().max_payload;
         // 0: no INFO seen (cannot happen once connected); assume nats-server's default.
         let server = if server == 0 { MAX_MESSAGE_BYTES } else { server };
         server.min(stream_max.unwrap_or(usize::MAX)).min(MAX_MESSAGE_BYTES)
@@ -311,7 +317,7 @@ impl NatsLog {
         // ids make the client's retry of it a duplicate JetStream drops.)
         // Waiting for the connection (as long as an acknowledgement may take) covers the start-up and a
         // quick reconnect.
-        let client = self.js.client();
+        let client = &self.client;
         let deadline = tokio::time::Instant::now() + self.opts.timeout;
         while client.connection_state() != async_nats::connection::State::Connected {
             if tokio::time::Instant::now() >= deadline {
