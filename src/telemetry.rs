@@ -212,7 +212,10 @@ fn describe() {
         "Time to write and fdatasync one group commit"
     );
     describe_histogram!("eps_log_commit_batch_events", "Events per group commit");
-    describe_histogram!("eps_log_commit_batch_requests", "Requests per group commit");
+    describe_histogram!(
+        "eps_log_commit_batch_requests",
+        "Requests per group commit (on JetStream: per grouped message of id-less events)"
+    );
     describe_counter!("eps_log_append_errors_total", "Group commits that failed (the requests got 503)");
     describe_counter!("eps_processor_events_applied_total", "Events applied to the store by this processor");
     describe_counter!("eps_processor_invalid_lines_total", "Log lines that were not valid events (dead-lettered)");

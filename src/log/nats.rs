@@ -172,11 +172,11 @@ impl NatsLog {
         }
         let js = jetstream_context(&opts, "eps server").await?;
         let subjects = (0..opts.partitions).map(|p| opts.subject(p)).collect();
-        // A request waits for its group's acknowledgement: the publish's own timeout, and as long again
-        // for the messages of its lane ahead of it.
+        // A group's publish gets the acknowledgement's own timeout and a second more, so the library's
+        // error (more telling) normally comes first.
         let client = js.client();
-        let lanes =
-            Lanes::new(JetStreamPublisher { js: js.clone(), client: client.clone() }, subjects, 2 * opts.timeout);
+        let publisher = JetStreamPublisher { js: js.clone(), client: client.clone() };
+        let lanes = Lanes::new(publisher, subjects, opts.timeout + Duration::from_secs(1));
         Ok(NatsLog {
             js,
             client,

@@ -65,8 +65,7 @@ pub struct Lanes<P: Publisher> {
     publisher: P,
     subjects: Vec<String>,
     lanes: Vec<Arc<Mutex<Lane>>>,
-    /// How long a request waits for its group's answer before it fails (the publish's own timeout and a
-    /// margin): a lane that stops answering fails its requests instead of holding them.
+    /// How long one publish may take before the lane fails its group and moves on.
     timeout: Duration,
 }
 
@@ -103,9 +102,12 @@ impl<P: Publisher> Lanes<P> {
             start
         };
         if start {
-            tokio::spawn(drain(self.publisher.clone(), self.subjects[partition].clone(), lane.clone()));
+            let publisher = self.publisher.clone();
+            tokio::spawn(drain(publisher, self.subjects[partition].clone(), lane.clone(), self.timeout));
         }
-        let timeout = self.timeout;
+        // Never longer than the message ahead of this one and this one's own publish, each bounded by
+        // `timeout` in the publishing task; this bound only matters should that task be gone.
+        let timeout = 2 * self.timeout + Duration::from_secs(1);
         async move {
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(answer)) => answer,
@@ -119,9 +121,10 @@ impl<P: Publisher> Lanes<P> {
     }
 }
 
-/// Publishes the lane's groups, oldest first, each once its predecessor from this task is acknowledged,
-/// until the queue is empty.
-async fn drain<P: Publisher>(publisher: P, subject: String, lane: Arc<Mutex<Lane>>) {
+/// Publishes the lane's groups, oldest first, each once its predecessor from this task is answered, until
+/// the queue is empty. A publish that neither succeeds nor fails within `timeout` fails its group, so the
+/// lane always moves on: a stuck publish costs its own requests a 503, never the partition's later ones.
+async fn drain<P: Publisher>(publisher: P, subject: String, lane: Arc<Mutex<Lane>>, timeout: Duration) {
     loop {
         let group = {
             let mut state = lane.lock().expect("lane");
@@ -133,8 +136,14 @@ async fn drain<P: Publisher>(publisher: P, subject: String, lane: Arc<Mutex<Lane
                 }
             }
         };
-        metrics::histogram!("eps_nats_requests_per_message").record(group.waiters.len() as f64);
-        let answer = publisher.publish(subject.clone(), group.payload).await;
+        metrics::histogram!("eps_log_commit_batch_requests").record(group.waiters.len() as f64);
+        let answer = match tokio::time::timeout(timeout, publisher.publish(subject.clone(), group.payload)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(PublishFailed {
+                stream_not_found: false,
+                error: format!("JetStream did not answer within {timeout:?}"),
+            }),
+        };
         for waiter in group.waiters {
             // A request that stopped waiting (its client went away) has nobody to tell.
             let _ = waiter.send(answer.clone());
@@ -159,6 +168,9 @@ mod tests {
 
     impl Publisher for Fake {
         async fn publish(&self, subject: String, payload: Vec<u8>) -> Result<(), PublishFailed> {
+            if payload.windows(4).any(|w| w == b"HANG") {
+                std::future::pending::<()>().await;
+            }
             self.permits.acquire().await.expect("open").forget();
             let fail = payload.windows(4).any(|w| w == b"FAIL");
             self.published.lock().unwrap().push((subject, payload));
@@ -270,7 +282,25 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lane_that_never_answers_fails_its_requests_after_the_timeout() {
         let (lanes, _fake) = lanes(1);
+        let started = tokio::time::Instant::now();
         let failed = lanes.submit(0, b"a\n", 1 << 20).await.expect_err("no permit ever comes");
-        assert!(failed.error.contains("no acknowledgement"), "{}", failed.error);
+        assert!(failed.error.contains("did not answer"), "{}", failed.error);
+        assert_eq!(started.elapsed(), Duration::from_secs(10), "failed at the publish timeout");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_publish_that_never_returns_fails_its_group_and_the_lane_moves_on() {
+        let (lanes, fake) = lanes(1);
+        fake.permits.add_permits(100);
+        let stuck = lanes.submit(0, b"HANG\n", 1 << 20);
+        let stuck = tokio::spawn(stuck);
+        settle().await;
+        // Queued behind the stuck message: published once the lane gives up on it.
+        let later = tokio::spawn(lanes.submit(0, b"later\n", 1 << 20));
+        let failed = stuck.await.unwrap().expect_err("the stuck group fails");
+        assert!(failed.error.contains("did not answer"), "{}", failed.error);
+        later.await.unwrap().expect("the next group is published and acknowledged");
+        let published = fake.published.lock().unwrap().clone();
+        assert_eq!(published.iter().map(|(_, p)| p.as_slice()).collect::<Vec<_>>(), [&b"later\n"[..]]);
     }
 }
