@@ -130,10 +130,7 @@ impl Proc {
 
     /// Peak resident set size so far (VmHWM), in bytes; must be read before the process is stopped.
     pub fn peak_rss_bytes(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM in /proc/PID/status")?;
-        let kb: u64 = line.split_whitespace().nth(1).context("malformed VmHWM")?.parse()?;
-        Ok(kb * 1024)
+        proc_status_bytes(self.pid(), "VmHWM")
     }
 
     /// SIGTERM, then SIGKILL if it has not exited within 5 s; waits for it.
@@ -167,13 +164,25 @@ impl Drop for Proc {
     }
 }
 
+/// `name` (e.g. "VmHWM") of a live process, from `/proc/PID/status`, in bytes.
+pub fn proc_status_bytes(pid: u32, name: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(':'))
+        .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
+    let kb: u64 = line.split_whitespace().nth(1).context("malformed /proc status line")?.parse()?;
+    Ok(kb * 1024)
+}
+
 /// Outcome of a child run to completion.
 pub struct Run {
     /// Exit code, or None when it was killed by a signal.
     pub code: Option<i32>,
     /// Wall time from spawn to exit.
     pub wall: Duration,
-    /// Peak resident set size of this child alone (wait4's rusage), in bytes.
+    /// Peak resident set size of this child's program (its VmHWM, read every millisecond while it ran),
+    /// in bytes.
     pub max_rss: u64,
     /// CPU time (user + system) of this child alone, in seconds.
     pub cpu_secs: f64,
@@ -195,9 +204,14 @@ impl Run {
     }
 }
 
-/// Runs `cmd` to completion with its output in `log`, measuring wall time and the peak RSS of that
-/// child (wait4 on its pid, so earlier children do not count, unlike RUSAGE_CHILDREN). Killed after
-/// `timeout`.
+/// Runs `cmd` to completion with its output in `log`, measuring wall time, CPU time (wait4 on its pid,
+/// so earlier children do not count) and peak RSS. Killed after `timeout`.
+///
+/// The peak RSS is the child's `VmHWM`, read every millisecond while it runs (the last reading before it
+/// exits), not wait4's `ru_maxrss`: Linux carries the RSS of the image a child replaced at `exec` into
+/// `ru_maxrss`, so a child forked from this driver (which holds the expected totals, hundreds of MiB at
+/// millions of users) would report the driver's RSS whenever its own peak is smaller. Only a child that
+/// exits within its first millisecond falls back to `ru_maxrss`.
 pub fn run_measured(cmd: &mut Command, log: &Path, timeout: Duration) -> anyhow::Result<Run> {
     redirect_output(cmd, log)?;
     die_with_parent(cmd);
@@ -210,7 +224,12 @@ pub fn run_measured(cmd: &mut Command, log: &Path, timeout: Duration) -> anyhow:
     // SAFETY: rusage is plain old data; zeroed is a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let mut killed = false;
+    let mut hwm = None;
     loop {
+        // Before wait4: once the child has exited its memory is gone from /proc.
+        if let Ok(bytes) = proc_status_bytes(pid as u32, "VmHWM") {
+            hwm = Some(bytes);
+        }
         // SAFETY: wait4 on our own child with valid out-pointers.
         let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
         if r == pid {
@@ -239,7 +258,8 @@ pub fn run_measured(cmd: &mut Command, log: &Path, timeout: Duration) -> anyhow:
     let code = if libc::WIFEXITED(status) { Some(libc::WEXITSTATUS(status)) } else { None };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     let cpu_secs = tv(usage.ru_utime) + tv(usage.ru_stime);
-    Ok(Run { code, wall, max_rss: usage.ru_maxrss as u64 * 1024, cpu_secs, log: log.to_path_buf() })
+    let max_rss = hwm.unwrap_or(usage.ru_maxrss as u64 * 1024);
+    Ok(Run { code, wall, max_rss, cpu_secs, log: log.to_path_buf() })
 }
 
 /// SplitMix64: a tiny, fast, well-mixed PRNG. With a fixed seed every run generates the same data.

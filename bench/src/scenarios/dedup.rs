@@ -14,12 +14,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use futures::StreamExt as _;
 
 use crate::report::{Figure, Status};
 use crate::scenarios::{post_batch, start_eps_server, wait_ready};
-use crate::util::{count_log_lines, free_port, mib, Proc};
+use crate::util::{count_log_lines, free_port, mib, proc_status_bytes, Proc};
 use crate::Ctx;
 
 const PRODUCERS: u64 = 1_000;
@@ -70,17 +69,6 @@ fn send_all(ctx: &Ctx, http: &reqwest::Client, url: &str, batches: Vec<(u64, u64
         }
         anyhow::Ok((accepted, duplicates))
     })
-}
-
-/// `name` (e.g. "VmHWM") of a live process, in bytes.
-fn proc_status_bytes(pid: u32, name: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(':'))
-        .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
-    let kb: u64 = line.split_whitespace().nth(1).context("malformed /proc status line")?.parse()?;
-    Ok(kb * 1024)
 }
 
 /// Starts eps server on `data` and measures the time from spawn to the first 200 of GET /readyz.

@@ -286,7 +286,7 @@ pub fn memory(ctx: &mut Ctx) -> anyhow::Result<()> {
     );
     fig.notes = vec![
         format!(
-            "peak RSS of eps process (wait4) on {n} events, {:.0} MiB in {} segments",
+            "peak RSS of eps process (its VmHWM) on {n} events, {:.0} MiB in {} segments",
             mib(expected.bytes),
             segments.len()
         ),

@@ -9,7 +9,7 @@
 //!    accepting all its lines.
 //! 2. SQLite and PostgreSQL: `eps process` of that server's log into its SQLite file, then (the log
 //!    hard-linked into a data directory of its own) into a fresh PostgreSQL database; events/s, the
-//!    processor's peak RSS (wait4), totals checked exactly against the generator's (a difference makes
+//!    processor's peak RSS (VmHWM), totals checked exactly against the generator's (a difference makes
 //!    the cell FAILED).
 //!
 //! The driver's CPU competes with the server's on a small machine: the bodies are generated (and cut at
